@@ -1,0 +1,266 @@
+"""Typed, immutable models of a loaded catalog.
+
+The loader (``bot.catalog.loader``) builds these from YAML after the schema and the
+semantic rules passed, so code that receives a ``Catalog`` can rely on references being
+resolved, regexes compiled and defaults applied (safe by default: approval required and
+only non-production scopes unless the YAML says otherwise).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+ParamValue = str | int | float | bool | None
+
+DEFAULT_TIMEOUT_SECONDS = 60.0
+DEFAULT_APPROVAL_TIMEOUT_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class Location:
+    file: str
+    line: int = 1
+    col: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str
+    production: bool = False
+
+
+@dataclass(frozen=True)
+class Approvers:
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.users or self.groups)
+
+
+@dataclass(frozen=True)
+class Expectation:
+    pattern: str
+    allow_failure: bool = False
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        return _compiled(self.pattern)
+
+
+_REGEX_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled(pattern: str) -> re.Pattern[str]:
+    compiled = _REGEX_CACHE.get(pattern)
+    if compiled is None:
+        compiled = _REGEX_CACHE[pattern] = re.compile(pattern, re.MULTILINE)
+    return compiled
+
+
+@dataclass(frozen=True)
+class Promotion:
+    env: str
+    evidence_url: str
+    by: str = ""
+    at: str = ""
+    validated: str = ""
+    catalog_commit: str = ""
+    forced: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Safety:
+    requires_approval: bool = True
+    scopes: tuple[str, ...] = ()
+    approvers: Approvers | None = None  # None: inherit from the runbook, then the catalog
+    approval_timeout: float | None = None  # None: the catalog default
+    promotions: tuple[Promotion, ...] = ()
+
+    def promotion_for(self, env: str) -> Promotion | None:
+        return next((p for p in self.promotions if p.env == env), None)
+
+
+@dataclass(frozen=True)
+class Action:
+    id: str
+    command: str | tuple[str, ...]
+    location: Location
+    description: str = ""
+    shell: bool = False
+    timeout: float = DEFAULT_TIMEOUT_SECONDS
+    env: Mapping[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()
+    params: Mapping[str, ParamValue] = field(default_factory=dict)
+    expect: tuple[Expectation, ...] = ()
+    safety: Safety = Safety()
+    inline: bool = False  # declared inside a runbook step rather than as its own document
+
+    @property
+    def command_text(self) -> str:
+        if isinstance(self.command, str):
+            return self.command
+        import shlex
+
+        return shlex.join(self.command)
+
+
+OnFailureMode = Literal["stop", "continue", "rollback"]
+
+
+@dataclass(frozen=True)
+class OnFailure:
+    mode: OnFailureMode = "stop"
+    rollback: Action | None = None
+    then: Literal["stop", "continue"] = "stop"  # after a rollback
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str  # unique within its runbook; the action id unless the step names itself
+    action: Action
+    location: Location
+    name: str = ""
+    params: Mapping[str, ParamValue] = field(default_factory=dict)
+    when: str | None = None
+    on_failure: OnFailure = OnFailure()
+
+    @property
+    def resolved_params(self) -> dict[str, ParamValue]:
+        return {**self.action.params, **self.params}
+
+
+@dataclass(frozen=True)
+class Escalation:
+    mention: str = ""
+    pagerduty: bool = True
+
+
+@dataclass(frozen=True)
+class Match:
+    services: tuple[str, ...]
+    symptoms: tuple[str, ...] = ()
+    priority: int = 0
+
+    @property
+    def symptom_regexes(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_compiled_ci(s) for s in self.symptoms)
+
+
+_CI_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled_ci(pattern: str) -> re.Pattern[str]:
+    compiled = _CI_CACHE.get(pattern)
+    if compiled is None:
+        compiled = _CI_CACHE[pattern] = re.compile(pattern, re.IGNORECASE)
+    return compiled
+
+
+@dataclass(frozen=True)
+class Runbook:
+    id: str
+    match: Match
+    steps: tuple[Step, ...]
+    location: Location
+    title: str = ""
+    description: str = ""
+    channel: str = ""  # empty: the catalog's default channel
+    approvers: Approvers | None = None
+    escalation: Escalation | None = None
+    resolve_on_success: bool = False
+    on_resolve: tuple[Step, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    environments: tuple[Environment, ...] = (
+        Environment("dev"),
+        Environment("staging"),
+        Environment("prod", production=True),
+    )
+    approvers: Approvers = Approvers()
+    channel: str = "#incidents"
+    escalation: Escalation = Escalation()
+    services: Mapping[str, str] = field(default_factory=dict)  # service name/id -> environment
+    default_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT_SECONDS
+    secret_patterns: tuple[str, ...] = ()
+    promotion_min_runs: int = 3
+    promotion_window: float = 30 * 86400.0
+    location: Location | None = None
+
+    @property
+    def environment_names(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.environments)
+
+    @property
+    def lower_environments(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.environments if not e.production)
+
+    def is_production(self, env: str) -> bool:
+        return any(e.name == env and e.production for e in self.environments)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    settings: Settings
+    actions: Mapping[str, Action]
+    runbooks: tuple[Runbook, ...]
+    root: str
+    commit: str | None = None  # the Git commit the catalog was loaded from, when known
+    dirty: bool = False  # the working tree differs from `commit`
+
+    @property
+    def version(self) -> str:
+        """What audit rows record as the catalog version."""
+        if not self.commit:
+            return "unversioned"
+        return f"{self.commit[:12]}-dirty" if self.dirty else self.commit[:12]
+
+    def runbook(self, runbook_id: str) -> Runbook | None:
+        return next((r for r in self.runbooks if r.id == runbook_id), None)
+
+    def approvers_for(self, runbook: Runbook | None, action: Action) -> Approvers:
+        """The nearest declaration wins: action, then runbook, then catalog."""
+        if action.safety.approvers is not None:
+            return action.safety.approvers
+        if runbook is not None and runbook.approvers is not None:
+            return runbook.approvers
+        return self.settings.approvers
+
+    def approval_timeout_for(self, action: Action) -> float:
+        if action.safety.approval_timeout is not None:
+            return action.safety.approval_timeout
+        return self.settings.approval_timeout
+
+    def channel_for(self, runbook: Runbook | None) -> str:
+        return (runbook.channel if runbook and runbook.channel else "") or self.settings.channel
+
+    def escalation_for(self, runbook: Runbook | None) -> Escalation:
+        if runbook is not None and runbook.escalation is not None:
+            return runbook.escalation
+        return self.settings.escalation
+
+    def environment_for_service(self, service: str, service_id: str = "") -> str | None:
+        services = self.settings.services
+        return services.get(service) or (services.get(service_id) if service_id else None)
+
+    def match(
+        self, service: str, symptom: str = "", *, service_id: str = "", details: str = ""
+    ) -> Runbook | None:
+        from bot.catalog.matcher import best_match
+
+        return best_match(self.runbooks, service, symptom, service_id=service_id, details=details)
+
+    def next_steps(self, service: str, symptom: str = "", **kwargs: str) -> tuple[Step, ...]:
+        """The ordered steps of the runbook for this service and symptom (empty: none)."""
+        runbook = self.match(service, symptom, **kwargs)
+        return runbook.steps if runbook else ()

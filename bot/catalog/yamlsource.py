@@ -1,0 +1,366 @@
+"""Read YAML safely and remember where every value came from.
+
+PyYAML's composer gives us nodes with start marks; we turn them into plain Python data
+ourselves so that we can
+  * remember the line and column of every value and key (for `file:line:col` errors),
+  * reject duplicate keys (PyYAML silently keeps the last one),
+  * bound alias expansion, so a "billion laughs" document is an error, not an OOM,
+  * refuse tags other than YAML's core types (no Python objects, ever).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bot.catalog.diagnostics import Diagnostic
+
+try:  # libyaml is an order of magnitude faster; fall back to pure Python when missing
+    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
+except AttributeError:  # pragma: no cover - depends on how PyYAML was built
+    _Loader = yaml.SafeLoader
+
+MAX_FILE_BYTES = 1024 * 1024
+# Values reached through aliases, per document. Real runbooks use a handful; an alias
+# bomb needs millions.
+MAX_ALIAS_EXPANSION = 10_000
+
+JsonPath = tuple[str | int, ...]
+
+_STR = "tag:yaml.org,2002:str"
+_MERGE = "tag:yaml.org,2002:merge"
+_SAFE_SCALAR_TAGS = {
+    _STR,
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+    "tag:yaml.org,2002:timestamp",
+}
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
+
+
+def format_path(path: JsonPath) -> str:
+    out = "$"
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
+            out += f".{part}"
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+@dataclass
+class SourceDoc:
+    """One YAML document of a catalog file, as plain data, with positions."""
+
+    file: str
+    index: int  # position of the document in its file (0-based)
+    data: Any
+    marks: dict[JsonPath, tuple[int, int]] = field(default_factory=dict)
+    key_marks: dict[JsonPath, tuple[int, int]] = field(default_factory=dict)
+    kind: str = ""  # "action", "runbook" or "catalog" once known
+
+    def where(self, path: JsonPath, *, key: bool = False) -> tuple[int, int]:
+        """Line and column (1-based) of the value at `path`, or of its key when `key`.
+
+        Falls back to the nearest enclosing value that has a position.
+        """
+        if key and path in self.key_marks:
+            return self.key_marks[path]
+        probe = path
+        while probe:
+            if probe in self.marks:
+                return self.marks[probe]
+            probe = probe[:-1]
+        return self.marks.get((), (1, 1))
+
+    def diagnostic(
+        self,
+        code: str,
+        rule: str,
+        message: str,
+        fix: str,
+        path: JsonPath = (),
+        *,
+        severity: str = "error",
+        key: bool = False,
+    ) -> Diagnostic:
+        line, col = self.where(path, key=key)
+        return Diagnostic(
+            code=code,
+            rule=rule,
+            severity="warning" if severity == "warning" else "error",
+            message=message,
+            fix=fix,
+            file=self.file,
+            line=line,
+            col=col,
+            path=format_path(path),
+        )
+
+
+class _Unsafe(Exception):
+    def __init__(self, code: str, rule: str, message: str, fix: str, mark: Any) -> None:
+        super().__init__(message)
+        self.code, self.rule, self.message, self.fix, self.mark = code, rule, message, fix, mark
+
+
+class _Converter:
+    def __init__(self, doc: SourceDoc) -> None:
+        self.doc = doc
+        self.aliased = 0
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.seen_nodes: set[int] = set()
+        self.errors: list[Diagnostic] = []
+
+    def convert(self, node: yaml.Node, path: JsonPath, active: frozenset[int]) -> Any:
+        node_id = id(node)
+        if node_id in active:
+            raise _Unsafe(
+                "RB005",
+                "unsafe-yaml",
+                "recursive alias: a value contains itself",
+                "remove the anchor/alias cycle",
+                node.start_mark,
+            )
+        if node_id in self.seen_nodes:
+            self.aliased += 1
+            if self.aliased > MAX_ALIAS_EXPANSION:
+                raise _Unsafe(
+                    "RB005",
+                    "unsafe-yaml",
+                    f"aliases expand to more than {MAX_ALIAS_EXPANSION} values "
+                    "(a YAML 'billion laughs' bomb?)",
+                    "write the values out or use fewer nested aliases",
+                    node.start_mark,
+                )
+        else:
+            self.seen_nodes.add(node_id)
+        # setdefault: a merged (<<) mapping must not move the position of its target
+        self.doc.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node)
+        if isinstance(node, yaml.SequenceNode):
+            self._check_tag(node, _SEQ)
+            inner = active | {node_id}
+            return [self.convert(child, (*path, i), inner) for i, child in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode):
+            self._check_tag(node, _MAP)
+            return self._mapping(node, path, active | {node_id})
+        raise _Unsafe(  # pragma: no cover - the composer only makes the three kinds
+            "RB005", "unsafe-yaml", "unknown YAML node", "simplify the document", node.start_mark
+        )
+
+    def _check_tag(self, node: yaml.Node, expected: str) -> None:
+        if node.tag != expected:
+            raise _Unsafe(
+                "RB005",
+                "unsafe-yaml",
+                f"YAML tag {node.tag!r} is not allowed",
+                "remove the tag; only plain YAML values are accepted",
+                node.start_mark,
+            )
+
+    def _scalar(self, node: yaml.ScalarNode) -> Any:
+        if node.tag == _STR:
+            return node.value
+        if node.tag not in _SAFE_SCALAR_TAGS:
+            raise _Unsafe(
+                "RB005",
+                "unsafe-yaml",
+                f"YAML tag {node.tag!r} is not allowed",
+                "remove the tag; only plain YAML values are accepted",
+                node.start_mark,
+            )
+        value = self.constructor.construct_object(node)
+        if isinstance(value, dt.datetime | dt.date):
+            return value.isoformat()
+        return value
+
+    def _mapping(self, node: yaml.MappingNode, path: JsonPath, active: frozenset[int]) -> Any:
+        result: dict[str, Any] = {}
+        merges: list[tuple[yaml.Node, JsonPath]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                merges.append((value_node, path))
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _Unsafe(
+                    "RB005",
+                    "unsafe-yaml",
+                    "mapping keys must be plain scalars",
+                    "use a string key",
+                    key_node.start_mark,
+                )
+            key = self._scalar(key_node)
+            key = key if isinstance(key, str) else str(key)
+            child = (*path, key)
+            mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if key in result:
+                first = self.doc.key_marks.get(child, (0, 0))
+                self.errors.append(
+                    Diagnostic(
+                        code="RB002",
+                        rule="duplicate-key",
+                        severity="error",
+                        message=f"duplicate key {key!r} (first defined at line {first[0]})",
+                        fix="keep one of the two; YAML readers disagree on which one wins",
+                        file=self.doc.file,
+                        line=mark[0],
+                        col=mark[1],
+                        path=format_path(child),
+                    )
+                )
+                continue
+            self.doc.key_marks[child] = mark
+            result[key] = self.convert(value_node, child, active)
+        for value_node, merge_path in merges:
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in sources:
+                merged = self.convert(source, merge_path, active)
+                if not isinstance(merged, dict):
+                    raise _Unsafe(
+                        "RB005",
+                        "unsafe-yaml",
+                        "a merge key (<<) must refer to a mapping",
+                        "merge a mapping or write the keys out",
+                        source.start_mark,
+                    )
+                for key, value in merged.items():
+                    result.setdefault(key, value)
+        return result
+
+
+def read_documents(path: Path, display: str | None = None) -> tuple[list[SourceDoc], list[Diagnostic]]:
+    """Parse one YAML file into documents with positions, plus any diagnostics."""
+    name = display or str(path)
+    diagnostics: list[Diagnostic] = []
+
+    def problem(code: str, rule: str, message: str, fix: str, line: int = 1, col: int = 1) -> None:
+        diagnostics.append(Diagnostic(code, rule, "error", message, fix, name, line, col))
+
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            problem(
+                "RB004",
+                "file-too-large",
+                f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit",
+                "split it into several files (one action or runbook per file)",
+            )
+            return [], diagnostics
+        raw = path.read_bytes()
+    except OSError as exc:
+        problem("RB001", "yaml-syntax", f"cannot read file: {exc.strerror}", "check the path")
+        return [], diagnostics
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        problem("RB001", "yaml-syntax", "file is not valid UTF-8", "save the file as UTF-8", line)
+        return [], diagnostics
+    return parse_documents(text, name, diagnostics)
+
+
+def parse_documents(
+    text: str, name: str, diagnostics: list[Diagnostic] | None = None
+) -> tuple[list[SourceDoc], list[Diagnostic]]:
+    diagnostics = [] if diagnostics is None else diagnostics
+    docs: list[SourceDoc] = []
+    try:
+        for index, node in enumerate(_compose_all(text)):
+            if node is None:
+                continue
+            doc = SourceDoc(file=name, index=index, data=None)
+            converter = _Converter(doc)
+            try:
+                doc.data = converter.convert(node, (), frozenset())
+            except _Unsafe as exc:
+                diagnostics.append(
+                    Diagnostic(
+                        exc.code,
+                        exc.rule,
+                        "error",
+                        exc.message,
+                        exc.fix,
+                        name,
+                        exc.mark.line + 1,
+                        exc.mark.column + 1,
+                    )
+                )
+                continue
+            diagnostics.extend(converter.errors)
+            if doc.data is None:
+                continue
+            if not isinstance(doc.data, dict):
+                line, col = doc.where(())
+                diagnostics.append(
+                    Diagnostic(
+                        "RB003",
+                        "not-a-mapping",
+                        "error",
+                        f"document is a {_yaml_type(doc.data)}, not a mapping",
+                        "each document must be a mapping with an action, a runbook or the "
+                        "catalog settings",
+                        name,
+                        line,
+                        col,
+                    )
+                )
+                continue
+            docs.append(doc)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem_text = exc.problem or exc.context or "invalid YAML"
+        diagnostics.append(
+            Diagnostic(
+                "RB001",
+                "yaml-syntax",
+                "error",
+                f"YAML syntax error: {problem_text}",
+                "fix the YAML at this position (indentation, quoting, or a missing ':')",
+                name,
+                line,
+                col,
+            )
+        )
+    except yaml.YAMLError as exc:
+        diagnostics.append(
+            Diagnostic(
+                "RB001",
+                "yaml-syntax",
+                "error",
+                f"YAML error: {exc}",
+                "fix the YAML syntax",
+                name,
+            )
+        )
+    return docs, diagnostics
+
+
+def _compose_all(text: str) -> Iterator[yaml.Node | None]:
+    loader = _Loader(text)
+    try:
+        while loader.check_node():
+            yield loader.get_node()
+    finally:
+        loader.dispose()
+
+
+def _yaml_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return "string"
+    return type(value).__name__

@@ -1,0 +1,321 @@
+"""Shared machinery of the stand-ins: a real HTTP(S) server on 127.0.0.1 in a daemon thread.
+
+A subclass says how to name a request (`call_name`), how to answer it (`handle`) and what
+an error body looks like (`error_body`). This module does the rest: parsing, recording every
+call, waiting for calls, queued faults (429 with ``Retry-After``, 500, ...) and latency.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import shutil
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import parse_qsl, urlsplit
+
+ANY = "*"
+"""Fault and latency key matching every call."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A parsed request, as handed to `FakeServer.handle`."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
+    form: dict[str, str]  # application/x-www-form-urlencoded body, else empty
+    json: Any  # decoded application/json body, else None
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request the stand-in received, and what it answered."""
+
+    method: str  # HTTP verb: "POST"
+    path: str  # URL path without query: "/api/chat.postMessage", "/incidents/P1/notes"
+    name: str  # Slack: "chat.postMessage"; PagerDuty: "POST /incidents/P1/notes"
+    params: dict[str, Any]  # query + form fields (Slack also merges the JSON body in)
+    json: Any  # decoded JSON body, or None
+    headers: dict[str, str]  # names lower-cased: call.headers["authorization"]
+    status: int  # HTTP status the stand-in answered with
+    response: Any  # JSON body the stand-in answered with
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Fault:
+    status: int
+    retry_after: int | None
+
+
+class FakeServer:
+    """Base class: start on construction, stop with `stop()` or by leaving a ``with`` block."""
+
+    def __init__(self, *, latency: float = 0.0, tls: bool = False) -> None:
+        self._cond = threading.Condition(threading.RLock())
+        self._calls: list[Call] = []
+        self._faults: defaultdict[str, deque[_Fault]] = defaultdict(deque)
+        self._latency: dict[str, float] = {ANY: latency}
+        self.errors: list[BaseException] = []
+        """Exceptions raised inside the stand-in itself (answered as 500): bugs in the fake."""
+        self._tls = tls
+        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd.fake = self
+        if tls:
+            cert, key = _certificate()
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert, key)
+            # Handshake lazily in the per-connection thread, not in the accept loop.
+            self._httpd.socket = context.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"{type(self).__name__}-server",
+            daemon=True,
+        )
+        self._thread.start()
+        self._stopped = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Server root without trailing slash: ``http://127.0.0.1:PORT`` (https if tls)."""
+        host, port = self._httpd.server_address[:2]
+        return f"{'https' if self._tls else 'http'}://{host}:{port}"
+
+    @property
+    def ca_file(self) -> str | None:
+        """PEM file to trust (e.g. as ``SSL_CERT_FILE``) when tls is on, else None."""
+        return _certificate()[0] if self._tls else None
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A client-side context trusting this server (pass as httpx's ``verify=``)."""
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- recorded calls -------------------------------------------------------------------
+
+    @property
+    def calls(self) -> list[Call]:
+        """Snapshot of every call received so far, in arrival order."""
+        with self._cond:
+            return list(self._calls)
+
+    def calls_to(self, name: str) -> list[Call]:
+        """Calls whose `Call.name` equals ``name``."""
+        return [call for call in self.calls if call.name == name]
+
+    def wait_until(self, condition: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Block until ``condition()`` is truthy (re-checked after every call); return it.
+
+        The condition runs under the stand-in's lock, so it may use the query helpers.
+        Raises AssertionError, listing the calls seen, on timeout.
+        """
+        with self._cond:
+            result = self._cond.wait_for(condition, timeout)
+            if not result:
+                seen = ", ".join(f"{c.name}->{c.status}" for c in self._calls) or "none"
+                raise AssertionError(f"condition not met within {timeout}s; calls: {seen}")
+            return result
+
+    def wait_for(self, predicate: Callable[[Call], bool], timeout: float = 5.0) -> Call:
+        """Return the first call (already received or still to come) matching ``predicate``."""
+        found: Call = self.wait_until(
+            lambda: next((c for c in self._calls if predicate(c)), None), timeout
+        )
+        return found
+
+    def wait_for_calls(self, name: str, count: int = 1, timeout: float = 5.0) -> list[Call]:
+        """Wait until ``count`` calls named ``name`` arrived; return the first ``count``."""
+        calls: list[Call] = self.wait_until(
+            lambda: (hits := [c for c in self._calls if c.name == name])[count - 1 :]
+            and hits[:count],
+            timeout,
+        )
+        return calls
+
+    # -- fault injection ------------------------------------------------------------------
+
+    def rate_limit(self, name: str = ANY, *, times: int = 1, retry_after: int = 1) -> None:
+        """Answer the next ``times`` calls to ``name`` with 429 and ``Retry-After``."""
+        self.fail(name, status=429, times=times, retry_after=retry_after)
+
+    def fail(
+        self, name: str = ANY, *, status: int = 500, times: int = 1, retry_after: int | None = None
+    ) -> None:
+        """Answer the next ``times`` calls to ``name`` with ``status`` (500 by default).
+
+        Faults are consumed in the order queued; ``name`` is matched exactly against
+        `Call.name`, ``"*"`` matches any call. Faulted calls are recorded too.
+        """
+        with self._cond:
+            self._faults[name].extend([_Fault(status, retry_after)] * times)
+
+    def set_latency(self, seconds: float, name: str = ANY) -> None:
+        """Delay answers to ``name`` (or to every call) by ``seconds``."""
+        with self._cond:
+            self._latency[name] = seconds
+
+    # -- for subclasses -------------------------------------------------------------------
+
+    def call_name(self, request: Request) -> str:
+        raise NotImplementedError
+
+    def call_params(self, request: Request) -> dict[str, Any]:
+        return {**request.query, **request.form}
+
+    def handle(self, request: Request) -> Reply:
+        """Answer a request; runs under the stand-in's lock."""
+        raise NotImplementedError
+
+    def error_body(self, status: int) -> Any:
+        raise NotImplementedError
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes) -> Reply:
+        request = _parse(method, target, headers, raw)
+        name = self.call_name(request)
+        with self._cond:
+            delay = self._latency.get(name, self._latency[ANY])
+        if delay:
+            time.sleep(delay)
+        with self._cond:
+            fault = self._pop_fault(name)
+            if fault is not None:
+                extra = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+                reply = Reply(fault.status, self.error_body(fault.status), extra)
+            else:
+                try:
+                    reply = self.handle(request)
+                except Exception as exc:  # a bug in the stand-in; make it loud
+                    self.errors.append(exc)
+                    reply = Reply(500, {"error": f"stand-in crashed: {exc!r}"})
+            self._calls.append(
+                Call(
+                    method=request.method,
+                    path=request.path,
+                    name=name,
+                    params=self.call_params(request),
+                    json=request.json,
+                    headers=request.headers,
+                    status=reply.status,
+                    response=reply.body,
+                )
+            )
+            self._cond.notify_all()
+        return reply
+
+    def _pop_fault(self, name: str) -> _Fault | None:
+        for key in (name, ANY):
+            if self._faults[key]:
+                return self._faults[key].popleft()
+        return None
+
+
+def _parse(method: str, target: str, headers: dict[str, str], raw: bytes) -> Request:
+    parts = urlsplit(target)
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    form: dict[str, str] = {}
+    body: Any = None
+    if content_type == "application/x-www-form-urlencoded":
+        form = dict(parse_qsl(raw.decode(), keep_blank_values=True))
+    elif content_type == "application/json" and raw:
+        body = json.loads(raw)
+    return Request(
+        method=method,
+        path=parts.path,
+        query=dict(parse_qsl(parts.query, keep_blank_values=True)),
+        headers=headers,
+        form=form,
+        json=body,
+    )
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    fake: FakeServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        reply = self.server.fake._dispatch(self.command, self.path, headers, raw)
+        data = json.dumps(reply.body).encode()
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        pass
+
+
+@cache
+def _certificate() -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1, made once per process."""
+    directory = Path(tempfile.mkdtemp(prefix="runbook-bot-fake-tls-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    command = [
+        "openssl", "req", "-x509", "-nodes", "-days", "2",
+        "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        "-keyout", str(key), "-out", str(cert),
+    ]  # fmt: skip
+    try:
+        subprocess.run(command, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise RuntimeError(f"cannot make a test TLS certificate with openssl: {exc}") from exc
+    return str(cert), str(key)
