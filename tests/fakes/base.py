@@ -1,8 +1,9 @@
 """Shared machinery of the stand-ins: a real HTTP(S) server on 127.0.0.1 in a daemon thread.
 
-A subclass says how to name a request (`call_name`), how to answer it (`handle`) and what
-an error body looks like (`error_body`). This module does the rest: parsing, recording every
-call, waiting for calls, queued faults (429 with ``Retry-After``, 500, ...) and latency.
+A subclass calls ``super().__init__`` first (nobody knows the URL before construction
+returns), then says how to name a request (`call_name`), how to answer it (`handle`) and
+what an error body looks like (`error_body`). This module does the rest: parsing, recording
+every call, waiting for calls, queued faults (429 with ``Retry-After``, 500, ...), latency.
 """
 
 from __future__ import annotations
@@ -169,11 +170,12 @@ class FakeServer:
 
     def wait_for_calls(self, name: str, count: int = 1, timeout: float = 5.0) -> list[Call]:
         """Wait until ``count`` calls named ``name`` arrived; return the first ``count``."""
-        calls: list[Call] = self.wait_until(
-            lambda: (hits := [c for c in self._calls if c.name == name])[count - 1 :]
-            and hits[:count],
-            timeout,
-        )
+
+        def enough() -> list[Call] | None:
+            hits = [c for c in self._calls if c.name == name]
+            return hits[:count] if len(hits) >= count else None
+
+        calls: list[Call] = self.wait_until(enough, timeout)
         return calls
 
     # -- fault injection ------------------------------------------------------------------
@@ -298,7 +300,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

@@ -1,0 +1,24 @@
+"""Stand-ins for the services runbook-bot talks to: real HTTP servers on 127.0.0.1.
+
+- `FakeSlack`: the Slack Web API. ``WebClient(token=..., base_url=slack.api_url)``.
+- `FakePagerDuty`: the PagerDuty REST API v2, over HTTPS.
+  ``RestApiV2Client(key, default_from=..., base_url=pd.url, verify=pd.client_ssl_context())``.
+
+Both record every call (`Call`), can wait for calls, queue faults (429 with
+``Retry-After``, 500) and add latency; see `FakeServer`.
+"""
+
+from .base import ANY, Call, FakeServer
+from .pagerduty_api import FakePagerDuty, make_alert, make_incident
+from .slack_api import FakeSlack, visible_text
+
+__all__ = [
+    "ANY",
+    "Call",
+    "FakePagerDuty",
+    "FakeServer",
+    "FakeSlack",
+    "make_alert",
+    "make_incident",
+    "visible_text",
+]
