@@ -1,0 +1,104 @@
+"""The chat port: a few calls the engine makes, and the views it passes.
+
+The engine decides *what* to say (a view of the incident or of a step, as plain data);
+each adapter decides *how* it looks: Block Kit in Slack, text in the terminal. Adapters
+hold no business rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    channel: str
+    ts: str
+
+
+@dataclass(frozen=True)
+class IncidentView:
+    incident_id: str
+    title: str
+    service: str
+    urgency: str
+    env: str
+    link: str
+    channel: str
+    runbook_id: str | None
+    runbook_title: str
+    catalog_version: str
+    step_count: int = 0
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepView:
+    """Everything a responder needs to judge one step, as it stands now."""
+
+    incident_id: str
+    step_run_id: int
+    step_id: str
+    action_id: str
+    index: int  # 1-based position in the runbook
+    total: int
+    name: str
+    description: str
+    command: str  # rendered, secrets masked
+    shell: bool
+    requires_approval: bool
+    scopes: tuple[str, ...]
+    env: str
+    expect: tuple[tuple[str, bool], ...]  # (pattern, allow_failure)
+    state: str  # a step run status: awaiting_approval, approved, running, success, ...
+    reason: str  # why this decision (blocked because…, skipped because…)
+    phase: str = "main"
+    approvers_users: tuple[str, ...] = ()
+    approvers_groups: tuple[str, ...] = ()
+    expires_at: float | None = None
+    paused_by: str = ""
+    actor: str = ""  # who approved / rejected
+    detail: str = ""  # result explanation
+    output: str = ""  # excerpt, masked and capped
+    duration: float | None = None
+    exit_code: int | None = None
+
+
+class ChatPort(Protocol):
+    def post_incident(self, view: IncidentView) -> MessageRef: ...
+
+    def post_step(self, thread: MessageRef, view: StepView) -> MessageRef: ...
+
+    def update_step(self, message: MessageRef, view: StepView) -> None: ...
+
+    def post_note(self, thread: MessageRef, text: str) -> None: ...
+
+    def notify_user(self, channel: str, user: str, text: str, thread_ts: str = "") -> None: ...
+
+
+class NullChat:
+    """A chat that shows nothing: for tests of the engine alone and headless runs."""
+
+    def __init__(self) -> None:
+        self._ts = 0
+
+    def _next(self, channel: str) -> MessageRef:
+        self._ts += 1
+        return MessageRef(channel, f"{self._ts}.000000")
+
+    def post_incident(self, view: IncidentView) -> MessageRef:
+        return self._next(view.channel)
+
+    def post_step(self, thread: MessageRef, view: StepView) -> MessageRef:
+        return self._next(thread.channel)
+
+    def update_step(self, message: MessageRef, view: StepView) -> None:
+        return None
+
+    def post_note(self, thread: MessageRef, text: str) -> None:
+        return None
+
+    def notify_user(self, channel: str, user: str, text: str, thread_ts: str = "") -> None:
+        return None

@@ -1,0 +1,131 @@
+"""User-facing texts, in one place. Plain text here; the Slack adapter adds Block Kit.
+
+Never put a raw exception or a stack trace in these: people read them mid-incident.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from bot.chat.base import IncidentView, StepView
+
+STATE_LABELS = {
+    "awaiting_approval": "⏳ awaiting approval",
+    "approved": "👍 approved",
+    "pending": "▶️ about to run",
+    "running": "⚙️ running",
+    "success": "✅ succeeded",
+    "allowed_failure": "☑️ allowed failure",
+    "failed": "❌ failed",
+    "timeout": "⌛ timed out",
+    "error": "💥 could not run",
+    "blocked": "⛔ blocked",
+    "rejected": "🚫 rejected",
+    "expired": "⌛ approval expired",
+    "skipped": "⏭️ skipped",
+    "interrupted": "⚠️ interrupted",
+    "cancelled": "✖️ cancelled",
+    "dry_run": "🧪 would run (dry run)",
+}
+
+DECISIONS = {
+    "approve": "white_check_mark",
+    "reject": "x",
+    "pause": "double_vertical_bar",
+}
+
+
+def incident_text(view: IncidentView) -> str:
+    lines = [
+        f"🚨 {view.title}",
+        f"Service: {view.service}   Urgency: {view.urgency or 'n/a'}   "
+        f"Environment: {view.env or 'unknown'}",
+    ]
+    if view.link:
+        lines.append(f"PagerDuty: {view.link}")
+    if view.runbook_id:
+        lines.append(
+            f"Runbook: {view.runbook_title} ({view.runbook_id}, {view.step_count} steps, "
+            f"catalog {view.catalog_version})"
+        )
+    else:
+        lines.append(
+            "No runbook matches this incident. To add one, create a runbook in the catalog "
+            f"with `match.services: [{view.service}]` and a symptom pattern for this title, "
+            "then check it with `runbookctl simulate`."
+        )
+    return "\n".join(lines)
+
+
+def when_text(timestamp: float | None) -> str:
+    if timestamp is None:
+        return ""
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%H:%M:%S UTC")
+
+
+def approvers_text(view: StepView) -> str:
+    who = [f"<@{u}>" for u in view.approvers_users] + [
+        f"<!subteam^{g}>" for g in view.approvers_groups
+    ]
+    return ", ".join(who) if who else "nobody (declare approvers in the catalog)"
+
+
+def safety_text(view: StepView) -> str:
+    approval = "requires approval" if view.requires_approval else "safe for automation"
+    shell = ", runs through a shell" if view.shell else ""
+    return f"{approval}; scopes: {', '.join(view.scopes) or 'none'}{shell}"
+
+
+def expect_text(view: StepView) -> str:
+    if not view.expect:
+        return "exit code 0 (no expected output declared)"
+    parts = [f"/{p}/" + (" (allowed failure)" if allowed else "") for p, allowed in view.expect]
+    return ", ".join(parts)
+
+
+def status_line(view: StepView) -> str:
+    label = STATE_LABELS.get(view.state, view.state)
+    if view.state == "awaiting_approval":
+        extra = f" — {approvers_text(view)} may approve until {when_text(view.expires_at)}"
+        if view.paused_by:
+            extra = f" — paused by <@{view.paused_by}>; the deadline waits"
+        return (
+            f"{label}{extra}. React :white_check_mark: to approve, :x: to reject, "
+            ":double_vertical_bar: to pause."
+        )
+    if view.state in ("approved", "running") and view.actor:
+        return f"{label} (approved by <@{view.actor}>)"
+    if view.state in ("rejected",) and view.actor:
+        return f"{label} by <@{view.actor}>"
+    if view.state in ("blocked", "skipped"):
+        return f"{label}: {view.reason}"
+    if view.state in ("success", "allowed_failure", "failed", "timeout", "error", "dry_run"):
+        took = f" in {view.duration:.2f}s" if view.duration else ""
+        by = f", approved by <@{view.actor}>" if view.actor else ""
+        return f"{label}{took}{by}: {view.detail}"
+    if view.detail:
+        return f"{label}: {view.detail}"
+    return label
+
+
+def step_title(view: StepView) -> str:
+    phase = "On resolve " if view.phase == "on_resolve" else ""
+    name = f" — {view.name}" if view.name else ""
+    return f"{phase}Step {view.index}/{view.total}: {view.step_id}{name}"
+
+
+def step_text(view: StepView) -> str:
+    lines = [
+        step_title(view),
+        f"$ {view.command}",
+        f"Safety: {safety_text(view)}",
+        f"Expect: {expect_text(view)}",
+        status_line(view),
+    ]
+    if view.output:
+        lines.append("Output:\n" + view.output.rstrip())
+    return "\n".join(lines)
+
+
+UNAUTHORIZED_NOTE = "Your reaction on {step} changed nothing: {reason}."
+DECIDED_NOTE = "Your reaction on {step} changed nothing: {reason}."

@@ -1,0 +1,165 @@
+"""`runbookctl simulate`: the whole flow for a synthetic alert, printed as the thread."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+from typing import Any
+
+import click
+
+from runbookctl.common import catalog_option, user_errors
+
+
+def _parse_details(pairs: tuple[str, ...]) -> dict[str, str]:
+    details: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--detail")
+        details[key] = value
+    return details
+
+
+@click.command()
+@click.option("--service", required=True, help="PagerDuty service name (or id) of the alert.")
+@click.option("--symptom", required=True, help="Alert title / symptom text.")
+@click.option(
+    "--env",
+    default=None,
+    help="Environment of the incident. Default: $RUNBOOK_ENV, the catalog's service "
+    "mapping, else the last non-production environment of the catalog.",
+)
+@click.option(
+    "--detail",
+    "details",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Alert custom detail, repeatable (e.g. --detail namespace=payments).",
+)
+@click.option(
+    "--approve",
+    type=click.Choice(["all", "none", "ask"]),
+    default=None,
+    help="How guarded steps are decided. Default: all for a dry run, ask with --execute.",
+)
+@click.option(
+    "--execute/--dry-run",
+    default=False,
+    show_default=True,
+    help="Run commands for real. A dry run shows what would run and why.",
+)
+@click.option(
+    "--resolve/--no-resolve",
+    default=False,
+    show_default=True,
+    help="Resolve the incident at the end, to show the on-resolve follow-ups.",
+)
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Record state and audit in this SQLite file (default: a throwaway file).",
+)
+@catalog_option
+def simulate(
+    service: str,
+    symptom: str,
+    env: str | None,
+    details: tuple[str, ...],
+    approve: str | None,
+    execute: bool,
+    resolve: bool,
+    db: str | None,
+    catalog_dir: str,
+) -> None:
+    """Feed a synthetic alert through the engine and print the Slack thread it would make.
+
+    Exits 1 when no runbook matches or the runbook stops (failure, rejection, block).
+    """
+    from bot.catalog import load_catalog
+    from bot.chat.console import ConsoleChat
+    from bot.engine import Engine, Incident
+    from bot.store import Store
+
+    mode = approve or ("ask" if execute else "all")
+    with user_errors():
+        catalog = load_catalog(catalog_dir)
+    lower = catalog.settings.lower_environments
+    env = (
+        env
+        or os.environ.get("RUNBOOK_ENV")
+        or catalog.environment_for_service(service)
+        or (lower[-1] if lower else "")
+    )
+    out = click.get_text_stream("stdout")
+    header = "EXECUTING commands for real" if execute else "dry run: nothing is executed"
+    click.echo(f"runbookctl simulate — {header}; approvals: {mode}; environment: {env}\n")
+    with tempfile.TemporaryDirectory(prefix="runbookctl-") as scratch:
+        store = Store(db or os.path.join(scratch, "simulate.db"))
+        engine = Engine(
+            catalog,
+            store,
+            ConsoleChat(out),
+            default_env=env,
+            dry_run=not execute,
+            # The person at the terminal stands in for the responders.
+            member_of=lambda user, group: True,
+        )
+        incident_id = f"SIM-{uuid.uuid4().hex[:8].upper()}"
+        engine.open_incident(
+            Incident(
+                id=incident_id,
+                title=symptom,
+                service=service,
+                urgency="high",
+                env=env,
+                details=_parse_details(details),
+            )
+        )
+        _decide_pending(engine, incident_id, mode)
+        if resolve:
+            engine.resolve_incident(incident_id, actor="simulate")
+            _decide_pending(engine, incident_id, mode)
+        incident = store.get_incident(incident_id)
+        run = store.get_run(incident_id, "main")
+        store.close()
+    assert incident is not None
+    if incident["runbook_id"] is None:
+        raise click.ClickException(
+            f"no runbook matches service {service!r} with symptom {symptom!r}"
+        )
+    status = run["status"] if run else "none"
+    click.echo(f"\nrunbook {incident['runbook_id']}: {status}")
+    if status not in ("completed", "cancelled"):
+        sys.exit(1)
+
+
+def _decide_pending(engine: Any, incident_id: str, mode: str) -> None:
+    import json
+
+    seen: set[int] = set()
+    while True:
+        pending = [
+            a for a in engine.store.pending_approvals(incident_id) if a["step_run_id"] not in seen
+        ]
+        if not pending:
+            return
+        for approval in pending:
+            seen.add(approval["step_run_id"])
+            users = json.loads(approval["approvers"] or "{}").get("users") or []
+            actor = users[0] if users else "simulate"
+            if mode == "all":
+                approved = True
+            elif mode == "none":
+                approved = False
+            else:
+                approved = click.confirm(
+                    f"  │ Approve {approval['action']}?", default=False, err=True
+                )
+            if approved:
+                engine.approve(approval["step_run_id"], actor)
+            else:
+                engine.reject(approval["step_run_id"], actor)
