@@ -1,0 +1,233 @@
+"""The bot's process: one WSGI app on one port, served by waitress.
+
+Routes:
+  POST /pagerduty/webhook   PagerDuty V3 webhooks (bot.pagerduty)
+  POST /slack/events        Slack Events API in HTTP mode (bot.chat.slack)
+  GET  /metrics             Prometheus exposition (bot.metrics)
+  GET  /healthz             liveness/readiness: the database answers
+
+Request handlers only verify, record and acknowledge; the work (posting to Slack,
+running steps) happens on a bounded worker pool, so Slack gets its answer within 3 s
+and PagerDuty within 5 s whatever a command does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from bot import __version__, metrics
+from bot.catalog import load_catalog
+from bot.chat.base import NullChat
+from bot.config import Config
+from bot.engine import Engine, EngineListener
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class WorkerPool:
+    """A thread pool with a bound on queued work, so a storm cannot exhaust memory."""
+
+    def __init__(self, workers: int, max_queued: int = 10_000) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runbook-worker")
+        self._slots = threading.BoundedSemaphore(workers + max_queued)
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
+        if self._closed or not self._slots.acquire(timeout=5):
+            log.error("worker pool full or closed; work stays queued in the database")
+            return None
+
+        def run() -> Any:
+            try:
+                return fn(*args)
+            except Exception:
+                log.exception("background work failed")
+                return None
+            finally:
+                self._slots.release()
+
+        return self._executor.submit(run)
+
+    def shutdown(self, grace: float) -> bool:
+        """Stop taking work; wait up to `grace` seconds for running work. True if idle."""
+        self._closed = True
+        done = threading.Event()
+
+        def wait() -> None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        return done.wait(grace)
+
+
+class BotApp:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.catalog = load_catalog(config.catalog)
+        self.store = Store(config.db)
+        self.pool = WorkerPool(config.workers)
+        self.listeners: list[EngineListener] = []
+        self.engine = Engine(
+            self.catalog,
+            self.store,
+            NullChat(),
+            default_env=config.env,
+            listeners=self.listeners,
+        )
+        self._stopping = threading.Event()
+        self._timer: threading.Thread | None = None
+        self.slack = self._build_slack()
+        self.intake = self._build_intake()
+        metrics.set_info(__version__, self.catalog.version)
+        metrics.track_pending_approvals(
+            lambda: float(len(self.store.pending_approvals()))
+        )
+
+    # Slack: the chat adapter and the /slack/events route (bot.chat.slack).
+    def _build_slack(self) -> Any:
+        if not self.config.slack_enabled:
+            log.warning("SLACK_BOT_TOKEN is not set: threads are not posted anywhere")
+            return None
+        from bot.chat.slack import SlackAdapter
+
+        adapter = SlackAdapter(self.config, self)
+        self.engine.chat = adapter.chat
+        self.engine.member_of = adapter.member_of
+        self.engine.bot_users = adapter.bot_user_ids
+        return adapter
+
+    # PagerDuty: the webhook route, its durable queue, and REST write-back (bot.pagerduty).
+    def _build_intake(self) -> Any:
+        try:
+            from bot.pagerduty import PagerDutyIntake
+        except ImportError:  # pragma: no cover - until the intake exists
+            return None
+        return PagerDutyIntake(self.config, self)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        recovered = self.engine.recover()
+        log.info("recovered state: %s", recovered)
+        if self.slack is not None:
+            self.slack.start()
+        if self.intake is not None:
+            self.intake.start()
+        self._timer = threading.Thread(target=self._expiry_loop, name="approval-expiry", daemon=True)
+        self._timer.start()
+
+    def stop(self, grace: float | None = None) -> bool:
+        """Stop taking work, let running steps finish up to the grace period."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        self._stopping.set()
+        if self.intake is not None:
+            self.intake.stop()
+        idle = self.pool.shutdown(grace)
+        if self.slack is not None:
+            self.slack.stop()
+        if not idle:
+            log.warning("grace period over with steps still running; they will show as "
+                        "interrupted at the next start")
+        return idle
+
+    def _expiry_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.engine.expire_due()
+                deadline = self.store.next_deadline()
+            except Exception:
+                log.exception("approval expiry failed")
+                deadline = None
+            wait = 1.0 if deadline is None else min(1.0, max(0.05, deadline - time.time()))
+            self._stopping.wait(wait)
+
+    # --- HTTP ----------------------------------------------------------------------------
+
+    def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            return self._healthz(start_response)
+        if path == "/metrics" and method == "GET":
+            body = metrics.exposition()
+            start_response(
+                "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")]
+            )
+            return [body]
+        if path == "/pagerduty/webhook":
+            if self.intake is None:
+                return _json(start_response, "503 Service Unavailable", {"error": "intake not available"})
+            if method != "POST":
+                return _json(start_response, "405 Method Not Allowed", {"error": "use POST"})
+            result: Iterable[bytes] = self.intake.wsgi(environ, start_response)
+            return result
+        if path == "/slack/events":
+            if self.slack is None or self.config.socket_mode:
+                return _json(start_response, "404 Not Found", {"error": "Slack HTTP mode is off"})
+            if method != "POST":
+                return _json(start_response, "405 Method Not Allowed", {"error": "use POST"})
+            result = self.slack.wsgi(environ, start_response)
+            return result
+        return _json(start_response, "404 Not Found", {"error": f"no route for {method} {path}"})
+
+    def _healthz(self, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            self.store.query_one("SELECT 1 AS ok")
+        except Exception:
+            return _json(start_response, "503 Service Unavailable", {"status": "database unavailable"})
+        status = "stopping" if self._stopping.is_set() else "ok"
+        code = "503 Service Unavailable" if self._stopping.is_set() else "200 OK"
+        return _json(
+            start_response,
+            code,
+            {"status": status, "version": __version__, "catalog": self.catalog.version},
+        )
+
+
+def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any]) -> list[bytes]:
+    data = json.dumps(body).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def serve(config: Config) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    from waitress.server import create_server
+
+    app = BotApp(config)
+    server = create_server(
+        app.wsgi,
+        host=config.host,
+        port=config.port,
+        threads=max(4, config.workers),
+        ident="runbook-bot",
+        clear_untrusted_proxy_headers=True,
+    )
+    app.start()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %s: stopping", signum)
+        threading.Thread(target=server.close, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("runbook-bot %s listening on %s:%s", __version__, config.host, config.port)
+    try:
+        server.run()
+    except OSError:
+        pass  # the listening socket was closed by the signal handler
+    finally:
+        app.stop()
+        app.store.close()
+        log.info("stopped")
