@@ -1,0 +1,42 @@
+"""Shared fixtures. Stand-ins for Slack and PagerDuty live in tests/fakes/."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_CATALOG = REPO / "runbooks"
+
+_PREFIXES = ("SLACK_", "PAGERDUTY_", "RUNBOOK_")
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No token or setting from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith(_PREFIXES) or name in ("PORT", "HOST"):
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def bundled_catalog_dir() -> Path:
+    return BUNDLED_CATALOG
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """A fresh SQLite file per test."""
+    return tmp_path / "state.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[object]:
+    from bot.store import Store
+
+    s = Store(db_path)
+    yield s
+    s.close()
