@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from bot.errors import ConfigError
@@ -102,7 +102,7 @@ def env_vars() -> list[tuple[str, str, str]]:
     """(variable, default, help) for every setting: the README table is checked against it."""
     out = []
     for f in fields(Config):
-        default = f.default if f.default is not field and not callable(f.default_factory) else ""  # type: ignore[misc]
+        default: Any = "" if isinstance(f.default, type(MISSING)) else f.default
         if isinstance(default, tuple):
             default = ",".join(default)
         out.append((f.metadata["env"], str(default), f.metadata["help"]))

@@ -15,8 +15,10 @@ makes every step run at most once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import shlex
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -361,7 +363,7 @@ class Engine:
             self._note(row, f"{headline} {summary}")
         for listener in self.listeners:
             self._safely(
-                lambda listener=listener: listener.run_finished(row, status, summary, all_succeeded),
+                functools.partial(listener.run_finished, row, status, summary, all_succeeded),
                 "run_finished listener",
             )
 
@@ -372,7 +374,7 @@ class Engine:
         mention = f"{escalation.mention} " if escalation.mention else ""
         self._note(row, f"{mention}Escalating: {reason}.")
         for listener in self.listeners:
-            self._safely(lambda listener=listener: listener.escalated(row, reason), "escalation")
+            self._safely(functools.partial(listener.escalated, row, reason), "escalation")
 
     # --- one step ------------------------------------------------------------------------
 
@@ -922,7 +924,10 @@ class Engine:
     def _display_command(self, action: Action, context: Mapping[str, Any]) -> str:
         spec = executor.CommandSpec(command=action.command, shell=action.shell)
         argv = executor.render_argv(spec, context)
-        patterns = (*executor.DEFAULT_SECRET_PATTERNS, *self.catalog.settings.secret_patterns)
+        patterns: tuple[str | re.Pattern[str], ...] = (
+            *executor.DEFAULT_SECRET_PATTERNS,
+            *self.catalog.settings.secret_patterns,
+        )
         shown = argv[-1] if action.shell else shlex.join(argv)
         return executor.mask_secrets(shown, (), patterns)
 

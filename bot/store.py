@@ -100,7 +100,7 @@ class Claim:
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
-    db["incidents"].create(
+    db.table("incidents").create(
         {
             "id": str,
             "title": str,
@@ -123,7 +123,7 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"id", "status"},
     )
-    db["runs"].create(
+    db.table("runs").create(
         {
             "id": int,
             "incident_id": str,
@@ -139,8 +139,8 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         pk="id",
         foreign_keys=[("incident_id", "incidents", "id")],
     )
-    db["runs"].create_index(["incident_id", "phase"], unique=True)
-    db["step_runs"].create(
+    db.table("runs").create_index(["incident_id", "phase"], unique=True)
+    db.table("step_runs").create(
         {
             "id": int,
             "run_id": int,
@@ -168,10 +168,10 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         pk="id",
         foreign_keys=[("run_id", "runs", "id"), ("incident_id", "incidents", "id")],
     )
-    db["step_runs"].create_index(["run_id", "step_index", "attempt"], unique=True)
-    db["step_runs"].create_index(["message_ts"])
-    db["step_runs"].create_index(["status"])
-    db["approvals"].create(
+    db.table("step_runs").create_index(["run_id", "step_index", "attempt"], unique=True)
+    db.table("step_runs").create_index(["message_ts"])
+    db.table("step_runs").create_index(["status"])
+    db.table("approvals").create(
         {
             "id": int,
             "step_run_id": int,
@@ -192,9 +192,9 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         pk="id",
         foreign_keys=[("step_run_id", "step_runs", "id")],
     )
-    db["approvals"].create_index(["step_run_id"], unique=True)
-    db["approvals"].create_index(["status", "expires_at"])
-    db["deliveries"].create(
+    db.table("approvals").create_index(["step_run_id"], unique=True)
+    db.table("approvals").create_index(["status", "expires_at"])
+    db.table("deliveries").create(
         {
             "id": str,  # source:delivery id (dedupe key)
             "source": str,
@@ -210,9 +210,9 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["deliveries"].create_index(["source", "event_id"], unique=True)
-    db["deliveries"].create_index(["status", "received_at"])
-    db["automation_events"].create(
+    db.table("deliveries").create_index(["source", "event_id"], unique=True)
+    db.table("deliveries").create_index(["status", "received_at"])
+    db.table("automation_events").create(
         {
             "id": int,
             "ts": float,
@@ -229,9 +229,9 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["automation_events"].create_index(["status", "action"])
-    db["automation_events"].create_index(["incident_id"])
-    db["automation_events"].create_index(["ts"])
+    db.table("automation_events").create_index(["status", "action"])
+    db.table("automation_events").create_index(["incident_id"])
+    db.table("automation_events").create_index(["ts"])
 
 
 MIGRATIONS = {1: _migration_1}

@@ -94,7 +94,7 @@ def simulate(
         or catalog.environment_for_service(service)
         or (lower[-1] if lower else "")
     )
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     header = "EXECUTING commands for real" if execute else "dry run: nothing is executed"
     click.echo(f"runbookctl simulate — {header}; approvals: {mode}; environment: {env}\n")
     with tempfile.TemporaryDirectory(prefix="runbookctl-") as scratch:
