@@ -57,6 +57,9 @@ def parse(expression: str) -> ast.Expression:
         tree = ast.parse(expression, mode="eval")
     except SyntaxError as exc:
         raise ConditionError(f"not a valid expression: {exc.msg}") from None
+    except (RecursionError, MemoryError, ValueError):
+        # CPython's parser gives up on very deep nesting with these, not SyntaxError.
+        raise ConditionError("not a valid expression: nested too deeply") from None
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
             raise ConditionError(f"{type(node).__name__} is not allowed in a condition")
@@ -96,7 +99,10 @@ MISSING = _Missing()
 
 def evaluate(expression: str, names: Mapping[str, Any]) -> bool:
     tree = parse(expression)
-    return bool(_eval(tree.body, names))
+    try:
+        return bool(_eval(tree.body, names))
+    except RecursionError:
+        raise ConditionError("the condition is nested too deeply to evaluate") from None
 
 
 def _lookup(container: Any, key: Any) -> Any:
