@@ -47,6 +47,7 @@ _RESULT_EVENTS = {
 }
 _MOVES_ON = frozenset({"success", "allowed_failure", "skipped", "dry_run"})
 _FAILURES = frozenset({"failed", "timeout", "error", "blocked", "rejected"})
+_RAN = frozenset({"failed", "timeout"})  # failures where the command did start
 
 
 @dataclass(frozen=True)
@@ -173,19 +174,22 @@ class Engine:
                 )
             if runbook is None:
                 return incident.id
-            self.store.create_run(
-                {
-                    "incident_id": incident.id,
-                    "runbook_id": runbook.id,
-                    "phase": "main",
-                    "status": "running",
-                    "cursor": 0,
-                    "catalog_commit": self.catalog.version,
-                    "started_at": self.clock(),
-                }
-            )
+            self._start_main_run(incident.id, runbook.id)
         self.advance(incident.id)
         return incident.id
+
+    def _start_main_run(self, incident_id: str, runbook_id: str) -> None:
+        self.store.create_run(
+            {
+                "incident_id": incident_id,
+                "runbook_id": runbook_id,
+                "phase": "main",
+                "status": "running",
+                "cursor": 0,
+                "catalog_commit": self.catalog.version,
+                "started_at": self.clock(),
+            }
+        )
 
     def resolve_incident(self, incident_id: str, actor: str = "pagerduty") -> Outcome:
         with self._lock(incident_id):
@@ -194,36 +198,46 @@ class Engine:
                 return Outcome(False, f"unknown incident {incident_id}")
             if row["status"] == "resolved":
                 return Outcome(False, "already resolved")
-            self.store.update(
-                "incidents",
-                incident_id,
-                {"status": "resolved", "resolved_at": self.clock(), "updated_at": self.clock()},
-            )
+            runbook = self.catalog.runbook(row["runbook_id"] or "")
+            # One transaction: after a crash the follow-ups are either all due or not
+            # resolved yet; `recover` finishes the rest (`_wind_down` is idempotent).
+            with self.store.transaction() as conn:
+                conn.execute(
+                    "UPDATE incidents SET status = 'resolved', resolved_at = ?, updated_at = ? "
+                    "WHERE id = ?",
+                    (self.clock(), self.clock(), incident_id),
+                )
+                if runbook is not None and runbook.on_resolve:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO runs (incident_id, runbook_id, phase, status, "
+                        "cursor, catalog_commit, started_at) "
+                        "VALUES (?, ?, 'on_resolve', 'running', 0, ?, ?)",
+                        (incident_id, runbook.id, self.catalog.version, self.clock()),
+                    )
             row = self._incident(incident_id)
             self._event(row, "resolved", actor=actor)
-            for approval in self.store.pending_approvals(incident_id):
-                self._close_approval(row, approval, "cancelled", actor, "the incident resolved")
-            run = self.store.get_run(incident_id, "main")
-            if run is not None and run["status"] in ("running", "waiting"):
-                self.store.update("runs", run["id"], {"status": "cancelled", "finished_at": now()})
-            runbook = self.catalog.runbook(row["runbook_id"] or "")
-            if runbook is not None and runbook.on_resolve:
-                self.store.create_run(
-                    {
-                        "incident_id": incident_id,
-                        "runbook_id": runbook.id,
-                        "phase": "on_resolve",
-                        "status": "running",
-                        "cursor": 0,
-                        "catalog_commit": self.catalog.version,
-                        "started_at": self.clock(),
-                    }
-                )
+            self._wind_down(row, actor)
         if runbook is not None and runbook.on_resolve:
             self.advance(incident_id, "on_resolve")
         row = self._incident(incident_id)
         self._note(row, f"Incident resolved. {self.summary(incident_id)}")
         return Outcome(True, "resolved")
+
+    def _wind_down(self, row: dict[str, Any], actor: str) -> None:
+        """Cancel what a resolved incident's main run still waits for."""
+        for approval in self.store.query(
+            "SELECT approvals.* FROM approvals "
+            "JOIN step_runs ON step_runs.id = approvals.step_run_id "
+            "JOIN runs ON runs.id = step_runs.run_id WHERE approvals.incident_id = ? "
+            "AND approvals.status = 'pending' AND runs.phase = 'main' ORDER BY approvals.id",
+            (row["id"],),
+        ):
+            self._close_approval(row, approval, "cancelled", actor, "the incident resolved")
+        self.store.execute(
+            "UPDATE runs SET status = 'cancelled', finished_at = ? "
+            "WHERE incident_id = ? AND phase = 'main' AND status IN ('running', 'waiting')",
+            (self.clock(), row["id"]),
+        )
 
     def reopen_incident(self, incident_id: str, actor: str = "pagerduty") -> Outcome:
         with self._lock(incident_id):
@@ -262,6 +276,8 @@ class Engine:
         run = self.store.get_run(incident_id, phase)
         if row is None or run is None or run["status"] not in ("running", "waiting"):
             return False
+        if phase == "main" and row["status"] != "open":
+            return False  # resolving cancels the main run; nothing of it starts any more
         runbook = self.catalog.runbook(run["runbook_id"])
         if runbook is None:
             self._finish_run(row, run, "failed", f"runbook {run['runbook_id']} left the catalog")
@@ -285,7 +301,10 @@ class Engine:
             return True
         if status == STEP_AWAITING:
             if run["status"] != "waiting":
-                self.store.update("runs", run["id"], {"status": "waiting"})
+                self.store.execute(
+                    "UPDATE runs SET status = 'waiting' WHERE id = ? AND status = 'running'",
+                    (run["id"],),
+                )
             return False
         if status == "running":
             return False  # another worker has it; it will advance when done
@@ -302,7 +321,12 @@ class Engine:
         )
 
     def _after(
-        self, row: dict[str, Any], run: dict[str, Any], step: Step, index: int, step_run: dict[str, Any]
+        self,
+        row: dict[str, Any],
+        run: dict[str, Any],
+        step: Step,
+        index: int,
+        step_run: dict[str, Any],
     ) -> bool:
         """A terminal step run: decide where the run goes next."""
         status = step_run["status"]
@@ -310,13 +334,13 @@ class Engine:
         if index >= ROLLBACK_INDEX_BASE:
             original = self._steps_of(run)[cursor]
             if status in _MOVES_ON and original.on_failure.then == "continue":
-                self.store.update("runs", run["id"], {"cursor": cursor + 1, "rollback_of": None})
-                return True
-            self._stop(row, run, f"{original.id} failed; its rollback {step.action.id} ended {status}")
+                return self._move_cursor(run, cursor + 1)
+            self._stop(
+                row, run, f"{original.id} failed; its rollback {step.action.id} ended {status}"
+            )
             return False
         if status in _MOVES_ON:
-            self.store.update("runs", run["id"], {"cursor": cursor + 1, "status": "running"})
-            return True
+            return self._move_cursor(run, cursor + 1)
         if status == "expired":
             self._stop(row, run, f"the approval request for {step.id} expired")
             return False
@@ -324,16 +348,34 @@ class Engine:
             self._stop(row, run, f"{step.id} was interrupted and needs a human to check it")
             return False
         if status == "cancelled":
+            # The run is still live (a resolve cancels the run first), so something
+            # stopped this step at the last check: a human has to look.
+            self._stop(row, run, f"{step.id} was cancelled: {step_run['detail'] or 'no reason'}")
             return False
         mode = step.on_failure.mode
         if mode == "continue":
-            self.store.update("runs", run["id"], {"cursor": cursor + 1, "status": "running"})
-            return True
-        if mode == "rollback" and step.on_failure.rollback is not None and status != "blocked":
-            self.store.update("runs", run["id"], {"rollback_of": cursor, "status": "running"})
+            return self._move_cursor(run, cursor + 1)
+        # A rollback undoes what a command did: only when it started (not when it was
+        # blocked, rejected or could not be built or started).
+        if mode == "rollback" and step.on_failure.rollback is not None and status in _RAN:
+            self.store.execute(
+                "UPDATE runs SET rollback_of = ?, status = 'running' WHERE id = ? AND cursor = ? "
+                "AND rollback_of IS NULL AND status IN ('running', 'waiting')",
+                (cursor, run["id"], cursor),
+            )
             return True
         self._stop(row, run, f"{step.id} ended {status}")
         return False
+
+    def _move_cursor(self, run: Mapping[str, Any], to: int) -> bool:
+        # Conditional on the cursor read, so a second worker that read the same run late
+        # cannot move it back; either way the caller re-reads the run and goes on.
+        self.store.execute(
+            "UPDATE runs SET cursor = ?, rollback_of = NULL, status = 'running' "
+            "WHERE id = ? AND cursor = ? AND status IN ('running', 'waiting')",
+            (to, run["id"], run["cursor"]),
+        )
+        return True
 
     def _steps_of(self, run: Mapping[str, Any]) -> tuple[Step, ...]:
         runbook = self.catalog.runbook(run["runbook_id"])
@@ -342,30 +384,35 @@ class Engine:
         return runbook.steps if run["phase"] == "main" else runbook.on_resolve
 
     def _stop(self, row: dict[str, Any], run: dict[str, Any], reason: str) -> None:
-        self._finish_run(row, run, "escalated", reason)
-        self._escalate(row, reason)
+        if self._finish_run(row, run, "escalated", reason):  # escalate once, whoever stops it
+            self._escalate(row, reason)
 
-    def _finish_run(self, row: dict[str, Any], run: dict[str, Any], status: str, reason: str) -> None:
+    def _finish_run(
+        self, row: dict[str, Any], run: dict[str, Any], status: str, reason: str
+    ) -> bool:
         changed = self.store.execute(
             "UPDATE runs SET status = ?, finished_at = ? WHERE id = ? "
             "AND status IN ('running', 'waiting')",
             (status, self.clock(), run["id"]),
         )
         if not changed:
-            return
+            return False
         summary = self.summary(row["id"], phase=run["phase"])
         results = [
             s["status"] for s in self.store.step_runs_of(row["id"]) if s["phase"] == run["phase"]
         ]
         all_succeeded = status == "completed" and all(r in ("success", "dry_run") for r in results)
         if run["phase"] == "main":
-            headline = "Runbook finished." if status == "completed" else f"Runbook stopped: {reason}."
+            headline = (
+                "Runbook finished." if status == "completed" else f"Runbook stopped: {reason}."
+            )
             self._note(row, f"{headline} {summary}")
         for listener in self.listeners:
             self._safely(
                 functools.partial(listener.run_finished, row, status, summary, all_succeeded),
                 "run_finished listener",
             )
+        return True
 
     def _escalate(self, row: dict[str, Any], reason: str) -> None:
         runbook = self.catalog.runbook(row["runbook_id"] or "")
@@ -423,7 +470,24 @@ class Engine:
             values = {"status": STEP_AWAITING, "decision": decision.kind, "reason": decision.reason}
         else:
             values = {"status": STEP_PENDING, "decision": decision.kind, "reason": decision.reason}
-        step_run_id, created = self.store.create_step_run({**base, **values, "command": command})
+        approval: dict[str, Any] | None = None
+        if values["status"] == STEP_AWAITING:
+            approvers = self.catalog.approvers_for(runbook, action)
+            approval = {
+                "incident_id": row["id"],
+                "action": action.id,
+                "status": "pending",
+                "approvers": json.dumps(
+                    {"users": list(approvers.users), "groups": list(approvers.groups)}
+                ),
+                "requested_at": self.clock(),
+                "expires_at": self.clock() + self.catalog.approval_timeout_for(action),
+                "channel": row["channel"],
+                "catalog_commit": self.catalog.version,
+            }
+        step_run_id, created = self.store.create_step_run(
+            {**base, **values, "command": command}, approval
+        )
         step_run = self.store.get_step_run(step_run_id)
         assert step_run is not None
         if not created:
@@ -439,22 +503,6 @@ class Engine:
             ).inc()
             self._event(row, "blocked", step=step, detail=decision.reason)
         elif status == STEP_AWAITING:
-            approvers = self.catalog.approvers_for(runbook, action)
-            self.store.create_approval(
-                {
-                    "step_run_id": step_run_id,
-                    "incident_id": row["id"],
-                    "action": action.id,
-                    "status": "pending",
-                    "approvers": json.dumps(
-                        {"users": list(approvers.users), "groups": list(approvers.groups)}
-                    ),
-                    "requested_at": self.clock(),
-                    "expires_at": self.clock() + self.catalog.approval_timeout_for(action),
-                    "channel": row["channel"],
-                    "catalog_commit": self.catalog.version,
-                }
-            )
             self._event(row, "requires_manual", step=step, detail="waiting for approval")
         self._post_step(row, step_run, step, steps)
         refreshed = self.store.get_step_run(step_run_id)
@@ -477,11 +525,13 @@ class Engine:
         return f"condition is false: {step.when}"
 
     def _results(self, run: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Results of the incident's steps so far: follow-ups on resolve can read the main
+        run's, and the current run's own results win over a same-named main step."""
         results: dict[str, dict[str, Any]] = {}
         for s in self.store.query(
             "SELECT step_id, status, exit_code, output, detail FROM step_runs "
-            "WHERE run_id = ? ORDER BY id",
-            (run["id"],),
+            "WHERE incident_id = ? ORDER BY run_id = ?, id",
+            (run["incident_id"], run["id"]),
         ):
             # a dry run shows the path the runbook takes when every step succeeds
             status = "success" if s["status"] == "dry_run" else s["status"]
@@ -504,23 +554,31 @@ class Engine:
             decision,
             approval=approval["status"] if approval else "none",
             incident_open=row["status"] == "open" or run["phase"] == "on_resolve",
+            # decided while paused: the deadline was waiting, so the approval is in time
             approval_expired=bool(
                 approval
                 and approval["decided_at"] is not None
-                and approval["decided_at"] > approval["expires_at"]
+                and policy.approval_deadline_passed(
+                    approval["decided_at"], approval["expires_at"], approval["paused_at"]
+                )
             ),
         )
         if not check.allowed:
             final = "blocked" if decision.blocked else "cancelled"
             if self.store.transition_step(
-                step_run["id"], (STEP_PENDING, STEP_APPROVED), {"status": final, "detail": check.reason}
+                step_run["id"],
+                (STEP_PENDING, STEP_APPROVED),
+                {"status": final, "detail": check.reason},
             ):
                 self._event(row, final, step=step, detail=check.reason)
                 self._refresh_step(row, step_run["id"], step, steps)
             return
         if not self.store.claim_step(step_run["id"], (STEP_PENDING, STEP_APPROVED)):
             return  # claimed by someone else: at most once
-        self._event(row, "executed", step=step, actor=approval["decided_by"] if approval else "")
+        if not self.dry_run:  # `executed` means a process started: not so in a dry run
+            self._event(
+                row, "executed", step=step, actor=approval["decided_by"] if approval else ""
+            )
         self._refresh_step(row, step_run["id"], step, steps)
         if self.dry_run:
             values: dict[str, Any] = {
@@ -557,7 +615,25 @@ class Engine:
             expect=tuple(executor.Expectation(e.pattern, e.allow_failure) for e in action.expect),
         )
         patterns = (*executor.DEFAULT_SECRET_PATTERNS, *self.catalog.settings.secret_patterns)
-        return self.runner(spec, context, output_cap=self.output_cap, secret_patterns=patterns)
+        try:
+            return self.runner(spec, context, output_cap=self.output_cap, secret_patterns=patterns)
+        except Exception as exc:
+            # The step is claimed: an exception here must still end it, or it would stay
+            # `running` until a restart calls it interrupted.
+            if isinstance(exc, ValueError):  # TemplateError and spec errors speak to people
+                detail = f"could not run: {exc}"
+            else:
+                log.exception("runner failed for %s", action.id)
+                detail = "could not run: unexpected error in the bot (see its log)"
+            return executor.ExecutionResult(
+                status="error",
+                exit_code=None,
+                output="",
+                duration=0.0,
+                argv=(),
+                matched=None,
+                detail=detail,
+            )
 
     # --- approvals -----------------------------------------------------------------------
 
@@ -581,7 +657,9 @@ class Engine:
             step = self._step_of(step_run)
             if approval["status"] != "pending":
                 return Outcome(False, f"this step was already decided ({approval['status']})")
-            if policy.approval_deadline_passed(self.clock(), approval["expires_at"], approval["paused_at"]):
+            if policy.approval_deadline_passed(
+                self.clock(), approval["expires_at"], approval["paused_at"]
+            ):
                 self._expire(row, approval)
                 return Outcome(False, "this approval request has expired")
             if row["status"] != "open" and self._phase(step_run) == "main":
@@ -600,7 +678,10 @@ class Engine:
             self._refresh_step(row, step_run_id, step, None)
             run = self.store.query_one("SELECT * FROM runs WHERE id = ?", (step_run["run_id"],))
             if run is not None and run["status"] == "waiting":
-                self.store.update("runs", run["id"], {"status": "running"})
+                self.store.execute(
+                    "UPDATE runs SET status = 'running' WHERE id = ? AND status = 'waiting'",
+                    (run["id"],),
+                )
         self.advance(incident_id, self._phase(step_run))
         return Outcome(True, f"{decision} by <@{user}>")
 
@@ -652,13 +733,15 @@ class Engine:
     ) -> policy.Authorization:
         declared = json.loads(approval["approvers"] or "{}")
         approvers = Approvers(tuple(declared.get("users", ())), tuple(declared.get("groups", ())))
-        who = policy.authorize(
-            user, approvers, member_of=self.member_of, bot_users=self.bot_users
-        )
+        who = policy.authorize(user, approvers, member_of=self.member_of, bot_users=self.bot_users)
         if not who.allowed and user not in self.bot_users:
             metrics.approvals.labels(approval["action"], "unauthorized").inc()
             self._event(
-                row, "unauthorized", step=step, actor=user, detail=who.reason,
+                row,
+                "unauthorized",
+                step=step,
+                actor=user,
+                detail=who.reason,
                 action_id=approval["action"],
             )
         return who
@@ -720,6 +803,20 @@ class Engine:
                 step = self._step_of(step_run)
                 self._event(row, "interrupted", step=step, detail="bot restarted mid-step")
                 self._refresh_step(row, step_run["id"], step, None)
+        # A crash in the middle of opening or resolving an incident: finish that first.
+        for orphan in self.store.query(
+            "SELECT * FROM incidents WHERE status = 'open' AND runbook_id IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.incident_id = incidents.id "
+            "AND runs.phase = 'main')"
+        ):
+            self._start_main_run(orphan["id"], orphan["runbook_id"])
+        for resolved in self.store.query(
+            "SELECT DISTINCT incidents.id FROM incidents JOIN runs ON runs.incident_id = "
+            "incidents.id WHERE incidents.status = 'resolved' AND runs.phase = 'main' "
+            "AND runs.status IN ('running', 'waiting')"
+        ):
+            with self._lock(resolved["id"]):
+                self._wind_down(self._incident(resolved["id"]), "recover")
         resumed = 0
         for run in self.store.query(
             "SELECT incident_id, phase FROM runs WHERE status IN ('running', 'waiting')"
@@ -742,7 +839,11 @@ class Engine:
     # --- views and chat --------------------------------------------------------------------
 
     def _post_step(
-        self, row: dict[str, Any], step_run: Mapping[str, Any], step: Step, steps: tuple[Step, ...] | None
+        self,
+        row: dict[str, Any],
+        step_run: Mapping[str, Any],
+        step: Step,
+        steps: tuple[Step, ...] | None,
     ) -> None:
         if not row.get("thread_ts"):
             return
@@ -761,7 +862,11 @@ class Engine:
             )
 
     def _refresh_step(
-        self, row: dict[str, Any], step_run_id: int, step: Step | None, steps: tuple[Step, ...] | None
+        self,
+        row: dict[str, Any],
+        step_run_id: int,
+        step: Step | None,
+        steps: tuple[Step, ...] | None,
     ) -> None:
         step_run = self.store.get_step_run(step_run_id)
         if step_run is None or step is None:
@@ -771,7 +876,9 @@ class Engine:
             return
         view = self._step_view(row, step_run, step, steps)
         self._say(
-            lambda: self.chat.update_step(MessageRef(step_run["channel"], step_run["message_ts"]), view),
+            lambda: self.chat.update_step(
+                MessageRef(step_run["channel"], step_run["message_ts"]), view
+            ),
             "step update",
         )
 
@@ -785,7 +892,11 @@ class Engine:
         return self._step_view(self._incident(step_run["incident_id"]), step_run, step, None)
 
     def _step_view(
-        self, row: Mapping[str, Any], step_run: Mapping[str, Any], step: Step, steps: tuple[Step, ...] | None
+        self,
+        row: Mapping[str, Any],
+        step_run: Mapping[str, Any],
+        step: Step,
+        steps: tuple[Step, ...] | None,
     ) -> StepView:
         action = step.action
         approval = self.store.get_approval(step_run["id"])

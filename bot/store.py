@@ -374,8 +374,14 @@ class Store:
             (run_id, step_index),
         )
 
-    def create_step_run(self, row: Mapping[str, Any]) -> tuple[int, bool]:
-        """Insert attempt `row['attempt']` of a step unless it exists; (id, created)."""
+    def create_step_run(
+        self, row: Mapping[str, Any], approval: Mapping[str, Any] | None = None
+    ) -> tuple[int, bool]:
+        """Insert attempt `row['attempt']` of a step unless it exists; (id, created).
+
+        `approval` (without `step_run_id`) is inserted in the same transaction, so a
+        crash can never leave a step awaiting an approval that does not exist.
+        """
         with self.transaction() as conn:
             columns = ", ".join(row)
             marks = ", ".join("?" for _ in row)
@@ -383,11 +389,20 @@ class Store:
                 f"INSERT OR IGNORE INTO step_runs ({columns}) VALUES ({marks})",
                 tuple(row.values()),
             )
+            created = cursor.rowcount == 1
             found = conn.execute(
                 "SELECT id FROM step_runs WHERE run_id = ? AND step_index = ? AND attempt = ?",
                 (row["run_id"], row["step_index"], row["attempt"]),
             ).fetchone()
-            return int(found[0]), cursor.rowcount == 1
+            step_run_id = int(found[0])
+            if created and approval is not None:
+                values = {**approval, "step_run_id": step_run_id}
+                conn.execute(
+                    f"INSERT INTO approvals ({', '.join(values)}) "
+                    f"VALUES ({', '.join('?' for _ in values)})",
+                    tuple(values.values()),
+                )
+            return step_run_id, created
 
     def get_step_run(self, step_run_id: int) -> dict[str, Any] | None:
         return self.query_one("SELECT * FROM step_runs WHERE id = ?", (step_run_id,))
