@@ -222,8 +222,6 @@ def _schema_errors(doc: SourceDoc) -> list[Diagnostic]:
         data = {**data, "kind": "catalog"}
     if validator.is_valid(data):
         return []
-    from jsonschema.exceptions import best_match
-
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path)))
     # A failing `allOf` branch leaves its keys "unevaluated", so unevaluatedProperties
     # would blame every valid key too: report it only when nothing else is wrong.
@@ -232,23 +230,80 @@ def _schema_errors(doc: SourceDoc) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     for error in errors:
         if error.context:
-            error = best_match(error.context)
+            error = _closest(error)
         path: JsonPath = tuple(error.absolute_path)
+        if _is_step(path) and error.validator in ("required", "not"):
+            found.extend(_step_shape_errors(doc, error, path))
+            continue
         key_names = _offending_keys(error)
         message = _shorten(error.message)
         fix = _fix_for(error, doc.kind)
         if key_names:
             for name in key_names:
                 found.append(
-                    doc.diagnostic(
-                        "RB010", "schema", message, fix, (*path, name), key=True
-                    )
+                    doc.diagnostic("RB010", "schema", message, fix, (*path, name), key=True)
                 )
         else:
             found.append(doc.diagnostic("RB010", "schema", message, fix, path))
         if len(found) >= _MAX_SCHEMA_ERRORS:
             break
     return found
+
+
+def _is_step(path: JsonPath) -> bool:
+    return len(path) == 2 and path[0] in ("steps", "on_resolve") and isinstance(path[1], int)
+
+
+def _closest(error: Any) -> Any:
+    """The sub-error of a `oneOf`/`anyOf` that best explains what the author meant.
+
+    For a step, that is the branch its keys point at: `action:` means a reference,
+    anything else an inline step; jsonschema alone would often blame the other branch.
+    """
+    from jsonschema.exceptions import best_match
+
+    context = error.context
+    if error.validator == "oneOf" and _is_step(tuple(error.absolute_path)):
+        branch = 0 if "action" in error.instance else 1
+        chosen = [e for e in context if e.relative_schema_path[0] == branch]
+        context = chosen or context
+    return best_match(context)
+
+
+_STEP_OVERRIDES = ("command", "shell", "safety", "expect", "env", "secrets")
+
+
+def _step_shape_errors(doc: SourceDoc, error: Any, step_path: JsonPath) -> list[Diagnostic]:
+    step = error.instance
+    if "action" not in step and "command" in step and "id" not in step:
+        return [
+            doc.diagnostic(
+                "RB033",
+                "inline-step-id",
+                "an inline step (one with `command`) needs an `id`",
+                "add `id: <name>` (lower-case, unique in the runbook), or move the command "
+                "into an action and reference it with `action: <id>`",
+                step_path,
+            )
+        ]
+    if error.validator == "not" and "action" in step:
+        return [
+            doc.diagnostic(
+                "RB010",
+                "schema",
+                f"a step that references an action cannot set `{key}`",
+                _fix_for(error, doc.kind),
+                (*step_path, key),
+                key=True,
+            )
+            for key in _STEP_OVERRIDES
+            if key in step
+        ]
+    return [
+        doc.diagnostic(
+            "RB010", "schema", _shorten(error.message), _fix_for(error, doc.kind), step_path
+        )
+    ]
 
 
 def _offending_keys(error: Any) -> list[str]:

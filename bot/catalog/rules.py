@@ -2,24 +2,90 @@
 
 Each rule has a stable code (never reused, never renumbered) and yields diagnostics that
 say where the problem is and how to fix it. Rules run on parsed documents (plain data
-with positions), so they work even when the catalog could not be built.
+with positions) that passed the schema, so they work even when the catalog could not be
+built, and they may rely on the shapes the schema guarantees.
 
-Codes:
-  RB001 yaml-syntax         RB002 duplicate-key      RB003 not-a-mapping
-  RB004 file-too-large      RB005 unsafe-yaml        RB009 no-catalog
-  RB010 schema
-  RB020 duplicate-id        RB021 unknown-action     RB022 unknown-environment
+Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
+
+  reading and schema (``yamlsource``, ``loader``)
+  RB001 E yaml-syntax        the file is not valid YAML (or not UTF-8, or unreadable)
+  RB002 E duplicate-key      a mapping repeats a key
+  RB003 E not-a-mapping      a document is a list or a scalar
+  RB004 E file-too-large     a file is over 1 MiB
+  RB005 E unsafe-yaml        tags (``!!python/…``), alias bombs, recursive aliases
+  RB009 E no-catalog         the catalog path does not exist
+  RB010 E schema             the document does not follow the JSON Schema
+  RB033 E inline-step-id     an inline step (with ``command``) has no ``id``
+
+  semantic rules (this module)
+  RB020 E duplicate-id       two actions, two runbooks, or two steps of a runbook share an id
+  RB021 E unknown-action     ``action:`` or ``rollback:`` names no action of the catalog
+  RB022 E unknown-environment  a scope, promotion or service mapping names no environment
+  RB023 E invalid-regex      ``expect[].pattern``, ``match.symptoms`` or ``secret_patterns``
+                             is not a valid Python regular expression
+  RB024 W missing-expect     an action or inline step has no ``expect``: success can only
+                             be judged by the exit code
+  RB025 E unpromoted-scope   a production environment in ``safety.scopes`` without a
+                             ``safety.promotions`` record for it
+  RB026 E destructive-without-approval  ``rm -rf``, ``FLUSHALL``, ``DROP TABLE``,
+                             ``kubectl delete``, ``terraform destroy``, ``reboot``… with
+                             ``requires_approval: false``
+  RB027 W/E shell            ``shell: true`` (a warning; an error without approval)
+  RB028 E unknown-template-variable  ``{{ … }}`` the incident context does not provide,
+                             or a ``params`` value no step sets
+  RB029 E invalid-when       a ``when`` condition that does not parse, uses what the
+                             evaluator refuses, or reads a step that has not run yet
+  RB030 W ambiguous-match    two runbooks match the same service at the same priority
+                             and nothing tells them apart
+  RB031 E multiple-settings  more than one ``kind: catalog`` document
+  RB032 W missing-settings   no ``kind: catalog`` document: dev/staging/prod are assumed
+  RB034 E command-template   a command the executor would refuse: the program comes from
+                             a template, a ``shell: true`` list, a placeholder the shell
+                             cannot quote, unbalanced quotes, an empty command
 """
 
 from __future__ import annotations
 
+import ast
+import re
+import shlex
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from bot.catalog.diagnostics import Diagnostic
 from bot.catalog.loader import ParsedCatalog, build_settings
 from bot.catalog.model import Settings
 from bot.catalog.yamlsource import JsonPath, SourceDoc
+from bot.conditions import ConditionError
+from bot.conditions import parse as parse_condition
+from bot.executor import CommandSpec, TemplateError, render_argv, template_variables
+
+# What `{{ incident.X }}` and `incident.X` in `when` can read (bot.engine builds it).
+INCIDENT_FIELDS = (
+    "id",
+    "title",
+    "service",
+    "service_id",
+    "urgency",
+    "priority",
+    "env",
+    "link",
+    "status",
+    "details",
+)
+
+Step = dict[str, Any]
+
+
+@dataclass
+class Usage:
+    """A step that runs an action: directly (`action:`) or as its rollback."""
+
+    doc: SourceDoc
+    path: JsonPath  # of the `action` or `on_failure.rollback` value
+    step: Step
 
 
 @dataclass
@@ -27,16 +93,30 @@ class Context:
     parsed: ParsedCatalog
     settings: Settings
     actions: dict[str, SourceDoc] = field(default_factory=dict)  # first definition wins
+    usages: dict[str, list[Usage]] = field(default_factory=dict)  # action id -> users
 
     @property
     def runbooks(self) -> list[SourceDoc]:
         return self.parsed.of_kind("runbook")
 
-    def steps(self, doc: SourceDoc) -> Iterator[tuple[JsonPath, dict[str, object]]]:
+    def steps(self, doc: SourceDoc) -> Iterator[tuple[JsonPath, Step]]:
         """Every step of a runbook document, with its path, main steps and follow-ups."""
         for key in ("steps", "on_resolve"):
             for i, step in enumerate(doc.data.get(key, ())):
                 yield (key, i), step
+
+    def guarded(self) -> Iterator[tuple[SourceDoc, JsonPath, dict[str, Any], str]]:
+        """Everything that carries its own command and safety: actions and inline steps.
+
+        Yields the document, the path of the action (``()`` for an action document),
+        its data and its id.
+        """
+        for doc in self.parsed.of_kind("action"):
+            yield doc, (), doc.data, doc.data["id"]
+        for doc in self.runbooks:
+            for path, step in self.steps(doc):
+                if "command" in step:
+                    yield doc, path, step, str(step.get("id", ""))
 
 
 Rule = Callable[[Context], Iterator[Diagnostic]]
@@ -53,10 +133,38 @@ def check(parsed: ParsedCatalog) -> list[Diagnostic]:
     context = Context(parsed, build_settings(settings_docs[0] if settings_docs else None))
     for doc in parsed.of_kind("action"):
         context.actions.setdefault(doc.data["id"], doc)
+    for doc in context.runbooks:
+        for path, step in context.steps(doc):
+            if "action" in step:
+                context.usages.setdefault(step["action"], []).append(
+                    Usage(doc, (*path, "action"), step)
+                )
+            on_failure = step.get("on_failure")
+            if isinstance(on_failure, dict):
+                context.usages.setdefault(on_failure["rollback"], []).append(
+                    Usage(doc, (*path, "on_failure", "rollback"), step)
+                )
     found: list[Diagnostic] = []
-    for fn in RULES:
-        found.extend(fn(context))
+    # Authors' regexes and conditions make `re` and `ast` warn (nested sets, invalid
+    # escapes); those are not the linter's to print, and the rules report real errors.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for fn in RULES:
+            found.extend(fn(context))
     return found
+
+
+def _safety(data: dict[str, Any]) -> dict[str, Any]:
+    safety = data.get("safety")
+    return safety if isinstance(safety, dict) else {}
+
+
+def _requires_approval(data: dict[str, Any]) -> bool:
+    return bool(_safety(data).get("requires_approval", True))
+
+
+def _what(path: JsonPath, ident: str) -> str:
+    return f"inline step {ident!r}" if path else f"action {ident!r}"
 
 
 @rule
@@ -108,23 +216,17 @@ def duplicate_ids(ctx: Context) -> Iterator[Diagnostic]:
 def unknown_actions(ctx: Context) -> Iterator[Diagnostic]:
     """RB021: every `action:` and rollback names an action of the catalog."""
     known = sorted(ctx.actions)
-    for doc in ctx.runbooks:
-        for path, step in ctx.steps(doc):
-            refs: list[tuple[JsonPath, object]] = []
-            if "action" in step:
-                refs.append(((*path, "action"), step["action"]))
-            on_failure = step.get("on_failure")
-            if isinstance(on_failure, dict) and "rollback" in on_failure:
-                refs.append(((*path, "on_failure", "rollback"), on_failure["rollback"]))
-            for ref_path, ref in refs:
-                if ref not in ctx.actions:
-                    yield doc.diagnostic(
-                        "RB021",
-                        "unknown-action",
-                        f"unknown action {ref!r}",
-                        _suggest(str(ref), known, "define it under actions/ or fix the name"),
-                        ref_path,
-                    )
+    for action_id, usages in ctx.usages.items():
+        if action_id in ctx.actions:
+            continue
+        for usage in usages:
+            yield usage.doc.diagnostic(
+                "RB021",
+                "unknown-action",
+                f"unknown action {action_id!r}",
+                _suggest(action_id, known, "define it under actions/ or fix the name"),
+                usage.path,
+            )
 
 
 @rule
@@ -132,10 +234,8 @@ def unknown_environments(ctx: Context) -> Iterator[Diagnostic]:
     """RB022: scopes, promotions and service mappings name declared environments."""
     declared = ctx.settings.environment_names
     fix = f"use one of: {', '.join(declared)}, or declare it under `environments` in the catalog"
-
-    def check_safety(doc: SourceDoc, base: JsonPath, safety: object) -> Iterator[Diagnostic]:
-        if not isinstance(safety, dict):
-            return
+    for doc, base, data, _ in ctx.guarded():
+        safety = _safety(data)
         for i, env in enumerate(safety.get("scopes", ())):
             if env not in declared:
                 yield doc.diagnostic(
@@ -143,23 +243,17 @@ def unknown_environments(ctx: Context) -> Iterator[Diagnostic]:
                     "unknown-environment",
                     f"unknown environment {env!r} in scopes",
                     _suggest(env, declared, fix),
-                    (*base, "scopes", i),
+                    (*base, "safety", "scopes", i),
                 )
         for i, promotion in enumerate(safety.get("promotions", ())):
-            if promotion.get("env") not in declared:
+            if promotion["env"] not in declared:
                 yield doc.diagnostic(
                     "RB022",
                     "unknown-environment",
-                    f"unknown environment {promotion.get('env')!r} in a promotion",
-                    fix,
-                    (*base, "promotions", i, "env"),
+                    f"unknown environment {promotion['env']!r} in a promotion",
+                    _suggest(promotion["env"], declared, fix),
+                    (*base, "safety", "promotions", i, "env"),
                 )
-
-    for doc in ctx.parsed.of_kind("action"):
-        yield from check_safety(doc, ("safety",), doc.data.get("safety"))
-    for doc in ctx.runbooks:
-        for path, step in ctx.steps(doc):
-            yield from check_safety(doc, (*path, "safety"), step.get("safety"))
     for doc in ctx.parsed.of_kind("catalog"):
         for service, env in doc.data.get("services", {}).items():
             if env not in declared:
@@ -167,13 +261,586 @@ def unknown_environments(ctx: Context) -> Iterator[Diagnostic]:
                     "RB022",
                     "unknown-environment",
                     f"service {service!r} is mapped to unknown environment {env!r}",
-                    fix,
+                    _suggest(env, declared, fix),
                     ("services", service),
                 )
 
 
-def _suggest(value: str, known: list[str] | tuple[str, ...], fallback: str) -> str:
+@rule
+def invalid_regexes(ctx: Context) -> Iterator[Diagnostic]:
+    """RB023: patterns compile the way the executor and the matcher compile them."""
+    checked: dict[tuple[str, int], str | None] = {}
+
+    def problem(pattern: str, flags: int) -> str | None:
+        key = (pattern, flags)
+        if key not in checked:
+            try:
+                re.compile(pattern, flags)
+                checked[key] = None
+            except re.error as exc:
+                checked[key] = str(exc)
+        return checked[key]
+
+    def diagnostic(doc: SourceDoc, path: JsonPath, pattern: str, error: str) -> Diagnostic:
+        return doc.diagnostic(
+            "RB023",
+            "invalid-regex",
+            f"invalid regular expression {pattern!r}: {error}",
+            "fix the pattern (Python `re` syntax); escape ( ) [ ] { } . * + ? | \\ with a "
+            "backslash to match them literally",
+            path,
+        )
+
+    for doc, base, data, _ in ctx.guarded():
+        for i, expectation in enumerate(data.get("expect", ())):
+            error = problem(expectation["pattern"], re.MULTILINE)
+            if error:
+                yield diagnostic(
+                    doc, (*base, "expect", i, "pattern"), expectation["pattern"], error
+                )
+    for doc in ctx.runbooks:
+        for i, symptom in enumerate(doc.data["match"].get("symptoms", ())):
+            error = problem(symptom, re.IGNORECASE)
+            if error:
+                yield diagnostic(doc, ("match", "symptoms", i), symptom, error)
+    for doc in ctx.parsed.of_kind("catalog"):
+        for i, pattern in enumerate(doc.data.get("secret_patterns", ())):
+            error = problem(pattern, 0)
+            if error:
+                yield diagnostic(doc, ("secret_patterns", i), pattern, error)
+
+
+@rule
+def missing_expect(ctx: Context) -> Iterator[Diagnostic]:
+    """RB024: without `expect`, any output with exit code 0 counts as success."""
+    for doc, base, data, ident in ctx.guarded():
+        if not data.get("expect"):
+            where = (*base, "expect") if "expect" in data else (*base, "command")
+            yield doc.diagnostic(
+                "RB024",
+                "missing-expect",
+                f"{_what(base, ident)} has no `expect`: success can only be judged by the "
+                "exit code",
+                'add `expect:` with a pattern the output shows on success, e.g. `- pattern: "OK"`',
+                where,
+                severity="warning",
+            )
+
+
+@rule
+def unpromoted_production_scopes(ctx: Context) -> Iterator[Diagnostic]:
+    """RB025: a production scope needs a promotion record with its evidence."""
+    for doc, base, data, ident in ctx.guarded():
+        safety = _safety(data)
+        promoted = {
+            p["env"]
+            for p in safety.get("promotions", ())
+            if str(p.get("evidence_url", "")).startswith("https://")
+        }
+        for i, env in enumerate(safety.get("scopes", ())):
+            if ctx.settings.is_production(env) and env not in promoted:
+                command = f"runbookctl promote --action {ident} --env {env} --evidence-url URL"
+                fix = (
+                    f"run `{command}` once it has proved itself in lower environments, "
+                    f"or remove {env!r} from the scopes"
+                )
+                if base:
+                    fix = "move the step into an action under actions/, then " + fix
+                yield doc.diagnostic(
+                    "RB025",
+                    "unpromoted-scope",
+                    f"{_what(base, ident)} is scoped to production environment {env!r} "
+                    "without a promotion record (safety.promotions with an https:// "
+                    "evidence_url)",
+                    fix,
+                    (*base, "safety", "scopes", i),
+                )
+
+
+# --- destructive commands --------------------------------------------------------------
+
+# Cheap test first: most commands mention none of these words.
+_DANGER_HINT = re.compile(
+    r"rm|kubectl|\boc\b|terraform|tofu|helm|mkfs|\bdd\b|shutdown|reboot|halt|poweroff"
+    r"|flush|drop|truncate|delete",
+    re.IGNORECASE,
+)
+_DANGEROUS_TEXT: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\bFLUSH(?:ALL|DB)\b", re.IGNORECASE), "Redis {0}"),
+    (
+        re.compile(
+            r"\bDROP\s+(?:TABLE|DATABASE|SCHEMA|VIEW|MATERIALIZED\s+VIEW|INDEX|SEQUENCE|USER"
+            r"|ROLE|KEYSPACE|TABLESPACE|COLLECTION|FUNCTION|PROCEDURE|TRIGGER|TYPE"
+            r"|EXTENSION|OWNED)\b",
+            re.IGNORECASE,
+        ),
+        "SQL `{0}`",
+    ),
+    (re.compile(r"\bTRUNCATE\s+(?:TABLE\s+)?(?:ONLY\s+)?[\"`\[\w]", re.IGNORECASE), "SQL TRUNCATE"),
+)
+_DELETE_FROM = re.compile(r"\bDELETE\s+FROM\b([^;]*)", re.IGNORECASE)
+_WHERE = re.compile(r"\bWHERE\b", re.IGNORECASE)
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox"})
+_POWER = frozenset({"shutdown", "reboot", "halt", "poweroff"})
+_OPERATORS = frozenset(";&|()<>")
+
+
+def destructive_operation(command: str | list[str]) -> str | None:
+    """What makes `command` destructive (e.g. "`rm -rf`"), or None.
+
+    A heuristic over the words of the command, including scripts passed to
+    ``sh -c``; it errs on the side of flagging, since the fix (require approval) is cheap.
+    """
+    text = command if isinstance(command, str) else " ".join(command)
+    if not _DANGER_HINT.search(text):
+        return None
+    for pattern, label in _DANGEROUS_TEXT:
+        found = pattern.search(text)
+        if found:
+            return label.format(" ".join(found.group(0).upper().split()))
+    for found in _DELETE_FROM.finditer(text):
+        if not _WHERE.search(found.group(1)):
+            return "SQL `DELETE FROM` without WHERE"
+    words = _words(command) if isinstance(command, str) else list(command)
+    return _dangerous_words(words, depth=0)
+
+
+def _words(text: str) -> list[str]:
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        return list(lexer)
+    except ValueError:  # unbalanced quotes: still look at the words
+        return re.findall(r"[^\s;&|()<>]+|[;&|()<>]+", text)
+
+
+def _dangerous_words(words: list[str], depth: int) -> str | None:
+    segment: list[str] = []
+    for word in [*words, ";"]:
+        if word and set(word) <= _OPERATORS:
+            found = _dangerous_segment(segment, depth)
+            if found:
+                return found
+            segment = []
+        else:
+            segment.append(word)
+    return None
+
+
+def _dangerous_segment(words: list[str], depth: int) -> str | None:
+    for i, word in enumerate(words):
+        name = word.rsplit("/", 1)[-1]
+        rest = words[i + 1 :]
+        if name == "rm":
+            flags = [w for w in rest if w.startswith("-") and w != "-"]
+            if "--" in rest:
+                flags = [w for w in rest[: rest.index("--")] if w.startswith("-")]
+            short = "".join(f[1:] for f in flags if not f.startswith("--"))
+            recursive = "r" in short or "R" in short or "--recursive" in flags
+            force = "f" in short or "--force" in flags
+            if recursive and force:
+                return "`rm -rf`"
+        elif name in ("kubectl", "oc"):
+            verb = next((w for w in rest if w in ("delete", "drain")), None)
+            if verb:
+                return f"`{name} {verb}`"
+        elif name in ("terraform", "tofu"):
+            if any(w in ("destroy", "-destroy", "--destroy") for w in rest):
+                return f"`{name} destroy`"
+        elif name == "helm":
+            if any(w in ("uninstall", "delete", "del", "un") for w in rest):
+                return "`helm uninstall`"
+        elif name.startswith("mkfs"):
+            return f"`{name}`"
+        elif name == "dd":
+            if any(w.startswith("of=/dev/") for w in rest):
+                return "`dd of=/dev/…`"
+        elif name in _POWER:
+            return f"`{name}`"
+        elif name in _SHELLS and depth < 3:
+            for j, option in enumerate(rest[:-1]):
+                if option.startswith("-") and not option.startswith("--") and "c" in option:
+                    found = _dangerous_words(_words(rest[j + 1]), depth + 1)
+                    if found:
+                        return found
+                    break
+    return None
+
+
+@rule
+def destructive_without_approval(ctx: Context) -> Iterator[Diagnostic]:
+    """RB026: a destructive command never runs without a person approving it."""
+    for doc, base, data, ident in ctx.guarded():
+        if _requires_approval(data):
+            continue
+        operation = destructive_operation(data["command"])
+        if operation:
+            yield doc.diagnostic(
+                "RB026",
+                "destructive-without-approval",
+                f"{_what(base, ident)} runs a destructive command ({operation}) with "
+                "`requires_approval: false`",
+                "set `safety.requires_approval: true` so a person approves every run",
+                (*base, "command"),
+            )
+
+
+@rule
+def shell_commands(ctx: Context) -> Iterator[Diagnostic]:
+    """RB027: `shell: true` lets the shell interpret the command; flag every use."""
+    for doc, base, data, ident in ctx.guarded():
+        if data.get("shell") is not True:
+            continue
+        if _requires_approval(data):
+            yield doc.diagnostic(
+                "RB027",
+                "shell",
+                f"{_what(base, ident)} runs through a shell (`shell: true`)",
+                "prefer a command without a shell (a list of arguments); if a pipe or "
+                "redirection is really needed, keep `shell: true` and review it closely",
+                (*base, "shell"),
+                severity="warning",
+            )
+        else:
+            yield doc.diagnostic(
+                "RB027",
+                "shell",
+                f"{_what(base, ident)} runs through a shell (`shell: true`) without approval",
+                "drop `shell: true` (write the command as a list of arguments) or set "
+                "`safety.requires_approval: true`",
+                (*base, "shell"),
+            )
+
+
+# --- templates -------------------------------------------------------------------------
+
+
+def _templates(data: dict[str, Any], base: JsonPath) -> Iterator[tuple[JsonPath, str]]:
+    """(path, variable) for every placeholder in the command and the env values."""
+    command = data["command"]
+    if isinstance(command, str):
+        if "{{" in command:
+            for name in template_variables(command):
+                yield (*base, "command"), name
+    else:
+        for i, arg in enumerate(command):
+            if "{{" in arg:
+                for name in template_variables(arg):
+                    yield (*base, "command", i), name
+    for key, value in data.get("env", {}).items():
+        if "{{" in value:
+            for name in template_variables(value):
+                yield (*base, "env", key), name
+
+
+def _incident_problem(name: str) -> str | None:
+    """Why `incident.…` cannot be read, or None when the incident context provides it."""
+    _, _, rest = name.partition(".")
+    field_name, _, sub = rest.partition(".")
+    if not field_name or field_name == "details":
+        return None
+    if field_name not in INCIDENT_FIELDS:
+        return f"the incident has no field {field_name!r}"
+    if sub:
+        return f"incident.{field_name} is a plain value: it has no {sub!r}"
+    return None
+
+
+_VARIABLES_FIX = (
+    "templates read incident.{" + ",".join(INCIDENT_FIELDS[:-1]) + "}, "
+    "incident.details.<key> and params.<name>"
+)
+
+
+@rule
+def unknown_template_variables(ctx: Context) -> Iterator[Diagnostic]:
+    """RB028: every `{{ … }}` resolves for every step that runs the command."""
+    for doc, base, data, ident in ctx.guarded():
+        declared: dict[str, Any] = data.get("params", {})
+        inline = bool(base)
+        reported: set[tuple[int, str]] = set()
+        for path, name in _templates(data, base):
+            head, _, rest = name.partition(".")
+            if head == "incident":
+                problem = _incident_problem(name)
+                if problem:
+                    field_name = rest.partition(".")[0]
+                    yield doc.diagnostic(
+                        "RB028",
+                        "unknown-template-variable",
+                        f"{{{{ {name} }}}}: {problem}",
+                        _suggest(field_name, INCIDENT_FIELDS, _VARIABLES_FIX, prefix="incident."),
+                        path,
+                    )
+                continue
+            if head != "params":
+                yield doc.diagnostic(
+                    "RB028",
+                    "unknown-template-variable",
+                    f"unknown template variable {{{{ {name} }}}}",
+                    _VARIABLES_FIX,
+                    path,
+                )
+                continue
+            param, _, sub = rest.partition(".")
+            if not param:
+                continue  # `{{ params }}`: all of them, as JSON
+            if sub:
+                yield doc.diagnostic(
+                    "RB028",
+                    "unknown-template-variable",
+                    f"{{{{ {name} }}}}: params.{param} is a plain value, it has no {sub!r}",
+                    f"write {{{{ params.{param} }}}}",
+                    path,
+                )
+                continue
+            if declared.get(param) is not None:
+                continue
+            if inline:
+                yield doc.diagnostic(
+                    "RB028",
+                    "unknown-template-variable",
+                    f"{{{{ {name} }}}}: this step's `params` "
+                    + ("sets it to null" if param in declared else f"has no {param!r}"),
+                    f"add `params: {{{param}: …}}` to the step",
+                    path,
+                )
+                continue
+            usages = ctx.usages.get(ident, [])
+            if not usages and param not in declared:
+                yield doc.diagnostic(
+                    "RB028",
+                    "unknown-template-variable",
+                    f"{{{{ {name} }}}} is not declared in this action's `params`",
+                    f"add `{param}: <default>` under `params` (null if every step must set it)",
+                    path,
+                )
+            for usage in usages:
+                step_params = usage.step.get("params") or {}
+                if step_params.get(param) is not None or (id(usage), param) in reported:
+                    continue
+                reported.add((id(usage), param))
+                line, _ = doc.where(path)
+                yield usage.doc.diagnostic(
+                    "RB028",
+                    "unknown-template-variable",
+                    f"action {ident!r} needs {{{{ {name} }}}} ({doc.file}:{line}), but neither "
+                    "its params nor this step set it",
+                    f"add `params: {{{param}: …}}` to this step, or a default for {param!r} "
+                    "to the action's params",
+                    usage.path,
+                )
+
+
+@rule
+def command_templates(ctx: Context) -> Iterator[Diagnostic]:
+    """RB034: the command can be turned into an argv the way the executor does it."""
+    for doc, base, data, ident in ctx.guarded():
+        command = data["command"]
+        shell = data.get("shell") is True
+        plain = isinstance(command, str) and not shell and "{{" not in command
+        if plain and command.strip() and not any(c in command for c in "'\"\\"):
+            continue  # nothing the executor could refuse: skip the work
+        context: dict[str, Any] = {}
+        for _, name in _templates(data, base):
+            _provide(context, name)
+        try:
+            render_argv(CommandSpec(command=command, shell=shell), context)
+        except TemplateError as exc:
+            yield doc.diagnostic(
+                "RB034",
+                "command-template",
+                f"{_what(base, ident)}: {_first_line(str(exc))}",
+                "name the program literally, pass values as separate arguments, and in "
+                "`shell: true` commands put each {{ … }} in a plain word or in double quotes",
+                (*base, "command"),
+            )
+
+
+def _provide(context: dict[str, Any], name: str) -> None:
+    """Make `name` resolvable in `context` with a harmless value."""
+    node = context
+    parts = name.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node.setdefault(parts[-1], "x")
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0] if text else text
+
+
+# --- conditions ------------------------------------------------------------------------
+
+
+@rule
+def invalid_conditions(ctx: Context) -> Iterator[Diagnostic]:
+    """RB029: `when` parses, uses only what the evaluator allows, reads earlier steps."""
+    for doc in ctx.runbooks:
+        for key in ("steps", "on_resolve"):
+            earlier: set[str] = set()
+            all_ids = {str(s.get("id", s.get("action"))) for s in doc.data.get(key, ())}
+            other_key = "on_resolve" if key == "steps" else "steps"
+            other_ids = {str(s.get("id", s.get("action"))) for s in doc.data.get(other_key, ())}
+            for i, step in enumerate(doc.data.get(key, ())):
+                when = step.get("when")
+                if isinstance(when, str):
+                    yield from _check_condition(
+                        doc, (key, i, "when"), when, earlier, all_ids, other_ids, other_key
+                    )
+                step_id = str(step.get("id", step.get("action")))
+                earlier.add(step_id)
+                if isinstance(step.get("on_failure"), dict):
+                    earlier.add(f"{step_id}:rollback")
+
+
+def _check_condition(
+    doc: SourceDoc,
+    path: JsonPath,
+    when: str,
+    earlier: set[str],
+    same_list: set[str],
+    other_list: set[str],
+    other_key: str,
+) -> Iterator[Diagnostic]:
+    try:
+        tree = parse_condition(when)
+    except (ConditionError, ValueError, RecursionError, MemoryError) as exc:
+        yield doc.diagnostic(
+            "RB029",
+            "invalid-when",
+            f"condition {when!r} is refused: {exc}",
+            "write a comparison over incident, steps and params, e.g. "
+            "\"steps['check'].status == 'success'\" or \"incident.urgency == 'high'\"",
+            path,
+        )
+        return
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute | ast.Subscript):
+            continue
+        if not (isinstance(node.value, ast.Name)):
+            continue
+        key = node.attr if isinstance(node, ast.Attribute) else _constant_key(node)
+        if key is None:
+            continue
+        if node.value.id == "incident" and key not in INCIDENT_FIELDS:
+            yield doc.diagnostic(
+                "RB029",
+                "invalid-when",
+                f"condition {when!r} reads incident.{key}, which the incident does not have "
+                "(it would never be true)",
+                _suggest(
+                    key,
+                    INCIDENT_FIELDS,
+                    f"use one of: {', '.join(INCIDENT_FIELDS)}",
+                    prefix="incident.",
+                ),
+                path,
+            )
+        elif node.value.id == "steps" and key not in earlier:
+            if key in same_list:
+                why = "it runs later in this runbook, so it has no result yet"
+            elif key in other_list:
+                where = "in on_resolve" if other_key == "on_resolve" else "in steps"
+                why = f"it is {where}, which runs separately"
+            else:
+                why = "there is no such step before it"
+            yield doc.diagnostic(
+                "RB029",
+                "invalid-when",
+                f"condition {when!r} reads steps[{key!r}]: {why}",
+                _suggest(key, sorted(earlier), "refer to a step listed before this one"),
+                path,
+            )
+
+
+def _constant_key(node: ast.Subscript) -> str | None:
+    if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+        return node.slice.value
+    return None
+
+
+# --- matching --------------------------------------------------------------------------
+
+
+@rule
+def ambiguous_matches(ctx: Context) -> Iterator[Diagnostic]:
+    """RB030: for a service and priority, something must tell two runbooks apart."""
+    seen: dict[tuple[str, int, str | None], SourceDoc] = {}
+    reported: set[tuple[int, int]] = set()
+    for doc in ctx.runbooks:
+        match = doc.data["match"]
+        priority = int(match.get("priority", 0))
+        symptoms: list[str] = match.get("symptoms") or []
+        services: dict[str, int] = {}
+        for i, service in enumerate(match["services"]):
+            services.setdefault(service.casefold(), i)
+        for service, service_index in services.items():
+            keyed: list[tuple[str | None, JsonPath]] = (
+                [(s.casefold(), ("match", "symptoms", j)) for j, s in enumerate(symptoms)]
+                if symptoms
+                else [(None, ("match", "services", service_index))]
+            )
+            for symptom, path in keyed:
+                key = (service, priority, symptom)
+                other = seen.setdefault(key, doc)
+                if other is doc or (id(other), id(doc)) in reported:
+                    continue
+                reported.add((id(other), id(doc)))
+                line, _ = other.where(("id",))
+                ids = sorted((doc.data["id"], other.data["id"]))
+                same = (
+                    f"the same symptom {symptoms[int(path[-1])]!r}"
+                    if symptom is not None
+                    else "no symptoms"
+                )
+                shown = match["services"][service_index]
+                yield doc.diagnostic(
+                    "RB030",
+                    "ambiguous-match",
+                    f"runbooks {doc.data['id']!r} and {other.data['id']!r} "
+                    f"({other.file}:{line}) both match service {shown!r} "
+                    f"at priority {priority} with {same}; {ids[0]!r} always wins by id order",
+                    "raise one's `match.priority`, or make their symptoms distinct",
+                    path,
+                    severity="warning",
+                )
+
+
+# --- catalog settings ------------------------------------------------------------------
+
+
+@rule
+def catalog_settings(ctx: Context) -> Iterator[Diagnostic]:
+    """RB031/RB032: exactly one `kind: catalog` document."""
+    docs = ctx.parsed.of_kind("catalog")
+    for doc in docs[1:]:
+        line, _ = docs[0].where(())
+        yield doc.diagnostic(
+            "RB031",
+            "multiple-settings",
+            f"a second catalog settings document (the first is at {docs[0].file}:{line})",
+            "merge them into one `kind: catalog` document",
+        )
+    if not docs and ctx.parsed.docs:
+        yield Diagnostic(
+            "RB032",
+            "missing-settings",
+            "warning",
+            "no catalog settings (`kind: catalog`): the environments dev, staging and prod "
+            "(production) are assumed",
+            "add a catalog.yaml with `kind: catalog` and `environments:`",
+            ctx.parsed.root,
+        )
+
+
+def _suggest(
+    value: str, known: list[str] | tuple[str, ...], fallback: str, *, prefix: str = ""
+) -> str:
     import difflib
 
     close = difflib.get_close_matches(value, list(known), n=1)
-    return f"did you mean {close[0]!r}?" if close else fallback
+    return f"did you mean {prefix}{close[0]}?" if close else fallback
