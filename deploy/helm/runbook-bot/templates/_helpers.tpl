@@ -1,0 +1,135 @@
+{{/*
+Names and labels shared by every template.
+*/}}
+
+{{- define "runbook-bot.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified name: "<release>-runbook-bot", or the release name alone when it already
+contains the chart name. Truncated to 63 characters (DNS label limit).
+*/}}
+{{- define "runbook-bot.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "runbook-bot.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "runbook-bot.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "runbook-bot.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "runbook-bot.labels" -}}
+helm.sh/chart: {{ include "runbook-bot.chart" . }}
+{{ include "runbook-bot.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "runbook-bot.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Where the bot reads its catalog (RUNBOOK_CATALOG), by catalog.source:
+  image      the catalog baked into the image
+  configMap  the ConfigMap's files, mounted flat
+  gitSync    the synced checkout; git-sync swaps the "current" link atomically
+*/}}
+{{- define "runbook-bot.catalogPath" -}}
+{{- if eq .Values.catalog.source "configMap" -}}
+/catalog
+{{- else if eq .Values.catalog.source "gitSync" -}}
+{{- printf "/git/current/%s" (.Values.catalog.gitSync.path | trimPrefix "/") | trimSuffix "/" }}
+{{- else -}}
+/app/runbooks
+{{- end }}
+{{- end }}
+
+{{- define "runbook-bot.catalogConfigMapName" -}}
+{{- .Values.catalog.configMap.name | default (printf "%s-catalog" (include "runbook-bot.fullname" .)) }}
+{{- end }}
+
+{{- define "runbook-bot.pvcName" -}}
+{{- .Values.persistence.existingClaim | default (printf "%s-data" (include "runbook-bot.fullname" .)) }}
+{{- end }}
+
+{{/*
+Refuse values that would deploy a bot that cannot start or cannot find its catalog.
+*/}}
+{{- define "runbook-bot.validate" -}}
+{{- $sources := list "image" "configMap" "gitSync" }}
+{{- if not (has .Values.catalog.source $sources) }}
+{{- fail (printf "catalog.source must be one of image, configMap, gitSync (got %q)" .Values.catalog.source) }}
+{{- end }}
+{{- if and (eq .Values.catalog.source "gitSync") (not .Values.catalog.gitSync.repo) }}
+{{- fail "catalog.source=gitSync needs catalog.gitSync.repo (the catalog's Git URL)" }}
+{{- end }}
+{{- if and (eq .Values.catalog.source "configMap") (not .Values.catalog.configMap.name) (not .Values.catalog.configMap.files) }}
+{{- fail "catalog.source=configMap needs catalog.configMap.name (an existing ConfigMap) or catalog.configMap.files" }}
+{{- end }}
+{{- if not .Values.secrets.existingSecret }}
+{{- fail "secrets.existingSecret must name the Secret holding the Slack and PagerDuty credentials (see deploy/README.md)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The git-sync container, as the one-time init container or the long-running sidecar.
+Called with (dict "ctx" $ "oneTime" bool). It runs as git-sync's own user (65533); the pod's
+fsGroup lets the bot read what it writes.
+*/}}
+{{- define "runbook-bot.gitSyncContainer" -}}
+{{- $gs := .ctx.Values.catalog.gitSync -}}
+image: {{ printf "%s:%s" $gs.image.repository $gs.image.tag | quote }}
+imagePullPolicy: {{ $gs.image.pullPolicy }}
+args:
+  - --repo={{ $gs.repo }}
+  - --ref={{ $gs.ref }}
+  - --root=/git
+  - --link=current
+  - --depth=1
+  {{- if .oneTime }}
+  - --one-time
+  {{- else }}
+  - --period={{ $gs.period }}
+  {{- end }}
+  {{- if $gs.sshKeySecret }}
+  - --ssh-key-file=/etc/git-secret/ssh
+  - --ssh-known-hosts-file=/etc/git-secret/known_hosts
+  {{- end }}
+env:
+  - name: HOME
+    value: /tmp
+{{- with $gs.credentialsSecret }}
+envFrom:
+  - secretRef:
+      name: {{ . }}
+{{- end }}
+resources:
+  {{- toYaml $gs.resources | nindent 2 }}
+securityContext:
+  {{- toYaml (merge (dict "runAsUser" 65533) .ctx.Values.securityContext) | nindent 2 }}
+volumeMounts:
+  - name: catalog
+    mountPath: /git
+  - name: git-tmp
+    mountPath: /tmp
+  {{- if $gs.sshKeySecret }}
+  - name: git-secret
+    mountPath: /etc/git-secret
+    readOnly: true
+  {{- end }}
+{{- end }}
