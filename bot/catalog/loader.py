@@ -87,7 +87,14 @@ def discover_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    # followlinks: Kubernetes mounts ConfigMaps through symlinks; `seen` stops loops.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(
             Path(dirpath, f)
@@ -232,7 +239,11 @@ def _schema_errors(doc: SourceDoc) -> list[Diagnostic]:
         if error.context:
             error = _closest(error)
         path: JsonPath = tuple(error.absolute_path)
-        if _is_step(path) and error.validator in ("required", "not"):
+        if (
+            _is_step(path)
+            and error.validator in ("required", "not")
+            and isinstance(error.instance, dict)
+        ):
             found.extend(_step_shape_errors(doc, error, path))
             continue
         key_names = _offending_keys(error)
@@ -263,8 +274,13 @@ def _closest(error: Any) -> Any:
     from jsonschema.exceptions import best_match
 
     context = error.context
-    if error.validator == "oneOf" and _is_step(tuple(error.absolute_path)):
-        branch = 0 if "action" in error.instance else 1
+    step = error.instance
+    if (
+        error.validator == "oneOf"
+        and _is_step(tuple(error.absolute_path))
+        and isinstance(step, dict)
+    ):
+        branch = 0 if "action" in step else 1
         chosen = [e for e in context if e.relative_schema_path[0] == branch]
         context = chosen or context
     return best_match(context)
