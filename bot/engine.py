@@ -1053,6 +1053,7 @@ class Engine:
         action_id: str = "",
     ) -> None:
         self.store.record_event(
+            ts=self.clock(),  # the engine's one clock: events line up with approvals
             incident_id=row["id"],
             service=row["service"],
             runbook_id=row["runbook_id"],

@@ -1,0 +1,276 @@
+"""Reports over the audit log, for `runbookctl report` and anyone with the SQLite file.
+
+Read-only: the database is opened with ``mode=ro`` (WAL lets it read while the bot
+writes), and a missing file is an error rather than a new empty database.
+
+  overrides   steps that needed a human (``requires_manual``), per action: the users'
+              dashboard query, as they wrote it
+  actions     outcomes of executed commands per action, with the success rate
+  approvals   approval requests per action: decisions and how long people took
+  events      recent audit rows, filtered by incident, action, status and time
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sqlite3
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bot.errors import ConfigError, StoreError
+
+# The dashboards' query, verbatim: if this ever fails, our users' dashboards do too.
+OVERRIDES_SQL = (
+    "select action, count(*) as overrides from automation_events "
+    "where status = 'requires_manual' group by action order by overrides desc;"
+)
+OUTCOMES = ("succeeded", "allowed_failure", "failed", "timed_out", "error")
+FORMATS = ("table", "json", "csv")
+
+
+@dataclass(frozen=True)
+class Report:
+    title: str
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open the state database read-only; a clear error when it is missing or foreign."""
+    db = Path(path)
+    if not db.is_file():
+        raise StoreError(
+            f"no database at {db}: pass --db or set RUNBOOK_DB to the bot's state file "
+            "(the bot creates it when it starts)"
+        )
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{db} is not a readable SQLite database: {exc}") from None
+    if "automation_events" not in tables:
+        conn.close()
+        raise StoreError(f"{db} is not a runbook-bot database (no automation_events table)")
+    return conn
+
+
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``24h``, ``7d``, ``30m`` (ago) or an ISO date/time (UTC unless it says) -> epoch."""
+    now = time.time() if now is None else now
+    found = _AGO.match(text.strip())
+    if found:
+        return now - float(found.group(1)) * _UNIT_SECONDS[found.group(2)]
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--since {text!r}: use a duration such as 24h, 7d, 30m or a date such as 2026-11-01"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _where(clauses: list[str], params: list[Any], column: str, value: Any, op: str = "=") -> None:
+    if value is not None:
+        clauses.append(f"{column} {op} ?")
+        params.append(value)
+
+
+def overrides(conn: sqlite3.Connection, since: float | None = None) -> Report:
+    if since is None:
+        rows = conn.execute(OVERRIDES_SQL).fetchall()
+    else:
+        rows = conn.execute(
+            "select action, count(*) as overrides from automation_events "
+            "where status = 'requires_manual' and ts >= ? group by action "
+            "order by overrides desc, action",
+            (since,),
+        ).fetchall()
+    return Report("Steps that needed a human, per action", ("action", "overrides"), rows)
+
+
+def actions(
+    conn: sqlite3.Connection, since: float | None = None, action: str | None = None
+) -> Report:
+    clauses = [f"status IN ({', '.join('?' for _ in OUTCOMES)})", "action IS NOT NULL"]
+    params: list[Any] = list(OUTCOMES)
+    _where(clauses, params, "ts", since, ">=")
+    _where(clauses, params, "action", action)
+    sums = ", ".join(f"sum(status = '{s}')" for s in OUTCOMES)
+    rows = conn.execute(
+        f"SELECT action, count(*), {sums} FROM automation_events "
+        f"WHERE {' AND '.join(clauses)} GROUP BY action ORDER BY count(*) DESC, action",
+        params,
+    ).fetchall()
+    out = []
+    for name, total, succeeded, allowed, failed, timed_out, errors in rows:
+        rate = round(100.0 * succeeded / total, 1) if total else 0.0
+        out.append((name, total, succeeded, allowed, failed, timed_out, errors, rate))
+    return Report(
+        "Outcomes of executed commands, per action",
+        (
+            "action",
+            "runs",
+            "succeeded",
+            "allowed_failure",
+            "failed",
+            "timed_out",
+            "error",
+            "success_rate_pct",
+        ),
+        out,
+    )
+
+
+def approvals(
+    conn: sqlite3.Connection, since: float | None = None, action: str | None = None
+) -> Report:
+    clauses: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    _where(clauses, params, "requested_at", since, ">=")
+    _where(clauses, params, "action", action)
+    grouped: dict[str, list[tuple[str, float | None]]] = {}
+    for name, status, requested, decided in conn.execute(
+        "SELECT action, status, requested_at, decided_at FROM approvals "
+        f"WHERE {' AND '.join(clauses)} ORDER BY action, id",
+        params,
+    ):
+        wait = decided - requested if decided is not None and requested is not None else None
+        grouped.setdefault(name, []).append((status, wait))
+    out = []
+    for name, items in sorted(grouped.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        # how long people took to decide; expiries are the deadline, not a decision
+        waits = [w for s, w in items if s in ("approved", "rejected") and w is not None]
+        counts = {s: sum(1 for st, _ in items if st == s) for s in _APPROVAL_STATUSES}
+        out.append(
+            (
+                name,
+                len(items),
+                *counts.values(),
+                _seconds(statistics.median(waits)) if waits else None,
+                _seconds(_percentile(waits, 0.9)) if waits else None,
+                _seconds(max(waits)) if waits else None,
+            )
+        )
+    return Report(
+        "Approval requests per action (wait: seconds from request to decision)",
+        ("action", "requests", *_APPROVAL_STATUSES, "wait_p50_s", "wait_p90_s", "wait_max_s"),
+        out,
+    )
+
+
+_APPROVAL_STATUSES = ("approved", "rejected", "expired", "cancelled", "pending")
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _seconds(value: float) -> float:
+    return round(value, 1)
+
+
+def events(
+    conn: sqlite3.Connection,
+    *,
+    incident: str | None = None,
+    action: str | None = None,
+    status: str | None = None,
+    since: float | None = None,
+    limit: int = 100,
+) -> Report:
+    clauses: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    _where(clauses, params, "incident_id", incident)
+    _where(clauses, params, "action", action)
+    _where(clauses, params, "status", status)
+    _where(clauses, params, "ts", since, ">=")
+    columns = (
+        "ts",
+        "incident_id",
+        "service",
+        "action",
+        "env",
+        "status",
+        "actor",
+        "detail",
+        "catalog_commit",
+    )
+    rows = conn.execute(
+        f"SELECT {', '.join(columns)} FROM automation_events WHERE {' AND '.join(clauses)} "
+        "ORDER BY ts DESC, id DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    shown = [(_iso(row[0]), *row[1:]) for row in rows]
+    return Report("Audit events, newest first", columns, shown)
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def render(report: Report, fmt: str = "table") -> str:
+    if fmt == "json":
+        return json.dumps(report.as_dicts(), indent=2, ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(report.columns)
+        writer.writerows(["" if v is None else v for v in row] for row in report.rows)
+        return buffer.getvalue()
+    if fmt != "table":
+        raise ConfigError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
+    return _table(report)
+
+
+def _cell(value: Any, width: int = 80) -> str:
+    text = "" if value is None else str(value)
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(report: Report) -> str:
+    if not report.rows:
+        return f"{report.title}: nothing recorded yet.\n"
+    cells = [[_cell(v) for v in row] for row in report.rows]
+    widths = [
+        max(len(header), *(len(row[i]) for row in cells)) for i, header in enumerate(report.columns)
+    ]
+    numeric = [
+        all(isinstance(row[i], int | float) or row[i] is None for row in report.rows)
+        for i in range(len(report.columns))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = [report.title, line(report.columns), line(["-" * w for w in widths])]
+    out.extend(line(row) for row in cells)
+    return "\n".join(out) + "\n"
