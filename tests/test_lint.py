@@ -1,0 +1,496 @@
+"""`runbookctl lint`: every rule on a broken catalog, the bundled catalog, the CLI.
+
+tests/lint_cases/ holds one small broken catalog per rule. The offending lines carry a
+comment ``# expect: RB0xx`` (several codes: ``# expect: RB034, RB027``); a diagnostic
+about the catalog directory itself is marked ``# expect-root: RB0xx`` anywhere. The test
+lints each case and requires exactly the marked diagnostics, so fixtures cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bot.catalog import parse_catalog, rules
+from bot.catalog.diagnostics import Diagnostic
+from bot.catalog.loader import schema
+from bot.catalog.yamlsource import MAX_FILE_BYTES
+from runbookctl.lint import format_github, lint
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = Path(__file__).resolve().parent / "lint_cases"
+BUNDLED = ROOT / "runbooks"
+MARKER = re.compile(r"#\s*expect(-root)?:\s*(RB\d{3}(?:\s*,\s*RB\d{3})*)")
+
+Expected = set[tuple[str, int, str]]
+
+
+def expected_diagnostics(case: Path) -> Expected:
+    expected: Expected = set()
+    for file in sorted(case.rglob("*.y*ml")):
+        for number, line in enumerate(file.read_text("utf-8").splitlines(), start=1):
+            found = MARKER.search(line)
+            if not found:
+                continue
+            for code in re.split(r"\s*,\s*", found.group(2)):
+                if found.group(1):
+                    expected.add((str(case.resolve()), 1, code))
+                else:
+                    expected.add((str(file.resolve()), number, code))
+    return expected
+
+
+def reported(diagnostics: list[Diagnostic]) -> Expected:
+    return {(str(Path(d.file).resolve()), d.line, d.code) for d in diagnostics}
+
+
+def case_dirs() -> list[Path]:
+    return sorted(p for p in CASES.iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("case", case_dirs(), ids=lambda p: p.name)
+def test_each_rule_is_reported_on_the_marked_line(case: Path) -> None:
+    expected = expected_diagnostics(case)
+    assert expected, f"{case.name} has no `# expect:` marker"
+    assert case.name.startswith(tuple(f"{code.lower()}-" for _, _, code in expected))
+    diagnostics = parse_catalog(case).diagnostics
+    assert reported(diagnostics) == expected, "\n".join(d.format() for d in diagnostics)
+    for d in diagnostics:
+        assert d.message and d.fix and d.rule
+        assert d.path.startswith("$")
+
+
+def documented_codes() -> set[str]:
+    return set(re.findall(r"^\s+(RB\d{3}) [EW/]+ ", rules.__doc__ or "", re.MULTILINE))
+
+
+def test_every_documented_code_has_a_case_or_a_test() -> None:
+    covered = {name.split("-")[0].upper() for name in os.listdir(CASES)}
+    covered |= {"RB004", "RB009"}  # generated below: a 1 MiB file, a missing path
+    assert documented_codes() - covered == set()
+    assert {"RB020", "RB023", "RB028", "RB034"} <= documented_codes()
+
+
+def test_file_over_the_size_limit(tmp_path: Path) -> None:
+    (tmp_path / "catalog.yaml").write_text("kind: catalog\nenvironments: [{name: dev}]\n")
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (MAX_FILE_BYTES // 10 + 1))
+    diagnostics = parse_catalog(tmp_path).diagnostics
+    assert [(Path(d.file).name, d.line, d.code) for d in diagnostics] == [("big.yaml", 1, "RB004")]
+
+
+def test_file_that_is_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "catalog.yaml").write_text("kind: catalog\nenvironments: [{name: dev}]\n")
+    (tmp_path / "latin1.yaml").write_bytes(b"id: caf\xe9\ncommand: x\n")
+    diagnostics = parse_catalog(tmp_path).diagnostics
+    assert [(d.code, d.line) for d in diagnostics] == [("RB001", 1)]
+
+
+def test_missing_catalog_path(tmp_path: Path) -> None:
+    diagnostics = parse_catalog(tmp_path / "nowhere").diagnostics
+    assert [d.code for d in diagnostics] == ["RB009"]
+
+
+# --- destructive commands: the heuristic on its own ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "rm -rf /var/cache/app",
+        "rm -fr /tmp/x",
+        "rm -r -f /tmp/x",
+        "/bin/rm --recursive --force /tmp/x",
+        "sudo rm -Rf /tmp/x",
+        ["rm", "-rf", "/tmp/x"],
+        "redis-cli FLUSHALL",
+        "redis-cli -n 2 flushdb",
+        ["psql", "-c", "drop database orders"],
+        "mysql -e 'DROP SCHEMA app'",
+        "psql -c 'TRUNCATE TABLE sessions'",
+        "psql -c 'DELETE FROM sessions'",
+        "kubectl -n web delete deployment api",
+        "kubectl drain node-1 --ignore-daemonsets",
+        "terraform destroy -auto-approve",
+        "terraform apply -destroy",
+        "helm uninstall api",
+        "helm delete api",
+        "mkfs.ext4 /dev/sdb1",
+        "dd if=/dev/zero of=/dev/sda bs=1M",
+        "shutdown -h now",
+        "systemctl reboot",
+        "halt",
+        "bash -c 'cd / && rm -rf tmp/x'",
+        "sh -ec 'echo start; rm -rf /tmp/x'",
+        "echo a && reboot",
+    ],
+)
+def test_destructive_commands_are_recognised(command: str | list[str]) -> None:
+    assert rules.destructive_operation(command)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "rm /tmp/lockfile",
+        "rm -f /tmp/lockfile",
+        "docker run --rm alpine true",
+        "kubectl get pods",
+        "kubectl rollout restart deployment/api",
+        "helm list",
+        "terraform plan",
+        "psql -c 'DELETE FROM sessions WHERE expires < now()'",
+        "redis-cli INFO memory",
+        "df -h /",
+        "dd if=/dev/sda of=/backup/disk.img",
+        "iptables -A INPUT -s 10.0.0.1 -j DROP",
+        ["journalctl", "--vacuum-size=500M"],
+    ],
+)
+def test_harmless_commands_are_not_flagged(command: str | list[str]) -> None:
+    assert rules.destructive_operation(command) is None
+
+
+# --- the bundled catalog ---------------------------------------------------------------
+
+
+def test_bundled_catalog_is_clean() -> None:
+    parsed = parse_catalog(BUNDLED)
+    assert parsed.diagnostics == []
+    assert parsed.files == len(list(BUNDLED.rglob("*.yaml")))
+
+
+@pytest.mark.parametrize(
+    "path", sorted(BUNDLED.rglob("*.yaml")), ids=lambda p: str(p.relative_to(BUNDLED))
+)
+def test_bundled_file_is_valid_against_the_published_schema(path: Path) -> None:
+    """What an editor (yaml-language-server) or check-jsonschema sees: the top-level oneOf."""
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema())
+    data = yaml.safe_load(path.read_text("utf-8"))
+    assert list(validator.iter_errors(data)) == []
+
+
+def test_bundled_catalog_passes_strict_lint() -> None:
+    result = CliRunner().invoke(lint, ["--strict", str(BUNDLED)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("0 errors, 0 warnings in 17 files")
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def test_exit_codes() -> None:
+    runner = CliRunner()
+    assert runner.invoke(lint, [str(BUNDLED)]).exit_code == 0
+    assert runner.invoke(lint, [str(CASES / "rb021-unknown-action")]).exit_code == 1
+    warnings_only = str(CASES / "rb024-missing-expect")
+    assert runner.invoke(lint, [warnings_only]).exit_code == 0
+    assert runner.invoke(lint, ["--no-strict", warnings_only]).exit_code == 0
+    assert runner.invoke(lint, ["--strict", warnings_only]).exit_code == 1
+    assert runner.invoke(lint, [str(CASES / "does-not-exist")]).exit_code == 2
+    assert runner.invoke(lint, ["--format", "xml", str(BUNDLED)]).exit_code == 2
+
+
+def test_default_path_comes_from_runbook_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBOOK_CATALOG", str(CASES / "rb021-unknown-action"))
+    result = CliRunner().invoke(lint, [])
+    assert result.exit_code == 1
+    assert "RB021" in result.output
+
+
+def test_default_path_missing_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("RUNBOOK_CATALOG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(lint, [])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_text_format() -> None:
+    case = CASES / "rb021-unknown-action"
+    result = CliRunner().invoke(lint, [str(case)])
+    lines = result.output.splitlines()
+    assert re.fullmatch(
+        r".*runbook\.yaml:6:13: error RB021 \[unknown-action\] unknown action "
+        r"'restart-ngnix' \(\$\.steps\[0\]\.action\)",
+        lines[0],
+    )
+    assert lines[1].startswith("    fix: ")
+    assert lines[-1] == "1 error, 0 warnings in 2 files"
+
+
+def test_json_format() -> None:
+    case = CASES / "rb027-shell"
+    result = CliRunner().invoke(lint, ["--format", "json", str(case)])
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert (report["errors"], report["warnings"], report["files"]) == (1, 1, 2)
+    assert [d["code"] for d in report["diagnostics"]] == ["RB027", "RB027"]
+    first = report["diagnostics"][0]
+    assert set(first) == {
+        "file",
+        "line",
+        "col",
+        "code",
+        "rule",
+        "severity",
+        "message",
+        "fix",
+        "path",
+    }
+    assert (first["line"], first["severity"], first["path"]) == (8, "warning", "$.steps[0].shell")
+
+
+def test_github_format() -> None:
+    case = CASES / "rb027-shell"
+    result = CliRunner().invoke(lint, ["--format", "github", str(case)])
+    lines = result.output.splitlines()
+    pattern = r"::(error|warning) file=[^,]+,line=(\d+),col=(\d+),title=(RB\d{3}) ([a-z-]+)::.+"
+    annotations = [re.fullmatch(pattern, line) for line in lines[:-1]]
+    assert all(annotations), lines
+    assert [(m.group(1), m.group(2), m.group(4)) for m in annotations if m] == [
+        ("warning", "8", "RB027"),
+        ("error", "12", "RB027"),
+    ]
+    assert ". Fix: " in lines[0]
+
+
+def test_github_format_escapes_workflow_command_syntax() -> None:
+    diagnostic = Diagnostic(
+        code="RB023",
+        rule="invalid-regex",
+        severity="error",
+        message="100% wrong:\nsecond line\r",
+        fix="a, b: c",
+        file="odd,name:x.yaml",
+        line=3,
+        col=4,
+        path="$.expect[0]",
+    )
+    (line,) = format_github([diagnostic])
+    assert line == (
+        "::error file=odd%2Cname%3Ax.yaml,line=3,col=4,title=RB023 invalid-regex::"
+        "100%25 wrong:%0Asecond line%0D ($.expect[0]). Fix: a, b: c"
+    )
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RUNBOOK_CATALOG"}
+    return subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.slow
+def test_entry_points_in_real_subprocesses() -> None:
+    module = _run(sys.executable, "-m", "runbookctl", "lint", "--strict", "runbooks")
+    assert module.returncode == 0, module.stdout + module.stderr
+    assert module.stdout.strip() == "0 errors, 0 warnings in 17 files"
+    broken = _run(sys.executable, "-m", "runbookctl", "lint", str(CASES / "rb029-invalid-when"))
+    assert broken.returncode == 1
+    assert broken.stdout.count("RB029") == 4
+    usage = _run(sys.executable, "-m", "runbookctl", "lint", "no/such/dir")
+    assert usage.returncode == 2
+    script = Path(sys.executable).with_name("runbookctl")
+    if script.exists():  # the console script, when the package is installed
+        assert _run(str(script), "lint", "runbooks").returncode == 0
+
+
+FORBIDDEN = ("slack_bolt", "slack_sdk", "pagerduty", "prometheus_client", "httpx")
+
+
+@pytest.mark.slow
+def test_lint_does_not_import_chat_pagerduty_http_or_metrics_code() -> None:
+    probe = (
+        "import json, sys\n"
+        "from runbookctl.cli import cli\n"
+        "try:\n"
+        "    cli.main(args=['lint', 'runbooks'], prog_name='runbookctl')\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    result = _run(sys.executable, "-c", probe)
+    assert result.returncode == 0, result.stderr
+    modules = json.loads(result.stdout.splitlines()[-1])
+    assert "bot.catalog.rules" in modules
+    assert [m for m in modules if m.split(".")[0] in FORBIDDEN] == []
+
+
+# --- the linter never crashes ----------------------------------------------------------
+
+SETTINGS = (
+    "kind: catalog\nenvironments: [{name: dev}, {name: staging}, {name: prod, production: true}]\n"
+)
+
+
+def lint_texts(texts: dict[str, str]) -> list[Diagnostic]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "catalog.yaml").write_text(SETTINGS, "utf-8")
+        for name, text in texts.items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, "utf-8")
+        diagnostics = parse_catalog(root).diagnostics
+    for d in diagnostics:
+        assert re.fullmatch(r"RB\d{3}", d.code)
+        assert d.line >= 1 and d.col >= 1
+        assert d.severity in ("error", "warning")
+    return diagnostics
+
+
+YAML_BITS = st.sampled_from(
+    [
+        *"abc:-[]{}&*!|>'\"#,?%@`\\ \t\n0123456789",
+        "kind: ",
+        "id: ",
+        "command: ",
+        "steps:\n  - ",
+        "action: ",
+        "expect:\n  - pattern: ",
+        "match:\n  services: [",
+        "&x ",
+        "*x",
+        "<<: ",
+        "!!python/name:os.system",
+        "!!binary",
+        "---\n",
+        "{{ incident.title }}",
+        "\n  ",
+    ]
+)
+SLOW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SLOW
+@given(st.lists(YAML_BITS | st.text(max_size=5), max_size=60).map("".join))
+def test_random_yamlish_text_never_crashes(text: str) -> None:
+    lint_texts({"actions/random.yaml": text, "random.yml": text})
+
+
+KEYS = st.sampled_from(
+    [
+        "kind",
+        "id",
+        "command",
+        "steps",
+        "action",
+        "expect",
+        "pattern",
+        "safety",
+        "scopes",
+        "match",
+        "services",
+        "symptoms",
+        "when",
+        "params",
+        "env",
+        "shell",
+        "on_failure",
+        "environments",
+        "name",
+        "promotions",
+        "requires_approval",
+        "priority",
+    ]
+)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.sampled_from(["action", "runbook", "catalog", "prod", "dev", "x", "*"])
+)
+NESTED = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(KEYS | st.text(max_size=5), inner, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+
+@SLOW
+@given(NESTED)
+def test_random_nested_data_never_crashes(data: object) -> None:
+    lint_texts({"runbooks/random.yaml": yaml.safe_dump(data, allow_unicode=True)})
+
+
+# Documents that pass the schema, with random text where rules look: commands,
+# templates, patterns, conditions, scopes. This is where the semantic rules run.
+IDS = st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True)
+PIECES = [
+    *"abc ()[]{}|*+?.\\'\"-=;&$`#_",
+    *("{{ ", " }}", "incident.", "params.", "steps['", "rm -rf ", "DROP TABLE "),
+]
+TEXT = st.lists(st.sampled_from(PIECES), min_size=1, max_size=20).map("".join)
+COMMAND = TEXT | st.lists(TEXT, min_size=1, max_size=4)
+ACTION = st.fixed_dictionaries(
+    {"id": IDS, "command": COMMAND},
+    optional={
+        "shell": st.booleans(),
+        "expect": st.lists(st.fixed_dictionaries({"pattern": TEXT}), max_size=2),
+        "params": st.dictionaries(
+            st.sampled_from(["a", "b", "window"]), st.none() | TEXT, max_size=2
+        ),
+        "env": st.dictionaries(st.sampled_from(["A", "B"]), TEXT, max_size=2),
+        "safety": st.fixed_dictionaries(
+            {},
+            optional={
+                "requires_approval": st.booleans(),
+                "scopes": st.lists(st.sampled_from(["dev", "staging", "prod", "qa"]), unique=True),
+            },
+        ),
+    },
+)
+STEP = st.fixed_dictionaries(
+    {"action": IDS},
+    optional={
+        "id": IDS,
+        "when": TEXT,
+        "params": st.dictionaries(st.sampled_from(["a", "b"]), TEXT, max_size=2),
+        "on_failure": st.sampled_from(["stop", "continue"])
+        | st.fixed_dictionaries({"rollback": IDS}),
+    },
+) | ACTION.map(lambda a: {k: v for k, v in a.items() if k != "params"})
+RUNBOOK = st.fixed_dictionaries(
+    {
+        "kind": st.just("runbook"),
+        "id": IDS,
+        "match": st.fixed_dictionaries(
+            {
+                "services": st.lists(
+                    st.sampled_from(["web", "Web", "*", "db"]), min_size=1, max_size=2
+                )
+            },
+            optional={"symptoms": st.lists(TEXT, max_size=2), "priority": st.integers(-2, 2)},
+        ),
+        "steps": st.lists(STEP, min_size=1, max_size=4),
+    },
+    optional={"on_resolve": st.lists(STEP, max_size=2)},
+)
+
+
+@SLOW
+@given(st.lists(ACTION, max_size=3), st.lists(RUNBOOK, min_size=1, max_size=3))
+def test_schema_shaped_documents_never_crash(actions: list[object], runbooks: list[object]) -> None:
+    texts = {f"actions/a{i}.yaml": yaml.safe_dump(a) for i, a in enumerate(actions)}
+    texts["runbooks/all.yaml"] = yaml.safe_dump_all(runbooks)
+    lint_texts(texts)
