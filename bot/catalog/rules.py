@@ -843,4 +843,4 @@ def _suggest(
     import difflib
 
     close = difflib.get_close_matches(value, list(known), n=1)
-    return f"did you mean {prefix}{close[0]}?" if close else fallback
+    return f"did you mean {prefix + close[0]!r}?" if close else fallback
