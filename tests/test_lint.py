@@ -494,3 +494,30 @@ def test_schema_shaped_documents_never_crash(actions: list[object], runbooks: li
     texts = {f"actions/a{i}.yaml": yaml.safe_dump(a) for i, a in enumerate(actions)}
     texts["runbooks/all.yaml"] = yaml.safe_dump_all(runbooks)
     lint_texts(texts)
+
+
+# --- pre-commit and CI examples --------------------------------------------------------
+
+
+def test_pre_commit_hook_definition() -> None:
+    (hook,) = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text("utf-8"))
+    assert hook["id"] == "runbookctl-lint"
+    assert hook["entry"] == "runbookctl lint"
+    assert hook["language"] == "python"
+    assert hook["pass_filenames"] is False
+    assert all(re.search(hook["files"], name) for name in ("a.yaml", "runbooks/b.yml"))
+    assert not re.search(hook["files"], "README.md")
+
+
+def test_github_actions_example_lints_with_annotations() -> None:
+    workflow = yaml.safe_load((ROOT / "deploy/ci/github-actions-lint.yml").read_text("utf-8"))
+    steps = workflow["jobs"]["lint"]["steps"]
+    uses = [s.get("uses", "") for s in steps]
+    assert any(u.startswith("actions/checkout@") for u in uses)
+    setup = next(s for s in steps if s.get("uses", "").startswith("actions/setup-python@"))
+    assert setup["with"]["python-version"] == "3.11"
+    runs = [s["run"] for s in steps if "run" in s]
+    assert any("pip install" in r for r in runs)
+    assert runs[-1] == "runbookctl lint --format github runbooks"
+    # the command the example runs works on this repository's own catalog
+    assert CliRunner().invoke(lint, ["--format", "github", str(BUNDLED)]).exit_code == 0
