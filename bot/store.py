@@ -300,8 +300,14 @@ class Store:
         return int(row["value"]) if row else 0
 
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        # Straight to the connection: sqlite-utils' query() wraps every read in a
+        # savepoint (three statements instead of one), a third of a step's SQL time.
         with self._lock:
-            return list(self.db.query(sql, params))
+            cursor = self.db.conn.execute(sql, params)
+            if cursor.description is None:
+                return []
+            keys = [column[0] for column in cursor.description]
+            return [dict(zip(keys, row, strict=True)) for row in cursor.fetchall()]
 
     def query_one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
         rows = self.query(sql, params)
