@@ -497,6 +497,12 @@ class Engine:
         if status == "skipped":
             self._event(row, "skipped", step=step, detail=skip_reason)
         elif status == "error":
+            if decision.kind != "blocked" and not self.dry_run:
+                # A command that cannot be built is a failed attempt of the action: count
+                # it, or an action broken by missing alert details would stay invisible.
+                metrics.steps_executed.labels(
+                    metrics.service_label(row["service"]), action.id, "error"
+                ).inc()
             self._event(row, "error", step=step, detail=values["detail"])
         elif status == "blocked":
             metrics.steps_blocked.labels(
@@ -571,6 +577,10 @@ class Engine:
                 (STEP_PENDING, STEP_APPROVED),
                 {"status": final, "detail": check.reason},
             ):
+                if decision.blocked:  # e.g. a reloaded catalog took the scope away
+                    metrics.steps_blocked.labels(
+                        metrics.service_label(row["service"]), action.id, row["env"] or "none"
+                    ).inc()
                 self._event(row, final, step=step, detail=check.reason)
                 self._refresh_step(row, step_run["id"], step, steps)
             return

@@ -1,21 +1,36 @@
-"""Every Prometheus metric of runbook-bot, in one place.
+"""Every Prometheus metric of runbook-bot, in one place (documented in docs/metrics.md).
 
 Naming: prefix ``runbook_``, ``_total`` for counters, ``_seconds`` for durations.
-Labels stay low-cardinality: service, action, result, decision, env, source, outcome.
-Never an incident id, a user or a timestamp.
+Labels stay low-cardinality: service, action, result, decision, env, source, outcome,
+matched. Never an incident id, a user or a timestamp: those belong in the audit log
+(``automation_events``), which `runbookctl report` reads.
 
 The metrics live in their own registry (not the process-global default), so the bot
 serves exactly these and tests can read them back without interference from imports.
+``SPECS`` describes each metric as PromQL sees it; the tests check the Grafana dashboard,
+the alert rules and the docs against it, so none of them can name a metric that does not
+exist.
+
+prometheus-client's metric objects are thread-safe, so worker threads update them
+without a lock of ours.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+PREFIX = "runbook_"
+# Labels that would make a series per incident, person or moment: never use them.
+FORBIDDEN_LABELS = frozenset(
+    {"incident", "incident_id", "user", "user_id", "actor", "approver", "ts", "timestamp"}
+)
 
 # Commands run from 100 ms (a read-only query) to 10 minutes (a rollout).
 STEP_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -23,60 +38,123 @@ STEP_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 APPROVAL_WAIT_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
 STEP_RESULTS = ("success", "allowed_failure", "failed", "timeout", "error")
+APPROVAL_DECISIONS = ("approved", "rejected", "expired", "unauthorized")
+WEBHOOK_SOURCES = ("pagerduty", "slack")
+WEBHOOK_OUTCOMES = ("accepted", "duplicate", "rejected")
 
-steps_executed = Counter(
+Kind = Literal["counter", "histogram", "gauge", "info"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: the name it is declared with, and the series PromQL can select."""
+
+    name: str  # family name: counters without `_total`, info metrics without `_info`
+    kind: Kind
+    labels: tuple[str, ...]
+    help: str
+
+    @property
+    def series(self) -> tuple[str, ...]:
+        """Sample names in the exposition (not counting the `_created` timestamps)."""
+        if self.kind == "counter":
+            return (f"{self.name}_total",)
+        if self.kind == "histogram":
+            return (f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count")
+        if self.kind == "info":
+            return (f"{self.name}_info",)
+        return (self.name,)
+
+    @property
+    def series_labels(self) -> tuple[str, ...]:
+        """Labels a PromQL query may use on this metric's series."""
+        if self.kind == "histogram":
+            return (*self.labels, "le")
+        if self.kind == "info":
+            return ("version", "catalog_commit")
+        return self.labels
+
+
+SPECS: list[MetricSpec] = []
+
+
+def _spec(name: str, kind: Kind, labels: tuple[str, ...], help_text: str) -> str:
+    SPECS.append(MetricSpec(name, kind, labels, help_text))
+    return name
+
+
+def _counter(name: str, help_text: str, labels: tuple[str, ...]) -> Counter:
+    return Counter(_spec(name, "counter", labels, help_text), help_text, labels, registry=REGISTRY)
+
+
+def _histogram(
+    name: str, help_text: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+) -> Histogram:
+    return Histogram(
+        _spec(name, "histogram", labels, help_text),
+        help_text,
+        labels,
+        buckets=buckets,
+        registry=REGISTRY,
+    )
+
+
+def _gauge(name: str, help_text: str) -> Gauge:
+    return Gauge(_spec(name, "gauge", (), help_text), help_text, registry=REGISTRY)
+
+
+def _info(name: str, help_text: str) -> Info:
+    return Info(_spec(name, "info", (), help_text), help_text, registry=REGISTRY)
+
+
+steps_executed = _counter(
     "runbook_steps_executed",
-    "Steps whose command ran, automatic or approved, by result.",
-    ["service", "action", "result"],
-    registry=REGISTRY,
+    "Steps whose command was run (or failed to start), automatic or approved, by result: "
+    "success, allowed_failure, failed, timeout, error.",
+    ("service", "action", "result"),
 )
-step_duration = Histogram(
+step_duration = _histogram(
     "runbook_step_duration_seconds",
-    "Wall time of step commands.",
-    ["action"],
-    buckets=STEP_DURATION_BUCKETS,
-    registry=REGISTRY,
+    "Wall time of step commands, from start to exit or kill.",
+    ("action",),
+    STEP_DURATION_BUCKETS,
 )
-approvals = Counter(
+approvals = _counter(
     "runbook_approvals",
-    "Approval decisions on guarded steps (approved, rejected, expired, unauthorized).",
-    ["action", "decision"],
-    registry=REGISTRY,
+    "Decisions on approval requests of guarded steps: approved, rejected, expired, "
+    "unauthorized (a reaction from someone who may not approve; ignored).",
+    ("action", "decision"),
 )
-approval_wait = Histogram(
+approval_wait = _histogram(
     "runbook_approval_wait_seconds",
-    "Time from an approval request to its decision.",
-    ["action", "decision"],
-    buckets=APPROVAL_WAIT_BUCKETS,
-    registry=REGISTRY,
+    "Time from an approval request to its decision (approved, rejected, expired).",
+    ("action", "decision"),
+    APPROVAL_WAIT_BUCKETS,
 )
-steps_blocked = Counter(
+steps_blocked = _counter(
     "runbook_steps_blocked",
-    "Steps not offered because the incident's environment is outside the action's scopes.",
-    ["service", "action", "env"],
-    registry=REGISTRY,
+    "Steps not offered because the incident's environment is outside the action's "
+    "scopes (or the scope lacks a promotion record).",
+    ("service", "action", "env"),
 )
-incidents = Counter(
+incidents = _counter(
     "runbook_incidents",
-    "Incidents received, by whether a runbook matched.",
-    ["service", "matched"],
-    registry=REGISTRY,
+    "Incidents received, by whether a runbook matched (matched: yes or no).",
+    ("service", "matched"),
 )
-webhook_deliveries = Counter(
+webhook_deliveries = _counter(
     "runbook_webhook_deliveries",
-    "Inbound webhook deliveries by source and outcome (accepted, duplicate, rejected).",
-    ["source", "outcome"],
-    registry=REGISTRY,
+    "Inbound webhook deliveries by source (pagerduty, slack) and outcome: accepted, "
+    "duplicate (already seen, acknowledged and dropped), rejected (bad signature or body).",
+    ("source", "outcome"),
 )
-pending_approvals = Gauge(
+pending_approvals = _gauge(
     "runbook_pending_approvals",
-    "Approval requests waiting for a human right now.",
-    registry=REGISTRY,
+    "Approval requests waiting for a human right now (read from the database at scrape time).",
 )
-bot_info = Info(
+bot_info = _info(
     "runbook_bot",
-    "Version of the bot and of the catalog it runs.",
-    registry=REGISTRY,
+    "Version of the bot and the catalog commit it runs (labels version, catalog_commit).",
 )
 
 
@@ -92,6 +170,11 @@ def track_pending_approvals(count: Callable[[], float]) -> None:
 
 def set_info(version: str, catalog_commit: str) -> None:
     bot_info.info({"version": version, "catalog_commit": catalog_commit})
+
+
+def spec(name: str) -> MetricSpec | None:
+    """The metric a series name (``runbook_steps_executed_total``, ``…_bucket``) belongs to."""
+    return next((s for s in SPECS if name == s.name or name in s.series), None)
 
 
 def exposition() -> bytes:
