@@ -521,3 +521,44 @@ def test_github_actions_example_lints_with_annotations() -> None:
     assert runs[-1] == "runbookctl lint --format github runbooks"
     # the command the example runs works on this repository's own catalog
     assert CliRunner().invoke(lint, ["--format", "github", str(BUNDLED)]).exit_code == 0
+
+
+# --- the loader's fast schema check agrees with the full schema ------------------------
+
+
+def full_is_valid(kind: str, data: object) -> bool:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator({"$ref": f"#/$defs/{kind}", "$defs": schema()["$defs"]}).is_valid(
+        data
+    )
+
+
+def tweak(doc: dict[str, object], key: str, value: object, where: int) -> dict[str, object]:
+    """`doc` with one key set, at the top or in one of its steps."""
+    steps = doc.get("steps")
+    if isinstance(steps, list) and steps and where:
+        steps = [dict(s) for s in steps]
+        steps[where % len(steps)][key] = value
+        return {**doc, "steps": steps}
+    return {**doc, key: value}
+
+
+@SLOW
+@given(
+    st.sampled_from(["action", "runbook"]),
+    ACTION | RUNBOOK,
+    KEYS | st.sampled_from(["name", "timeout", "secrets", "description", "bogus"]),
+    NESTED,
+    st.integers(0, 4),
+    st.booleans(),
+)
+def test_fast_schema_check_agrees_with_the_full_schema(
+    kind: str, doc: dict[str, object], key: str, value: object, where: int, change: bool
+) -> None:
+    from bot.catalog.loader import quick_is_valid
+
+    data = tweak(doc, key, value, where) if change else doc
+    seen: dict[str, bool] = {}
+    assert quick_is_valid(kind, data, seen) == full_is_valid(kind, data)
+    assert quick_is_valid(kind, data, seen) == full_is_valid(kind, data)  # cached steps
