@@ -562,3 +562,25 @@ def test_fast_schema_check_agrees_with_the_full_schema(
     seen: dict[str, bool] = {}
     assert quick_is_valid(kind, data, seen) == full_is_valid(kind, data)
     assert quick_is_valid(kind, data, seen) == full_is_valid(kind, data)  # cached steps
+
+
+def test_benchmark_catalog_is_valid_and_lint_clean(tmp_path: Path) -> None:
+    """bench/bench_lint.py compares like with like only if its catalog passes both."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_catalog", ROOT / "bench/gen_catalog.py")
+    assert spec is not None and spec.loader is not None
+    gen_catalog = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_catalog)
+    files = gen_catalog.generate(tmp_path, runbooks=30, steps=300, actions=12)
+    parsed = parse_catalog(tmp_path)
+    assert (parsed.files, parsed.diagnostics) == (files, [])
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema())
+    for path in tmp_path.rglob("*.yaml"):
+        assert validator.is_valid(yaml.safe_load(path.read_text("utf-8"))), path
+    again = tmp_path / "again"
+    gen_catalog.generate(again, runbooks=30, steps=300, actions=12)
+    first = tmp_path / "runbooks/runbook-00007.yaml"
+    assert (again / "runbooks/runbook-00007.yaml").read_text() == first.read_text()
