@@ -225,7 +225,9 @@ class _Converter:
             self.doc.key_marks[child] = mark
             result[key] = self.convert(value_node, child, active)
         for value_node, merge_path in merges:
-            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            sources = (
+                value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            )
             for source in sources:
                 merged = self.convert(source, merge_path, active)
                 if not isinstance(merged, dict):
@@ -241,7 +243,9 @@ class _Converter:
         return result
 
 
-def read_documents(path: Path, display: str | None = None) -> tuple[list[SourceDoc], list[Diagnostic]]:
+def read_documents(
+    path: Path, display: str | None = None
+) -> tuple[list[SourceDoc], list[Diagnostic]]:
     """Parse one YAML file into documents with positions, plus any diagnostics."""
     name = display or str(path)
     diagnostics: list[Diagnostic] = []
