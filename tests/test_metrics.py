@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from waitress.server import create_server
 
 from bot import __version__, metrics
 from bot.config import Config, Secret
 from bot.engine import Incident
 from bot.pagerduty import sign
-from bot.server import BotApp, make_server
+from bot.server import BotApp
 
 REPO = Path(__file__).resolve().parent.parent
 APPROVER = "U0APPROVER"
@@ -188,7 +189,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
             pagerduty_webhook_secret=Secret(WEBHOOK_SECRET),
         )
     )
-    server = make_server(app, host="127.0.0.1", port=0)  # the bot's own server, any free port
+    server = create_server(app.wsgi, host="127.0.0.1", port=0, threads=4)
     thread = threading.Thread(target=server.run, name="test-waitress", daemon=True)
     thread.start()
     try:
