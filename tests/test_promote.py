@@ -1,0 +1,618 @@
+"""`runbookctl promote`, on a real temporary Git repository and a real audit database.
+
+The evidence comes from the audit log the bot writes (`Store.record_event`, or real runs
+through the engine); the edit is checked line by line against the original file; the
+promoted catalog goes through `runbookctl lint` and a reloaded engine.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from bot.catalog import load_catalog, parse_catalog
+from bot.chat.base import NullChat
+from bot.engine import Engine, Incident
+from bot.promotion import edit_action_document, git_identity
+from bot.store import Store
+from runbookctl.cli import cli
+
+REPO = Path(__file__).resolve().parent.parent
+PROMOTER = "promoter@example.com"
+EVIDENCE = "https://wiki.example.com/sre/promotions/restart-app"
+PY = sys.executable
+
+CATALOG = """\
+# yaml-language-server: $schema=../bot/catalog/schema.json
+kind: catalog
+environments:
+  - name: dev
+  - name: staging
+  - name: prod
+    production: true   # needs a promotion record
+approvers:
+  users: [U0APPROVER]
+promotion:
+  min_successful_runs: 3
+  window: 48h
+"""
+
+# A file written by hand, with comments everywhere a person puts them.
+RESTART = """\
+# yaml-language-server: $schema=../../bot/catalog/schema.json
+# Restart the app: safe, but it drops in-flight requests.
+id: restart-app
+description: >
+  Rolling restart of the app's pods.
+command:
+  - kubectl
+  - rollout
+  - restart
+  - deployment/app      # the only deployment we restart
+timeout: 60s            # a rollout takes ~40 s
+expect:
+  - pattern: "restarted"
+safety:
+  # reviewed by the SRE leads on 2026-10-01
+  requires_approval: true
+  scopes:
+    - dev
+    - staging   # where it has been tried
+  approval_timeout: 15m
+# trailing comment of the document
+"""
+
+# Several documents in one file; the one in the middle has no safety block at all.
+MULTI = """\
+# Read-only checks, one document each.
+---
+# first check
+id: check-disk
+command: "df -h /"
+expect:
+  - pattern: '\\d+%'
+safety: {requires_approval: false, scopes: [dev, staging]}
+---
+# second check: no safety block, so it runs in no production environment
+id: check-load
+command: ["uptime"]
+expect:
+- pattern: "load average"   # a different list indent than the others
+# end of check-load
+
+---
+id: check-memory
+command: "free -m"
+expect:
+  - pattern: "Mem:"
+...
+"""
+
+AUTO_CHECK = f"""\
+id: auto-check
+description: Prints OK. Safe for automation.
+command: ["{PY}", "-c", "print('OK')"]
+expect:
+  - pattern: "^OK$"
+safety:
+  requires_approval: false
+  scopes: [dev, staging]
+"""
+
+RUNBOOK = """\
+kind: runbook
+id: checkout-broken
+match:
+  services: [checkout]
+steps:
+  - action: auto-check
+  - id: inline-fix
+    command: "true"
+    expect: [{pattern: "^$"}]
+    safety: {requires_approval: true, scopes: [staging]}
+"""
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@dataclass
+class Repo:
+    root: Path
+    catalog: Path
+    db: Path
+
+    def file(self, name: str) -> Path:
+        return self.catalog / "actions" / name
+
+    def record_runs(
+        self,
+        action: str,
+        count: int,
+        *,
+        env: str = "staging",
+        status: str = "succeeded",
+        age: float = 3600.0,
+    ) -> None:
+        """Rows the engine writes when a step's command succeeds (or not)."""
+        store = Store(self.db)
+        try:
+            for _ in range(count):
+                store.record_event(
+                    ts=time.time() - age,
+                    incident_id=f"T-{uuid.uuid4().hex[:8]}",
+                    service="checkout",
+                    runbook_id="checkout-broken",
+                    step_id=action,
+                    action=action,
+                    env=env,
+                    status=status,
+                    catalog_commit="test",
+                )
+        finally:
+            store.close()
+
+    def promote(self, *args: str) -> Result:
+        return CliRunner().invoke(
+            cli,
+            ["promote", "--catalog", str(self.catalog), "--db", str(self.db), *args],
+            catch_exceptions=False,
+        )
+
+    def promote_restart(self, *args: str) -> Result:
+        return self.promote(
+            "--action", "restart-app", "--env", "prod", "--evidence-url", EVIDENCE, *args
+        )
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repo]:
+    root = tmp_path / "catalog-repo"
+    catalog = root / "runbooks"
+    (catalog / "actions").mkdir(parents=True)
+    (catalog / "runbooks").mkdir()
+    (catalog / "catalog.yaml").write_text(CATALOG)
+    (catalog / "actions" / "restart-app.yaml").write_text(RESTART)
+    (catalog / "actions" / "checks.yaml").write_text(MULTI)
+    (catalog / "actions" / "auto-check.yaml").write_text(AUTO_CHECK)
+    (catalog / "runbooks" / "checkout.yaml").write_text(RUNBOOK)
+    git(root, "init", "--quiet", "--initial-branch=main")
+    git(root, "config", "user.email", PROMOTER)
+    git(root, "config", "user.name", "Pat Promoter")
+    git(root, "config", "commit.gpgsign", "false")
+    git(root, "add", ".")
+    git(root, "commit", "--quiet", "-m", "catalog")
+    yield Repo(root, catalog, tmp_path / "audit.db")
+
+
+def lint(catalog: Path) -> Result:
+    return CliRunner().invoke(cli, ["lint", str(catalog)], catch_exceptions=False)
+
+
+def promotions_of(path: Path, action: str) -> list[dict[str, object]]:
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("id") == action:
+            return list(doc["safety"]["promotions"])
+    raise AssertionError(f"no {action} in {path}")
+
+
+def assert_only_block_changed(before: str, after: str, first: str, last: str | None) -> None:
+    """Lines before `first` and from `last` on are byte-identical; inside, every original
+    line is still there, in order (the edit only adds)."""
+    old, new = before.splitlines(keepends=True), after.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(old) if line.startswith(first))
+    end = len(old) if last is None else next(i for i, line in enumerate(old) if line == last)
+    tail = len(old) - end
+    assert new[:start] == old[:start]
+    assert new[len(new) - tail :] == old[end:]
+    inside = iter(new[start : len(new) - tail])
+    assert all(line in inside for line in old[start:end]), "an original line was changed"
+
+
+# --- promotion with evidence ---------------------------------------------------------------
+
+
+def test_promote_writes_scope_and_record_and_keeps_the_file_byte_for_byte(repo: Repo) -> None:
+    repo.record_runs("restart-app", 3)
+    repo.record_runs("restart-app", 1, env="dev")
+    before = repo.file("restart-app.yaml").read_text()
+    head = git(repo.root, "rev-parse", "HEAD")
+
+    result = repo.promote_restart()
+
+    assert result.exit_code == 0, result.output
+    after = repo.file("restart-app.yaml").read_text()
+    assert_only_block_changed(before, after, "safety:", "# trailing comment of the document\n")
+    for comment in re.findall(r"#.*", before):
+        assert after.count(comment) == before.count(comment), comment
+    assert "    - staging   # where it has been tried\n    - prod\n" in after
+    (record,) = promotions_of(repo.file("restart-app.yaml"), "restart-app")
+    assert record["env"] == "prod"
+    assert record["evidence_url"] == EVIDENCE
+    assert record["by"] == PROMOTER
+    at = datetime.fromisoformat(str(record["at"]))
+    assert abs(at.timestamp() - time.time()) < 120 and at.tzinfo is not None
+    assert str(record["validated"]).startswith(
+        "4 successful runs in lower environments over the last 2 days (dev: 1, staging: 3;"
+    )
+    assert record["catalog_commit"] == head[:12]
+    assert "forced" not in record
+    # the diff is printed, with the evidence
+    assert "+    - prod\n" in result.output
+    assert "+  promotions:\n" in result.output
+    assert "4 successful runs" in result.output
+    # lint accepts the result, and the catalog loads with prod in scope
+    linted = lint(repo.catalog)
+    assert linted.exit_code == 0, linted.output
+    action = load_catalog(repo.catalog).actions["restart-app"]
+    assert action.safety.scopes == ("dev", "staging", "prod")
+    promotion = action.safety.promotion_for("prod")
+    assert promotion is not None and promotion.by == PROMOTER
+    # written for review, not committed
+    assert git(repo.root, "rev-parse", "HEAD") == head
+    assert git(repo.root, "status", "--porcelain") == "M runbooks/actions/restart-app.yaml"
+
+
+def test_a_production_scope_without_a_record_is_what_lint_rejects(repo: Repo) -> None:
+    path = repo.file("restart-app.yaml")
+    path.write_text(path.read_text().replace("    - staging", "    - staging\n    - prod"))
+    linted = lint(repo.catalog)
+    assert linted.exit_code == 1 and "RB025" in linted.output
+    # promote fixes exactly that: the scope stays, the record is added
+    repo.record_runs("restart-app", 3)
+    result = repo.promote_restart("--no-commit")
+    assert result.exit_code == 0, result.output
+    assert path.read_text().count("- prod") == 1
+    assert lint(repo.catalog).exit_code == 0
+
+
+def test_a_document_among_several_gets_a_new_safety_block(repo: Repo) -> None:
+    repo.record_runs("check-load", 3)
+    path = repo.file("checks.yaml")
+    before = path.read_text()
+    result = repo.promote("--action", "check-load", "--env", "prod", "--evidence-url", EVIDENCE)
+    assert result.exit_code == 0, result.output
+    after = path.read_text()
+    # a pure insertion after the document's last value, before its trailing comment
+    anchor = '- pattern: "load average"   # a different list indent than the others\n'
+    head, rest = before.split(anchor)
+    assert after.startswith(head + anchor) and after.endswith(rest)
+    inserted = after[len(head + anchor) : len(after) - len(rest)]
+    # in this document's own list style (dash at the key's column)
+    assert inserted.startswith(
+        "safety:\n  scopes: [dev, staging, prod]\n  promotions:\n  - env: prod\n"
+    )
+    assert all(line.startswith("  ") for line in inserted.splitlines()[1:])
+    # the other documents, `---`, `...` and comments between them are untouched
+    docs = list(yaml.safe_load_all(after))
+    assert [d["id"] for d in docs if d] == ["check-disk", "check-load", "check-memory"]
+    assert docs[1]["safety"]["scopes"] == ["dev", "staging", "prod"]  # materialized
+    assert "requires_approval" not in docs[1]["safety"]  # still the safe default
+    assert lint(repo.catalog).exit_code == 0
+
+
+def test_a_flow_style_safety_block_is_rewritten_in_block_style(repo: Repo) -> None:
+    repo.record_runs("check-disk", 3)
+    path = repo.file("checks.yaml")
+    before = path.read_text()
+    result = repo.promote("--action", "check-disk", "--env", "prod", "--evidence-url", EVIDENCE)
+    assert result.exit_code == 0, result.output
+    after = path.read_text()
+    start = before.index("safety: {")
+    end = before.index("---", start)
+    assert after[:start] == before[:start]
+    assert after.endswith(before[end:])
+    assert after[start:].startswith(
+        "safety:\n  requires_approval: false\n  scopes: [dev, staging, prod]\n  promotions:\n"
+    )
+    assert lint(repo.catalog).exit_code == 0
+
+
+def test_crlf_line_endings_are_kept(repo: Repo) -> None:
+    path = repo.file("restart-app.yaml")
+    path.write_bytes(RESTART.replace("\n", "\r\n").encode())
+    repo.record_runs("restart-app", 3)
+    assert repo.promote_restart().exit_code == 0
+    data = path.read_bytes()
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    assert b"    - prod\r\n" in data
+
+
+def test_dry_run_shows_the_change_and_the_evidence_and_writes_nothing(repo: Repo) -> None:
+    repo.record_runs("restart-app", 5)
+    before = repo.file("restart-app.yaml").read_text()
+    result = repo.promote_restart("--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "5 successful runs in lower environments over the last 2 days (staging: 5;" in (
+        result.output
+    )
+    assert "+    - prod" in result.output and f"+      evidence_url: {EVIDENCE}" in result.output
+    assert "Nothing written (dry run)." in result.output
+    assert repo.file("restart-app.yaml").read_text() == before
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+def test_dry_run_without_enough_evidence_shows_both_and_fails(repo: Repo) -> None:
+    repo.record_runs("restart-app", 1)
+    result = repo.promote_restart("--dry-run")
+    assert result.exit_code == 1
+    assert "+    - prod" in result.output
+    assert "(dry run) refusing to promote restart-app to prod: found 1 successful run" in (
+        result.output
+    )
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+def test_commit_makes_one_descriptive_commit_of_that_file_alone(repo: Repo) -> None:
+    repo.record_runs("restart-app", 3)
+    unrelated = repo.catalog / "runbooks" / "checkout.yaml"
+    unrelated.write_text(RUNBOOK + "# someone else's edit\n")
+    git(repo.root, "add", str(unrelated))  # staged, and not ours to commit
+
+    result = repo.promote_restart("--commit")
+
+    assert result.exit_code == 0, result.output
+    assert "Committed " in result.output and ": Promote restart-app to prod" in result.output
+    assert git(repo.root, "log", "-1", "--format=%s") == "Promote restart-app to prod"
+    body = git(repo.root, "log", "-1", "--format=%b")
+    assert f"Evidence: {EVIDENCE}" in body
+    assert "Validated: 3 successful runs in lower environments" in body
+    assert "Scopes of restart-app: dev, staging -> dev, staging, prod." in body
+    assert f"Promoted by: {PROMOTER}." in body
+    changed = git(repo.root, "show", "--name-only", "--format=", "HEAD")
+    assert changed == "runbooks/actions/restart-app.yaml"
+    assert git(repo.root, "status", "--porcelain") == "M  runbooks/runbooks/checkout.yaml"
+    assert lint(repo.catalog).exit_code == 0
+
+
+def test_commit_refused_when_the_file_has_uncommitted_changes(repo: Repo) -> None:
+    repo.record_runs("restart-app", 3)
+    path = repo.file("restart-app.yaml")
+    path.write_text(path.read_text() + "# work in progress\n")
+    result = repo.promote_restart("--commit")
+    assert result.exit_code == 1
+    assert "restart-app.yaml has uncommitted changes" in result.output
+    assert path.read_text() == RESTART + "# work in progress\n"
+
+
+def test_force_with_a_reason_is_recorded(repo: Repo) -> None:
+    repo.record_runs("restart-app", 1)
+    result = repo.promote_restart("--force", "--reason", "INC-4242: needed tonight, CAB approved")
+    assert result.exit_code == 0, result.output
+    (record,) = promotions_of(repo.file("restart-app.yaml"), "restart-app")
+    assert record["forced"] is True
+    assert record["reason"] == "INC-4242: needed tonight, CAB approved"
+    assert str(record["validated"]).startswith("1 successful run in lower environments")
+    assert lint(repo.catalog).exit_code == 0
+
+
+def test_the_database_defaults_to_runbook_db(repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo.record_runs("restart-app", 3)
+    monkeypatch.setenv("RUNBOOK_DB", str(repo.db))
+    result = CliRunner().invoke(
+        cli,
+        [
+            "promote",
+            "--catalog",
+            str(repo.catalog),
+            "--action",
+            "restart-app",
+            "--env",
+            "prod",
+            "--evidence-url",
+            EVIDENCE,
+            "--dry-run",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert f"(audit log {repo.db})" in result.output
+
+
+def test_flags_override_the_catalog_settings(repo: Repo) -> None:
+    repo.record_runs("restart-app", 2, age=3 * 3600)
+    # the catalog wants 3 runs in 48h
+    assert repo.promote_restart("--dry-run").exit_code == 1
+    # 2 runs are enough when asked for 2, but not when they fall outside a 1h window
+    refused = repo.promote_restart("--dry-run", "--min-runs", "2", "--window", "1h")
+    assert refused.exit_code == 1
+    assert "found 0 successful runs" in refused.output and "window 1 hour" in refused.output
+    result = repo.promote_restart("--min-runs", "2", "--window", "4h")
+    assert result.exit_code == 0, result.output
+    (record,) = promotions_of(repo.file("restart-app.yaml"), "restart-app")
+    assert str(record["validated"]).endswith("; 2 required")
+
+
+# --- refusals, each with a message that says what to do ------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    args: tuple[str, ...]
+    says: tuple[str, ...]
+    exit_code: int = 1
+
+
+REFUSALS = {
+    "unknown action": Refusal(
+        ("--action", "restart-ap", "--env", "prod", "--evidence-url", EVIDENCE),
+        ("no action 'restart-ap' in the catalog", "did you mean restart-app?"),
+    ),
+    "inline step": Refusal(
+        ("--action", "inline-fix", "--env", "prod", "--evidence-url", EVIDENCE),
+        (
+            "inline-fix is an inline step of runbook checkout-broken",
+            "move it to an action file (e.g. actions/inline-fix.yaml)",
+        ),
+    ),
+    "undeclared environment": Refusal(
+        ("--action", "restart-app", "--env", "production", "--evidence-url", EVIDENCE),
+        ("unknown environment 'production': the catalog declares dev, staging, prod",),
+    ),
+    "lower environment": Refusal(
+        ("--action", "restart-app", "--env", "staging", "--evidence-url", EVIDENCE),
+        ("staging is not a production environment", "add it to safety.scopes"),
+    ),
+    "http evidence": Refusal(
+        ("--action", "restart-app", "--env", "prod", "--evidence-url", "http://wiki/x"),
+        ("the evidence URL must be an https:// URL", "'http://wiki/x'"),
+    ),
+    "not a URL": Refusal(
+        ("--action", "restart-app", "--env", "prod", "--evidence-url", "see ticket 42"),
+        ("the evidence URL must be an https:// URL",),
+    ),
+    "force without reason": Refusal(
+        ("--action", "restart-app", "--env", "prod", "--evidence-url", EVIDENCE, "--force"),
+        ("--force needs --reason TEXT",),
+        exit_code=2,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=list(REFUSALS))
+def test_refusals_say_why(repo: Repo, case: str) -> None:
+    refusal = REFUSALS[case]
+    repo.record_runs("restart-app", 10)
+    result = repo.promote(*refusal.args)
+    assert result.exit_code == refusal.exit_code, result.output
+    for text in refusal.says:
+        assert text in result.output
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+def test_too_few_runs_says_how_many_where_and_what_is_needed(repo: Repo) -> None:
+    repo.record_runs("restart-app", 1)  # counts
+    repo.record_runs("restart-app", 1, env="dev", age=72 * 3600)  # outside the 48h window
+    repo.record_runs("restart-app", 4, env="prod")  # not a lower environment
+    repo.record_runs("restart-app", 4, status="failed")  # not a success
+    repo.record_runs("restart-app", 4, status="dry_run")  # not a real run
+    repo.record_runs("check-disk", 4)  # another action
+    result = repo.promote_restart()
+    assert result.exit_code == 1
+    assert (
+        "refusing to promote restart-app to prod: found 1 successful run of restart-app in "
+        "lower environments (staging: 1) since "
+    ) in result.output
+    assert f"(window 2 days) in {repo.db}; at least 3 are needed." in result.output
+    assert "Let it prove itself in dev, staging first" in result.output
+    assert "--force --reason TEXT" in result.output
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+def test_a_missing_database_is_named(repo: Repo) -> None:
+    result = repo.promote_restart()
+    assert result.exit_code == 1
+    assert f"there is no audit database at {repo.db}" in result.output
+    assert "Point --db (or RUNBOOK_DB) at the bot's database" in result.output
+    assert not repo.db.exists(), "a mistyped --db must not create an empty database"
+
+
+def test_an_action_already_promoted_is_not_promoted_twice(repo: Repo) -> None:
+    repo.record_runs("restart-app", 3)
+    assert repo.promote_restart().exit_code == 0
+    again = repo.promote_restart()
+    assert again.exit_code == 1
+    assert f"restart-app is already promoted to prod (by {PROMOTER} at " in again.output
+
+
+def test_a_broken_catalog_is_refused_with_its_lint_errors(repo: Repo) -> None:
+    (repo.catalog / "runbooks" / "broken.yaml").write_text(
+        "kind: runbook\nid: broken\nmatch: {services: [x]}\nsteps: [{action: nope}]\n"
+    )
+    repo.record_runs("restart-app", 3)
+    result = repo.promote_restart()
+    assert result.exit_code == 1
+    assert "the catalog has 1 error(s)" in result.output and "RB021" in result.output
+
+
+def test_who_comes_from_git_then_the_login_name(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert git_identity(repo.catalog) == PROMOTER
+    git(repo.root, "config", "--unset", "user.email")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-global-config"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    assert git_identity(repo.catalog) == "Pat Promoter"
+    git(repo.root, "config", "--unset", "user.name")
+    monkeypatch.setenv("USER", "oncall-sam")
+    assert git_identity(repo.catalog) == "oncall-sam"
+
+
+# --- the bot runs it in production only once the change is loaded ---------------------------
+
+
+def test_the_bot_runs_the_promoted_action_in_prod_only_after_reloading(repo: Repo) -> None:
+    store = Store(repo.db)
+    old = load_catalog(repo.catalog)
+    engine = Engine(old, store, NullChat(), default_env="staging")
+
+    def checkout_incident(env: str) -> str:
+        incident_id = f"INC-{uuid.uuid4().hex[:8]}"
+        engine.open_incident(
+            Incident(id=incident_id, title="checkout down", service="checkout", env=env)
+        )
+        return str(store.step_runs_of(incident_id)[0]["status"])
+
+    try:
+        assert checkout_incident("prod") == "blocked"
+        # real runs in staging are the evidence
+        assert [checkout_incident("staging") for _ in range(3)] == ["success"] * 3
+
+        result = repo.promote("--action", "auto-check", "--env", "prod", "--evidence-url", EVIDENCE)
+        assert result.exit_code == 0, result.output
+        assert "3 successful runs in lower environments" in result.output
+
+        # the running bot still has the catalog it loaded: nothing changes until a reload
+        assert checkout_incident("prod") == "blocked"
+        engine.catalog = load_catalog(repo.catalog)
+        assert checkout_incident("prod") == "success"
+    finally:
+        store.close()
+
+
+# --- the edit on every bundled action -----------------------------------------------------
+
+
+def test_every_bundled_action_can_be_promoted_without_touching_other_lines() -> None:
+    parsed = parse_catalog(REPO / "runbooks")
+    catalog = load_catalog(REPO / "runbooks", with_git=False)
+    record = {
+        "env": "prod",
+        "evidence_url": EVIDENCE,
+        "by": PROMOTER,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "validated": "3 successful runs in lower environments over the last 30 days",
+        "catalog_commit": "0123456789ab",
+    }
+    checked = 0
+    for action in catalog.actions.values():
+        if "prod" in action.safety.scopes:
+            continue
+        text = Path(action.location.file).read_text()
+        after, scopes = edit_action_document(
+            text, action.id, "prod", record, default_scopes=("dev", "staging")
+        )
+        assert scopes[-1] == "prod"
+        before_safety = text[: text.index("\nsafety:")]
+        assert after.startswith(before_safety + "\nsafety:\n"), action.id
+        (doc,) = yaml.safe_load_all(after)
+        assert doc["safety"]["promotions"][-1] == record
+        assert {k: v for k, v in doc.items() if k != "safety"} == {
+            k: v for k, v in yaml.safe_load(text).items() if k != "safety"
+        }
+        checked += 1
+    assert checked >= 5 and not parsed.has_errors
