@@ -109,10 +109,10 @@ class BotApp:
 
     # PagerDuty: the webhook route, its durable queue, and REST write-back (bot.pagerduty).
     def _build_intake(self) -> Any:
-        try:
-            from bot.pagerduty import PagerDutyIntake
-        except ImportError:  # pragma: no cover - until the intake exists
-            return None
+        # No ImportError fallback: a broken install must fail at start, not answer every
+        # webhook with 503.
+        from bot.pagerduty import PagerDutyIntake
+
         return PagerDutyIntake(self.config, self)
 
     # --- lifecycle -----------------------------------------------------------------------
