@@ -256,8 +256,6 @@ def running_bot(config: Config) -> Iterator[RunningBot]:
         server.close()
         thread.join(5)
         app.stop(grace=10)
-        if app.intake.api is not None:
-            app.intake.api.close()
         app.store.close()
 
 

@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -111,7 +112,8 @@ class PagerDutyIntake:
             # The engine keeps its own copy of the list it was built with.
             if self.writeback not in app.engine.listeners:
                 app.engine.listeners.append(self.writeback)
-        self._slots = threading.BoundedSemaphore(max(1, config.workers))
+        self._capacity = max(1, config.workers)  # deliveries processed at once
+        self._slots = threading.BoundedSemaphore(self._capacity)
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
         self._wake = threading.Event()
@@ -132,13 +134,26 @@ class PagerDutyIntake:
         self._dispatcher.start()
 
     def stop(self) -> None:
-        """Stop taking deliveries off the queue; queued ones wait for the next start."""
+        """Stop taking deliveries off the queue; queued ones wait for the next start.
+
+        Deliveries in flight get the shutdown grace period to finish, so the write-backs
+        they queue are sent before the write-back lanes stop.
+        """
         self._stopping.set()
         self._wake.set()
         if self._dispatcher is not None:
             self._dispatcher.join(5.0)
+        deadline = time.monotonic() + self.config.shutdown_grace
+        idle = all(
+            self._slots.acquire(timeout=max(0.0, deadline - time.monotonic()))
+            for _ in range(self._capacity)
+        )
+        if not idle:
+            log.warning("PagerDuty deliveries still running at the end of the grace period")
         if self.writeback is not None:
             self.writeback.stop()
+        if idle and self.api is not None:
+            self.api.close()
 
     # --- HTTP ------------------------------------------------------------------------------
 
