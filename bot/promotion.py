@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import json
 import os
 import sqlite3
 import subprocess
@@ -499,13 +500,10 @@ def edit_action_document(
     added_newline = not body.endswith("\n")
     if added_newline:
         body += "\n"
-    style = next((s for s in _STYLES if _round_trip(body, s) == body), None)
     snippet = _snippet(env, record)
-    if style is None:
-        raise PromotionRefused(
-            f"cannot edit {display} without reformatting it (mixed indentation?); add this "
-            f"to the safety block of {action_id} by hand:\n{snippet}"
-        )
+    # The style that re-emits the document with the fewest changed lines (none, nearly
+    # always); lines it would still change outside the safety block refuse the edit below.
+    style = min(_STYLES, key=lambda s: _changed_lines(body, _round_trip(body, s)))
     yaml = _yaml(style)
     data = yaml.load(body)
     safety = data.get("safety")
@@ -592,6 +590,15 @@ def _round_trip(body: str, style: tuple[int, int, int]) -> str:
     return _dump(yaml, yaml.load(body))
 
 
+def _changed_lines(old: str, new: str) -> int:
+    if old == new:
+        return 0
+    matcher = difflib.SequenceMatcher(a=old.splitlines(), b=new.splitlines())
+    return sum(
+        max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal"
+    )
+
+
 def _styled_like(scopes: Any, value: str) -> Any:
     """A new scope quoted the way the existing ones are (`["staging", "prod"]`)."""
     from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
@@ -618,7 +625,7 @@ def _record_map(record: Mapping[str, Any]) -> Any:
 def _snippet(env: str, record: Mapping[str, Any]) -> str:
     lines = [f"  scopes: [..., {env}]", "  promotions:"]
     for i, (key, value) in enumerate(record.items()):
-        shown = str(value).lower() if isinstance(value, bool) else f'"{value}"'
+        shown = json.dumps(value)  # JSON scalars are YAML: quoted and escaped as needed
         lines.append(f"    {'- ' if i == 0 else '  '}{key}: {shown}")
     return "\n".join(lines)
 
@@ -694,8 +701,9 @@ def _check_only_safety_changed(
     for tag, i1, i2, _, _ in matcher.get_opcodes():
         if tag != "equal" and not (first <= i1 and i2 <= last):
             raise PromotionRefused(
-                f"editing {display} would change lines outside the safety block "
-                f"(line {i1 + 1}); add this to the safety block by hand:\n{snippet}"
+                f"editing {display} would reformat lines outside the safety block (line "
+                f"{i1 + 1}: {old_lines[min(i1, len(old_lines) - 1)].strip()!r}), so it was "
+                f"left as it is; add this to the safety block by hand:\n{snippet}"
             )
 
 

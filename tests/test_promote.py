@@ -494,6 +494,22 @@ def test_refusals_say_why(repo: Repo, case: str) -> None:
     assert git(repo.root, "status", "--porcelain") == ""
 
 
+def test_a_file_that_cannot_be_edited_without_reformatting_is_left_alone(repo: Repo) -> None:
+    path = repo.file("restart-app.yaml")
+    odd = RESTART.replace("timeout: 60s   ", "timeout:    60s")  # aligned by hand
+    path.write_text(odd)
+    git(repo.root, "commit", "--quiet", "-am", "align")
+    repo.record_runs("restart-app", 3)
+    result = repo.promote_restart()
+    assert result.exit_code == 1
+    assert "would reformat lines outside the safety block (line 11: 'timeout:    60s" in (
+        result.output
+    )
+    assert "add this to the safety block by hand:\n  scopes: [..., prod]\n" in result.output
+    assert f'    - env: "prod"\n      evidence_url: "{EVIDENCE}"\n' in result.output
+    assert path.read_text() == odd
+
+
 def test_too_few_runs_says_how_many_where_and_what_is_needed(repo: Repo) -> None:
     repo.record_runs("restart-app", 1)  # counts
     repo.record_runs("restart-app", 1, env="dev", age=72 * 3600)  # outside the 48h window
