@@ -729,6 +729,15 @@ def test_pagerduty_500s_are_retried_until_it_answers(bot: RunningBot, pd: FakePa
     assert pd.incident("P2")["status"] == "resolved"
 
 
+def test_a_refused_note_does_not_keep_the_incident_open(bot: RunningBot, pd: FakePagerDuty) -> None:
+    pd.fail("POST /incidents/P2/notes", status=400)  # not retried: it will not get better
+    bot.deliver(v3_event("incident.triggered", "P2"))
+    bot.settle()
+
+    assert [c.status for c in pd.calls_to("POST /incidents/P2/notes")] == [400]
+    assert pd.incident("P2")["status"] == "resolved"
+
+
 def test_pagerduty_down_never_blocks_the_slack_thread(
     start_bot: Callable[..., RunningBot], pd: FakePagerDuty, monkeypatch: pytest.MonkeyPatch
 ) -> None:

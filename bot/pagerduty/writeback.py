@@ -38,6 +38,7 @@ MAX_QUEUED_PER_LANE = 5_000
 RETRIES = 4  # per call and status: with the client's doubling sleeps, about 45 s in all
 SLEEP_TIMER = 1.5  # the client's own default first back-off, in seconds
 TIMEOUT = 10
+MAX_NOTE_CHARS = 25_000  # PagerDuty refuses longer notes
 
 _SLACK_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
 
@@ -98,7 +99,7 @@ class PagerDutyWriteBack:
             status=STATUS_WORDS.get(status, status),
             summary=summary,
             thread=thread_link(incident),
-        )
+        )[:MAX_NOTE_CHARS]
         # A run finishing after the incident closed is the follow-ups: nothing to resolve.
         resolve = bool(
             runbook is not None
@@ -108,12 +109,14 @@ class PagerDutyWriteBack:
             and incident.get("status") == "open"
         )
 
-        def job(client: pagerduty.RestApiV2Client) -> None:
+        def add_note(client: pagerduty.RestApiV2Client) -> None:
             client.rpost(f"{incident_path(incident_id)}/notes", json={"content": note})
-            if resolve:
-                _resolve(client, incident_id)
 
-        self._submit(incident_id, "note" + (" and resolve" if resolve else ""), job)
+        # Two jobs on the incident's lane: in this order, and a failed note does not
+        # keep the incident open.
+        self._submit(incident_id, "note", add_note)
+        if resolve:
+            self._submit(incident_id, "resolve", lambda client: _resolve(client, incident_id))
 
     def escalated(self, incident: Mapping[str, Any], reason: str) -> None:
         runbook = self.catalog.runbook(incident.get("runbook_id") or "")
