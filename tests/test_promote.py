@@ -7,6 +7,7 @@ promoted catalog goes through `runbookctl lint` and a reloaded engine.
 
 from __future__ import annotations
 
+import difflib
 import re
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot.catalog import load_catalog, parse_catalog
 from bot.chat.base import NullChat
@@ -632,3 +635,89 @@ def test_every_bundled_action_can_be_promoted_without_touching_other_lines() -> 
         }
         checked += 1
     assert checked >= 5 and not parsed.has_errors
+
+
+# --- property: whatever the comments and layout, only the safety block changes -----------------
+
+RECORD = {
+    "env": "prod",
+    "evidence_url": EVIDENCE,
+    "by": PROMOTER,
+    "at": "2026-11-02T10:00:00+00:00",
+    "validated": "3 successful runs in lower environments over the last 30 days (staging: 3)",
+    "catalog_commit": "0123456789ab",
+}
+
+
+@st.composite
+def action_documents(draw: st.DrawFn) -> tuple[str, str]:
+    """An action document with comments and blank lines in random places; returns the
+    text and how its safety block is written."""
+    dash, cont = draw(st.sampled_from([("  - ", "    "), ("- ", "  ")]))
+    safety = draw(st.sampled_from(["none", "flow", "block", "block-scopes", "flow-scopes"]))
+    blocks: list[list[str]] = [["id: act"], ['command: "echo hi"']]
+    if draw(st.booleans()):
+        blocks.append(["expect:", f'{dash}pattern: "hi"'])
+    safety_block = {
+        "none": [],
+        "flow": ["safety: {requires_approval: true}"],
+        "block": ["safety:", "  requires_approval: true"],
+        "block-scopes": [
+            "safety:",
+            "  requires_approval: false",
+            "  scopes:",
+            f"  {dash}dev",
+            f"  {dash}staging",
+        ],
+        "flow-scopes": ["safety:", '  scopes: ["staging"]'],
+    }[safety]
+    if safety_block:
+        blocks.insert(draw(st.integers(1, len(blocks))), safety_block)
+    lines: list[str] = []
+    for i, block in enumerate(blocks):
+        for j, line in enumerate(block):
+            if draw(st.booleans()):
+                lines.append(draw(st.sampled_from([f"# c{i}-{j}", "", f"  # i{i}-{j}"])))
+            if draw(st.booleans()) and not line.endswith("}"):
+                line += f"   # e{i}-{j}"
+            lines.append(line.replace("    ", cont) if line.startswith("    ") else line)
+    if draw(st.booleans()):
+        lines.append("# the end")
+    return "\n".join(lines) + "\n", safety
+
+
+@settings(max_examples=150, deadline=None)
+@given(action_documents())
+def test_only_the_safety_block_ever_changes(doc: tuple[str, str]) -> None:
+    from bot.errors import PromotionRefused
+
+    text, _ = doc
+    try:
+        after, scopes = edit_action_document(
+            text, "act", "prod", RECORD, default_scopes=("dev", "staging")
+        )
+    except PromotionRefused as exc:  # allowed, but only for a reason it states
+        assert "add this to the safety block by hand" in str(exc)
+        return
+    before_data, after_data = yaml.safe_load(text), yaml.safe_load(after)
+    assert scopes[-1] == "prod" and after_data["safety"]["scopes"] == list(scopes)
+    assert after_data["safety"]["promotions"][-1] == RECORD
+    old_safety = before_data.get("safety") or {}
+    assert {k: v for k, v in after_data["safety"].items() if k not in ("scopes", "promotions")} == {
+        k: v for k, v in old_safety.items() if k not in ("scopes", "promotions")
+    }
+    assert {k: v for k, v in after_data.items() if k != "safety"} == {
+        k: v for k, v in before_data.items() if k != "safety"
+    }
+    for comment in re.findall(r"#.*", text):
+        assert after.count(comment) == text.count(comment), comment
+    old, new = text.splitlines(), after.splitlines()
+    matcher = difflib.SequenceMatcher(a=old, b=new, autojunk=False)
+    changed = [(i1, i2) for tag, i1, i2, _, _ in matcher.get_opcodes() if tag != "equal"]
+    keys = [i for i, line in enumerate(old) if re.match(r"[a-z_]+:", line)]
+    if "safety" in before_data:
+        first = next(i for i in keys if old[i].startswith("safety:"))
+        last = next((i for i in keys if i > first), len(old))
+        assert all(first <= i1 and i2 <= last for i1, i2 in changed), (text, after)
+    else:
+        assert all(i1 == i2 for i1, i2 in changed), "a new block is a pure insertion"
