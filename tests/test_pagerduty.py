@@ -496,11 +496,15 @@ def test_events_of_one_incident_apply_in_arrival_order(bot: RunningBot) -> None:
     # Sent back to back: the acknowledgement must not overtake the incident it notes.
     for event_type in ("incident.triggered", "incident.acknowledged", "incident.reassigned"):
         assert bot.deliver(v3_event(event_type, "P2")).status_code == 202
+    prankster = v3_event("incident.acknowledged", "P2")
+    prankster["event"]["agent"]["summary"] = "<!channel> Eve"
+    bot.deliver(prankster)
     bot.settle()
     notes = [n for n in bot.chat.notes if "PagerDuty" in n]
     assert notes == [
         "Acknowledged in PagerDuty by Jane Doe.",
         "Reassigned in PagerDuty to Sam Roe by Jane Doe.",
+        "Acknowledged in PagerDuty by !channel Eve.",  # no mention of the whole channel
     ]
 
 

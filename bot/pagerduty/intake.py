@@ -279,7 +279,7 @@ class PagerDutyIntake:
             return "ignored", "stale: a later change of this incident was already applied"
         engine = self.app.engine
         incident_id = event.incident_id
-        by = f" by {event.agent}" if event.agent else ""
+        by = f" by {_name(event.agent)}" if event.agent else ""
         if event.event_type == INCIDENT_TRIGGERED:
             if self.app.store.get_incident(incident_id) is not None:
                 return "done", "incident already open"
@@ -289,7 +289,7 @@ class PagerDutyIntake:
             engine.note(incident_id, NOTE_ACKNOWLEDGED.format(by=by))
             return "done", ""
         if event.event_type == INCIDENT_REASSIGNED:
-            who = ", ".join(event.assignees) or "someone else"
+            who = ", ".join(_name(a) for a in event.assignees) or "someone else"
             engine.note(incident_id, NOTE_REASSIGNED.format(who=who, by=by))
             return "done", ""
         if event.event_type == INCIDENT_RESOLVED:
@@ -353,6 +353,11 @@ def _read(stream: Any, length: int | None) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def _name(name: str) -> str:
+    """A PagerDuty user's name for a thread note: no Slack markup (`<!channel>`, links)."""
+    return name.replace("<", "").replace(">", "")[:100]
 
 
 def _too_large() -> str:
