@@ -49,12 +49,16 @@ def incident_text(view: IncidentView) -> str:
             f"catalog {view.catalog_version})"
         )
     else:
-        lines.append(
-            "No runbook matches this incident. To add one, create a runbook in the catalog "
-            f"with `match.services: [{view.service}]` and a symptom pattern for this title, "
-            "then check it with `runbookctl simulate`."
-        )
+        lines.append(no_runbook_text(view))
     return "\n".join(lines)
+
+
+def no_runbook_text(view: IncidentView) -> str:
+    return (
+        "No runbook matches this incident. To add one, create a runbook in the catalog "
+        f"with `match.services: [{view.service}]` and a symptom pattern for this title, "
+        "then check it with `runbookctl simulate`."
+    )
 
 
 def when_text(timestamp: float | None) -> str:
