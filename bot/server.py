@@ -20,14 +20,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot import __version__, metrics
 from bot.catalog import load_catalog
 from bot.chat.base import NullChat
 from bot.config import Config
 from bot.engine import Engine, EngineListener
+from bot.errors import ConfigError
 from bot.store import Store
+
+if TYPE_CHECKING:
+    from bot.chat.slack import SlackAdapter, SlackTuning
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,9 @@ class WorkerPool:
     """A thread pool with a bound on queued work, so a storm cannot exhaust memory."""
 
     def __init__(self, workers: int, max_queued: int = 10_000) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runbook-worker")
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="runbook-worker"
+        )
         self._slots = threading.BoundedSemaphore(workers + max_queued)
         self._closed = False
 
@@ -72,8 +78,15 @@ class WorkerPool:
 
 
 class BotApp:
-    def __init__(self, config: Config) -> None:
+    """Everything the process runs: the engine, its adapters, the expiry timer, the routes.
+
+    ``slack_tuning`` changes the Slack adapter's pacing, retry and cache settings (tests
+    and benchmarks make them small); production uses the defaults.
+    """
+
+    def __init__(self, config: Config, *, slack_tuning: SlackTuning | None = None) -> None:
         self.config = config
+        self._slack_tuning = slack_tuning
         self.catalog = load_catalog(config.catalog)
         self.store = Store(config.db)
         self.pool = WorkerPool(config.workers)
@@ -90,21 +103,19 @@ class BotApp:
         self.slack = self._build_slack()
         self.intake = self._build_intake()
         metrics.set_info(__version__, self.catalog.version)
-        metrics.track_pending_approvals(
-            lambda: float(len(self.store.pending_approvals()))
-        )
+        metrics.track_pending_approvals(lambda: float(len(self.store.pending_approvals())))
 
     # Slack: the chat adapter and the /slack/events route (bot.chat.slack).
-    def _build_slack(self) -> Any:
+    def _build_slack(self) -> SlackAdapter | None:
         if not self.config.slack_enabled:
             log.warning("SLACK_BOT_TOKEN is not set: threads are not posted anywhere")
             return None
         from bot.chat.slack import SlackAdapter
 
-        adapter = SlackAdapter(self.config, self)
+        adapter = SlackAdapter(self.config, self, self._slack_tuning)
         self.engine.chat = adapter.chat
         self.engine.member_of = adapter.member_of
-        self.engine.bot_users = adapter.bot_user_ids
+        self.engine.bot_users = set(adapter.bot_user_ids)
         return adapter
 
     # PagerDuty: the webhook route, its durable queue, and REST write-back (bot.pagerduty).
@@ -124,7 +135,9 @@ class BotApp:
             self.slack.start()
         if self.intake is not None:
             self.intake.start()
-        self._timer = threading.Thread(target=self._expiry_loop, name="approval-expiry", daemon=True)
+        self._timer = threading.Thread(
+            target=self._expiry_loop, name="approval-expiry", daemon=True
+        )
         self._timer.start()
 
     def stop(self, grace: float | None = None) -> bool:
@@ -137,8 +150,10 @@ class BotApp:
         if self.slack is not None:
             self.slack.stop()
         if not idle:
-            log.warning("grace period over with steps still running; they will show as "
-                        "interrupted at the next start")
+            log.warning(
+                "grace period over with steps still running; they will show as "
+                "interrupted at the next start"
+            )
         return idle
 
     def _expiry_loop(self) -> None:
@@ -161,13 +176,13 @@ class BotApp:
             return self._healthz(start_response)
         if path == "/metrics" and method == "GET":
             body = metrics.exposition()
-            start_response(
-                "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")]
-            )
+            start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
             return [body]
         if path == "/pagerduty/webhook":
             if self.intake is None:
-                return _json(start_response, "503 Service Unavailable", {"error": "intake not available"})
+                return _json(
+                    start_response, "503 Service Unavailable", {"error": "intake not available"}
+                )
             if method != "POST":
                 return _json(start_response, "405 Method Not Allowed", {"error": "use POST"})
             result: Iterable[bytes] = self.intake.wsgi(environ, start_response)
@@ -177,15 +192,16 @@ class BotApp:
                 return _json(start_response, "404 Not Found", {"error": "Slack HTTP mode is off"})
             if method != "POST":
                 return _json(start_response, "405 Method Not Allowed", {"error": "use POST"})
-            result = self.slack.wsgi(environ, start_response)
-            return result
+            return self.slack.wsgi(environ, start_response)
         return _json(start_response, "404 Not Found", {"error": f"no route for {method} {path}"})
 
     def _healthz(self, start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
             self.store.query_one("SELECT 1 AS ok")
         except Exception:
-            return _json(start_response, "503 Service Unavailable", {"status": "database unavailable"})
+            return _json(
+                start_response, "503 Service Unavailable", {"status": "database unavailable"}
+            )
         status = "stopping" if self._stopping.is_set() else "ok"
         code = "503 Service Unavailable" if self._stopping.is_set() else "200 OK"
         return _json(
@@ -197,36 +213,81 @@ class BotApp:
 
 def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any]) -> list[bytes]:
     data = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    start_response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    )
     return [data]
+
+
+class HttpServer:
+    """`app` on waitress (the production server), stoppable from any thread.
+
+    waitress's own `close()` from another thread races with its `select()`; here the loop
+    runs one round at a time, and `stop()` only sets a flag and wakes it, so the sockets
+    are closed on the loop's own thread. Its threads only verify, record and acknowledge.
+    """
+
+    def __init__(self, app: WSGIApp, host: str, port: int, *, threads: int = 4) -> None:
+        from waitress.server import BaseWSGIServer, create_server
+
+        self._map: dict[int, Any] = {}
+        server = create_server(
+            app,
+            map=self._map,
+            host=host,
+            port=port,
+            threads=threads,
+            ident="runbook-bot",
+            clear_untrusted_proxy_headers=True,
+        )
+        if not isinstance(server, BaseWSGIServer):  # several sockets: not what we asked
+            server.close()
+            raise ConfigError("HOST must be one address to listen on")
+        self._server = server
+        self._stopping = threading.Event()
+
+    @property
+    def port(self) -> int:
+        """The bound port (construct with port=0 for any free one)."""
+        return int(self._server.getsockname()[1])
+
+    def serve(self) -> None:
+        """Serve until `stop()`; then close every connection and wait for running requests."""
+        from waitress import wasyncore
+
+        try:
+            while not self._stopping.is_set():
+                wasyncore.loop(
+                    timeout=1.0,
+                    map=self._map,
+                    use_poll=self._server.adj.asyncore_use_poll,
+                    count=1,
+                )
+        finally:
+            wasyncore.close_all(self._map, ignore_all=True)
+            self._server.task_dispatcher.shutdown(timeout=5)
+
+    def stop(self) -> None:
+        """Safe from a signal handler: sets a flag and writes a byte to a pipe."""
+        self._stopping.set()
+        self._server.pull_trigger()
 
 
 def serve(config: Config) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    from waitress.server import create_server
-
     app = BotApp(config)
-    server = create_server(
-        app.wsgi,
-        host=config.host,
-        port=config.port,
-        threads=max(4, config.workers),
-        ident="runbook-bot",
-        clear_untrusted_proxy_headers=True,
-    )
+    server = HttpServer(app.wsgi, config.host, config.port, threads=max(4, config.workers))
     app.start()
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %s: stopping", signum)
-        threading.Thread(target=server.close, daemon=True).start()
+        server.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("runbook-bot %s listening on %s:%s", __version__, config.host, config.port)
+    log.info("runbook-bot %s listening on %s:%s", __version__, config.host, server.port)
     try:
-        server.run()
-    except OSError:
-        pass  # the listening socket was closed by the signal handler
+        server.serve()
     finally:
         app.stop()
         app.store.close()
