@@ -103,7 +103,8 @@ class Engine:
         self.dry_run = dry_run
         self.member_of: policy.MemberOf = member_of or (lambda user, group: False)
         self.bot_users = set(bot_users)
-        self.listeners = list(listeners)
+        # kept, not copied: adapters may register listeners after the engine is built
+        self.listeners = listeners if isinstance(listeners, list) else list(listeners)
         self.runner = runner
         self.clock = clock
         self.output_cap = output_cap
@@ -166,13 +167,7 @@ class Engine:
                     f"symptom {incident.title!r}"
                 ),
             )
-            root = self._say(
-                lambda: self.chat.post_incident(self._incident_view(row, runbook)), "root post"
-            )
-            if root is not None:
-                self.store.update(
-                    "incidents", incident.id, {"channel": root.channel, "thread_ts": root.ts}
-                )
+            self._post_root(row, runbook)
             if runbook is None:
                 return incident.id
             self._start_main_run(incident.id, runbook.id)
@@ -814,6 +809,15 @@ class Engine:
                 step = self._step_of(step_run)
                 self._event(row, "interrupted", step=step, detail="bot restarted mid-step")
                 self._refresh_step(row, step_run["id"], step, None)
+        # A crash (or a chat outage) before the thread existed: post its root now, or
+        # every later message of the incident would have nowhere to go.
+        for unposted in self.store.query(
+            "SELECT id FROM incidents WHERE status = 'open' AND thread_ts IS NULL"
+        ):
+            with self._lock(unposted["id"]):
+                row = self._incident(unposted["id"])
+                if not row.get("thread_ts"):
+                    self._post_root(row, self._runbook(row["runbook_id"]))
         # A crash in the middle of opening or resolving an incident: finish that first.
         for orphan in self.store.query(
             "SELECT * FROM incidents WHERE status = 'open' AND runbook_id IS NOT NULL "
@@ -836,6 +840,15 @@ class Engine:
             self.advance(run["incident_id"], run["phase"])
             resumed += 1
         return {"interrupted": interrupted, "runs_resumed": resumed}
+
+    def _post_root(self, row: Mapping[str, Any], runbook: Runbook | None) -> None:
+        root = self._say(
+            lambda: self.chat.post_incident(self._incident_view(row, runbook)), "root post"
+        )
+        if root is not None:
+            self.store.update(
+                "incidents", row["id"], {"channel": root.channel, "thread_ts": root.ts}
+            )
 
     def _repost_missing(self, incident_id: str) -> None:
         row = self._incident(incident_id)

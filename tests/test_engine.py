@@ -748,3 +748,29 @@ def test_a_crash_after_the_incident_row_but_before_its_run_is_finished_on_restar
     Engine(cat, h.store, RecordingChat(), default_env="staging").recover()
     assert ran(h.marks) == ["check"]
     assert h.run_status() == "completed"
+
+
+def test_a_thread_that_could_not_be_posted_is_posted_on_restart(h: Harness) -> None:
+    class DownChat(RecordingChat):
+        def post_incident(self, view: Any) -> Any:
+            raise ConnectionError("chat is down")
+
+    cat = simple(
+        step(action("check", marking(h.marks, "check"))),
+        step(action("fix", marking(h.marks, "fix"), approval=True)),
+    )
+    Engine(cat, h.store, DownChat(), default_env="staging").open_incident(
+        Incident(id="P1", title="5xx", service="payments")
+    )
+    incident = h.store.get_incident("P1")
+    assert incident is not None and incident["thread_ts"] is None
+    assert ran(h.marks) == ["check"]  # the chat outage did not stop the runbook
+
+    later = RecordingChat()
+    Engine(cat, h.store, later, default_env="staging").recover()
+    incident = h.store.get_incident("P1")
+    assert incident is not None and incident["thread_ts"]
+    assert [v.incident_id for v in later.incidents] == ["P1"]
+    # the guarded step that never had a message is shown, so it can be approved
+    assert [v.step_id for v in later.steps if v.state == "awaiting_approval"] == ["fix"]
+    assert ran(h.marks) == ["check"]
