@@ -52,7 +52,9 @@ FAST = SlackTuning(
 )
 
 
-def write_catalog(root: Path, *, approval_timeout: str = "30s") -> None:
+def write_catalog(
+    root: Path, *, approval_timeout: str = "30s", check_prints: str = "'checked'"
+) -> None:
     """A tiny catalog: `check` (automatic), `guarded` (needs approval), `after` (automatic).
 
     `guarded` appends a line to root/ran.log (so tests count runs), then waits for
@@ -77,7 +79,7 @@ def write_catalog(root: Path, *, approval_timeout: str = "30s") -> None:
         "check": {
             "id": "check",
             "description": "Error rate of the service. Read-only.",
-            "command": [py, "-c", "print('checked')"],
+            "command": [py, "-c", f"print({check_prints})"],
             "expect": [{"pattern": "checked"}],
             "safety": {"requires_approval": False, "scopes": ["dev", "staging"]},
         },

@@ -53,9 +53,9 @@ def make_bot(tmp_path: Path, slack: FakeSlack) -> Iterator[MakeBot]:
     """Start a bot on tmp_path's catalog and database; a second call is a restart."""
     bots: list[Bot] = []
 
-    def make(approval_timeout: str = "30s", **config: Any) -> Bot:
+    def make(approval_timeout: str = "30s", check_prints: str = "'checked'", **config: Any) -> Bot:
         if not (tmp_path / "catalog.yaml").exists():
-            write_catalog(tmp_path, approval_timeout=approval_timeout)
+            write_catalog(tmp_path, approval_timeout=approval_timeout, check_prints=check_prints)
         bot = Bot(tmp_path, slack, **config)
         bots.append(bot)
         return bot
@@ -188,6 +188,17 @@ def test_without_a_runbook_the_thread_says_how_to_add_one(bot: Bot, slack: FakeS
     assert "No runbook matches this incident" in text
     assert "match.services: [batch]" in text and "runbookctl simulate" in text
     assert bot.events() == [("no_runbook", None, None)]
+
+
+def test_output_in_the_thread_is_masked_and_capped(make_bot: MakeBot) -> None:
+    bot = make_bot(check_prints="'checked ' + 'x' * 20000 + ' token xoxb-1234567890-abcdefghij'")
+    bot.open_incident()
+    message = message_of(bot, "check")
+    text = visible_text(message)
+    assert "succeeded" in text
+    assert "token " in text and "xoxb-1234567890" not in text  # the end, token masked
+    assert len(message["text"]) < 6000  # an excerpt, not 20 kB
+    assert all(len(b.get("text", {}).get("text", "")) <= 3000 for b in message["blocks"])
 
 
 def test_message_is_updated_in_place_while_the_step_runs(bot: Bot) -> None:
