@@ -111,6 +111,7 @@ class Engine:
         self._locks: dict[str, threading.RLock] = {}
         self._runbook_index: tuple[Catalog | None, dict[str, Runbook]] = (None, {})
         self._locks_guard = threading.Lock()
+        self._stopping = threading.Event()
 
     # --- intake --------------------------------------------------------------------------
 
@@ -267,7 +268,14 @@ class Engine:
             while self._advance_once(incident_id, phase):
                 pass
 
+    def stop_taking_work(self) -> None:
+        """On shutdown: finish what runs, start nothing new. Runs stay where they are in
+        the database and `recover()` takes them up at the next start."""
+        self._stopping.set()
+
     def _advance_once(self, incident_id: str, phase: str) -> bool:
+        if self._stopping.is_set():
+            return False
         row = self.store.get_incident(incident_id)
         run = self.store.get_run(incident_id, phase)
         if row is None or run is None or run["status"] not in ("running", "waiting"):

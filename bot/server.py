@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -144,6 +145,7 @@ class BotApp:
         """Stop taking work, let running steps finish up to the grace period."""
         grace = self.config.shutdown_grace if grace is None else grace
         self._stopping.set()
+        self.engine.stop_taking_work()
         if self.intake is not None:
             self.intake.stop()
         idle = self.pool.shutdown(grace)
@@ -289,6 +291,12 @@ def serve(config: Config) -> None:
     try:
         server.serve()
     finally:
-        app.stop()
+        idle = app.stop()
         app.store.close()
         log.info("stopped")
+    if not idle:
+        # Worker threads still run commands past the grace period; the interpreter would
+        # wait for them at exit. Their steps are in the database as running and show as
+        # interrupted, for a human to check, at the next start.
+        logging.shutdown()
+        os._exit(0)
