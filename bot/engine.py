@@ -46,7 +46,6 @@ _RESULT_EVENTS = {
     "dry_run": "dry_run",
 }
 _MOVES_ON = frozenset({"success", "allowed_failure", "skipped", "dry_run"})
-_FAILURES = frozenset({"failed", "timeout", "error", "blocked", "rejected"})
 _RAN = frozenset({"failed", "timeout"})  # failures where the command did start
 
 
