@@ -44,30 +44,73 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(v.strip().strip(":") for v in value.split(",") if v.strip())
 
 
+def _setting(var: str, default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"env": var, "help": help_text})
+
+
+def _secret(var: str, help_text: str) -> Any:
+    return field(default_factory=lambda: Secret(""), metadata={"env": var, "help": help_text})
+
+
 @dataclass(frozen=True)
 class Config:
     """One field per environment variable; `ENV` in each field's metadata names it."""
 
-    catalog: str = field(default="./runbooks", metadata={"env": "RUNBOOK_CATALOG", "help": "Catalog directory."})
-    db: str = field(default="./runbook-bot.db", metadata={"env": "RUNBOOK_DB", "help": "SQLite file for state and audit."})
-    env: str = field(default="", metadata={"env": "RUNBOOK_ENV", "help": "Environment this bot acts in (dev, staging, prod, …) when the catalog does not map the service."})
-    host: str = field(default="0.0.0.0", metadata={"env": "HOST", "help": "Address to listen on."})  # noqa: S104 - a server in a container listens on all interfaces
-    port: int = field(default=3000, metadata={"env": "PORT", "help": "HTTP port."})
-    slack_bot_token: Secret = field(default_factory=lambda: Secret(""), metadata={"env": "SLACK_BOT_TOKEN", "help": "Slack bot token (xoxb-…)."})
-    slack_signing_secret: Secret = field(default_factory=lambda: Secret(""), metadata={"env": "SLACK_SIGNING_SECRET", "help": "Slack signing secret (HTTP mode)."})
-    slack_app_token: Secret = field(default_factory=lambda: Secret(""), metadata={"env": "SLACK_APP_TOKEN", "help": "Slack app-level token (xapp-…): Socket Mode instead of HTTP mode."})
-    slack_api_url: str = field(default="https://slack.com/api/", metadata={"env": "SLACK_API_URL", "help": "Slack Web API base URL."})
-    pagerduty_webhook_secret: Secret = field(default_factory=lambda: Secret(""), metadata={"env": "PAGERDUTY_WEBHOOK_SECRET", "help": "Secret(s) for X-PagerDuty-Signature; comma-separated during rotation."})
-    pagerduty_webhook_token: Secret = field(default_factory=lambda: Secret(""), metadata={"env": "PAGERDUTY_WEBHOOK_TOKEN", "help": "Bearer token accepted instead of a signature, for relays that cannot sign."})
-    pagerduty_api_token: Secret = field(default_factory=lambda: Secret(""), metadata={"env": "PAGERDUTY_API_TOKEN", "help": "PagerDuty REST API token for write-back."})
-    pagerduty_from: str = field(default="", metadata={"env": "PAGERDUTY_FROM", "help": "Email of a PagerDuty user, sent as From on write-back."})
-    pagerduty_api_url: str = field(default="https://api.pagerduty.com", metadata={"env": "PAGERDUTY_API_URL", "help": "PagerDuty REST API base URL."})
-    workers: int = field(default=4, metadata={"env": "RUNBOOK_WORKERS", "help": "Worker threads running steps and deliveries."})
-    shutdown_grace: float = field(default=50.0, metadata={"env": "RUNBOOK_SHUTDOWN_GRACE", "help": "Seconds running steps get to finish on SIGTERM."})
-    approve_reactions: tuple[str, ...] = field(default=("white_check_mark",), metadata={"env": "RUNBOOK_APPROVE_REACTIONS", "help": "Reactions that approve (comma-separated)."})
-    reject_reactions: tuple[str, ...] = field(default=("x",), metadata={"env": "RUNBOOK_REJECT_REACTIONS", "help": "Reactions that reject (comma-separated)."})
-    pause_reactions: tuple[str, ...] = field(default=("double_vertical_bar",), metadata={"env": "RUNBOOK_PAUSE_REACTIONS", "help": "Reactions that pause the approval deadline (comma-separated)."})
-    log_level: str = field(default="INFO", metadata={"env": "RUNBOOK_LOG_LEVEL", "help": "Logging level."})
+    catalog: str = _setting("RUNBOOK_CATALOG", "./runbooks", "Catalog directory.")
+    db: str = _setting("RUNBOOK_DB", "./runbook-bot.db", "SQLite file for state and audit.")
+    env: str = _setting(
+        "RUNBOOK_ENV",
+        "",
+        "Environment this bot acts in (dev, staging, prod, …) when the catalog "
+        "does not map the service.",
+    )
+    host: str = _setting("HOST", "0.0.0.0", "Address to listen on.")
+    port: int = _setting("PORT", 3000, "HTTP port.")
+    slack_bot_token: Secret = _secret("SLACK_BOT_TOKEN", "Slack bot token (xoxb-…).")
+    slack_signing_secret: Secret = _secret(
+        "SLACK_SIGNING_SECRET", "Slack signing secret (HTTP mode)."
+    )
+    slack_app_token: Secret = _secret(
+        "SLACK_APP_TOKEN", "Slack app-level token (xapp-…): Socket Mode instead of HTTP mode."
+    )
+    slack_api_url: str = _setting(
+        "SLACK_API_URL", "https://slack.com/api/", "Slack Web API base URL."
+    )
+    pagerduty_webhook_secret: Secret = _secret(
+        "PAGERDUTY_WEBHOOK_SECRET",
+        "Secret(s) for X-PagerDuty-Signature; comma-separated during rotation.",
+    )
+    pagerduty_webhook_token: Secret = _secret(
+        "PAGERDUTY_WEBHOOK_TOKEN",
+        "Bearer token accepted instead of a signature, for relays that cannot sign.",
+    )
+    pagerduty_api_token: Secret = _secret(
+        "PAGERDUTY_API_TOKEN", "PagerDuty REST API token for write-back."
+    )
+    pagerduty_from: str = _setting(
+        "PAGERDUTY_FROM", "", "Email of a PagerDuty user, sent as From on write-back."
+    )
+    pagerduty_api_url: str = _setting(
+        "PAGERDUTY_API_URL", "https://api.pagerduty.com", "PagerDuty REST API base URL."
+    )
+    workers: int = _setting("RUNBOOK_WORKERS", 4, "Worker threads running steps and deliveries.")
+    shutdown_grace: float = _setting(
+        "RUNBOOK_SHUTDOWN_GRACE", 50.0, "Seconds running steps get to finish on SIGTERM."
+    )
+    approve_reactions: tuple[str, ...] = _setting(
+        "RUNBOOK_APPROVE_REACTIONS",
+        ("white_check_mark",),
+        "Reactions that approve (comma-separated).",
+    )
+    reject_reactions: tuple[str, ...] = _setting(
+        "RUNBOOK_REJECT_REACTIONS", ("x",), "Reactions that reject (comma-separated)."
+    )
+    pause_reactions: tuple[str, ...] = _setting(
+        "RUNBOOK_PAUSE_REACTIONS",
+        ("double_vertical_bar",),
+        "Reactions that pause the approval deadline (comma-separated).",
+    )
+    log_level: str = _setting("RUNBOOK_LOG_LEVEL", "INFO", "Logging level.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -79,10 +122,9 @@ class Config:
                 continue
             values[f.name] = _convert(f.name, f.metadata["env"], raw, f.type)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        for name in ("slack_bot_token", "slack_signing_secret", "slack_app_token",
-                     "pagerduty_webhook_secret", "pagerduty_webhook_token", "pagerduty_api_token"):
-            if isinstance(values.get(name), str):
-                values[name] = Secret(values[name])
+        for f in fields(cls):
+            if str(f.type) == "Secret" and isinstance(values.get(f.name), str):
+                values[f.name] = Secret(values[f.name])
         return cls(**values)
 
     @property
