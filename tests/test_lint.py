@@ -162,6 +162,45 @@ def test_harmless_commands_are_not_flagged(command: str | list[str]) -> None:
     assert rules.destructive_operation(command) is None
 
 
+# --- params a step sets ----------------------------------------------------------------
+
+ERROR_RATE = (
+    "id: check-error-rate\n"
+    "command: \"promtool query instant http://prometheus:9090 'up[{{ params.window }}]'\"\n"
+    "params: {window: 5m}\n"
+    "expect: [{pattern: '=>'}]\n"
+)
+
+
+def runbook_with_step(step: str) -> str:
+    return f"kind: runbook\nid: api\nmatch: {{services: [api]}}\nsteps:\n  - {step}\n"
+
+
+def test_a_misspelt_param_is_an_error_with_the_right_name_suggested() -> None:
+    typo = lint_texts(
+        {
+            "actions/check-error-rate.yaml": ERROR_RATE,
+            "runbooks/api.yaml": runbook_with_step(
+                "{action: check-error-rate, params: {windw: 1m}}"
+            ),
+        }
+    )
+    assert [(d.code, d.severity, d.path) for d in typo] == [
+        ("RB035", "error", "$.steps[0].params.windw")
+    ]
+    assert "'windw'" in typo[0].message
+    assert typo[0].fix.startswith("did you mean 'window'?")
+    fixed = lint_texts(
+        {
+            "actions/check-error-rate.yaml": ERROR_RATE,
+            "runbooks/api.yaml": runbook_with_step(
+                "{action: check-error-rate, params: {window: 1m}}"
+            ),
+        }
+    )
+    assert fixed == []
+
+
 # --- the bundled catalog ---------------------------------------------------------------
 
 

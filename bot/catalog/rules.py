@@ -42,6 +42,9 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
   RB034 E command-template   a command the executor would refuse: the program comes from
                              a template, a ``shell: true`` list, a placeholder the shell
                              cannot quote, unbalanced quotes, an empty command
+  RB035 E unknown-param      a step sets a param its action does not read (not declared,
+                             not in a ``{{ params.X }}``), nor its rollback or ``when``:
+                             usually a typo (``windw: 1m``)
 """
 
 from __future__ import annotations
@@ -671,6 +674,86 @@ def _provide(context: dict[str, Any], name: str) -> None:
 
 def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else text
+
+
+# --- params ----------------------------------------------------------------------------
+
+_EVERY_PARAM = "*"  # `{{ params }}` or a condition reading `params` whole: every key is read
+
+
+def _params_read(data: dict[str, Any]) -> set[str]:
+    """The params an action reads: declared under `params`, or used in command or env."""
+    read = set(data.get("params", {}))
+    for _, name in _templates(data, ()):
+        head, _, rest = name.partition(".")
+        if head == "params":
+            read.add(rest.partition(".")[0] or _EVERY_PARAM)
+    return read
+
+
+def _params_in_condition(when: str) -> set[str]:
+    """The params a `when` condition reads (all of them when it reads `params` whole)."""
+    try:
+        tree = parse_condition(when)
+    except (ConditionError, ValueError, RecursionError, MemoryError):
+        return {_EVERY_PARAM}  # RB029 reports it; do not guess what it meant to read
+    read: set[str] = set()
+    names = keyed = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == "params":
+            names += 1
+        elif isinstance(node, ast.Attribute | ast.Subscript) and (
+            isinstance(node.value, ast.Name) and node.value.id == "params"
+        ):
+            key = node.attr if isinstance(node, ast.Attribute) else _constant_key(node)
+            if key is not None:
+                read.add(key)
+                keyed += 1
+    return read | {_EVERY_PARAM} if names > keyed else read
+
+
+@rule
+def unknown_params(ctx: Context) -> Iterator[Diagnostic]:
+    """RB035: every param a step sets is read by its action, its rollback or its `when`."""
+    read_by = {ident: _params_read(action.data) for ident, action in ctx.actions.items()}
+    for doc in ctx.runbooks:
+        for path, step in ctx.steps(doc):
+            params: dict[str, Any] = step.get("params") or {}
+            if not params or "action" not in step:
+                continue  # an inline step's params are its own declarations
+            action_id: str = step["action"]
+            on_failure = step.get("on_failure")
+            # The engine runs the rollback with the failed step's params (`_rollback_step`).
+            rollback: str | None = on_failure["rollback"] if isinstance(on_failure, dict) else None
+            users = [action_id] if rollback is None else [action_id, rollback]
+            if any(user not in read_by for user in users):
+                continue  # RB021 reports the unknown action; its params are unknowable
+            read = set().union(*(read_by[user] for user in users))
+            if isinstance(step.get("when"), str):
+                read |= _params_in_condition(step["when"])
+            if _EVERY_PARAM in read:
+                continue
+            step_id = str(step.get("id", action_id))
+            readers = f"action {action_id!r}" + (
+                f" or its rollback {rollback!r}" if rollback else ""
+            )
+            known = (
+                f"params read by {readers}: {', '.join(sorted(read))}"
+                if read
+                else f"{readers} reads no params"
+            )
+            for name in params:
+                if name in read:
+                    continue
+                yield doc.diagnostic(
+                    "RB035",
+                    "unknown-param",
+                    f"step {step_id!r} sets param {name!r}, which {readers} does not "
+                    "read: the value would be ignored",
+                    f"{_suggest(name, sorted(read), f'remove {name!r}')} ({known})",
+                    (*path, "params", name),
+                    key=True,
+                )
 
 
 # --- conditions ------------------------------------------------------------------------
