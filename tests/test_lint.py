@@ -201,6 +201,46 @@ def test_a_misspelt_param_is_an_error_with_the_right_name_suggested() -> None:
     assert fixed == []
 
 
+# --- template-like text the executor would not substitute ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "meant"),
+    [
+        ("--title={{ incident.title|upper }}", "incident.title"),
+        ("{{incident.title }}}", "incident.title"),
+        ("{{{ incident.title }}}", "incident.title"),
+        ("{{ params.x.y(z) }}", "params.x"),
+        ("{{ incident. title }}", "incident.title"),
+        ("kubectl -n {{ incident.details.namespace } get pods", "incident.details.namespace"),
+        ("{{ incident.details['namespace'] }}", "incident.details.namespace"),
+        ("{{ upper incident.title }}", "incident.title"),
+    ],
+)
+def test_malformed_templates_are_recognised(text: str, meant: str) -> None:
+    (found,) = rules.malformed_templates(text)
+    assert found[2] == meant
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{{ incident.title }} and {{ params.window }}",
+        "{{incident.details.some-key}}",
+        "{{ params }}",
+        '{"window": {{ params.window }}}',  # the last brace closes the JSON object
+        "docker inspect --format '{{.State.Status}}'",
+        "{{ .Values.image.tag }}",
+        "kubectl get pods -o go-template='{{range .items}}{{.metadata.name}}{{end}}'",
+        '{{ if eq .reason "incident" }}yes{{ end }}',
+        "{{ $params.x }}",
+        "plain text, no braces",
+    ],
+)
+def test_other_braces_are_not_flagged(text: str) -> None:
+    assert rules.malformed_templates(text) == []
+
+
 # --- the bundled catalog ---------------------------------------------------------------
 
 

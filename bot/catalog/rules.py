@@ -45,6 +45,9 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
   RB035 E unknown-param      a step sets a param its action does not read (not declared,
                              not in a ``{{ params.X }}``), nor its rollback or ``when``:
                              usually a typo (``windw: 1m``)
+  RB036 E malformed-template  ``{{`` text about incident/params that is not a placeholder
+                             (``{{ incident.title|upper }}``, ``{{ incident. title }}``, a
+                             stray brace): it would run as literal text
 """
 
 from __future__ import annotations
@@ -63,7 +66,15 @@ from bot.catalog.model import Settings
 from bot.catalog.yamlsource import JsonPath, SourceDoc
 from bot.conditions import ConditionError
 from bot.conditions import parse as parse_condition
-from bot.executor import CommandSpec, TemplateError, render_argv, template_variables
+
+# The executor's own placeholder pattern: lint and executor agree on what is substituted.
+from bot.executor import (
+    _PLACEHOLDER,
+    CommandSpec,
+    TemplateError,
+    render_argv,
+    template_variables,
+)
 
 # What `{{ incident.X }}` and `incident.X` in `when` can read (bot.engine builds it).
 INCIDENT_FIELDS = (
@@ -674,6 +685,124 @@ def _provide(context: dict[str, Any], name: str) -> None:
 
 def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else text
+
+
+def _template_texts(data: dict[str, Any], base: JsonPath) -> Iterator[tuple[JsonPath, str]]:
+    """(path, text) for the command (each argument of a list) and every env value."""
+    command = data["command"]
+    if isinstance(command, str):
+        yield (*base, "command"), command
+    else:
+        for i, arg in enumerate(command):
+            yield (*base, "command", i), arg
+    for key, value in data.get("env", {}).items():
+        yield (*base, "env", key), value
+
+
+_OPEN = re.compile(r"\{\{")
+# Text after `{{` that is meant for the bot: it starts with incident/params, or reads
+# `incident.`/`params.` as a word of its own. Go templates (`{{.State.Status}}`,
+# `{{ .Values.x }}`, `{{ if eq .kind "incident" }}`) do neither.
+_OURS_FIRST = re.compile(r"[\s{-]*(?:incident|params)\b")
+_OURS_INSIDE = re.compile(r"(?<![\w.$\"'`])(?:incident|params)\s*\.\s*[A-Za-z_]")
+_INDEX = re.compile(r"\[\s*(['\"])([A-Za-z0-9_-]+)\1\s*\]")
+_DOTTED_NAME = re.compile(r"(?:incident|params)(?:\s*\.\s*[A-Za-z0-9_-]+)*")
+_SHOWN_CHARACTERS = 60
+
+
+def malformed_templates(text: str) -> list[tuple[str, str, str | None]]:
+    """Template-like text the executor would leave as it is, and so run as literal text.
+
+    Returns ``(snippet, why, meant)`` for each: what was written, why it is not a
+    placeholder, and the placeholder it probably meant (or None when unclear).
+    """
+    found: list[tuple[str, str, str | None]] = []
+    if "{{" not in text:
+        return found
+    for opening in _OPEN.finditer(text):
+        start = opening.start()
+        placeholder = _PLACEHOLDER.match(text, start)
+        if placeholder is not None:
+            end = placeholder.end()
+            # `{"n": {{ params.n }}}` closes an outer brace; `{{ params.n }}}` does not.
+            if text.startswith("}", end) and _open_braces(text[:start]) <= 0:
+                found.append(
+                    (
+                        placeholder.group(0) + "}",
+                        "one `}` too many; the placeholder is substituted and the extra `}` stays",
+                        placeholder.group(1),
+                    )
+                )
+            continue
+        closing = text.find("}}", start + 2)
+        stops = [i for i in (text.find("{{", start + 2), text.find("\n", start)) if i >= 0]
+        stop = min(stops, default=len(text))
+        closed = 0 <= closing < stop
+        inner = text[start + 2 : closing if closed else stop]
+        if not (_OURS_FIRST.match(inner) or _OURS_INSIDE.search(inner)):
+            continue
+        end = closing + 2 if closed else stop
+        while closed and text.startswith("}", end):
+            end += 1
+        snippet = text[start:end].rstrip()
+        if len(snippet) > _SHOWN_CHARACTERS:
+            snippet = snippet[: _SHOWN_CHARACTERS - 1] + "…"
+        found.append((snippet, _template_problem(inner, closed), _meant(inner)))
+    return found
+
+
+def _open_braces(text: str) -> int:
+    plain = _PLACEHOLDER.sub("", text)
+    return plain.count("{") - plain.count("}")
+
+
+def _template_problem(inner: str, closed: bool) -> str:
+    if not closed:
+        return "it is not closed with `}}`, so it runs as literal text"
+    if inner.lstrip().startswith("{"):
+        return "one `{` too many; a placeholder inside is substituted and the extra braces stay"
+    if "|" in inner:
+        return "templates have no `|` filters, so it runs as literal text"
+    if "(" in inner:
+        return "templates have no calls, so it runs as literal text"
+    if "[" in inner:
+        return "templates have no `[…]` indexing, so it runs as literal text"
+    if _DOTTED_NAME.search(inner) and re.search(r"\s\.|\.\s", inner):
+        return "a space inside the dotted name makes it literal text"
+    return "a template is a dotted name and nothing else, so it runs as literal text"
+
+
+def _meant(inner: str) -> str | None:
+    """The placeholder `inner` most likely means, if it names a field."""
+    text = _INDEX.sub(r".\2", inner)
+    name = _DOTTED_NAME.search(text)
+    if name is None:
+        return None
+    parts = re.sub(r"\s+", "", name.group(0)).split(".")
+    # incident.<field>, incident.details.<key>, params.<name>: nothing deeper resolves
+    keep = 3 if parts[:2] == ["incident", "details"] else 2
+    return ".".join(parts[:keep]) if len(parts) > 1 else None
+
+
+@rule
+def malformed_templates_rule(ctx: Context) -> Iterator[Diagnostic]:
+    """RB036: template-like text the executor would not substitute runs as it is."""
+    for doc, base, data, ident in ctx.guarded():
+        for path, text in _template_texts(data, base):
+            for snippet, why, meant in malformed_templates(text):
+                fix = (
+                    f"write {{{{ {meant} }}}}" if meant else "write {{ incident.<field> }}"
+                ) + ": a template is `{{ dotted.name }}` and nothing else"
+                if "|" in snippet or "(" in snippet:
+                    fix += "; to transform a value, do it in the command itself"
+                yield doc.diagnostic(
+                    "RB036",
+                    "malformed-template",
+                    f"{_what(base, ident)}: `{snippet}` is not a template the bot substitutes "
+                    f"as written: {why}",
+                    fix,
+                    path,
+                )
 
 
 # --- params ----------------------------------------------------------------------------
