@@ -241,6 +241,79 @@ def test_other_braces_are_not_flagged(text: str) -> None:
     assert rules.malformed_templates(text) == []
 
 
+# --- placeholders that a program parses as shell code ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "shell", "program"),
+    [
+        ('sh -c "grep -F {{ incident.title }} app.log"', False, "sh -c"),
+        (["bash", "-ec", "grep {{ incident.title }} app.log"], False, "bash -c"),
+        (["/bin/dash", "-e", "-c", "echo {{ params.x }}"], False, "dash -c"),
+        ("zsh -o pipefail -c 'echo {{ params.x }}'", False, "zsh -c"),
+        ("ssh web1 journalctl -u {{ incident.details.unit }}", False, "ssh"),
+        (
+            ["ssh", "-p", "2222", "web1", "--", "systemctl", "restart", "{{ params.unit }}"],
+            False,
+            "ssh",
+        ),
+        ("kubectl exec -n ns pod -- sh -c 'kill {{ params.pid }}'", False, "sh -c"),
+        ("docker exec -it web bash -lc 'tail {{ params.file }}'", False, "bash -c"),
+        ("sudo -u postgres ksh -c 'psql -c {{ params.q }}'", False, "ksh -c"),
+        ("/usr/bin/env FOO=1 sh -c 'echo {{ incident.title }}'", False, "sh -c"),
+        ("xargs -I{} sh -c 'echo {} {{ params.x }}'", False, "sh -c"),
+        ("su -c 'systemctl restart {{ params.unit }}' root", False, "su -c"),
+        ("runuser -u app -- sh -c 'echo {{ params.x }}'", False, "sh -c"),
+        ("watch -n 5 'ls {{ params.dir }}'", False, "watch"),
+        ("eval {{ params.script }}", True, "eval"),
+        ('journalctl -u app | ssh logs "cat >> /srv/{{ incident.id }}.log"', True, "ssh"),
+    ],
+    ids=repr,
+)
+def test_placeholders_parsed_again_by_a_shell_are_found(
+    command: str | list[str], shell: bool, program: str
+) -> None:
+    assert [found.program for found in rules.reparsed_templates(command, shell=shell)] == [program]
+
+
+@pytest.mark.parametrize(
+    ("command", "shell"),
+    [
+        (["sh", "-c", 'grep -F -- "$1" app.log', "sh", "{{ incident.title }}"], False),
+        ("sh -c 'grep -F -- \"$TITLE\" app.log'", False),
+        ("bash deploy.sh {{ params.version }}", False),
+        ("ssh -i key.pem -p 22 {{ incident.details.host }} uptime", False),
+        ("kubectl exec pod -- ls {{ params.dir }}", False),
+        ("kubectl get pods -n {{ incident.details.namespace }}", False),
+        ("grep ssh {{ incident.title }}", False),
+        ("watch -x ls {{ params.dir }}", False),
+        ('journalctl -u "{{ incident.details.unit }}" | grep -c sh', True),
+        ("sh -c 'echo unbalanced {{ params.x }}", False),
+    ],
+    ids=repr,
+)
+def test_placeholders_that_stay_arguments_are_not_flagged(
+    command: str | list[str], shell: bool
+) -> None:
+    assert rules.reparsed_templates(command, shell=shell) == []
+
+
+def test_a_reparsed_placeholder_is_an_error_without_approval() -> None:
+    action = (
+        "id: restart-remote\n"
+        "command: [ssh, web1, systemctl, restart, '{{ params.unit }}']\n"
+        "params: {unit: app}\n"
+        "expect: [{pattern: '^$'}]\n"
+    )
+    guarded = lint_texts({"actions/restart-remote.yaml": action})
+    unattended = lint_texts(
+        {"actions/restart-remote.yaml": action + "safety: {requires_approval: false}\n"}
+    )
+    assert [(d.code, d.severity, d.path) for d in guarded] == [("RB037", "warning", "$.command[4]")]
+    assert [(d.code, d.severity) for d in unattended] == [("RB037", "error")]
+    assert "parsed by a shell on the other end" in guarded[0].message
+
+
 # --- the bundled catalog ---------------------------------------------------------------
 
 

@@ -48,6 +48,10 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
   RB036 E malformed-template  ``{{`` text about incident/params that is not a placeholder
                              (``{{ incident.title|upper }}``, ``{{ incident. title }}``, a
                              stray brace): it would run as literal text
+  RB037 W/E reparsed-template  a ``{{ … }}`` in an argument a program parses as shell
+                             code (``sh -c``, ``ssh``, ``eval``, ``su -c``, through ``sudo``,
+                             ``env``, ``xargs``, ``kubectl exec``…): a warning; an error
+                             without approval
 """
 
 from __future__ import annotations
@@ -803,6 +807,209 @@ def malformed_templates_rule(ctx: Context) -> Iterator[Diagnostic]:
                     fix,
                     path,
                 )
+
+
+# --- programs that parse an argument as shell code -------------------------------------
+
+# Cheap test first: most commands name none of these programs.
+_REPARSE_HINT = re.compile(
+    r"(?<![\w.-])(?:sh|bash|dash|zsh|ksh|ash|mksh|fish|ssh|eval|su|runuser|watch)(?![\w.-])"
+)
+_REPARSE_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "fish"})
+_REPARSERS = _REPARSE_SHELLS | {"ssh", "eval", "su", "runuser", "watch"}
+# Programs that run another program named in their arguments, its arguments unchanged:
+# as another user, for each input line or file, under limits, in another namespace.
+_RUNNERS = (
+    frozenset({"sudo", "doas", "env", "exec", "command", "xargs", "find", "parallel"})
+    | frozenset({"nice", "nohup", "timeout", "time", "stdbuf", "setsid", "flock", "ionice"})
+    | frozenset({"chrt", "taskset", "chroot", "nsenter", "unshare", "busybox"})
+)
+_CONTAINER_CLIS = frozenset({"kubectl", "oc", "docker", "podman", "nerdctl", "crictl"})
+_CONTAINER_RUN = frozenset({"exec", "run", "debug"})
+_SSH_OPTIONS_WITH_VALUE = frozenset("BbcDEeFIiJLlmOoPpQRSWw")
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_SHELL_OPERATORS = frozenset(";&|()<>")
+
+
+@dataclass(frozen=True)
+class Reparsed:
+    """An argument that a program parses as shell code."""
+
+    index: int  # of the argument in a list command; 0 in a string command
+    program: str  # what parses it: "sh -c", "ssh", "eval", "su -c", "watch"
+    first: bool  # the program is the command itself, not run by sudo, kubectl exec…
+
+
+def _reparsed(words: list[str]) -> list[tuple[int, str, bool]]:
+    """(index, program, first) for each word of argv that a program parses as shell code.
+
+    `sh -c SCRIPT ARG…` parses SCRIPT only: ARG… become $0, $1… and are safe. ssh joins
+    every word after the host for the remote shell. Programs that run another program
+    (`sudo`, `env`, `xargs`, `kubectl exec … --`, `docker exec`) are looked through.
+    """
+    i, n = 0, len(words)
+    while i < n and _ASSIGNMENT.match(words[i]):
+        i += 1  # `VAR=value cmd` in a `shell: true` command
+    first = i
+    while i < n:
+        name = _program(words[i])
+        rest = range(i + 1, n)
+        if name in _REPARSE_SHELLS:
+            script = _shell_script(words, i)
+            return [] if script is None else [(script, f"{name} -c", i == first)]
+        if name == "ssh":
+            j = i + 1
+            while j < n and words[j].startswith("-") and words[j] != "--":
+                option = words[j]
+                j += 2 if len(option) == 2 and option[1] in _SSH_OPTIONS_WITH_VALUE else 1
+            j += 1 if j < n and words[j] == "--" else 0
+            return [(k, "ssh", i == first) for k in range(j + 1, n)]  # words[j]: the host
+        if name == "eval":
+            return [(k, "eval", i == first) for k in rest]
+        if name in ("su", "runuser"):
+            end = words.index("--", i) if "--" in words[i:] else n
+            for k in range(i + 1, end):
+                if words[k].startswith("--command="):
+                    return [(k, f"{name} -c", i == first)]
+                if words[k] in ("-c", "--command") and k + 1 < end:
+                    return [(k + 1, f"{name} -c", i == first)]
+            i = _next_reparser(words, end)  # `runuser -u app -- CMD…` runs CMD itself
+            continue
+        if name == "watch":
+            j = i + 1
+            while j < n and words[j].startswith("-"):
+                if words[j] in ("-x", "--exec"):
+                    return []  # runs the program itself, without a shell
+                j += 2 if words[j] in ("-n", "--interval") else 1
+            return [(k, "watch", i == first) for k in range(j, n)]
+        runs_another = name in _RUNNERS or (
+            name in _CONTAINER_CLIS and any(words[k] in _CONTAINER_RUN for k in rest)
+        )
+        if not runs_another:
+            return []
+        i = _next_reparser(words, i + 1)
+    return []
+
+
+def _shell_script(words: list[str], i: int) -> int | None:
+    """Where the script of `sh -c SCRIPT` is (options such as `-e`, `-o pipefail` allowed)."""
+    j, n, has_c = i + 1, len(words), False
+    while j < n:
+        word = words[j]
+        if word == "--":
+            j += 1
+            break
+        if word in ("-o", "+o", "-O", "+O"):
+            j += 2
+            continue
+        if len(word) < 2 or word[0] not in "-+":
+            break
+        has_c = has_c or (word[0] == "-" and not word.startswith("--") and "c" in word)
+        j += 1
+    return j if has_c and j < n else None
+
+
+def _next_reparser(words: list[str], start: int) -> int:
+    """The index of the next word naming a program that parses shell code, or the end."""
+    return next(
+        (k for k in range(start, len(words)) if _program(words[k]) in _REPARSERS), len(words)
+    )
+
+
+def _program(word: str) -> str:
+    return word.rsplit("/", 1)[-1]
+
+
+def reparsed_templates(command: str | list[str], *, shell: bool = False) -> list[Reparsed]:
+    """Arguments with a placeholder that a program would parse again as shell code.
+
+    A string is split the way the executor splits it (placeholders kept whole); a
+    `shell: true` command is split into words and simple commands the way the shell
+    splits it.
+    """
+    text = command if isinstance(command, str) else " ".join(command)
+    if "{{" not in text or not _REPARSE_HINT.search(text):
+        return []
+    if not isinstance(command, str):
+        words = list(command)
+        return [
+            Reparsed(k, program, first)
+            for k, program, first in _reparsed(words)
+            if _PLACEHOLDER.search(words[k])
+        ]
+    marker = "\ue000"  # a private-use character standing in for each placeholder
+    masked = _PLACEHOLDER.sub(marker, command.replace(marker, ""))
+    if shell:
+        segments: list[list[str]] = [[]]
+        for word in _words(masked):
+            if word and set(word) <= _SHELL_OPERATORS:
+                segments.append([])
+            else:
+                segments[-1].append(word)
+    else:
+        try:
+            segments = [shlex.split(masked)]
+        except ValueError:
+            return []  # RB034 reports the unbalanced quotes
+    return [
+        Reparsed(0, program, first)
+        for words in segments
+        for k, program, first in _reparsed(words)
+        if marker in words[k]
+    ]
+
+
+_REPARSED_WHERE = {
+    "ssh": "the remote command of `ssh`",
+    "eval": "the code `eval` runs",
+    "watch": "the command `watch` runs with `sh -c`",
+}
+_REPARSED_SSH_FIX = (
+    "keep placeholders out of ssh's remote command: ssh joins its arguments into one "
+    "string for the remote shell, so neither separate arguments nor quoting help; run a "
+    "fixed remote command, or run the action on that host"
+)
+_REPARSED_FIX = (
+    "pass values as separate arguments (`sh -c 'grep -F -- \"$1\" app.log' sh "
+    "{{ incident.title }}`) or as environment variables (`env: {TITLE: "
+    '"{{ incident.title }}"}` and `"$TITLE"` inside the script)'
+)
+
+
+@rule
+def reparsed_templates_rule(ctx: Context) -> Iterator[Diagnostic]:
+    """RB037: a placeholder in an argument that a program parses as shell code."""
+    for doc, base, data, ident in ctx.guarded():
+        command = data["command"]
+        shell = data.get("shell") is True
+        reported: set[JsonPath] = set()
+        for found in reparsed_templates(command, shell=shell):
+            path: JsonPath = (*base, "command")
+            if isinstance(command, list):
+                path = (*path, found.index)
+            if path in reported:
+                continue  # one report per argument (a string command is one)
+            reported.add(path)
+            text = command[found.index] if isinstance(command, list) else command
+            names = ", ".join(f"{{{{ {name} }}}}" for name in template_variables(text))
+            where = _REPARSED_WHERE.get(found.program, f"the script `{found.program}` runs")
+            if found.program == "ssh":
+                fix = _REPARSED_SSH_FIX
+            elif found.first and found.program.endswith(" -c") and not shell:
+                # the local shell's script can become the command, quoted by the bot
+                fix = _REPARSED_FIX + ", or use `shell: true`, which quotes every value"
+            else:
+                fix = _REPARSED_FIX
+            yield doc.diagnostic(
+                "RB037",
+                "reparsed-template",
+                f"{_what(base, ident)}: {names} is part of {where}, so the value will be "
+                "parsed by a shell on the other end: a value such as `$(reboot)` or "
+                "`; reboot` would run as a command",
+                fix,
+                path,
+                severity="warning" if _requires_approval(data) else "error",
+            )
 
 
 # --- params ----------------------------------------------------------------------------
