@@ -6,6 +6,7 @@ Never put a raw exception or a stack trace in these: people read them mid-incide
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 from bot.chat.base import IncidentView, StepView
 
@@ -28,11 +29,22 @@ STATE_LABELS = {
     "dry_run": "🧪 would run (dry run)",
 }
 
-DECISIONS = {
-    "approve": "white_check_mark",
-    "reject": "x",
-    "pause": "double_vertical_bar",
-}
+
+@dataclass(frozen=True)
+class ReactionNames:
+    """The reactions offered under a guarded step, one per choice.
+
+    The text names exactly these, so it must get the ones the adapter adds: in Slack the
+    first configured alias of each (RUNBOOK_APPROVE_REACTIONS, …); the console shows the
+    defaults.
+    """
+
+    approve: str = "white_check_mark"
+    reject: str = "x"
+    pause: str = "double_vertical_bar"
+
+
+DEFAULT_REACTIONS = ReactionNames()
 
 
 def incident_text(view: IncidentView) -> str:
@@ -87,15 +99,15 @@ def expect_text(view: StepView) -> str:
     return ", ".join(parts)
 
 
-def status_line(view: StepView) -> str:
+def status_line(view: StepView, reactions: ReactionNames) -> str:
     label = STATE_LABELS.get(view.state, view.state)
     if view.state == "awaiting_approval":
         extra = f" — {approvers_text(view)} may approve until {when_text(view.expires_at)}"
         if view.paused_by:
             extra = f" — paused by <@{view.paused_by}>; the deadline waits"
         return (
-            f"{label}{extra}. React :white_check_mark: to approve, :x: to reject, "
-            ":double_vertical_bar: to pause."
+            f"{label}{extra}. React :{reactions.approve}: to approve, "
+            f":{reactions.reject}: to reject, :{reactions.pause}: to pause."
         )
     if view.state in ("approved", "running") and view.actor:
         return f"{label} (approved by <@{view.actor}>)"
@@ -118,13 +130,13 @@ def step_title(view: StepView) -> str:
     return f"{phase}Step {view.index}/{view.total}: {view.step_id}{name}"
 
 
-def step_text(view: StepView) -> str:
+def step_text(view: StepView, reactions: ReactionNames) -> str:
     lines = [
         step_title(view),
         f"$ {view.command}",
         f"Safety: {safety_text(view)}",
         f"Expect: {expect_text(view)}",
-        status_line(view),
+        status_line(view, reactions),
     ]
     if view.output:
         lines.append("Output:\n" + view.output.rstrip())

@@ -240,6 +240,26 @@ def test_configured_aliases_approve_and_reject(make_bot: MakeBot) -> None:
     assert bot.runs() == ["ran"]
 
 
+def test_the_step_text_names_the_reactions_the_bot_added(make_bot: MakeBot) -> None:
+    bot = make_bot(
+        approve_reactions=("+1", "white_check_mark"),
+        reject_reactions=("no_entry", "x"),
+        pause_reactions=("hourglass",),
+    )
+    bot.open_incident()
+    message = message_of(bot, "guarded")
+    assert reactions_by_bot(message) == ["+1", "no_entry", "hourglass"]
+    instructions = "React :+1: to approve, :no_entry: to reject, :hourglass: to pause."
+    assert instructions in visible_text({**message, "text": ""})  # Block Kit
+    assert instructions in message["text"]  # and the plain-text fallback
+    assert ":white_check_mark:" not in visible_text(message)
+
+    bot.react(APPROVER, "hourglass")  # an update re-renders the text: still the same names
+    wait_text(bot, "guarded", f"paused by <@{APPROVER}>", instructions)
+    bot.react(APPROVER, "white_check_mark")  # a later alias still approves
+    wait_for(lambda: bot.status("guarded") == "success", what="approval by the second alias")
+
+
 # --- reactions that change nothing ------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ class ConsoleChat:
     def post_step(self, thread: MessageRef, view: StepView) -> MessageRef:
         ref = self._next(thread.channel)
         self.out.write("\n")
-        self._print(messages.step_text(view), "  │ ")
+        self._print(messages.step_text(view, messages.DEFAULT_REACTIONS), "  │ ")
         self._last_state[ref.ts] = view.state
         return ref
 
@@ -45,7 +45,8 @@ class ConsoleChat:
         if self._last_state.get(message.ts) == view.state:
             return
         self._last_state[message.ts] = view.state
-        self._print(f"↻ {view.step_id}: {messages.status_line(view)}", "  │ ")
+        status = messages.status_line(view, messages.DEFAULT_REACTIONS)
+        self._print(f"↻ {view.step_id}: {status}", "  │ ")
         if view.output and view.state not in ("running", "approved"):
             self._print(view.output.rstrip(), "  │   ")
 

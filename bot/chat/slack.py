@@ -205,7 +205,7 @@ def incident_blocks(view: IncidentView) -> list[dict[str, Any]]:
     return blocks
 
 
-def step_blocks(view: StepView) -> list[dict[str, Any]]:
+def step_blocks(view: StepView, reactions: messages.ReactionNames) -> list[dict[str, Any]]:
     safe = _escaped_step(view)
     blocks: list[dict[str, Any]] = [_header(messages.step_title(view))]
     if safe.description:
@@ -219,7 +219,7 @@ def step_blocks(view: StepView) -> list[dict[str, Any]]:
             ("Expect", messages.expect_text(safe)),
         )
     )
-    blocks.append(_section(messages.status_line(safe)))
+    blocks.append(_section(messages.status_line(safe, reactions)))
     if view.output:
         blocks.append(_section("*Output*\n" + code_block(view.output, SECTION_MAX - 12)))
     return blocks
@@ -396,14 +396,12 @@ class SlackChat:
         client: WebClient,
         *,
         pacer: ChannelPacer | None = None,
-        approve_reaction: str = "white_check_mark",
-        reject_reaction: str = "x",
-        pause_reaction: str = "double_vertical_bar",
+        reactions: messages.ReactionNames = messages.DEFAULT_REACTIONS,
         update_delay: float = 0.05,
     ) -> None:
         self.client = client
         self.pacer = pacer or ChannelPacer(0)
-        self.offered_reactions = (approve_reaction, reject_reaction, pause_reaction)
+        self.reactions = reactions  # added under guarded steps, and named in their text
         self._channel_ids: dict[str, str] = {}  # "#inc-payments" -> "C0…", as Slack answered
         self._updates = _LatestUpdates(self._send_update, update_delay)
 
@@ -426,13 +424,14 @@ class SlackChat:
     def post_step(self, thread: MessageRef, view: StepView) -> MessageRef:
         ref = self._post(
             thread.channel,
-            messages.step_text(_escaped_step(view)),
-            blocks=step_blocks(view),
+            messages.step_text(_escaped_step(view), self.reactions),
+            blocks=step_blocks(view, self.reactions),
             thread_ts=thread.ts,
         )
         if view.state == "awaiting_approval":
             # The choices, visible under the message: one click for the responder.
-            for name in self.offered_reactions:
+            offered = (self.reactions.approve, self.reactions.reject, self.reactions.pause)
+            for name in offered:
                 try:
                     self.client.reactions_add(channel=ref.channel, timestamp=ref.ts, name=name)
                 except SlackClientError as exc:
@@ -448,8 +447,8 @@ class SlackChat:
         self.client.chat_update(
             channel=message.channel,
             ts=message.ts,
-            text=messages.step_text(_escaped_step(view)),
-            blocks=step_blocks(view),
+            text=messages.step_text(_escaped_step(view), self.reactions),
+            blocks=step_blocks(view, self.reactions),
         )
 
     def post_note(self, thread: MessageRef, text: str) -> None:
@@ -489,6 +488,11 @@ class Reactions:
             names(config.reject_reactions, "x"),
             names(config.pause_reactions, "double_vertical_bar"),
         )
+
+    @property
+    def offered(self) -> messages.ReactionNames:
+        """The first alias of each: what the bot adds under a guarded step."""
+        return messages.ReactionNames(self.approve[0], self.reject[0], self.pause[0])
 
     def verb(self, reaction: str, added: bool) -> str | None:
         """approve | reject | pause | resume, or None for a reaction that means nothing."""
@@ -661,9 +665,7 @@ class SlackAdapter:
         self.chat = SlackChat(
             self.client,
             pacer=ChannelPacer(self.tuning.pacing_interval, self.tuning.pacing_burst),
-            approve_reaction=self.reactions.approve[0],
-            reject_reaction=self.reactions.reject[0],
-            pause_reaction=self.reactions.pause[0],
+            reactions=self.reactions.offered,
             update_delay=self.tuning.update_delay,
         )
         self.usergroups = UserGroups(self.client, self.tuning.usergroup_ttl)
