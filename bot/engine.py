@@ -464,7 +464,7 @@ class Engine:
             values = {
                 "status": "error",
                 "decision": decision.kind,
-                "reason": render_error,
+                "reason": decision.reason,  # the thread shows it beside the decision
                 "detail": f"could not build the command: {render_error}",
             }
         elif decision.kind == "blocked":
@@ -959,6 +959,7 @@ class Engine:
             state=step_run["status"],
             reason=step_run["reason"] or "",
             phase=self._phase(step_run),
+            decision=step_run["decision"] or "",
             approvers_users=tuple(declared.get("users", ())),
             approvers_groups=tuple(declared.get("groups", ())),
             expires_at=approval["expires_at"] if approval else None,

@@ -29,6 +29,13 @@ STATE_LABELS = {
     "dry_run": "🧪 would run (dry run)",
 }
 
+# How the policy's decision on a step (bot.policy.DecisionKind) reads in the thread.
+DECISION_LABELS = {
+    "auto": "auto-run",
+    "needs_approval": "needs approval",
+    "blocked": "blocked",
+}
+
 
 @dataclass(frozen=True)
 class ReactionNames:
@@ -99,6 +106,20 @@ def expect_text(view: StepView) -> str:
     return ", ".join(parts)
 
 
+def decision_text(view: StepView) -> str:
+    """What the policy decided when the step was offered, and why.
+
+    Empty for a skipped step (its `when`, not the policy, kept it from running; the status
+    line says why) and for a view without a decision.
+    """
+    label = DECISION_LABELS.get(view.decision)
+    if label is None or view.state == "skipped":
+        return ""
+    if view.decision == "blocked":
+        return f"{label}: {view.reason}" if view.reason else label
+    return f"{label} ({view.reason})" if view.reason else label
+
+
 def status_line(view: StepView, reactions: ReactionNames) -> str:
     label = STATE_LABELS.get(view.state, view.state)
     if view.state == "awaiting_approval":
@@ -113,7 +134,13 @@ def status_line(view: StepView, reactions: ReactionNames) -> str:
         return f"{label} (approved by <@{view.actor}>)"
     if view.state in ("rejected",) and view.actor:
         return f"{label} by <@{view.actor}>"
-    if view.state in ("blocked", "skipped"):
+    if view.state == "blocked":
+        # Blocked when offered: the decision line gives the reason. Blocked by the last
+        # check before running (a reloaded catalog took the scope away): the check's
+        # reason is in `detail`, and `reason` still explains the earlier decision.
+        why = view.detail or ("" if decision_text(view) else view.reason)
+        return f"{label}: {why}" if why else label
+    if view.state == "skipped":
         return f"{label}: {view.reason}"
     if view.state in ("success", "allowed_failure", "failed", "timeout", "error", "dry_run"):
         took = f" in {view.duration:.2f}s" if view.duration else ""
@@ -135,9 +162,11 @@ def step_text(view: StepView, reactions: ReactionNames) -> str:
         step_title(view),
         f"$ {view.command}",
         f"Safety: {safety_text(view)}",
-        f"Expect: {expect_text(view)}",
-        status_line(view, reactions),
     ]
+    decision = decision_text(view)
+    if decision:
+        lines.append(f"Decision: {decision}")
+    lines += [f"Expect: {expect_text(view)}", status_line(view, reactions)]
     if view.output:
         lines.append("Output:\n" + view.output.rstrip())
     return "\n".join(lines)

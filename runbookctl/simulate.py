@@ -80,6 +80,7 @@ def simulate(
     Exits 1 when no runbook matches or the runbook stops (failure, rejection, block).
     """
     from bot.catalog import load_catalog
+    from bot.chat.console import ConsoleChat
     from bot.engine import Engine, Incident
     from bot.store import Store
 
@@ -101,7 +102,7 @@ def simulate(
         engine = Engine(
             catalog,
             store,
-            _simulate_chat(out),
+            ConsoleChat(out),
             default_env=env,
             dry_run=not execute,
             # The person at the terminal stands in for the responders.
@@ -162,28 +163,3 @@ def _decide_pending(engine: Any, incident_id: str, mode: str) -> None:
             outcome = decide(approval["step_run_id"], actor)
             if not outcome.ok:  # e.g. nobody may approve it: say so rather than stall
                 click.echo(f"  │ {approval['action']} not decided: {outcome.message}")
-
-
-# What the engine decided for a step that is about to be shown, and why: the status line
-# says it for blocked and skipped steps; these two need the words spelled out.
-_DECISIONS = {
-    "pending": "auto-run",
-    "awaiting_approval": "needs approval",
-}
-
-
-def _simulate_chat(out: Any) -> Any:
-    from bot.chat.base import MessageRef, StepView
-    from bot.chat.console import ConsoleChat
-
-    class SimulateChat(ConsoleChat):
-        """The console thread, plus each step's decision and its reason."""
-
-        def post_step(self, thread: MessageRef, view: StepView) -> MessageRef:
-            ref = super().post_step(thread, view)
-            decision = _DECISIONS.get(view.state)
-            if decision is not None:
-                self._print(f"Decision: {decision} ({view.reason})", "  │ ")
-            return ref
-
-    return SimulateChat(out)

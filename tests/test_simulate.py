@@ -82,7 +82,9 @@ def test_dry_run_prints_the_thread_with_decisions_and_runs_nothing() -> None:
 def test_a_step_out_of_scope_is_blocked_with_the_way_to_promote_it() -> None:
     result = simulate("--service", "payments", "--symptom", "elevated 5xx", "--env", "prod")
     assert result.exit_code == 1
-    assert "⛔ blocked: clear-cache is not allowed in prod (scopes: staging)" in result.output
+    why = "clear-cache is not allowed in prod (scopes: staging)"
+    assert f"Decision: blocked: {why}" in result.output
+    assert "│ ⛔ blocked\n" in result.output
     assert "runbookctl promote --action clear-cache --env prod" in result.output
     assert "Escalating" in result.output
 

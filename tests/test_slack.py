@@ -35,8 +35,9 @@ from slack_harness import (
 )
 from slack_sdk import WebClient
 
-from bot.chat.base import MessageRef
-from bot.chat.slack import ChannelPacer, SlackChat, SlackTuning
+from bot import messages
+from bot.chat.base import MessageRef, StepView
+from bot.chat.slack import ChannelPacer, SlackChat, SlackTuning, step_blocks
 from bot.engine import Incident
 
 MakeBot = Callable[..., Bot]
@@ -100,6 +101,11 @@ def wait_text(bot: Bot, step_id: str, *needles: str) -> str:
 
 def ephemerals_to(slack: FakeSlack, user: str) -> list[dict[str, Any]]:
     return [m for m in slack.ephemerals() if m["user"] == user]
+
+
+def blocks_text(message: dict[str, Any]) -> str:
+    """What the Block Kit blocks show, without the plain-text fallback."""
+    return visible_text({**message, "text": ""})
 
 
 def reactions_by_bot(message: dict[str, Any]) -> list[str]:
@@ -177,6 +183,63 @@ def test_incident_to_executed_step_by_reaction(bot: Bot, slack: FakeSlack) -> No
     ]
 
 
+def test_each_step_message_shows_the_decision_and_why(bot: Bot) -> None:
+    bot.open_incident()
+    auto = "auto-run (safe for automation: runs without approval)"
+    guarded = "needs approval (requires approval by an authorized responder)"
+    for step_id, decision in (("check", auto), ("guarded", guarded)):
+        message = message_of(bot, step_id)
+        assert f"Decision: {decision}" in message["text"]  # the plain-text fallback
+        assert f"*Decision:* {decision}" in blocks_text(message)  # Block Kit
+
+    bot.react(APPROVER, "white_check_mark")
+    bot.settle()
+    message = message_of(bot, "guarded")  # decided and run: the decision stays on record
+    assert "succeeded" in message["text"] and f"Decision: {guarded}" in message["text"]
+    assert f"Decision: {auto}" in message_of(bot, "after")["text"]
+
+
+def test_a_blocked_step_says_why_once(bot: Bot) -> None:
+    bot.open_incident(
+        Incident(id="PINC003", title="API elevated errors", service="api", env="prod")
+    )
+    message = message_of(bot, "check")
+    why = "check is not allowed in prod (scopes: dev, staging). To allow it: runbookctl promote"
+    assert f"Decision: blocked: {why}" in message["text"]
+    assert f"*Decision:* blocked: {why}" in blocks_text(message)
+    assert message["text"].count("is not allowed in prod") == 1  # the status line: ⛔ blocked
+    assert "⛔ blocked" in blocks_text(message)
+
+
+def test_blocked_at_the_last_check_shows_that_checks_reason() -> None:
+    # Offered as automatic, then a reloaded catalog took the scope away before it ran.
+    view = StepView(
+        incident_id="P1",
+        step_run_id=1,
+        step_id="check",
+        action_id="check",
+        index=1,
+        total=1,
+        name="Check",
+        description="",
+        command="true",
+        shell=False,
+        requires_approval=False,
+        scopes=("staging",),
+        env="prod",
+        expect=(),
+        state="blocked",
+        reason="safe for automation: runs without approval",
+        decision="auto",
+        detail="check is not allowed in prod (scopes: staging)",
+    )
+    text = messages.step_text(view, messages.DEFAULT_REACTIONS)
+    assert "Decision: auto-run (safe for automation: runs without approval)" in text
+    assert "⛔ blocked: check is not allowed in prod (scopes: staging)" in text
+    blocks = visible_text({"text": "", "blocks": step_blocks(view, messages.DEFAULT_REACTIONS)})
+    assert "⛔ blocked: check is not allowed in prod" in blocks
+
+
 def test_without_a_runbook_the_thread_says_how_to_add_one(bot: Bot, slack: FakeSlack) -> None:
     bot.open_incident(
         Incident(id="PINC009", title="Disk full on batch-7", service="batch", env="staging")
@@ -250,7 +313,7 @@ def test_the_step_text_names_the_reactions_the_bot_added(make_bot: MakeBot) -> N
     message = message_of(bot, "guarded")
     assert reactions_by_bot(message) == ["+1", "no_entry", "hourglass"]
     instructions = "React :+1: to approve, :no_entry: to reject, :hourglass: to pause."
-    assert instructions in visible_text({**message, "text": ""})  # Block Kit
+    assert instructions in blocks_text(message)  # Block Kit
     assert instructions in message["text"]  # and the plain-text fallback
     assert ":white_check_mark:" not in visible_text(message)
 

@@ -55,6 +55,7 @@ class StepView:
     state: str  # a step run status: awaiting_approval, approved, running, success, ...
     reason: str  # why this decision (blocked because…, skipped because…)
     phase: str = "main"
+    decision: str = ""  # the policy's, when the step was offered: auto | needs_approval | blocked
     approvers_users: tuple[str, ...] = ()
     approvers_groups: tuple[str, ...] = ()
     expires_at: float | None = None

@@ -219,6 +219,9 @@ def step_blocks(view: StepView, reactions: messages.ReactionNames) -> list[dict[
             ("Expect", messages.expect_text(safe)),
         )
     )
+    decision = messages.decision_text(safe)
+    if decision:
+        blocks.append(_section(f"*Decision:* {decision}"))
     blocks.append(_section(messages.status_line(safe, reactions)))
     if view.output:
         blocks.append(_section("*Output*\n" + code_block(view.output, SECTION_MAX - 12)))
