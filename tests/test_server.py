@@ -233,3 +233,21 @@ def test_the_real_process_survives_a_restart_between_post_and_approval(
     assert code == 0, "".join(bot.log)
     assert ran.read_text().splitlines() == ["ran"]  # exactly once
     assert any("stopped" in line for line in bot.log)
+
+
+def test_the_database_is_checkpointed_in_the_background(catalog: Path) -> None:
+    db = catalog / "state.db"
+    app = BotApp(Config(catalog=str(catalog), db=str(db)))
+    app.checkpoint_seconds = 0.05
+    app.start()
+    try:
+        size = db.stat().st_size
+        for n in range(20):  # far below SQLite's own checkpoint limit
+            app.store.record_event(incident_id=f"P{n}", status="executed", detail="x" * 4000)
+        wait_for(
+            lambda: db.stat().st_size > size + 20 * 4000,
+            what="the housekeeping thread to copy the WAL into the database file",
+        )
+    finally:
+        app.stop(grace=1)
+        app.store.close()

@@ -294,3 +294,22 @@ def test_the_database_survives_a_reader_during_writes(db_path: Path) -> None:
     assert reader.execute("SELECT count(*) FROM automation_events").fetchone() == (2,)
     reader.close()
     writer.close()
+
+
+def test_commits_leave_checkpoints_to_the_background(db_path: Path) -> None:
+    """A commit never copies the WAL into the database file (an fsync on the request
+    path); `checkpoint()`, run by the bot's housekeeping thread, does."""
+    store = Store(db_path)
+    size = db_path.stat().st_size
+    for n in range(1500):  # a page of WAL each: past SQLite's default limit of 1,000
+        store.record_event(incident_id=f"P{n}", status="executed", detail="x" * 4000)
+    assert db_path.stat().st_size == size  # everything is still in the WAL only
+
+    pages, copied = store.checkpoint()
+    assert copied == pages >= 1500
+    assert db_path.stat().st_size > size + 1500 * 4000
+    assert store.checkpoint() == (pages, pages)  # nothing new: nothing to do
+    store.record_event(incident_id="P-after", status="executed")  # the store still writes
+    store.close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM automation_events").fetchone() == (1501,)
