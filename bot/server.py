@@ -112,7 +112,7 @@ class BotApp:
         self.slack = self._build_slack()
         self.intake = self._build_intake()
         metrics.set_info(__version__, self.catalog.version)
-        metrics.track_pending_approvals(lambda: float(len(self.store.pending_approvals())))
+        metrics.track_pending_approvals(lambda: float(self.store.count_pending_approvals()))
 
     # Slack: the chat adapter and the /slack/events route (bot.chat.slack).
     def _build_slack(self) -> SlackAdapter | None:

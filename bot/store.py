@@ -535,6 +535,12 @@ class Store:
             (incident_id,),
         )
 
+    def count_pending_approvals(self) -> int:
+        """How many approval requests wait for a human (for /metrics: one indexed count,
+        not every row read at each scrape)."""
+        row = self.query_one("SELECT count(*) AS pending FROM approvals WHERE status = 'pending'")
+        return int(row["pending"]) if row else 0
+
     def due_approvals(self, at: float) -> list[dict[str, Any]]:
         return self.query(
             "SELECT * FROM approvals WHERE status = 'pending' AND paused_at IS NULL "

@@ -6,9 +6,11 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,5 +251,35 @@ def test_the_database_is_checkpointed_in_the_background(catalog: Path) -> None:
             what="the housekeeping thread to copy the WAL into the database file",
         )
     finally:
+        app.stop(grace=1)
+        app.store.close()
+
+
+def test_pending_approvals_are_counted_at_scrape_without_reading_them(catalog: Path) -> None:
+    db = catalog / "state.db"
+    app = BotApp(Config(catalog=str(catalog), db=str(db)))
+    server, thread, http = serve(app)
+    try:
+        with sqlite3.connect(db) as conn:  # a backlog, as a long outage would leave
+            conn.executemany(
+                "INSERT INTO approvals (step_run_id, incident_id, action, status, approvers, "
+                "expires_at) VALUES (?, ?, 'guarded', ?, ?, 0)",
+                [
+                    (n, f"P{n}", "pending" if n % 4 else "approved", '{"users": ["U1"]}' * 20)
+                    for n in range(20_000)
+                ],
+            )
+        tracemalloc.start()
+        try:
+            scraped = http.get("/metrics")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert "runbook_pending_approvals 15000.0" in scraped.text
+        assert peak < 4_000_000  # reading the 15,000 rows took tens of MB at each scrape
+    finally:
+        http.close()
+        server.stop()
+        thread.join(5)
         app.stop(grace=1)
         app.store.close()
