@@ -45,6 +45,13 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 # incidents a second stay under it. With nothing new to copy a checkpoint costs microseconds.
 CHECKPOINT_SECONDS = 1.0
 
+# Largest request body waitress accepts (its own default is 1 GiB, spooled to disk and
+# then read by the route). Above it waitress answers 413 and no route sees the request:
+# at the Content-Length header, before reading the body; a chunked body once it passes
+# the limit. Slack events and PagerDuty webhooks are a few kB; the PagerDuty route
+# refuses more than 256 KiB itself.
+MAX_REQUEST_BODY_BYTES = 1024 * 1024
+
 
 class WorkerPool:
     """A thread pool with a bound on queued work, so a storm cannot exhaust memory."""
@@ -260,6 +267,7 @@ class HttpServer:
             threads=threads,
             ident="runbook-bot",
             clear_untrusted_proxy_headers=True,
+            max_request_body_size=MAX_REQUEST_BODY_BYTES,
         )
         if not isinstance(server, BaseWSGIServer):  # several sockets: not what we asked
             server.close()

@@ -283,3 +283,51 @@ def test_pending_approvals_are_counted_at_scrape_without_reading_them(catalog: P
         thread.join(5)
         app.stop(grace=1)
         app.store.close()
+
+
+# Posts a file's bytes, in its own process so that the bot's memory is measured alone.
+POST_FILE = """
+import json, sys, httpx
+url, path, headers, chunked = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+body = open(path, "rb").read()
+content = iter([body[i : i + 65536] for i in range(0, len(body), 65536)]) if chunked else body
+print(httpx.post(url, content=content, headers=headers, timeout=10).status_code)
+"""
+
+
+def test_an_oversized_body_is_refused_before_the_bot_reads_it(
+    catalog: Path, slack: FakeSlack
+) -> None:
+    bot = Bot(catalog, slack)
+    try:
+        envelope = reaction_event(APPROVER, "white_check_mark", "CINC", "1.0")
+        text = json.dumps({**envelope, "padding": "x" * (2 * 1024 * 1024)})
+        big = catalog / "big.json"
+        big.write_text(text)
+        headers = json.dumps(sign(text))  # signed: only its size is wrong
+
+        def post(chunked: bool) -> tuple[str, int]:
+            url = f"{bot.url}/slack/events"
+            argv = [sys.executable, "-c", POST_FILE, url, str(big), headers, chunked * "chunked"]
+            tracemalloc.start()
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert done.returncode == 0, done.stderr
+            return done.stdout.strip(), peak
+
+        status, peak = post(chunked=False)
+        assert status == "413"  # from waitress, at the Content-Length: no route saw it
+        assert peak < 512 * 1024  # nor was the body read (8 MB by the time bolt had it)
+        status, peak = post(chunked=True)
+        assert status == "413"  # without a length: refused once past the limit
+        assert peak < 2 * 1024 * 1024  # read up to the limit, not all of it
+
+        assert bot.http.get("/healthz").json()["status"] == "ok"
+        bot.open_incident()  # and it still takes reactions
+        assert bot.react(APPROVER, "white_check_mark").status_code == 200
+        wait_for(lambda: bot.status("guarded") == "success", what="the approved step to run")
+    finally:
+        bot.stop()
