@@ -592,7 +592,7 @@ class Engine:
             self._event(
                 row, "executed", step=step, actor=approval["decided_by"] if approval else ""
             )
-        self._refresh_step(row, step_run["id"], step, steps)
+            self._refresh_step(row, step_run["id"], step, steps)  # shows "running"
         if self.dry_run:
             values: dict[str, Any] = {
                 "status": "dry_run",
