@@ -35,7 +35,7 @@ import sqlite_utils
 
 from bot.errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # WAL pages a commit may leave before that commit copies them into the database file
 # itself (SQLite's auto-checkpoint, default 1,000 pages). A checkpoint fsyncs, and on the
@@ -248,7 +248,13 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db.table("deliveries").create_index(["source", "incident_id", "status"])
 
 
-MIGRATIONS = {1: _migration_1, 2: _migration_2}
+def _migration_3(db: sqlite_utils.Database) -> None:
+    # Every row names the catalog version it was decided under; deliveries lacked it.
+    # Rows recorded before this version keep NULL: which catalog was running is unknown.
+    db.execute("ALTER TABLE deliveries ADD COLUMN catalog_commit TEXT")
+
+
+MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3}
 
 
 class Store:
@@ -582,8 +588,11 @@ class Store:
         event_type: str,
         incident_id: str,
         payload: str,
+        catalog_commit: str,
     ) -> bool:
         """Record a delivery unless its delivery id or event id was seen; True if new.
+
+        `catalog_commit` is the version of the catalog the bot runs as it receives it.
 
         Committed before the sender gets its 2xx, so a crash after the answer loses
         nothing: the queue is drained on the next start.
@@ -597,7 +606,8 @@ class Store:
                 return False
             conn.execute(
                 "INSERT INTO deliveries (id, source, event_id, event_type, incident_id, "
-                "payload, status, attempts, received_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?)",
+                "payload, status, attempts, received_at, catalog_commit) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?)",
                 (
                     f"{source}:{delivery_id}",
                     source,
@@ -606,6 +616,7 @@ class Store:
                     incident_id,
                     payload,
                     now(),
+                    catalog_commit,
                 ),
             )
             return True

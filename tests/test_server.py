@@ -33,6 +33,7 @@ from slack_harness import (
 
 from bot.config import Config, Secret
 from bot.errors import ConfigError
+from bot.pagerduty import sign as sign_pagerduty
 from bot.server import BotApp, HttpServer
 
 
@@ -329,5 +330,42 @@ def test_an_oversized_body_is_refused_before_the_bot_reads_it(
         bot.open_incident()  # and it still takes reactions
         assert bot.react(APPROVER, "white_check_mark").status_code == 200
         wait_for(lambda: bot.status("guarded") == "success", what="the approved step to run")
+    finally:
+        bot.stop()
+
+
+def test_every_delivery_names_the_catalog_it_was_received_under(
+    catalog: Path, slack: FakeSlack
+) -> None:
+    bot = Bot(catalog, slack, pagerduty_webhook_secret=Secret("pd-secret"))
+    try:
+        webhook = {
+            "event": {
+                "id": "EV0001",
+                "event_type": "incident.triggered",
+                "resource_type": "incident",
+                "data": {
+                    "id": "PINC001",
+                    "type": "incident",
+                    "title": "API elevated errors",
+                    "service": {"id": "PAPI", "summary": "api"},
+                },
+            }
+        }
+        body = json.dumps(webhook).encode()
+        headers = {"X-PagerDuty-Signature": sign_pagerduty(body, "pd-secret")}
+        assert bot.http.post("/pagerduty/webhook", content=body, headers=headers).status_code == 202
+        wait_for(
+            lambda: bot.status("guarded") and bot.step_run("guarded")["message_ts"],
+            what="the step posted",
+        )
+        assert bot.react(APPROVER, "white_check_mark").status_code == 200
+        bot.settle()
+        rows = bot.app.store.query("SELECT source, catalog_commit FROM deliveries ORDER BY rowid")
+        version = bot.app.catalog.version
+        assert rows == [
+            {"source": "pagerduty", "catalog_commit": version},
+            {"source": "slack", "catalog_commit": version},
+        ]
     finally:
         bot.stop()

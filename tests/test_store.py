@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import bot.store
 from bot.errors import StoreError
 from bot.store import EVENT_STATUSES, SCHEMA_VERSION, Store
 
@@ -82,7 +83,14 @@ def test_fresh_database_has_the_schema_in_wal_mode(db_path: Path) -> None:
         "detail",
         "catalog_commit",
     } <= columns(db_path, "automation_events")
-    for table in ("incidents", "runs", "step_runs", "approvals", "automation_events"):
+    for table in (
+        "incidents",
+        "runs",
+        "step_runs",
+        "approvals",
+        "deliveries",
+        "automation_events",
+    ):
         assert "catalog_commit" in columns(db_path, table), table
 
 
@@ -262,6 +270,7 @@ def test_deliveries_are_deduplicated_and_queued_in_order(store: Any) -> None:
                 event_type="incident.triggered",
                 incident_id=incident,
                 payload="{}",
+                catalog_commit="abc123def456",
             )
         )
 
@@ -278,6 +287,8 @@ def test_deliveries_are_deduplicated_and_queued_in_order(store: Any) -> None:
     store.finish_delivery("pagerduty:d1", "done")
     assert store.claim_next_delivery("pagerduty", set())["id"] == "pagerduty:d3"
     assert store.requeue_interrupted_deliveries("pagerduty") == 2
+    commits = store.query("SELECT DISTINCT catalog_commit FROM deliveries")
+    assert commits == [{"catalog_commit": "abc123def456"}]
 
 
 def test_the_database_survives_a_reader_during_writes(db_path: Path) -> None:
@@ -313,3 +324,43 @@ def test_commits_leave_checkpoints_to_the_background(db_path: Path) -> None:
     store.close()
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM automation_events").fetchone() == (1501,)
+
+
+def test_deliveries_gain_their_catalog_commit_from_a_version_2_database(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as old_bot:  # the bot before schema 3: migrations 1 and 2
+        old_bot.setattr(bot.store, "SCHEMA_VERSION", 2)
+        old = Store(db_path)
+        assert old.schema_version == 2
+        assert "catalog_commit" not in columns(db_path, "deliveries")
+        old.execute(
+            "INSERT INTO deliveries (id, source, event_id, event_type, incident_id, payload, "
+            "status, attempts, received_at) VALUES ('pagerduty:d1', 'pagerduty', 'e1', "
+            "'incident.triggered', 'P1', '{}', 'queued', 0, 1.0)"
+        )
+        seed(old)
+        old.close()
+
+    store = Store(db_path)
+    assert store.schema_version == SCHEMA_VERSION == 3
+    (kept,) = store.query("SELECT * FROM deliveries")
+    assert (kept["id"], kept["status"], kept["payload"]) == ("pagerduty:d1", "queued", "{}")
+    assert kept["catalog_commit"] is None  # recorded before the column: unknown
+    assert store.get_incident("P1") is not None  # other tables untouched
+    assert store.enqueue_delivery(
+        source="slack",
+        delivery_id="Ev1",
+        event_id="Ev1",
+        event_type="reaction_added",
+        incident_id="P1",
+        payload="{}",
+        catalog_commit="abc123def456",
+    )
+    rows = store.query("SELECT id, catalog_commit FROM deliveries ORDER BY rowid")
+    assert rows == [
+        {"id": "pagerduty:d1", "catalog_commit": None},
+        {"id": "slack:Ev1", "catalog_commit": "abc123def456"},
+    ]
+    assert store.claim_next_delivery("pagerduty", set())["id"] == "pagerduty:d1"  # still queued
+    store.close()

@@ -553,6 +553,7 @@ class ReactionIntake:
             event_type=str(event.get("type") or ""),
             incident_id=step_run["incident_id"],
             payload=json.dumps(payload),
+            catalog_commit=self.host.engine.catalog.version,
         )
         metrics.webhook_deliveries.labels(SOURCE, "accepted" if fresh else "duplicate").inc()
         if fresh:

@@ -185,6 +185,7 @@ class PagerDutyIntake:
                 event_type=event.event_type,
                 incident_id=event.incident_id,
                 payload=body.decode("utf-8"),
+                catalog_commit=self.app.engine.catalog.version,
             )
         except Exception:
             log.exception("could not record PagerDuty delivery %s", delivery_id)
