@@ -274,6 +274,7 @@ class HttpServer:
             raise ConfigError("HOST must be one address to listen on")
         self._server = server
         self._stopping = threading.Event()
+        self._closed = False
 
     @property
     def port(self) -> int:
@@ -293,12 +294,17 @@ class HttpServer:
                     count=1,
                 )
         finally:
+            # Before closing: once the wake-up pipe is closed its descriptor number may
+            # be reused, and a late stop() must not write into someone else's file.
+            self._closed = True
             wasyncore.close_all(self._map, ignore_all=True)
             self._server.task_dispatcher.shutdown(timeout=5)
 
     def stop(self) -> None:
         """Safe from a signal handler: sets a flag and writes a byte to a pipe."""
         self._stopping.set()
+        if self._closed:
+            return
         # Wakes the loop at once; if the wake-up pipe is already gone the loop still sees
         # the flag within its 1 s poll timeout.
         with contextlib.suppress(OSError):
