@@ -8,6 +8,7 @@ only non-production scopes unless the YAML says otherwise).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,14 +55,9 @@ class Expectation:
         return _compiled(self.pattern)
 
 
-_REGEX_CACHE: dict[str, re.Pattern[str]] = {}
-
-
-def _compiled(pattern: str) -> re.Pattern[str]:
-    compiled = _REGEX_CACHE.get(pattern)
-    if compiled is None:
-        compiled = _REGEX_CACHE[pattern] = re.compile(pattern, re.MULTILINE)
-    return compiled
+@functools.cache
+def _compiled(pattern: str, flags: int = re.MULTILINE) -> re.Pattern[str]:
+    return re.compile(pattern, flags)
 
 
 @dataclass(frozen=True)
@@ -151,17 +147,7 @@ class Match:
 
     @property
     def symptom_regexes(self) -> tuple[re.Pattern[str], ...]:
-        return tuple(_compiled_ci(s) for s in self.symptoms)
-
-
-_CI_CACHE: dict[str, re.Pattern[str]] = {}
-
-
-def _compiled_ci(pattern: str) -> re.Pattern[str]:
-    compiled = _CI_CACHE.get(pattern)
-    if compiled is None:
-        compiled = _CI_CACHE[pattern] = re.compile(pattern, re.IGNORECASE)
-    return compiled
+        return tuple(_compiled(s, re.IGNORECASE) for s in self.symptoms)
 
 
 @dataclass(frozen=True)
