@@ -118,6 +118,12 @@ def simple(*steps: Any, **kwargs: Any) -> Catalog:
     return catalog(runbook("payments-5xx", steps, symptoms=("5xx",), **kwargs))
 
 
+def build_guarded_flush(h: Harness) -> Engine:
+    """One guarded step whose approval request lasts 60 s on the harness clock."""
+    flush = action("clear-cache", marking(h.marks, "flush"), approval=True, approval_timeout=60)
+    return h.build(simple(step(flush)))
+
+
 # --- walking the steps ------------------------------------------------------------------
 
 
@@ -373,13 +379,7 @@ def test_rejection_stops_and_escalates(h: Harness) -> None:
 
 
 def test_expiry_is_a_rejection_that_escalates(h: Harness) -> None:
-    h.build(
-        simple(
-            step(
-                action("clear-cache", marking(h.marks, "flush"), approval=True, approval_timeout=60)
-            )
-        )
-    )
+    build_guarded_flush(h)
     h.open()
     engine = h.engine
     assert engine is not None
@@ -397,13 +397,7 @@ def test_expiry_is_a_rejection_that_escalates(h: Harness) -> None:
 
 
 def test_approving_after_the_deadline_expires_instead(h: Harness) -> None:
-    h.build(
-        simple(
-            step(
-                action("clear-cache", marking(h.marks, "flush"), approval=True, approval_timeout=60)
-            )
-        )
-    )
+    build_guarded_flush(h)
     h.open()
     assert h.engine is not None
     h.clock.advance(61)  # the timer has not run yet
@@ -414,13 +408,7 @@ def test_approving_after_the_deadline_expires_instead(h: Harness) -> None:
 
 
 def test_pause_holds_the_deadline_and_an_approval_while_paused_still_runs(h: Harness) -> None:
-    h.build(
-        simple(
-            step(
-                action("clear-cache", marking(h.marks, "flush"), approval=True, approval_timeout=60)
-            )
-        )
-    )
+    build_guarded_flush(h)
     h.open()
     engine = h.engine
     assert engine is not None
@@ -437,13 +425,7 @@ def test_pause_holds_the_deadline_and_an_approval_while_paused_still_runs(h: Har
 
 
 def test_resume_moves_the_deadline_by_the_pause(h: Harness) -> None:
-    h.build(
-        simple(
-            step(
-                action("clear-cache", marking(h.marks, "flush"), approval=True, approval_timeout=60)
-            )
-        )
-    )
+    build_guarded_flush(h)
     h.open()
     engine = h.engine
     assert engine is not None
