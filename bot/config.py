@@ -58,6 +58,12 @@ class Config:
 
     catalog: str = _setting("RUNBOOK_CATALOG", "./runbooks", "Catalog directory.")
     db: str = _setting("RUNBOOK_DB", "./runbook-bot.db", "SQLite file for state and audit.")
+    state_dir: str = _setting(
+        "RUNBOOK_STATE_DIR",
+        "",
+        "Directory where step supervisors record results that outlive the bot "
+        "(default: beside the SQLite file, e.g. runbook-bot-steps/).",
+    )
     env: str = _setting(
         "RUNBOOK_ENV",
         "",

@@ -1,56 +1,67 @@
-"""The incident engine: match a runbook, walk its steps, decide, execute, record, advance.
+"""The incident state machine: one inbox item in, one transaction out.
 
-It knows nothing of Slack, PagerDuty or click. Adapters call it:
-  * intake: ``open_incident``, ``resolve_incident``, ``reopen_incident``, ``note``;
-  * chat: ``approve``, ``reject``, ``pause``, ``resume`` (each returns an ``Outcome``
-    whose message the adapter may show to the person who acted);
-  * a timer: ``expire_due``; start-up: ``recover``.
-It talks back through the chat port (``bot.chat.base.ChatPort``) and notifies
-``EngineListener``s (PagerDuty write-back) of escalations and finished runs.
+Everything that can change an incident arrives as an item of the durable inbox
+(``bot.inbox``): PagerDuty events, approvals from Slack, approval deadlines, command
+results. Items of one incident are applied one at a time, in the order they were
+received, so a resolve acknowledged before a ✅ always wins. ``Engine.apply`` applies one
+item in one store transaction (``Store.unit``): it reads the incident, lets
+``bot.policy`` decide, makes the state changes, records the audit events and the effects
+the changes cause (Slack messages, PagerDuty write-back) in the outbox, and marks the
+item applied, all or nothing. It never waits on Slack or PagerDuty (the outbox senders
+deliver later) nor on a command (executors run them and send their results back as
+inbox items).
 
-State lives in the store, so any call may be the first after a restart. Everything
-that decides whether a command may run is in ``bot.policy``; the store's atomic claim
-makes every step run at most once.
+After each change the run is walked as far as it can go without a human: the next step
+is decided (blocked, skipped, needs approval, automatic), an automatic or approved step
+is claimed (at most once: a unique attempt row and a conditional update) and handed to
+the executor once the transaction commits.
+
+The engine knows nothing of Slack, PagerDuty or click.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import logging
 import re
 import shlex
-import threading
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from bot import executor, metrics, policy
+from bot import effects, executor, messages, metrics, policy
 from bot.catalog.model import Action, Approvers, Catalog, Runbook, Step
-from bot.chat.base import ChatPort, IncidentView, MessageRef, NullChat, StepView
+from bot.chat.base import IncidentView, StepView
 from bot.conditions import ConditionError, evaluate
-from bot.store import STEP_APPROVED, STEP_AWAITING, STEP_PENDING, Store, now
+from bot.effects import Kind
+from bot.states import (
+    RESULT_EVENTS,
+    RESULT_STATUSES,
+    ApprovalStatus,
+    Event,
+    InboxKind,
+    InboxStatus,
+    IncidentStatus,
+    Phase,
+    Refusal,
+    RunStatus,
+    StepStatus,
+)
+from bot.store import AlreadyApplied, Approval, InboxItem, Run, StepRun, Store, Unit, now
+from bot.store import Incident as IncidentRow
 
 log = logging.getLogger(__name__)
 
 OUTPUT_EXCERPT_CHARS = 1500
 ROLLBACK_INDEX_BASE = 10_000  # step_index of the rollback of step i is BASE + i
-
-# step run status -> automation_events status
-_RESULT_EVENTS = {
-    "success": "succeeded",
-    "allowed_failure": "allowed_failure",
-    "failed": "failed",
-    "timeout": "timed_out",
-    "error": "error",
-    "dry_run": "dry_run",
-}
-_MOVES_ON = frozenset({"success", "allowed_failure", "skipped", "dry_run"})
-_RAN = frozenset({"failed", "timeout"})  # failures where the command did start
+MAX_WALK = 1_000  # steps one item may walk (a runbook is far shorter; a guard, not a limit)
 
 
 @dataclass(frozen=True)
 class Incident:
+    """An incident as an intake reports it (PagerDuty, simulate)."""
+
     id: str
     title: str
     service: str
@@ -63,20 +74,63 @@ class Incident:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    ok: bool
-    message: str
+class Job:
+    """A claimed step's command, for an executor: everything it needs, nothing to decide."""
+
+    step_run_id: int
+    attempt: int
+    incident_id: str
+    phase: str
+    action_id: str
+    spec: executor.CommandSpec
+    context: Mapping[str, Any]
+    output_cap: int
+    secret_patterns: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """The inbox key of this job's end (result or interruption): one per attempt."""
+        return f"step:{self.step_run_id}:{self.attempt}:end"
 
 
-class EngineListener(Protocol):
-    def escalated(self, incident: Mapping[str, Any], reason: str) -> None: ...
+class Executor(Protocol):
+    """Where claimed steps run (``bot.jobs``). Results come back as inbox items."""
 
-    def run_finished(
-        self, incident: Mapping[str, Any], status: str, summary: str, all_succeeded: bool
-    ) -> None: ...
+    dry_run: bool  # commands are not run: results say what would have run
+
+    def reserve(self) -> str:
+        """A runner id for a step about to be claimed; the claim records it."""
+        ...
+
+    def release(self, runner: str) -> None:
+        """The claim did not commit: the runner is not needed."""
+        ...
+
+    def start(self, runner: str, job: Job) -> None:
+        """Run the job (the claim is committed). Must not block on the command."""
+        ...
 
 
-Runner = Callable[..., executor.ExecutionResult]
+MemberOf = Callable[[str, str], bool]
+
+
+def fingerprint(command: str) -> str:
+    """A short digest of what a step message shows: an approval applies to it only."""
+    return hashlib.sha256(command.encode("utf-8")).hexdigest()[:12]
+
+
+def result_payload(job: Job, result: executor.ExecutionResult) -> dict[str, Any]:
+    return {
+        "step_run_id": job.step_run_id,
+        "attempt": job.attempt,
+        "phase": job.phase,
+        "status": result.status,
+        "exit_code": result.exit_code,
+        "output": result.output,
+        "detail": result.detail,
+        "duration": result.duration,
+        "argv": list(result.argv),
+    }
 
 
 class Engine:
@@ -84,446 +138,1069 @@ class Engine:
         self,
         catalog: Catalog,
         store: Store,
-        chat: ChatPort | None = None,
+        executor_: Executor,
         *,
         default_env: str = "",
-        dry_run: bool = False,
-        member_of: policy.MemberOf | None = None,
+        member_of: MemberOf | None = None,
         bot_users: Collection[str] = (),
-        listeners: Iterable[EngineListener] = (),
-        runner: Runner = executor.run,
+        writeback: bool = False,
+        chat: bool = True,
         clock: Callable[[], float] = now,
         output_cap: int = 64_000,
+        details: Callable[[str], Mapping[str, Any]] | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
-        self.chat: ChatPort = chat or NullChat()
+        self.executor = executor_
         self.default_env = default_env
-        self.dry_run = dry_run
-        self.member_of: policy.MemberOf = member_of or (lambda user, group: False)
-        self.bot_users = set(bot_users)
-        # kept, not copied: adapters may register listeners after the engine is built
-        self.listeners = listeners if isinstance(listeners, list) else list(listeners)
-        self.runner = runner
+        self.member_of: MemberOf = member_of or (lambda user, group: False)
+        self.bot_users = frozenset(bot_users)
+        self.writeback = writeback
+        self.chat = chat
         self.clock = clock
         self.output_cap = output_cap
-        self._locks: dict[str, threading.RLock] = {}
+        # Reads an incident's alert details when the trigger carried none (PagerDuty's
+        # REST API); called before the transaction, never inside it.
+        self.details = details
         self._runbook_index: tuple[Catalog | None, dict[str, Runbook]] = (None, {})
-        self._locks_guard = threading.Lock()
-        self._stopping = threading.Event()
 
-    # --- intake --------------------------------------------------------------------------
+    # --- the one entry point ---------------------------------------------------------------
 
-    def open_incident(self, incident: Incident) -> str:
-        """Start (or, for a duplicate, leave alone) the incident; returns its id."""
-        with self._lock(incident.id):
-            if self.store.get_incident(incident.id) is not None:
-                return incident.id
-            details_text = json.dumps(incident.details, sort_keys=True, default=str)
-            runbook = self.catalog.match(
-                incident.service,
-                incident.title,
-                service_id=incident.service_id,
-                details=details_text,
-            )
-            env = (
-                incident.env
-                or self.catalog.environment_for_service(incident.service, incident.service_id)
-                or self.default_env
-            )
-            channel = self.catalog.channel_for(runbook)
-            created = self.store.create_incident(
-                {
-                    "id": incident.id,
-                    "title": incident.title,
-                    "service": incident.service,
-                    "service_id": incident.service_id,
-                    "urgency": incident.urgency,
-                    "priority": incident.priority,
-                    "env": env,
-                    "details": dict(incident.details),
-                    "link": incident.link,
-                    "status": "open",
-                    "runbook_id": runbook.id if runbook else None,
-                    "catalog_commit": self.catalog.version,
-                    "channel": channel,
-                    "created_at": self.clock(),
-                    "updated_at": self.clock(),
-                }
-            )
-            if not created:
-                return incident.id
-            metrics.incidents.labels(
-                metrics.service_label(incident.service), "yes" if runbook else "no"
-            ).inc()
-            row = self._incident(incident.id)
-            self._event(
-                row,
-                "matched" if runbook else "no_runbook",
-                detail=(
-                    f"runbook {runbook.id}"
-                    if runbook
-                    else f"no runbook matches service {incident.service!r} and "
-                    f"symptom {incident.title!r}"
-                ),
-            )
-            self._post_root(row, runbook)
-            if runbook is None:
-                return incident.id
-            self._start_main_run(incident.id, runbook.id)
-        self.advance(incident.id)
-        return incident.id
+    def apply(self, item: InboxItem) -> None:
+        """Apply one inbox item: its changes, their audit rows and effects, in one commit."""
+        handler = self._handlers().get(item.kind)
+        payload = dict(item.payload)
+        if item.kind == InboxKind.TRIGGERED and not payload.get("details") and self.details:
+            try:
+                payload["details"] = dict(self.details(item.incident_id))
+            except Exception as exc:  # details help matching; the incident goes on without
+                log.warning(
+                    "could not read the alert details of incident %s: %s", item.incident_id, exc
+                )
+        jobs: list[tuple[str, Job]] = []
+        try:
+            with self.store.unit(at=self.clock()) as u:
+                if handler is None:
+                    u.finish_item(item, InboxStatus.IGNORED, f"{item.kind} is not acted on")
+                else:
+                    ctx = _Context(u, item, payload, jobs)
+                    status, detail = handler(ctx)
+                    u.finish_item(item, status, detail)
+        except AlreadyApplied:
+            for runner, _job in jobs:
+                self.executor.release(runner)
+            return
+        except BaseException:
+            for runner, _job in jobs:
+                self.executor.release(runner)
+            raise
+        for runner, job in jobs:
+            self.executor.start(runner, job)
 
-    def _start_main_run(self, incident_id: str, runbook_id: str) -> None:
-        self.store.create_run(
+    def _handlers(self) -> Mapping[str, Callable[[_Context], tuple[InboxStatus, str]]]:
+        return {
+            InboxKind.TRIGGERED: self._triggered,
+            InboxKind.RESOLVED: self._resolved,
+            InboxKind.REOPENED: self._reopened,
+            InboxKind.ACKNOWLEDGED: self._noted,
+            InboxKind.REASSIGNED: self._noted,
+            InboxKind.APPROVE: self._decision,
+            InboxKind.REJECT: self._decision,
+            InboxKind.PAUSE: self._pause,
+            InboxKind.RESUME: self._resume,
+            InboxKind.EXPIRE: self._expire,
+            InboxKind.FINISHED: self._finished,
+            InboxKind.INTERRUPTED: self._interrupted,
+        }
+
+    # --- PagerDuty (and simulated) incident events -----------------------------------------
+
+    def _stale(self, incident: IncidentRow | None, occurred_at: str) -> bool:
+        """A state change older than one already applied (PagerDuty does not promise order)."""
+        return bool(
+            incident is not None
+            and occurred_at
+            and incident.state_changed_at
+            and _later(incident.state_changed_at, occurred_at)
+        )
+
+    def _triggered(self, c: _Context) -> tuple[InboxStatus, str]:
+        p = c.payload
+        existing = c.u.incident(c.item.incident_id)
+        occurred = str(p.get("occurred_at") or "")
+        if self._stale(existing, occurred) or (
+            existing is None
+            and occurred
+            and any(_later(seen, occurred) for seen in c.u.state_changes_seen(c.item.incident_id))
+        ):
+            return InboxStatus.IGNORED, "stale: a later change of this incident was received"
+        if existing is not None:
+            return InboxStatus.IGNORED, "incident already open"
+        details = p.get("details") or {}
+        details_text = json.dumps(details, sort_keys=True, default=str)
+        runbook = self.catalog.match(
+            p["service"], p["title"], service_id=p.get("service_id", ""), details=details_text
+        )
+        env = (
+            p.get("env")
+            or self.catalog.environment_for_service(p["service"], p.get("service_id", ""))
+            or self.default_env
+        )
+        incident = c.u.create_incident(
             {
-                "incident_id": incident_id,
-                "runbook_id": runbook_id,
-                "phase": "main",
-                "status": "running",
-                "cursor": 0,
+                "id": c.item.incident_id,
+                "title": p["title"],
+                "service": p["service"],
+                "service_id": p.get("service_id", ""),
+                "urgency": p.get("urgency", ""),
+                "priority": p.get("priority", ""),
+                "env": env,
+                "details": details,
+                "link": p.get("link", ""),
+                "runbook_id": runbook.id if runbook else None,
                 "catalog_commit": self.catalog.version,
-                "started_at": self.clock(),
+                "channel": self.catalog.channel_for(runbook),
+                "state_changed_at": p.get("occurred_at") or None,
             }
         )
+        if incident is None:
+            return InboxStatus.IGNORED, "incident already open"
+        metrics.incidents.labels(
+            metrics.service_label(incident.service), "yes" if runbook else "no"
+        ).inc()
+        c.u.event(
+            incident,
+            Event.MATCHED if runbook else Event.NO_RUNBOOK,
+            detail=(
+                f"runbook {runbook.id}"
+                if runbook
+                else f"no runbook matches service {incident.service!r} and "
+                f"symptom {incident.title!r}"
+            ),
+        )
+        if self.chat:
+            c.u.emit(effects.post_incident(self._incident_view(incident, runbook)))
+        if runbook is not None:
+            run = c.u.create_run(incident.id, runbook.id, Phase.MAIN, self.catalog.version)
+            if run is not None:
+                self._walk(c, incident, run, fresh=True)
+        return InboxStatus.DONE, ""
 
-    def resolve_incident(self, incident_id: str, actor: str = "pagerduty") -> Outcome:
-        with self._lock(incident_id):
-            row = self.store.get_incident(incident_id)
-            if row is None:
-                return Outcome(False, f"unknown incident {incident_id}")
-            if row["status"] == "resolved":
-                return Outcome(False, "already resolved")
-            runbook = self._runbook(row["runbook_id"] or "")
-            # One transaction: after a crash the follow-ups are either all due or not
-            # resolved yet; `recover` finishes the rest (`_wind_down` is idempotent).
-            with self.store.transaction() as conn:
-                conn.execute(
-                    "UPDATE incidents SET status = 'resolved', resolved_at = ?, updated_at = ? "
-                    "WHERE id = ?",
-                    (self.clock(), self.clock(), incident_id),
-                )
-                if runbook is not None and runbook.on_resolve:
-                    conn.execute(
-                        "INSERT OR IGNORE INTO runs (incident_id, runbook_id, phase, status, "
-                        "cursor, catalog_commit, started_at) "
-                        "VALUES (?, ?, 'on_resolve', 'running', 0, ?, ?)",
-                        (incident_id, runbook.id, self.catalog.version, self.clock()),
-                    )
-            row = self._incident(incident_id)
-            self._event(row, "resolved", actor=actor)
-            self._wind_down(row, actor)
+    def _resolved(self, c: _Context) -> tuple[InboxStatus, str]:
+        occurred = c.payload.get("occurred_at", "")
+        incident = c.u.incident(c.item.incident_id)
+        if incident is None:
+            return InboxStatus.IGNORED, "unknown incident"
+        if self._stale(incident, occurred):
+            return InboxStatus.IGNORED, "stale: a later change of this incident was applied"
+        if not incident.open:
+            if occurred:
+                c.u.note_state_change(incident, occurred)
+            return InboxStatus.IGNORED, "already resolved"
+        actor = str(c.payload.get("actor") or c.item.source)
+        resolved = c.u.set_incident_status(
+            incident, IncidentStatus.RESOLVED, state_changed_at=occurred or None
+        )
+        assert resolved is not None  # the incident's items are applied one at a time
+        incident = resolved
+        c.u.event(incident, Event.RESOLVED, actor=actor)
+        main = c.u.run(incident.id, Phase.MAIN)
+        if main is not None and main.status.live:
+            for approval, step in c.u.pending_approvals(main.id):
+                self._close_request(
+                    c, incident, step, approval, ApprovalStatus.CANCELLED, actor,
+                    messages.CANCELLED_BY_RESOLVE,
+                )  # fmt: skip
+            c.u.set_run_status(main, RunStatus.CANCELLED)
+        runbook = self._runbook(incident.runbook_id or "")
         if runbook is not None and runbook.on_resolve:
-            self.advance(incident_id, "on_resolve")
-        row = self._incident(incident_id)
-        self._note(row, f"Incident resolved. {self.summary(incident_id)}")
-        return Outcome(True, "resolved")
+            run = c.u.create_run(incident.id, runbook.id, Phase.ON_RESOLVE, self.catalog.version)
+            if run is not None:
+                self._walk(c, incident, run, fresh=True)
+        self._note(c, incident, f"Incident resolved. {self._summary(c.u, incident)}")
+        return InboxStatus.DONE, ""
 
-    def _wind_down(self, row: dict[str, Any], actor: str) -> None:
-        """Cancel what a resolved incident's main run still waits for."""
-        for approval in self.store.query(
-            "SELECT approvals.* FROM approvals "
-            "JOIN step_runs ON step_runs.id = approvals.step_run_id "
-            "JOIN runs ON runs.id = step_runs.run_id WHERE approvals.incident_id = ? "
-            "AND approvals.status = 'pending' AND runs.phase = 'main' ORDER BY approvals.id",
-            (row["id"],),
-        ):
-            self._close_approval(row, approval, "cancelled", actor, "the incident resolved")
-        self.store.execute(
-            "UPDATE runs SET status = 'cancelled', finished_at = ? "
-            "WHERE incident_id = ? AND phase = 'main' AND status IN ('running', 'waiting')",
-            (self.clock(), row["id"]),
+    def _reopened(self, c: _Context) -> tuple[InboxStatus, str]:
+        occurred = c.payload.get("occurred_at", "")
+        incident = c.u.incident(c.item.incident_id)
+        if incident is None:
+            return InboxStatus.IGNORED, "unknown incident"
+        if self._stale(incident, occurred):
+            return InboxStatus.IGNORED, "stale: a later change of this incident was applied"
+        if incident.open:
+            return InboxStatus.IGNORED, "already open"
+        reopened = c.u.set_incident_status(
+            incident, IncidentStatus.OPEN, state_changed_at=occurred or None
         )
+        assert reopened is not None
+        c.u.event(reopened, Event.REOPENED, actor=str(c.payload.get("actor") or c.item.source))
+        self._note(c, reopened, messages.REOPENED_NOTE)
+        return InboxStatus.DONE, ""
 
-    def reopen_incident(self, incident_id: str, actor: str = "pagerduty") -> Outcome:
-        with self._lock(incident_id):
-            row = self.store.get_incident(incident_id)
-            if row is None:
-                return Outcome(False, f"unknown incident {incident_id}")
-            if row["status"] == "open":
-                return Outcome(False, "already open")
-            self.store.update(
-                "incidents", incident_id, {"status": "open", "updated_at": self.clock()}
-            )
-            row = self._incident(incident_id)
-            self._event(row, "reopened", actor=actor)
-        self._note(
-            row,
-            "Incident reopened. Steps already run are not repeated; re-run them by hand "
-            "or trigger a new incident.",
-        )
-        return Outcome(True, "reopened")
+    def _noted(self, c: _Context) -> tuple[InboxStatus, str]:
+        incident = c.u.incident(c.item.incident_id)
+        if incident is None:
+            return InboxStatus.IGNORED, "unknown incident"
+        text = str(c.payload.get("note") or "")
+        if text:
+            self._note(c, incident, text)
+        return InboxStatus.DONE, ""
 
-    def note(self, incident_id: str, text: str) -> None:
-        row = self.store.get_incident(incident_id)
-        if row is not None:
-            self._note(row, text)
+    # --- the walk --------------------------------------------------------------------------
 
-    # --- the walk ------------------------------------------------------------------------
+    def _walk(self, c: _Context, incident: IncidentRow, run: Run, *, fresh: bool = False) -> None:
+        """Move the run as far as it can go without a human, within this transaction.
 
-    def advance(self, incident_id: str, phase: str = "main") -> None:
-        """Move the run as far as it can go without a human."""
-        with self._lock(incident_id):
-            while self._advance_once(incident_id, phase):
-                pass
+        `fresh`: the run's cursor was just moved (or the run created), so no attempt of
+        the current step exists yet and it is created without reading first.
+        """
+        for _ in range(MAX_WALK):
+            if not run.status.live:
+                return
+            if run.phase is Phase.MAIN and not incident.open:
+                return  # resolving cancels the main run; nothing of it starts any more
+            runbook = self._runbook(run.runbook_id)
+            if runbook is None:
+                self._finish_run(c, incident, run, RunStatus.FAILED, "its runbook left the catalog")
+                return
+            steps = _steps(runbook, run.phase)
+            if run.cursor >= len(steps):
+                self._finish_run(c, incident, run, RunStatus.COMPLETED, "")
+                return
+            step, index = self._current(run, steps)
+            current = None if fresh else c.u.latest_step_run(run.id, index)
+            if current is None:
+                current = self._start_step(c, incident, run, runbook, steps, index, step)
+            fresh = False
+            if current.status is StepStatus.APPROVED:
+                current = self._claim(c, incident, run, runbook, steps, step, current)
+                if current is None:
+                    continue  # superseded: a new attempt asks again
+            if current.status is StepStatus.RUNNING:
+                return  # its result comes back as an inbox item
+            if current.status is StepStatus.AWAITING_APPROVAL:
+                if run.status is RunStatus.RUNNING:
+                    c.u.set_run_status(run, RunStatus.WAITING)
+                return
+            moved = self._after(c, incident, run, step, index, current)
+            if moved is None:
+                return
+            run, fresh = moved, True
+        raise RuntimeError(f"run {run.id} walked {MAX_WALK} steps in one item")
 
-    def stop_taking_work(self) -> None:
-        """On shutdown: finish what runs, start nothing new. Runs stay where they are in
-        the database and `recover()` takes them up at the next start."""
-        self._stopping.set()
-
-    def _advance_once(self, incident_id: str, phase: str) -> bool:
-        if self._stopping.is_set():
-            return False
-        row = self.store.get_incident(incident_id)
-        run = self.store.get_run(incident_id, phase)
-        if row is None or run is None or run["status"] not in ("running", "waiting"):
-            return False
-        if phase == "main" and row["status"] != "open":
-            return False  # resolving cancels the main run; nothing of it starts any more
-        runbook = self._runbook(run["runbook_id"])
-        if runbook is None:
-            self._finish_run(row, run, "failed", f"runbook {run['runbook_id']} left the catalog")
-            return False
-        steps = runbook.steps if phase == "main" else runbook.on_resolve
-        cursor: int = run["cursor"]
-        if cursor >= len(steps):
-            self._finish_run(row, run, "completed", "")
-            return False
-        step = steps[cursor]
-        index = cursor
-        if run["rollback_of"] is not None and step.on_failure.rollback is not None:
-            step = self._rollback_step(step)
-            index = ROLLBACK_INDEX_BASE + cursor
-        step_run = self.store.latest_step_run(run["id"], index)
-        if step_run is None:
-            step_run = self._start_step(row, run, runbook, steps, index, step)
-        status = step_run["status"]
-        if status in (STEP_PENDING, STEP_APPROVED):
-            self._execute(row, run, runbook, steps, step, step_run)
-            return True
-        if status == STEP_AWAITING:
-            if run["status"] != "waiting":
-                self.store.execute(
-                    "UPDATE runs SET status = 'waiting' WHERE id = ? AND status = 'running'",
-                    (run["id"],),
-                )
-            return False
-        if status == "running":
-            return False  # another worker has it; it will advance when done
-        return self._after(row, run, step, index, step_run)
-
-    def _rollback_step(self, failed: Step) -> Step:
-        assert failed.on_failure.rollback is not None
-        return Step(
-            id=f"{failed.id}:rollback",
-            action=failed.on_failure.rollback,
-            location=failed.location,
-            name=f"Rollback after {failed.id}",
-            params=failed.params,
-        )
+    def _current(self, run: Run, steps: tuple[Step, ...]) -> tuple[Step, int]:
+        step = steps[run.cursor]
+        if run.rollback_of is not None and step.on_failure.rollback is not None:
+            return _rollback_step(step), ROLLBACK_INDEX_BASE + run.cursor
+        return step, run.cursor
 
     def _after(
         self,
-        row: dict[str, Any],
-        run: dict[str, Any],
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
         step: Step,
         index: int,
-        step_run: dict[str, Any],
-    ) -> bool:
-        """A terminal step run: decide where the run goes next."""
-        status = step_run["status"]
-        cursor = run["cursor"]
+        done: StepRun,
+    ) -> Run | None:
+        """A finished step: the run moved on (returned), or stopped (None)."""
+        status = done.status
         if index >= ROLLBACK_INDEX_BASE:
-            original = self._steps_of(run)[cursor]
-            if status in _MOVES_ON and original.on_failure.then == "continue":
-                return self._move_cursor(run, cursor + 1)
+            original = _steps(self._runbook(run.runbook_id), run.phase)[run.cursor]
+            if status.moves_on and original.on_failure.then == "continue":
+                return c.u.move_cursor(run, run.cursor + 1)
             self._stop(
-                row, run, f"{original.id} failed; its rollback {step.action.id} ended {status}"
-            )
-            return False
-        if status in _MOVES_ON:
-            return self._move_cursor(run, cursor + 1)
-        if status == "expired":
-            self._stop(row, run, f"the approval request for {step.id} expired")
-            return False
-        if status == "interrupted":
-            self._stop(row, run, f"{step.id} was interrupted and needs a human to check it")
-            return False
-        if status == "cancelled":
-            # The run is still live (a resolve cancels the run first), so something
-            # stopped this step at the last check: a human has to look.
-            self._stop(row, run, f"{step.id} was cancelled: {step_run['detail'] or 'no reason'}")
-            return False
+                c, incident, run,
+                f"{original.id} failed; its rollback {step.action.id} ended {status}",
+            )  # fmt: skip
+            return None
+        if status.moves_on:
+            return c.u.move_cursor(run, run.cursor + 1)
+        if status is StepStatus.EXPIRED:
+            self._stop(c, incident, run, f"the approval request for {step.id} expired")
+            return None
+        if status is StepStatus.INTERRUPTED:
+            self._stop(c, incident, run, f"{step.id} was interrupted and needs a human to check it")
+            return None
+        if status is StepStatus.CANCELLED:
+            self._stop(c, incident, run, f"{step.id} was cancelled: {done.detail or 'no reason'}")
+            return None
         mode = step.on_failure.mode
         if mode == "continue":
-            return self._move_cursor(run, cursor + 1)
+            return c.u.move_cursor(run, run.cursor + 1)
         # A rollback undoes what a command did: only when it started (not when it was
         # blocked, rejected or could not be built or started).
-        if mode == "rollback" and step.on_failure.rollback is not None and status in _RAN:
-            self.store.execute(
-                "UPDATE runs SET rollback_of = ?, status = 'running' WHERE id = ? AND cursor = ? "
-                "AND rollback_of IS NULL AND status IN ('running', 'waiting')",
-                (cursor, run["id"], cursor),
-            )
-            return True
-        self._stop(row, run, f"{step.id} ended {status}")
-        return False
+        if mode == "rollback" and step.on_failure.rollback is not None and status.command_started:
+            rolled = c.u.start_rollback(run)
+            if rolled is not None:
+                return rolled
+        self._stop(c, incident, run, f"{step.id} ended {status}")
+        return None
 
-    def _move_cursor(self, run: Mapping[str, Any], to: int) -> bool:
-        # Conditional on the cursor read, so a second worker that read the same run late
-        # cannot move it back; either way the caller re-reads the run and goes on.
-        self.store.execute(
-            "UPDATE runs SET cursor = ?, rollback_of = NULL, status = 'running' "
-            "WHERE id = ? AND cursor = ? AND status IN ('running', 'waiting')",
-            (to, run["id"], run["cursor"]),
-        )
-        return True
-
-    def _steps_of(self, run: Mapping[str, Any]) -> tuple[Step, ...]:
-        runbook = self._runbook(run["runbook_id"])
-        if runbook is None:
-            return ()
-        return runbook.steps if run["phase"] == "main" else runbook.on_resolve
-
-    def _stop(self, row: dict[str, Any], run: dict[str, Any], reason: str) -> None:
-        if self._finish_run(row, run, "escalated", reason):  # escalate once, whoever stops it
-            self._escalate(row, reason)
+    def _stop(self, c: _Context, incident: IncidentRow, run: Run, reason: str) -> None:
+        if not self._finish_run(c, incident, run, RunStatus.ESCALATED, reason):
+            return
+        runbook = self._runbook(incident.runbook_id or "")
+        escalation = self.catalog.escalation_for(runbook)
+        c.u.event(incident, Event.ESCALATED, detail=reason)
+        mention = f"{escalation.mention} " if escalation.mention else ""
+        self._note(c, incident, f"{mention}Escalating: {reason}.")
+        log.info("incident %s escalated: %s", incident.id, reason)
+        if self.writeback and escalation.pagerduty:
+            c.u.emit(effects.pagerduty(incident.id, Kind.PD_ESCALATE, {"reason": reason}))
 
     def _finish_run(
-        self, row: dict[str, Any], run: dict[str, Any], status: str, reason: str
+        self, c: _Context, incident: IncidentRow, run: Run, status: RunStatus, reason: str
     ) -> bool:
-        changed = self.store.execute(
-            "UPDATE runs SET status = ?, finished_at = ? WHERE id = ? "
-            "AND status IN ('running', 'waiting')",
-            (status, self.clock(), run["id"]),
-        )
-        if not changed:
+        finished = c.u.set_run_status(run, status)
+        if finished is None:
             return False
-        summary = self.summary(row["id"], phase=run["phase"])
-        results = [
-            s["status"] for s in self.store.step_runs_of(row["id"]) if s["phase"] == run["phase"]
-        ]
-        all_succeeded = status == "completed" and all(r in ("success", "dry_run") for r in results)
-        if run["phase"] == "main":
+        results = c.u.step_runs_of(incident.id, run.id)
+        summary = _summary_of(results)
+        if run.phase is Phase.MAIN:
             headline = (
-                "Runbook finished." if status == "completed" else f"Runbook stopped: {reason}."
+                "Runbook finished."
+                if status is RunStatus.COMPLETED
+                else f"Runbook stopped: {reason}."
             )
-            self._note(row, f"{headline} {summary}")
-        for listener in self.listeners:
-            self._safely(
-                functools.partial(listener.run_finished, row, status, summary, all_succeeded),
-                "run_finished listener",
+            self._note(c, incident, f"{headline} {summary}")
+        if self.writeback:
+            note = messages.writeback_note(
+                runbook=incident.runbook_id or "?",
+                phase=run.phase,
+                status=status,
+                summary=summary,
             )
+            c.u.emit(effects.pagerduty(incident.id, Kind.PD_NOTE, {"text": note}))
+            runbook = self._runbook(run.runbook_id)
+            all_succeeded = all(
+                s.status in (StepStatus.SUCCESS, StepStatus.DRY_RUN) for s in results
+            )
+            if (
+                runbook is not None
+                and runbook.resolve_on_success
+                and status is RunStatus.COMPLETED
+                and all_succeeded
+                and run.phase is Phase.MAIN
+                and incident.open
+            ):
+                c.u.emit(effects.pagerduty(incident.id, Kind.PD_RESOLVE, {}))
         return True
 
-    def _escalate(self, row: dict[str, Any], reason: str) -> None:
-        runbook = self._runbook(row["runbook_id"] or "")
-        escalation = self.catalog.escalation_for(runbook)
-        self._event(row, "escalated", detail=reason)
-        mention = f"{escalation.mention} " if escalation.mention else ""
-        self._note(row, f"{mention}Escalating: {reason}.")
-        for listener in self.listeners:
-            self._safely(functools.partial(listener.escalated, row, reason), "escalation")
-
-    # --- one step ------------------------------------------------------------------------
+    # --- one step --------------------------------------------------------------------------
 
     def _start_step(
         self,
-        row: dict[str, Any],
-        run: dict[str, Any],
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
         runbook: Runbook,
         steps: tuple[Step, ...],
         index: int,
         step: Step,
-    ) -> dict[str, Any]:
-        """Create the step run with its decision, and show it in the thread."""
+    ) -> StepRun:
+        """Create the step's attempt with the policy's decision, and show it."""
         action = step.action
-        context = self._context(row, step)
-        base: dict[str, Any] = {
-            "run_id": run["id"],
-            "incident_id": row["id"],
+        skip_reason = self._skip_reason(c.u, incident, run, step)
+        decision = policy.decide(action, incident.env, self.catalog.settings)
+        render_error = ""
+        try:
+            command = self._display_command(action, self._context(incident, step))
+        except (executor.TemplateError, ValueError) as exc:
+            command, render_error = action.command_text, str(exc)
+        values: dict[str, Any] = {
+            "run_id": run.id,
+            "incident_id": incident.id,
             "step_index": index,
             "step_id": step.id,
             "action": action.id,
             "attempt": 1,
-            "created_at": self.clock(),
             "catalog_commit": self.catalog.version,
-            "channel": row["channel"],
+            "command": command,
+            "decision": decision.kind,
+            "reason": decision.reason,
         }
-        skip_reason = self._skip_reason(row, run, step)
-        decision = policy.decide(action, row["env"] or "", self.catalog.settings)
-        try:
-            command = self._display_command(action, context)
-            render_error = ""
-        except (executor.TemplateError, ValueError) as exc:
-            command, render_error = action.command_text, str(exc)
-        if skip_reason:
-            values = {"status": "skipped", "decision": decision.kind, "reason": skip_reason}
-        elif render_error:
-            values = {
-                "status": "error",
-                "decision": decision.kind,
-                "reason": decision.reason,  # the thread shows it beside the decision
-                "detail": f"could not build the command: {render_error}",
-            }
-        elif decision.kind == "blocked":
-            values = {"status": "blocked", "decision": "blocked", "reason": decision.reason}
-        elif decision.kind == "needs_approval":
-            values = {"status": STEP_AWAITING, "decision": decision.kind, "reason": decision.reason}
-        else:
-            values = {"status": STEP_PENDING, "decision": decision.kind, "reason": decision.reason}
         approval: dict[str, Any] | None = None
-        if values["status"] == STEP_AWAITING:
+        runner = ""
+        if skip_reason:
+            values.update(status=StepStatus.SKIPPED, reason=skip_reason, finished_at=c.u.at)
+        elif render_error:
+            values.update(
+                status=StepStatus.ERROR,
+                detail=f"could not build the command: {render_error}",
+                finished_at=c.u.at,
+            )
+        elif decision.kind == "blocked":
+            values.update(status=StepStatus.BLOCKED, finished_at=c.u.at)
+        elif decision.kind == "needs_approval":
+            values["status"] = StepStatus.AWAITING_APPROVAL
             approvers = self.catalog.approvers_for(runbook, action)
             approval = {
-                "incident_id": row["id"],
+                "incident_id": incident.id,
                 "action": action.id,
-                "status": "pending",
-                "approvers": json.dumps(
-                    {"users": list(approvers.users), "groups": list(approvers.groups)}
-                ),
-                "requested_at": self.clock(),
-                "expires_at": self.clock() + self.catalog.approval_timeout_for(action),
-                "channel": row["channel"],
+                "approvers": {"users": list(approvers.users), "groups": list(approvers.groups)},
+                "expires_at": c.item.received_at + self.catalog.approval_timeout_for(action),
+                "fingerprint": fingerprint(command),
                 "catalog_commit": self.catalog.version,
             }
-        step_run_id, created = self.store.create_step_run(
-            {**base, **values, "command": command}, approval
-        )
-        step_run = self.store.get_step_run(step_run_id)
-        assert step_run is not None
-        if not created:
-            return step_run
-        status = values["status"]
-        if status == "skipped":
-            self._event(row, "skipped", step=step, detail=skip_reason)
-        elif status == "error":
-            if decision.kind != "blocked" and not self.dry_run:
+        else:
+            # Automatic: created claimed. The unique attempt row is the claim.
+            runner = self.executor.reserve()
+            values.update(status=StepStatus.RUNNING, runner=runner, started_at=c.u.at)
+        created = c.u.create_step_run(values, approval)
+        if created is None:  # this attempt exists (an item applied again after a crash)
+            if runner:
+                self.executor.release(runner)
+            existing = c.u.latest_step_run(run.id, index)
+            assert existing is not None
+            return existing
+        self._on_step_created(c, incident, run, runbook, steps, step, created, decision.reason)
+        if runner:
+            c.jobs.append((runner, self._job(incident, run, step, created)))
+        return created
+
+    def _on_step_created(
+        self,
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
+        runbook: Runbook,
+        steps: tuple[Step, ...],
+        step: Step,
+        created: StepRun,
+        reason: str,
+    ) -> None:
+        action = step.action
+        status = created.status
+        service = metrics.service_label(incident.service)
+        if status is StepStatus.SKIPPED:
+            c.u.event(
+                incident, Event.SKIPPED, step_id=step.id, action=action.id, detail=created.reason
+            )
+        elif status is StepStatus.ERROR:
+            if created.decision != "blocked":
                 # A command that cannot be built is a failed attempt of the action: count
                 # it, or an action broken by missing alert details would stay invisible.
-                metrics.steps_executed.labels(
-                    metrics.service_label(row["service"]), action.id, "error"
-                ).inc()
-            self._event(row, "error", step=step, detail=values["detail"])
-        elif status == "blocked":
-            metrics.steps_blocked.labels(
-                metrics.service_label(row["service"]), action.id, row["env"] or "none"
-            ).inc()
-            self._event(row, "blocked", step=step, detail=decision.reason)
-        elif status == STEP_AWAITING:
-            self._event(row, "requires_manual", step=step, detail="waiting for approval")
-        self._post_step(row, step_run, step, steps)
-        refreshed = self.store.get_step_run(step_run_id)
-        assert refreshed is not None
-        return refreshed
+                metrics.steps_executed.labels(service, action.id, "error").inc()
+            c.u.event(
+                incident, Event.ERROR, step_id=step.id, action=action.id, detail=created.detail
+            )
+        elif status is StepStatus.BLOCKED:
+            metrics.steps_blocked.labels(service, action.id, incident.env or "none").inc()
+            c.u.event(incident, Event.BLOCKED, step_id=step.id, action=action.id, detail=reason)
+        elif status is StepStatus.AWAITING_APPROVAL:
+            c.u.event(
+                incident, Event.REQUIRES_MANUAL, step_id=step.id, action=action.id,
+                detail="waiting for approval",
+            )  # fmt: skip
+        elif status is StepStatus.RUNNING:
+            self._executed_event(c, incident, step, "")
+        log.info(
+            "incident %s step %s (%s): %s",
+            incident.id, step.id, action.id, status,
+            extra={"incident": incident.id, "service": incident.service, "action": action.id},
+        )  # fmt: skip
+        if self.chat:
+            approval = c.u.approval(created.id) if status is StepStatus.AWAITING_APPROVAL else None
+            view = self._step_view(incident, created, step, len(steps), run.phase, approval)
+            c.u.emit(effects.post_step(view, incident.channel))
+            if approval is not None:
+                c.u.emit(effects.offer_reactions(incident.id, created.id, incident.channel))
 
-    def _skip_reason(self, row: Mapping[str, Any], run: Mapping[str, Any], step: Step) -> str:
+    def _executed_event(self, c: _Context, incident: IncidentRow, step: Step, actor: str) -> None:
+        if not self.executor.dry_run:
+            c.u.event(incident, Event.EXECUTED, step_id=step.id, action=step.action.id, actor=actor)
+
+    def _claim(
+        self,
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
+        runbook: Runbook,
+        steps: tuple[Step, ...],
+        step: Step,
+        approved: StepRun,
+    ) -> StepRun | None:
+        """The last check before an approved command starts, and the claim itself.
+
+        Returns the claimed (or finally refused) step run, or None when what would run
+        changed since it was approved: that attempt is superseded and a new one asks again.
+        """
+        action = step.action
+        approval = c.u.approval(approved.id)
+        decision = policy.decide(action, incident.env, self.catalog.settings)
+        check = policy.may_run(
+            decision,
+            approval=approval.status if approval else "none",  # type: ignore[arg-type]
+            incident_open=incident.open or run.phase is Phase.ON_RESOLVE,
+        )
+        if not check.allowed:
+            final = StepStatus.BLOCKED if decision.blocked else StepStatus.CANCELLED
+            closed = c.u.set_step(approved, final, detail=check.reason)
+            if closed is not None:
+                if decision.blocked:  # e.g. a reloaded catalog took the scope away
+                    metrics.steps_blocked.labels(
+                        metrics.service_label(incident.service), action.id, incident.env or "none"
+                    ).inc()
+                c.u.event(
+                    incident, Event(final), step_id=step.id, action=action.id, detail=check.reason
+                )
+                self._show(c, incident, run, step, closed, len(steps), approval)
+            return closed
+        try:
+            command = self._display_command(action, self._context(incident, step))
+        except (executor.TemplateError, ValueError):
+            command = ""
+        if (
+            approval is not None
+            and approval.fingerprint
+            and fingerprint(command) != approval.fingerprint
+        ):
+            self._supersede(c, incident, run, runbook, steps, step, approved, approval, command)
+            return None
+        runner = self.executor.reserve()
+        claimed = c.u.set_step(approved, StepStatus.RUNNING, runner=runner)
+        if claimed is None:
+            self.executor.release(runner)
+            return c.u.step_run(approved.id)
+        actor = approval.decided_by or "" if approval else ""
+        self._executed_event(c, incident, step, actor)
+        self._show(c, incident, run, step, claimed, len(steps), approval)
+        c.jobs.append((runner, self._job(incident, run, step, claimed)))
+        return claimed
+
+    def _supersede(
+        self,
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
+        runbook: Runbook,
+        steps: tuple[Step, ...],
+        step: Step,
+        old: StepRun,
+        approval: Approval,
+        command: str,
+    ) -> None:
+        """What would run is not what was approved: void it, and ask again."""
+        detail = messages.SUPERSEDED_DETAIL
+        gone = c.u.set_step(old, StepStatus.SUPERSEDED, detail=detail)
+        if gone is None:
+            return
+        c.u.decide_approval(approval, ApprovalStatus.VOID, "", c.u.at)
+        c.u.event(incident, Event.SUPERSEDED, step_id=step.id, action=step.action.id, detail=detail)
+        self._show(c, incident, run, step, gone, len(steps), approval)
+        approvers = self.catalog.approvers_for(runbook, step.action)
+        retry = c.u.create_step_run(
+            {
+                "run_id": run.id,
+                "incident_id": incident.id,
+                "step_index": old.step_index,
+                "step_id": step.id,
+                "action": step.action.id,
+                "attempt": old.attempt + 1,
+                "catalog_commit": self.catalog.version,
+                "command": command,
+                "decision": "needs_approval",
+                "reason": old.reason,
+                "status": StepStatus.AWAITING_APPROVAL,
+            },
+            {
+                "incident_id": incident.id,
+                "action": step.action.id,
+                "approvers": {"users": list(approvers.users), "groups": list(approvers.groups)},
+                "expires_at": c.u.at + self.catalog.approval_timeout_for(step.action),
+                "fingerprint": fingerprint(command),
+                "catalog_commit": self.catalog.version,
+            },
+        )
+        if retry is not None:
+            self._on_step_created(c, incident, run, runbook, steps, step, retry, old.reason)
+
+    def _job(self, incident: IncidentRow, run: Run, step: Step, claimed: StepRun) -> Job:
+        action = step.action
+        return Job(
+            step_run_id=claimed.id,
+            attempt=claimed.attempt,
+            incident_id=incident.id,
+            phase=run.phase,
+            action_id=action.id,
+            spec=executor.CommandSpec(
+                command=action.command,
+                shell=action.shell,
+                timeout=action.timeout,
+                env=dict(action.env),
+                secret_env=action.secrets,
+                expect=tuple(
+                    executor.Expectation(e.pattern, e.allow_failure) for e in action.expect
+                ),
+            ),
+            context=self._context(incident, step),
+            output_cap=self.output_cap,
+            secret_patterns=tuple(self.catalog.settings.secret_patterns),
+        )
+
+    def _finished(self, c: _Context) -> tuple[InboxStatus, str]:
+        p = c.payload
+        phase = Phase(p.get("phase", Phase.MAIN))
+        incident, run = c.u.incident_with_run(c.item.incident_id, phase)
+        step_run = c.u.step_run(int(p["step_run_id"])) if incident else None
+        if incident is None or run is None or step_run is None:
+            return InboxStatus.IGNORED, "unknown step"
+        if step_run.status is not StepStatus.RUNNING or step_run.attempt != p.get("attempt", 1):
+            return InboxStatus.IGNORED, f"the step is {step_run.status}, not running"
+        status = StepStatus(p["status"])
+        if status not in RESULT_STATUSES and status is not StepStatus.DRY_RUN:
+            raise ValueError(f"not a result: {status}")
+        values: dict[str, Any] = {
+            "exit_code": p.get("exit_code"),
+            "output": p.get("output") or "",
+            "detail": p.get("detail") or "",
+            "duration": p.get("duration"),
+        }
+        argv = p.get("argv") or []
+        if argv:
+            values["command"] = " ".join(shlex.quote(a) for a in argv)
+        done = c.u.set_step(step_run, status, **values)
+        assert done is not None
+        self._record_result(c, incident, run, done)
+        self._walk(c, incident, run)
+        return InboxStatus.DONE, ""
+
+    def _record_result(self, c: _Context, incident: IncidentRow, run: Run, done: StepRun) -> None:
+        step = self._step_of(run, done)
+        if done.status is not StepStatus.DRY_RUN and done.status is not StepStatus.INTERRUPTED:
+            metrics.steps_executed.labels(
+                metrics.service_label(incident.service), done.action, str(done.status)
+            ).inc()
+            if done.duration is not None:
+                metrics.step_duration.labels(done.action).observe(done.duration)
+        c.u.event(
+            incident, RESULT_EVENTS[done.status], step_id=done.step_id, action=done.action,
+            detail=done.detail,
+        )  # fmt: skip
+        log.info(
+            "incident %s step %s (%s): %s", incident.id, done.step_id, done.action, done.status,
+            extra={"incident": incident.id, "service": incident.service, "action": done.action},
+        )  # fmt: skip
+        if step is not None:
+            approval = c.u.approval(done.id) if done.decision == "needs_approval" else None
+            total = len(_steps(self._runbook(run.runbook_id), run.phase))
+            self._show(c, incident, run, step, done, total, approval)
+
+    def _interrupted(self, c: _Context) -> tuple[InboxStatus, str]:
+        p = c.payload
+        phase = Phase(p.get("phase", Phase.MAIN))
+        incident, run = c.u.incident_with_run(c.item.incident_id, phase)
+        step_run = c.u.step_run(int(p["step_run_id"])) if incident else None
+        if incident is None or run is None or step_run is None:
+            return InboxStatus.IGNORED, "unknown step"
+        if step_run.status is not StepStatus.RUNNING:
+            return InboxStatus.IGNORED, f"the step is {step_run.status}, not running"
+        done = c.u.set_step(
+            step_run, StepStatus.INTERRUPTED, detail=str(p.get("detail") or messages.INTERRUPTED)
+        )
+        assert done is not None
+        self._record_result(c, incident, run, done)
+        self._walk(c, incident, run)
+        return InboxStatus.DONE, ""
+
+    # --- approvals -------------------------------------------------------------------------
+
+    def _request(
+        self, c: _Context
+    ) -> tuple[IncidentRow, Run, StepRun, Approval, Step | None] | Refusal:
+        """The approval request an approve/reject/pause/resume item is about."""
+        step_run = c.u.step_run(int(c.payload.get("step_run_id") or 0))
+        if step_run is None or step_run.incident_id != c.item.incident_id:
+            return Refusal.NOT_A_STEP
+        incident = c.u.incident(step_run.incident_id)
+        run = c.u.run_by_id(step_run.run_id)
+        approval = c.u.approval(step_run.id)
+        if incident is None or run is None or approval is None:
+            return Refusal.NOT_A_STEP
+        return incident, run, step_run, approval, self._step_of(run, step_run)
+
+    def _decision(self, c: _Context) -> tuple[InboxStatus, str]:
+        verdict = (
+            ApprovalStatus.APPROVED if c.item.kind == InboxKind.APPROVE else ApprovalStatus.REJECTED
+        )
+        user = str(c.payload.get("user") or "")
+        found = self._request(c)
+        if isinstance(found, Refusal):
+            return self._refuse(c, None, None, found)
+        incident, run, step_run, approval, step = found
+        received = c.item.received_at
+        if (
+            approval.status is not ApprovalStatus.PENDING
+            or step_run.status is not StepStatus.AWAITING_APPROVAL
+        ):
+            return self._refuse(
+                c, incident, step_run, Refusal.ALREADY_DECIDED, status=step_run.status
+            )
+        who = self._authorize(c, incident, approval, user, step_run)
+        if not who.allowed:
+            return self._refuse(
+                c, incident, step_run, Refusal.UNAUTHORIZED, reason=who.reason, audited=True
+            )
+        if approval.paused_at is not None and verdict is ApprovalStatus.APPROVED:
+            c.u.event(
+                incident, Event.REFUSED, step_id=step_run.step_id, action=approval.action,
+                actor=user, detail=f"paused by {approval.paused_by}",
+            )  # fmt: skip
+            return self._refuse(
+                c, incident, step_run, Refusal.PAUSED, by=approval.paused_by or "", audited=True
+            )
+        if policy.approval_deadline_passed(received, approval.expires_at, approval.paused_at):
+            self._expire_request(c, incident, run, step_run, approval, step)
+            return self._refuse(c, incident, step_run, Refusal.EXPIRED)
+        if run.phase is Phase.MAIN and not incident.open:
+            return self._refuse(c, incident, step_run, Refusal.INCIDENT_CLOSED)
+        decided = c.u.decide_approval(approval, verdict, user, received)
+        assert decided is not None
+        new_step = (
+            StepStatus.APPROVED if verdict is ApprovalStatus.APPROVED else StepStatus.REJECTED
+        )
+        moved = c.u.set_step(step_run, new_step)
+        assert moved is not None
+        wait = max(received - approval.requested_at, 0.0)
+        metrics.approvals.labels(approval.action, str(verdict)).inc()
+        metrics.approval_wait.labels(approval.action, str(verdict)).observe(wait)
+        c.u.event(
+            incident, Event(verdict), step_id=step_run.step_id, action=approval.action, actor=user
+        )
+        log.info(
+            "incident %s step %s %s by %s", incident.id, step_run.step_id, verdict, user,
+            extra={"incident": incident.id, "service": incident.service, "action": approval.action},
+        )  # fmt: skip
+        if step is not None and verdict is ApprovalStatus.REJECTED:
+            self._show(c, incident, run, step, moved, self._total(run), decided)
+        if run.status is RunStatus.WAITING:
+            run = c.u.set_run_status(run, RunStatus.RUNNING) or run
+        self._walk(c, incident, run)
+        return InboxStatus.DONE, f"{verdict} by {user}"
+
+    def _pause(self, c: _Context) -> tuple[InboxStatus, str]:
+        user = str(c.payload.get("user") or "")
+        found = self._request(c)
+        if isinstance(found, Refusal):
+            return self._refuse(c, None, None, found)
+        incident, run, step_run, approval, step = found
+        if approval.status is not ApprovalStatus.PENDING:
+            return self._refuse(c, incident, step_run, Refusal.NOT_PENDING)
+        who = self._authorize(c, incident, approval, user, step_run)
+        if not who.allowed:
+            return self._refuse(
+                c, incident, step_run, Refusal.UNAUTHORIZED, reason=who.reason, audited=True
+            )
+        if approval.paused_at is not None:
+            return self._refuse(
+                c, incident, step_run, Refusal.ALREADY_PAUSED, by=approval.paused_by or ""
+            )
+        if policy.approval_deadline_passed(c.item.received_at, approval.expires_at, None):
+            self._expire_request(c, incident, run, step_run, approval, step)
+            return self._refuse(c, incident, step_run, Refusal.EXPIRED)
+        paused = c.u.pause_approval(approval, user, c.item.received_at)
+        assert paused is not None
+        c.u.event(
+            incident, Event.PAUSED, step_id=step_run.step_id, action=approval.action, actor=user
+        )
+        if step is not None:
+            self._show(c, incident, run, step, step_run, self._total(run), paused)
+        return InboxStatus.DONE, f"paused by {user}"
+
+    def _resume(self, c: _Context) -> tuple[InboxStatus, str]:
+        user = str(c.payload.get("user") or "")
+        found = self._request(c)
+        if isinstance(found, Refusal):
+            return InboxStatus.IGNORED, str(found)
+        incident, run, step_run, approval, step = found
+        if approval.status is not ApprovalStatus.PENDING:
+            return InboxStatus.IGNORED, "un-pausing a decided step: nothing to say"
+        who = self._authorize(c, incident, approval, user, step_run)
+        if not who.allowed:
+            return self._refuse(
+                c, incident, step_run, Refusal.UNAUTHORIZED, reason=who.reason, audited=True
+            )
+        if approval.paused_at is None:
+            return self._refuse(c, incident, step_run, Refusal.NOT_PAUSED)
+        # The request re-opens with the time it had left when it was paused.
+        deadline = policy.resumed_deadline(
+            approval.expires_at, approval.paused_at, c.item.received_at
+        )
+        resumed = c.u.resume_approval(approval, deadline)
+        assert resumed is not None
+        c.u.event(
+            incident, Event.RESUMED, step_id=step_run.step_id, action=approval.action, actor=user
+        )
+        if step is not None:
+            self._show(c, incident, run, step, step_run, self._total(run), resumed)
+        return InboxStatus.DONE, f"resumed by {user}"
+
+    def _expire(self, c: _Context) -> tuple[InboxStatus, str]:
+        found = self._request(c)
+        if isinstance(found, Refusal):
+            return InboxStatus.IGNORED, str(found)
+        incident, run, step_run, approval, step = found
+        if approval.status is not ApprovalStatus.PENDING or approval.paused_at is not None:
+            return InboxStatus.IGNORED, "not pending, or paused"
+        if not policy.approval_deadline_passed(c.item.received_at, approval.expires_at, None):
+            return InboxStatus.IGNORED, "the deadline moved (paused and resumed)"
+        self._expire_request(c, incident, run, step_run, approval, step)
+        return InboxStatus.DONE, "expired"
+
+    def _expire_request(
+        self,
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
+        step_run: StepRun,
+        approval: Approval,
+        step: Step | None,
+    ) -> None:
+        metrics.approvals.labels(approval.action, "expired").inc()
+        metrics.approval_wait.labels(approval.action, "expired").observe(
+            max(approval.expires_at - approval.requested_at, 0.0)
+        )
+        self._close_request(
+            c, incident, step_run, approval, ApprovalStatus.EXPIRED, "", messages.EXPIRED_DETAIL
+        )
+        current = c.u.run_by_id(run.id) or run
+        if current.status is RunStatus.WAITING:
+            current = c.u.set_run_status(current, RunStatus.RUNNING) or current
+        self._walk(c, incident, current)
+
+    def _close_request(
+        self,
+        c: _Context,
+        incident: IncidentRow,
+        step_run: StepRun,
+        approval: Approval,
+        status: ApprovalStatus,
+        actor: str,
+        why: str,
+    ) -> None:
+        """Expire or cancel an approval request and its step, in this transaction."""
+        closed = c.u.decide_approval(approval, status, actor, c.u.at)
+        assert closed is not None
+        step_status = (
+            StepStatus.EXPIRED if status is ApprovalStatus.EXPIRED else StepStatus.CANCELLED
+        )
+        moved = c.u.set_step(step_run, step_status, detail=why)
+        assert moved is not None
+        c.u.event(
+            incident, Event(step_status), step_id=step_run.step_id, action=approval.action,
+            actor=actor, detail=why,
+        )  # fmt: skip
+        run = c.u.run_by_id(step_run.run_id)
+        if run is not None:
+            step = self._step_of(run, moved)
+            if step is not None:
+                self._show(c, incident, run, step, moved, self._total(run), closed)
+
+    def _authorize(
+        self, c: _Context, incident: IncidentRow, approval: Approval, user: str, step_run: StepRun
+    ) -> policy.Authorization:
+        approvers = Approvers(approval.approver_users, approval.approver_groups)
+        who = policy.authorize(user, approvers, member_of=self.member_of, bot_users=self.bot_users)
+        if not who.allowed and user not in self.bot_users:
+            metrics.approvals.labels(approval.action, "unauthorized").inc()
+            c.u.event(
+                incident, Event.UNAUTHORIZED, step_id=step_run.step_id, action=approval.action,
+                actor=user, detail=who.reason,
+            )  # fmt: skip
+        return who
+
+    def _refuse(
+        self,
+        c: _Context,
+        incident: IncidentRow | None,
+        step_run: StepRun | None,
+        refusal: Refusal,
+        *,
+        audited: bool = False,
+        **details: Any,
+    ) -> tuple[InboxStatus, str]:
+        """The decision changed nothing: tell the person who sent it, privately."""
+        reason = messages.refusal_text(refusal, **details)
+        user = str(c.payload.get("user") or "")
+        channel = str(c.payload.get("channel") or (incident.channel if incident else ""))
+        bot_itself = user in self.bot_users
+        if self.chat and user and channel and not bot_itself and c.payload.get("notify", True):
+            step = step_run.step_id if step_run else "this message"
+            c.u.emit(
+                effects.ephemeral(
+                    c.item.incident_id, channel, user,
+                    messages.DECIDED_NOTE.format(step=step, reason=reason),
+                )
+            )  # fmt: skip
+        return InboxStatus.IGNORED, f"{refusal}: {reason}"
+
+    # --- after a restart -------------------------------------------------------------------
+
+    def job_for(self, step_run: StepRun) -> Job | None:
+        """The job of a step left running (to watch it, or start it again)."""
+        with self.store.unit() as u:
+            incident = u.incident(step_run.incident_id)
+            run = u.run_by_id(step_run.run_id)
+        if incident is None or run is None:
+            return None
+        step = self._step_of(run, step_run)
+        return self._job(incident, run, step, step_run) if step is not None else None
+
+    def restart(self, step_run: StepRun) -> None:
+        """Start a claimed step whose command never started (a crash between its claim
+        and its start; its supervisor proves it never ran). Same attempt, new runner."""
+        job = self.job_for(step_run)
+        if job is None:
+            return
+        runner = self.executor.reserve()
+        try:
+            with self.store.unit() as u:
+                moved = u.reassign_runner(step_run, runner)
+        except BaseException:
+            self.executor.release(runner)
+            raise
+        if moved is None:
+            self.executor.release(runner)
+            return
+        log.info(
+            "incident %s step %s: started again (it never started)",
+            step_run.incident_id,
+            step_run.step_id,
+        )
+        self.executor.start(runner, job)
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def due_expiries(self) -> list[dict[str, Any]]:
+        """Inbox items for approval requests whose deadline passed (the expiry timer)."""
+        return [
+            {
+                "source": "timer",
+                "key": f"expire:{a.id}:{a.expires_at!r}",
+                "incident_id": a.incident_id,
+                "kind": InboxKind.EXPIRE,
+                "payload": {"step_run_id": a.step_run_id, "notify": False},
+            }
+            for a in self.store.due_approvals(self.clock())
+        ]
+
+    # --- views and notes -------------------------------------------------------------------
+
+    def _show(
+        self,
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
+        step: Step,
+        step_run: StepRun,
+        total: int,
+        approval: Approval | None,
+    ) -> None:
+        if self.chat:
+            view = self._step_view(incident, step_run, step, total, run.phase, approval)
+            c.u.emit(effects.update_step(view, incident.channel))
+            if step_run.status is not StepStatus.AWAITING_APPROVAL:
+                c.u.cancel_effects(effects.step_key(step_run.id))
+
+    def _note(self, c: _Context, incident: IncidentRow, text: str) -> None:
+        if self.chat:
+            c.u.emit(effects.note(incident.id, incident.channel, text))
+
+    def _step_view(
+        self,
+        incident: IncidentRow,
+        step_run: StepRun,
+        step: Step,
+        total: int,
+        phase: Phase,
+        approval: Approval | None,
+    ) -> StepView:
+        action = step.action
+        index = step_run.step_index
+        position = index - ROLLBACK_INDEX_BASE if index >= ROLLBACK_INDEX_BASE else index
+        output = step_run.output
+        if len(output) > OUTPUT_EXCERPT_CHARS:
+            output = "…" + output[-OUTPUT_EXCERPT_CHARS:]
+        return StepView(
+            incident_id=incident.id,
+            step_run_id=step_run.id,
+            step_id=step.id,
+            action_id=action.id,
+            index=position + 1,
+            total=total,
+            name=step.name or action.description.split(".")[0],
+            description=action.description,
+            command=step_run.command or action.command_text,
+            shell=action.shell,
+            requires_approval=action.safety.requires_approval,
+            scopes=action.safety.scopes,
+            env=incident.env,
+            expect=tuple((e.pattern, e.allow_failure) for e in action.expect),
+            state=str(step_run.status),
+            reason=step_run.reason,
+            phase=str(phase),
+            decision=step_run.decision,
+            approvers_users=approval.approver_users if approval else (),
+            approvers_groups=approval.approver_groups if approval else (),
+            expires_at=approval.expires_at if approval else None,
+            paused_by=(approval.paused_by or "") if approval else "",
+            actor=(approval.decided_by or "") if approval else "",
+            detail=step_run.detail,
+            output=output,
+            duration=step_run.duration,
+            exit_code=step_run.exit_code,
+            fingerprint=fingerprint(step_run.command) if step_run.command else "",
+            attempt=step_run.attempt,
+        )
+
+    def _incident_view(self, incident: IncidentRow, runbook: Runbook | None) -> IncidentView:
+        return IncidentView(
+            incident_id=incident.id,
+            title=incident.title,
+            service=incident.service,
+            urgency=incident.urgency,
+            env=incident.env,
+            link=incident.link,
+            channel=incident.channel,
+            runbook_id=runbook.id if runbook else None,
+            runbook_title=(runbook.title or runbook.id) if runbook else "",
+            catalog_version=self.catalog.version,
+            step_count=len(runbook.steps) if runbook else 0,
+            details=dict(incident.details),
+        )
+
+    def _summary(self, u: Unit, incident: IncidentRow) -> str:
+        return _summary_of(u.step_runs_of(incident.id))
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _runbook(self, runbook_id: str) -> Runbook | None:
+        # Catalog.runbook scans every runbook; indexed per catalog object, so a reloaded
+        # catalog is seen.
+        if self._runbook_index[0] is not self.catalog:
+            self._runbook_index = (self.catalog, {r.id: r for r in self.catalog.runbooks})
+        return self._runbook_index[1].get(runbook_id)
+
+    def _total(self, run: Run) -> int:
+        return len(_steps(self._runbook(run.runbook_id), run.phase))
+
+    def _step_of(self, run: Run, step_run: StepRun) -> Step | None:
+        steps = _steps(self._runbook(run.runbook_id), run.phase)
+        index = step_run.step_index
+        if index >= ROLLBACK_INDEX_BASE:
+            original = index - ROLLBACK_INDEX_BASE
+            if original < len(steps) and steps[original].on_failure.rollback is not None:
+                return _rollback_step(steps[original])
+            return None
+        return steps[index] if index < len(steps) else None
+
+    def _skip_reason(self, u: Unit, incident: IncidentRow, run: Run, step: Step) -> str:
         if not step.when:
             return ""
         names = {
-            "incident": self._incident_context(row),
-            "steps": self._results(run),
+            "incident": _incident_context(incident),
+            "steps": _results(u.step_runs_of(incident.id), run.id),
             "params": step.resolved_params,
         }
         try:
@@ -533,543 +1210,8 @@ class Engine:
             return f"condition could not be evaluated ({exc}): {step.when}"
         return f"condition is false: {step.when}"
 
-    def _results(self, run: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        """Results of the incident's steps so far: follow-ups on resolve can read the main
-        run's, and the current run's own results win over a same-named main step."""
-        results: dict[str, dict[str, Any]] = {}
-        for s in self.store.query(
-            "SELECT step_id, status, exit_code, output, detail FROM step_runs "
-            "WHERE incident_id = ? ORDER BY run_id = ?, id",
-            (run["incident_id"], run["id"]),
-        ):
-            # a dry run shows the path the runbook takes when every step succeeds
-            status = "success" if s["status"] == "dry_run" else s["status"]
-            results[s["step_id"]] = {**s, "status": status}
-        return results
-
-    def _execute(
-        self,
-        row: dict[str, Any],
-        run: dict[str, Any],
-        runbook: Runbook,
-        steps: tuple[Step, ...],
-        step: Step,
-        step_run: dict[str, Any],
-    ) -> None:
-        action = step.action
-        decision = policy.decide(action, row["env"] or "", self.catalog.settings)
-        approval = self.store.get_approval(step_run["id"])
-        check = policy.may_run(
-            decision,
-            approval=approval["status"] if approval else "none",
-            incident_open=row["status"] == "open" or run["phase"] == "on_resolve",
-            # decided while paused: the deadline was waiting, so the approval is in time
-            approval_expired=bool(
-                approval
-                and approval["decided_at"] is not None
-                and policy.approval_deadline_passed(
-                    approval["decided_at"], approval["expires_at"], approval["paused_at"]
-                )
-            ),
-        )
-        if not check.allowed:
-            final = "blocked" if decision.blocked else "cancelled"
-            if self.store.transition_step(
-                step_run["id"],
-                (STEP_PENDING, STEP_APPROVED),
-                {"status": final, "detail": check.reason},
-            ):
-                if decision.blocked:  # e.g. a reloaded catalog took the scope away
-                    metrics.steps_blocked.labels(
-                        metrics.service_label(row["service"]), action.id, row["env"] or "none"
-                    ).inc()
-                self._event(row, final, step=step, detail=check.reason)
-                self._refresh_step(row, step_run["id"], step, steps)
-            return
-        if not self.store.claim_step(step_run["id"], (STEP_PENDING, STEP_APPROVED)):
-            return  # claimed by someone else: at most once
-        if not self.dry_run:  # `executed` means a process started: not so in a dry run
-            self._event(
-                row, "executed", step=step, actor=approval["decided_by"] if approval else ""
-            )
-            self._refresh_step(row, step_run["id"], step, steps)  # shows "running"
-        if self.dry_run:
-            values: dict[str, Any] = {
-                "status": "dry_run",
-                "detail": "not executed (use --execute to run it)",
-                "duration": 0.0,
-            }
-        else:
-            result = self._run_command(action, self._context(row, step))
-            values = {
-                "status": result.status,
-                "exit_code": result.exit_code,
-                "output": result.output,
-                "detail": result.detail,
-                "duration": result.duration,
-                "command": " ".join(shlex.quote(a) for a in result.argv) or step_run["command"],
-            }
-            metrics.steps_executed.labels(
-                metrics.service_label(row["service"]), action.id, result.status
-            ).inc()
-            metrics.step_duration.labels(action.id).observe(result.duration)
-        values["finished_at"] = self.clock()
-        self.store.transition_step(step_run["id"], ("running",), values)
-        self._event(row, _RESULT_EVENTS[values["status"]], step=step, detail=values["detail"])
-        self._refresh_step(row, step_run["id"], step, steps)
-
-    def _run_command(self, action: Action, context: Mapping[str, Any]) -> executor.ExecutionResult:
-        spec = executor.CommandSpec(
-            command=action.command,
-            shell=action.shell,
-            timeout=action.timeout,
-            env=dict(action.env),
-            secret_env=action.secrets,
-            expect=tuple(executor.Expectation(e.pattern, e.allow_failure) for e in action.expect),
-        )
-        patterns = (*executor.DEFAULT_SECRET_PATTERNS, *self.catalog.settings.secret_patterns)
-        try:
-            return self.runner(spec, context, output_cap=self.output_cap, secret_patterns=patterns)
-        except Exception as exc:
-            # The step is claimed: an exception here must still end it, or it would stay
-            # `running` until a restart calls it interrupted.
-            if isinstance(exc, ValueError):  # TemplateError and spec errors speak to people
-                detail = f"could not run: {exc}"
-            else:
-                log.exception("runner failed for %s", action.id)
-                detail = "could not run: unexpected error in the bot (see its log)"
-            return executor.ExecutionResult(
-                status="error",
-                exit_code=None,
-                output="",
-                duration=0.0,
-                argv=(),
-                matched=None,
-                detail=detail,
-            )
-
-    # --- approvals -----------------------------------------------------------------------
-
-    def approve(self, step_run_id: int, user: str) -> Outcome:
-        return self._decide(step_run_id, user, "approved")
-
-    def reject(self, step_run_id: int, user: str) -> Outcome:
-        return self._decide(step_run_id, user, "rejected")
-
-    def _decide(self, step_run_id: int, user: str, decision: str) -> Outcome:
-        step_run = self.store.get_step_run(step_run_id)
-        if step_run is None:
-            return Outcome(False, "this message is not a step of a runbook")
-        incident_id = step_run["incident_id"]
-        with self._lock(incident_id):
-            row = self._incident(incident_id)
-            approval = self.store.get_approval(step_run_id)
-            step_run = self.store.get_step_run(step_run_id) or step_run
-            if approval is None or step_run["status"] != STEP_AWAITING:
-                return Outcome(False, f"this step was already decided ({step_run['status']})")
-            step = self._step_of(step_run)
-            if approval["status"] != "pending":
-                return Outcome(False, f"this step was already decided ({approval['status']})")
-            if policy.approval_deadline_passed(
-                self.clock(), approval["expires_at"], approval["paused_at"]
-            ):
-                self._expire(row, approval)
-                return Outcome(False, "this approval request has expired")
-            if row["status"] != "open" and self._phase(step_run) == "main":
-                return Outcome(False, "the incident is no longer open")
-            who = self._authorize(row, approval, user, step)
-            if not who.allowed:
-                return Outcome(False, who.reason)
-            if not self.store.decide_approval(step_run_id, decision, user, self.clock()):
-                return Outcome(False, "this step was already decided")
-            new_status = STEP_APPROVED if decision == "approved" else "rejected"
-            self.store.transition_step(step_run_id, (STEP_AWAITING,), {"status": new_status})
-            wait = self.clock() - approval["requested_at"]
-            metrics.approvals.labels(approval["action"], decision).inc()
-            metrics.approval_wait.labels(approval["action"], decision).observe(max(wait, 0.0))
-            self._event(row, decision, step=step, actor=user, action_id=approval["action"])
-            self._refresh_step(row, step_run_id, step, None)
-            run = self.store.query_one("SELECT * FROM runs WHERE id = ?", (step_run["run_id"],))
-            if run is not None and run["status"] == "waiting":
-                self.store.execute(
-                    "UPDATE runs SET status = 'running' WHERE id = ? AND status = 'waiting'",
-                    (run["id"],),
-                )
-        self.advance(incident_id, self._phase(step_run))
-        return Outcome(True, f"{decision} by <@{user}>")
-
-    def pause(self, step_run_id: int, user: str) -> Outcome:
-        return self._pause(step_run_id, user, pausing=True)
-
-    def resume(self, step_run_id: int, user: str) -> Outcome:
-        return self._pause(step_run_id, user, pausing=False)
-
-    def _pause(self, step_run_id: int, user: str, *, pausing: bool) -> Outcome:
-        step_run = self.store.get_step_run(step_run_id)
-        if step_run is None:
-            return Outcome(False, "this message is not a step of a runbook")
-        with self._lock(step_run["incident_id"]):
-            row = self._incident(step_run["incident_id"])
-            approval = self.store.get_approval(step_run_id)
-            if approval is None or approval["status"] != "pending":
-                return Outcome(False, "there is no pending approval to pause or resume")
-            step = self._step_of(step_run)
-            who = self._authorize(row, approval, user, step)
-            if not who.allowed:
-                return Outcome(False, who.reason)
-            if pausing:
-                if approval["paused_at"] is not None:
-                    return Outcome(False, "already paused")
-                self.store.execute(
-                    "UPDATE approvals SET paused_at = ?, paused_by = ? "
-                    "WHERE id = ? AND status = 'pending' AND paused_at IS NULL",
-                    (self.clock(), user, approval["id"]),
-                )
-                self._event(row, "paused", step=step, actor=user)
-            else:
-                if approval["paused_at"] is None:
-                    return Outcome(False, "not paused")
-                deadline = policy.resumed_deadline(
-                    approval["expires_at"], approval["paused_at"], self.clock()
-                )
-                self.store.execute(
-                    "UPDATE approvals SET paused_at = NULL, paused_by = NULL, expires_at = ? "
-                    "WHERE id = ? AND status = 'pending'",
-                    (deadline, approval["id"]),
-                )
-                self._event(row, "resumed", step=step, actor=user)
-            self._refresh_step(row, step_run_id, step, None)
-        return Outcome(True, "paused" if pausing else "resumed")
-
-    def _authorize(
-        self, row: Mapping[str, Any], approval: Mapping[str, Any], user: str, step: Step | None
-    ) -> policy.Authorization:
-        declared = json.loads(approval["approvers"] or "{}")
-        approvers = Approvers(tuple(declared.get("users", ())), tuple(declared.get("groups", ())))
-        who = policy.authorize(user, approvers, member_of=self.member_of, bot_users=self.bot_users)
-        if not who.allowed and user not in self.bot_users:
-            metrics.approvals.labels(approval["action"], "unauthorized").inc()
-            self._event(
-                row,
-                "unauthorized",
-                step=step,
-                actor=user,
-                detail=who.reason,
-                action_id=approval["action"],
-            )
-        return who
-
-    def expire_due(self) -> int:
-        """Expire every approval whose deadline passed; returns how many."""
-        count = 0
-        for approval in self.store.due_approvals(self.clock()):
-            with self._lock(approval["incident_id"]):
-                row = self._incident(approval["incident_id"])
-                fresh = self.store.get_approval(approval["step_run_id"])
-                if fresh and fresh["status"] == "pending" and fresh["paused_at"] is None:
-                    count += self._expire(row, fresh)
-            step_run = self.store.get_step_run(approval["step_run_id"])
-            if step_run is not None:
-                self.advance(approval["incident_id"], self._phase(step_run))
-        return count
-
-    def _expire(self, row: dict[str, Any], approval: Mapping[str, Any]) -> int:
-        return self._close_approval(row, approval, "expired", "", "the request expired")
-
-    def _close_approval(
-        self, row: dict[str, Any], approval: Mapping[str, Any], status: str, actor: str, why: str
-    ) -> int:
-        if not self.store.decide_approval(approval["step_run_id"], status, actor, self.clock()):
-            return 0
-        self.store.transition_step(
-            approval["step_run_id"], (STEP_AWAITING,), {"status": status, "detail": why}
-        )
-        step_run = self.store.get_step_run(approval["step_run_id"])
-        step = self._step_of(step_run) if step_run else None
-        if status == "expired":
-            metrics.approvals.labels(approval["action"], "expired").inc()
-            metrics.approval_wait.labels(approval["action"], "expired").observe(
-                max(self.clock() - approval["requested_at"], 0.0)
-            )
-        self._event(row, status, step=step, actor=actor, detail=why, action_id=approval["action"])
-        self._refresh_step(row, approval["step_run_id"], step, None)
-        return 1
-
-    # --- restart -------------------------------------------------------------------------
-
-    def recover(self) -> dict[str, int]:
-        """After a (re)start: surface interrupted steps, re-show unposted ones, go on."""
-        interrupted = 0
-        for step_run in self.store.running_step_runs():
-            if self.store.transition_step(
-                step_run["id"],
-                ("running",),
-                {
-                    "status": "interrupted",
-                    "detail": "the bot stopped while this step was running; it was not "
-                    "re-run. Check its effect and continue by hand.",
-                    "finished_at": self.clock(),
-                },
-            ):
-                interrupted += 1
-                row = self._incident(step_run["incident_id"])
-                step = self._step_of(step_run)
-                self._event(row, "interrupted", step=step, detail="bot restarted mid-step")
-                self._refresh_step(row, step_run["id"], step, None)
-        # A crash (or a chat outage) before the thread existed: post its root now, or
-        # every later message of the incident would have nowhere to go.
-        for unposted in self.store.query(
-            "SELECT id FROM incidents WHERE status = 'open' AND thread_ts IS NULL"
-        ):
-            with self._lock(unposted["id"]):
-                row = self._incident(unposted["id"])
-                if not row.get("thread_ts"):
-                    self._post_root(row, self._runbook(row["runbook_id"]))
-        # A crash in the middle of opening or resolving an incident: finish that first.
-        for orphan in self.store.query(
-            "SELECT * FROM incidents WHERE status = 'open' AND runbook_id IS NOT NULL "
-            "AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.incident_id = incidents.id "
-            "AND runs.phase = 'main')"
-        ):
-            self._start_main_run(orphan["id"], orphan["runbook_id"])
-        for resolved in self.store.query(
-            "SELECT DISTINCT incidents.id FROM incidents JOIN runs ON runs.incident_id = "
-            "incidents.id WHERE incidents.status = 'resolved' AND runs.phase = 'main' "
-            "AND runs.status IN ('running', 'waiting')"
-        ):
-            with self._lock(resolved["id"]):
-                self._wind_down(self._incident(resolved["id"]), "recover")
-        resumed = 0
-        for run in self.store.query(
-            "SELECT incident_id, phase FROM runs WHERE status IN ('running', 'waiting')"
-        ):
-            self._repost_missing(run["incident_id"])
-            self.advance(run["incident_id"], run["phase"])
-            resumed += 1
-        return {"interrupted": interrupted, "runs_resumed": resumed}
-
-    def _post_root(self, row: Mapping[str, Any], runbook: Runbook | None) -> None:
-        root = self._say(
-            lambda: self.chat.post_incident(self._incident_view(row, runbook)), "root post"
-        )
-        if root is not None:
-            self.store.update(
-                "incidents", row["id"], {"channel": root.channel, "thread_ts": root.ts}
-            )
-
-    def _repost_missing(self, incident_id: str) -> None:
-        row = self._incident(incident_id)
-        for step_run in self.store.query(
-            "SELECT * FROM step_runs WHERE incident_id = ? AND status = ? AND message_ts IS NULL",
-            (incident_id, STEP_AWAITING),
-        ):
-            step = self._step_of(step_run)
-            if step is not None:
-                self._post_step(row, step_run, step, None)
-
-    # --- views and chat --------------------------------------------------------------------
-
-    def _post_step(
-        self,
-        row: dict[str, Any],
-        step_run: Mapping[str, Any],
-        step: Step,
-        steps: tuple[Step, ...] | None,
-    ) -> None:
-        if not row.get("thread_ts"):
-            return
-        view = self._step_view(row, step_run, step, steps)
-        ref = self._say(
-            lambda: self.chat.post_step(MessageRef(row["channel"], row["thread_ts"]), view),
-            "step post",
-        )
-        if ref is not None:
-            self.store.update(
-                "step_runs", step_run["id"], {"message_ts": ref.ts, "channel": ref.channel}
-            )
-            self.store.execute(
-                "UPDATE approvals SET message_ts = ?, channel = ? WHERE step_run_id = ?",
-                (ref.ts, ref.channel, step_run["id"]),
-            )
-
-    def _refresh_step(
-        self,
-        row: dict[str, Any],
-        step_run_id: int,
-        step: Step | None,
-        steps: tuple[Step, ...] | None,
-    ) -> None:
-        step_run = self.store.get_step_run(step_run_id)
-        if step_run is None or step is None:
-            return
-        if not step_run["message_ts"]:
-            self._post_step(row, step_run, step, steps)
-            return
-        view = self._step_view(row, step_run, step, steps)
-        self._say(
-            lambda: self.chat.update_step(
-                MessageRef(step_run["channel"], step_run["message_ts"]), view
-            ),
-            "step update",
-        )
-
-    def step_view(self, step_run_id: int) -> StepView | None:
-        step_run = self.store.get_step_run(step_run_id)
-        if step_run is None:
-            return None
-        step = self._step_of(step_run)
-        if step is None:
-            return None
-        return self._step_view(self._incident(step_run["incident_id"]), step_run, step, None)
-
-    def _step_view(
-        self,
-        row: Mapping[str, Any],
-        step_run: Mapping[str, Any],
-        step: Step,
-        steps: tuple[Step, ...] | None,
-    ) -> StepView:
-        action = step.action
-        approval = self.store.get_approval(step_run["id"])
-        declared = json.loads(approval["approvers"]) if approval and approval["approvers"] else {}
-        if steps is None:
-            run = self.store.query_one("SELECT * FROM runs WHERE id = ?", (step_run["run_id"],))
-            steps = self._steps_of(run) if run else ()
-        index = step_run["step_index"]
-        position = index - ROLLBACK_INDEX_BASE if index >= ROLLBACK_INDEX_BASE else index
-        output = step_run["output"] or ""
-        if len(output) > OUTPUT_EXCERPT_CHARS:
-            output = "…" + output[-OUTPUT_EXCERPT_CHARS:]
-        actor = approval["decided_by"] if approval and approval["decided_by"] else ""
-        return StepView(
-            incident_id=row["id"],
-            step_run_id=step_run["id"],
-            step_id=step.id,
-            action_id=action.id,
-            index=position + 1,
-            total=len(steps),
-            name=step.name or action.description.split(".")[0],
-            description=action.description,
-            command=step_run["command"] or action.command_text,
-            shell=action.shell,
-            requires_approval=action.safety.requires_approval,
-            scopes=action.safety.scopes,
-            env=row["env"] or "",
-            expect=tuple((e.pattern, e.allow_failure) for e in action.expect),
-            state=step_run["status"],
-            reason=step_run["reason"] or "",
-            phase=self._phase(step_run),
-            decision=step_run["decision"] or "",
-            approvers_users=tuple(declared.get("users", ())),
-            approvers_groups=tuple(declared.get("groups", ())),
-            expires_at=approval["expires_at"] if approval else None,
-            paused_by=(approval["paused_by"] or "") if approval else "",
-            actor=actor,
-            detail=step_run["detail"] or "",
-            output=output,
-            duration=step_run["duration"],
-            exit_code=step_run["exit_code"],
-        )
-
-    def _incident_view(self, row: Mapping[str, Any], runbook: Runbook | None) -> IncidentView:
-        return IncidentView(
-            incident_id=row["id"],
-            title=row["title"],
-            service=row["service"],
-            urgency=row["urgency"] or "",
-            env=row["env"] or "",
-            link=row["link"] or "",
-            channel=row["channel"],
-            runbook_id=runbook.id if runbook else None,
-            runbook_title=(runbook.title or runbook.id) if runbook else "",
-            catalog_version=self.catalog.version,
-            step_count=len(runbook.steps) if runbook else 0,
-            details=row["details"],
-        )
-
-    def summary(self, incident_id: str, phase: str | None = None) -> str:
-        parts = []
-        for s in self.store.step_runs_of(incident_id):
-            if phase is not None and s["phase"] != phase:
-                continue
-            took = f" in {s['duration']:.1f}s" if s["duration"] else ""
-            parts.append(f"{s['step_id']}: {s['status']}{took}")
-        return ("Steps: " + "; ".join(parts) + ".") if parts else "No step ran."
-
-    def _note(self, row: Mapping[str, Any], text: str) -> None:
-        if row.get("thread_ts"):
-            self._say(
-                lambda: self.chat.post_note(MessageRef(row["channel"], row["thread_ts"]), text),
-                "note",
-            )
-
-    def _say(self, call: Callable[[], Any], what: str) -> Any:
-        """Chat failures are logged, never allowed to lose state or stop the runbook."""
-        return self._safely(call, what)
-
-    @staticmethod
-    def _safely(call: Callable[[], Any], what: str) -> Any:
-        try:
-            return call()
-        except Exception:
-            log.exception("%s failed", what)
-            return None
-
-    # --- helpers -------------------------------------------------------------------------
-
-    def _runbook(self, runbook_id: str) -> Runbook | None:
-        # Catalog.runbook scans every runbook; with thousands of them that scan was a tenth
-        # of each step's cost. Indexed per catalog object, so a reloaded catalog is seen.
-        if self._runbook_index[0] is not self.catalog:
-            self._runbook_index = (self.catalog, {r.id: r for r in self.catalog.runbooks})
-        return self._runbook_index[1].get(runbook_id)
-
-    def _lock(self, incident_id: str) -> threading.RLock:
-        with self._locks_guard:
-            lock = self._locks.get(incident_id)
-            if lock is None:
-                lock = self._locks[incident_id] = threading.RLock()
-            return lock
-
-    def _incident(self, incident_id: str) -> dict[str, Any]:
-        row = self.store.get_incident(incident_id)
-        if row is None:
-            raise KeyError(incident_id)
-        return row
-
-    def _phase(self, step_run: Mapping[str, Any]) -> str:
-        run = self.store.query_one("SELECT phase FROM runs WHERE id = ?", (step_run["run_id"],))
-        return str(run["phase"]) if run else "main"
-
-    def _step_of(self, step_run: Mapping[str, Any]) -> Step | None:
-        run = self.store.query_one("SELECT * FROM runs WHERE id = ?", (step_run["run_id"],))
-        if run is None:
-            return None
-        steps = self._steps_of(run)
-        index = step_run["step_index"]
-        if index >= ROLLBACK_INDEX_BASE:
-            original = index - ROLLBACK_INDEX_BASE
-            if original < len(steps) and steps[original].on_failure.rollback is not None:
-                return self._rollback_step(steps[original])
-            return None
-        return steps[index] if index < len(steps) else None
-
-    def _incident_context(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            "id": row["id"],
-            "title": row["title"],
-            "service": row["service"],
-            "service_id": row["service_id"] or "",
-            "urgency": row["urgency"] or "",
-            "priority": row["priority"] or "",
-            "env": row["env"] or "",
-            "link": row["link"] or "",
-            "status": row["status"],
-            "details": row["details"] or {},
-        }
-
-    def _context(self, row: Mapping[str, Any], step: Step) -> dict[str, Any]:
-        return {"incident": self._incident_context(row), "params": step.resolved_params}
+    def _context(self, incident: IncidentRow, step: Step) -> dict[str, Any]:
+        return {"incident": _incident_context(incident), "params": step.resolved_params}
 
     def _display_command(self, action: Action, context: Mapping[str, Any]) -> str:
         spec = executor.CommandSpec(command=action.command, shell=action.shell)
@@ -1081,26 +1223,102 @@ class Engine:
         shown = argv[-1] if action.shell else shlex.join(argv)
         return executor.mask_secrets(shown, (), patterns)
 
-    def _event(
-        self,
-        row: Mapping[str, Any],
-        status: str,
-        *,
-        step: Step | None = None,
-        actor: str = "",
-        detail: str = "",
-        action_id: str = "",
-    ) -> None:
-        self.store.record_event(
-            ts=self.clock(),  # the engine's one clock: events line up with approvals
-            incident_id=row["id"],
-            service=row["service"],
-            runbook_id=row["runbook_id"],
-            step_id=step.id if step else None,
-            action=step.action.id if step else (action_id or None),
-            env=row["env"],
-            status=status,
-            actor=actor or None,
-            detail=detail or None,
-            catalog_commit=row["catalog_commit"],
-        )
+
+@dataclass
+class _Context:
+    """What a handler works with: the open transaction, the item, and the jobs to start
+    once it commits."""
+
+    u: Unit
+    item: InboxItem
+    payload: dict[str, Any]
+    jobs: list[tuple[str, Job]]
+
+
+def _steps(runbook: Runbook | None, phase: Phase) -> tuple[Step, ...]:
+    if runbook is None:
+        return ()
+    return runbook.steps if phase is Phase.MAIN else runbook.on_resolve
+
+
+def _rollback_step(failed: Step) -> Step:
+    assert failed.on_failure.rollback is not None
+    return Step(
+        id=f"{failed.id}:rollback",
+        action=failed.on_failure.rollback,
+        location=failed.location,
+        name=f"Rollback after {failed.id}",
+        params=failed.params,
+    )
+
+
+def _incident_context(incident: IncidentRow) -> dict[str, Any]:
+    return {
+        "id": incident.id,
+        "title": incident.title,
+        "service": incident.service,
+        "service_id": incident.service_id,
+        "urgency": incident.urgency,
+        "priority": incident.priority,
+        "env": incident.env,
+        "link": incident.link,
+        "status": str(incident.status),
+        "details": dict(incident.details),
+    }
+
+
+def _results(step_runs: list[StepRun], run_id: int) -> dict[str, dict[str, Any]]:
+    """Results of the incident's steps so far, for `when`: follow-ups on resolve can read
+    the main run's, and the current run's own results win over a same-named main step."""
+    results: dict[str, dict[str, Any]] = {}
+    for s in sorted(step_runs, key=lambda s: (s.run_id == run_id, s.id)):
+        # a dry run shows the path the runbook takes when every step succeeds
+        status = StepStatus.SUCCESS if s.status is StepStatus.DRY_RUN else s.status
+        results[s.step_id] = {
+            "step_id": s.step_id,
+            "status": str(status),
+            "exit_code": s.exit_code,
+            "output": s.output,
+            "detail": s.detail,
+        }
+    return results
+
+
+def _summary_of(step_runs: list[StepRun]) -> str:
+    parts = []
+    for s in step_runs:
+        if s.status is StepStatus.SUPERSEDED:
+            continue
+        took = f" in {s.duration:.1f}s" if s.duration else ""
+        parts.append(f"{s.step_id}: {s.status}{took}")
+    return ("Steps: " + "; ".join(parts) + ".") if parts else "No step ran."
+
+
+def _later(a: str, b: str) -> bool:
+    """Is ISO time `a` after `b`? (Unreadable times are never later.)"""
+    from datetime import datetime
+
+    try:
+        first, second = datetime.fromisoformat(a), datetime.fromisoformat(b)
+    except ValueError:
+        return False
+    if (first.tzinfo is None) != (second.tzinfo is None):
+        return False
+    return first > second
+
+
+def incident_item(
+    incident: Incident, *, source: str = "bot", occurred_at: str = ""
+) -> dict[str, Any]:
+    """An inbox item that opens `incident` (for `Inbox.put`)."""
+    payload = asdict(incident)
+    payload["details"] = dict(incident.details)
+    if occurred_at:
+        payload["occurred_at"] = occurred_at
+    return {
+        "source": source,
+        "key": f"{source}:open:{incident.id}",
+        "incident_id": incident.id,
+        "kind": InboxKind.TRIGGERED,
+        "payload": payload,
+    }

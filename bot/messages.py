@@ -172,5 +172,48 @@ def step_text(view: StepView, reactions: ReactionNames) -> str:
     return "\n".join(lines)
 
 
-UNAUTHORIZED_NOTE = "Your reaction on {step} changed nothing: {reason}."
-DECIDED_NOTE = "Your reaction on {step} changed nothing: {reason}."
+DECIDED_NOTE = "Your decision on {step} changed nothing: {reason}."
+
+REOPENED_NOTE = (
+    "Incident reopened. Steps already run are not repeated; re-run them by hand or "
+    "trigger a new incident."
+)
+CANCELLED_BY_RESOLVE = "the incident resolved"
+EXPIRED_DETAIL = "the request expired"
+INTERRUPTED = (
+    "the bot stopped while this step was running and its result could not be recovered; "
+    "it was not re-run. Check its effect and continue by hand."
+)
+SUPERSEDED_DETAIL = (
+    "what this step would run changed after it was approved; the approval is void and "
+    "a new request follows"
+)
+
+_REFUSALS = {
+    "not_a_step": "this message is not a step of a runbook",
+    "already_decided": "this step was already decided ({status})",
+    "expired": "this approval request has expired",
+    "incident_closed": "the incident is no longer open",
+    "unauthorized": "{reason}",
+    "paused": "paused by <@{by}>; remove :double_vertical_bar: first",
+    "not_paused": "it is not paused",
+    "already_paused": "already paused by <@{by}>",
+    "not_pending": "there is no pending approval to pause or resume",
+}
+
+
+def refusal_text(refusal: str, **details: object) -> str:
+    """Why a decision changed nothing, for the person who sent it."""
+    return _REFUSALS[str(refusal)].format(**{"status": "", "reason": "", "by": "", **details})
+
+
+# Written to PagerDuty (incident notes, plain text); the sender appends where the thread is.
+_WRITEBACK_PHASES = {"main": "steps", "on_resolve": "follow-ups on resolve"}
+_WRITEBACK_STATUS = {"completed": "finished", "escalated": "stopped", "failed": "failed"}
+
+
+def writeback_note(*, runbook: str, phase: str, status: str, summary: str) -> str:
+    return (
+        f"runbook-bot: runbook {runbook} ({_WRITEBACK_PHASES.get(str(phase), 'steps')}) "
+        f"{_WRITEBACK_STATUS.get(str(status), str(status))}. {summary}"
+    )

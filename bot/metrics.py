@@ -152,6 +152,26 @@ pending_approvals = _gauge(
     "runbook_pending_approvals",
     "Approval requests waiting for a human right now (read from the database at scrape time).",
 )
+inbox_failures = _counter(
+    "runbook_inbox_failures",
+    "Inbox items whose application raised (retried, then kept as failed for a human), "
+    "by source: pagerduty, slack, timer, executor.",
+    ("source",),
+)
+outbox_sends = _counter(
+    "runbook_outbox_sends",
+    "Deliveries of outbox effects by target (slack, pagerduty) and result: sent, retry "
+    "(429, 5xx, timeout, outage: tried again later), failed (refused for good).",
+    ("target", "result"),
+)
+inbox_queued = _gauge(
+    "runbook_inbox_queued",
+    "Inbox items received and not yet applied (read from the database at scrape time).",
+)
+outbox_pending = _gauge(
+    "runbook_outbox_pending",
+    "Effects (Slack messages, PagerDuty write-back) committed and not yet delivered.",
+)
 bot_info = _info(
     "runbook_bot",
     "Version of the bot and the catalog commit it runs (labels version, catalog_commit).",
@@ -166,6 +186,11 @@ def service_label(service: str) -> str:
 def track_pending_approvals(count: Callable[[], float]) -> None:
     """Read the gauge from the database at scrape time, so it survives restarts."""
     pending_approvals.set_function(count)
+
+
+def track_queues(queued: Callable[[], int], pending: Callable[[], int]) -> None:
+    inbox_queued.set_function(lambda: float(queued()))
+    outbox_pending.set_function(lambda: float(pending()))
 
 
 def set_info(version: str, catalog_commit: str) -> None:

@@ -1,14 +1,21 @@
-"""The bot's process: one WSGI app on one port, served by waitress.
+"""The bot's process: one WSGI app on one port, served by waitress, and its workers.
 
 Routes:
   POST /pagerduty/webhook   PagerDuty V3 webhooks (bot.pagerduty)
   POST /slack/events        Slack Events API in HTTP mode (bot.chat.slack)
   GET  /metrics             Prometheus exposition (bot.metrics)
-  GET  /healthz             liveness/readiness: the database answers
+  GET  /healthz             alive: the process serves requests
+  GET  /readyz              ready: the database can be written and a catalog is loaded
 
-Request handlers only verify, record and acknowledge; the work (posting to Slack,
-running steps) happens on a bounded worker pool, so Slack gets its answer within 3 s
-and PagerDuty within 5 s whatever a command does.
+Request handlers only verify, record in the inbox and acknowledge. The work happens on
+the bot's threads: the inbox consumer applies items per incident (``bot.inbox`` ->
+``bot.engine``), executors run claimed steps (``bot.jobs``), the outbox sender delivers
+what the changes said to Slack and PagerDuty (``bot.outbox``), and a timer puts expired
+approval deadlines in the inbox.
+
+Start order: open the database (migrations run), repair what the last run left (steps
+it left running: result, interruption, or not started), start serving (``/healthz``
+answers), then resume work.
 """
 
 from __future__ import annotations
@@ -21,16 +28,19 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot import __version__, metrics
 from bot.catalog import load_catalog
-from bot.chat.base import NullChat
 from bot.config import Config
-from bot.engine import Engine, EngineListener
+from bot.engine import Engine
 from bot.errors import ConfigError
-from bot.store import Store
+from bot.inbox import Inbox, database_unusable
+from bot.jobs import JobEnd, SupervisedExecutor, end_item
+from bot.outbox import Budgets, OutboxSender, Transport
+from bot.pagerduty import PagerDutyIntake
+from bot.store import StepRun, Store
 
 if TYPE_CHECKING:
     from bot.chat.slack import SlackAdapter, SlackTuning
@@ -39,157 +49,218 @@ log = logging.getLogger(__name__)
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-# How often the housekeeping thread copies the SQLite WAL into the database file. Often
-# enough that the WAL never reaches the store's auto-checkpoint limit, which would make a
-# request pay for the checkpoint: an incident writes about 60 WAL pages, so even 100 new
-# incidents a second stay under it. With nothing new to copy a checkpoint costs microseconds.
+# How often the housekeeping thread copies the SQLite WAL into the database file (so a
+# request never pays for a checkpoint) and looks for expired approval deadlines.
 CHECKPOINT_SECONDS = 1.0
+READY_PROBE_SECONDS = 1.0  # /readyz writes to the database at most this often
 
 # Largest request body waitress accepts (its own default is 1 GiB, spooled to disk and
-# then read by the route). Above it waitress answers 413 and no route sees the request:
-# at the Content-Length header, before reading the body; a chunked body once it passes
-# the limit. Slack events and PagerDuty webhooks are a few kB; the PagerDuty route
-# refuses more than 256 KiB itself.
+# then read by the route). Above it waitress answers 413 and no route sees the request.
 MAX_REQUEST_BODY_BYTES = 1024 * 1024
+SINK_RETRY_SECONDS = 1.0
 
 
-class WorkerPool:
-    """A thread pool with a bound on queued work, so a storm cannot exhaust memory."""
-
-    def __init__(self, workers: int, max_queued: int = 10_000) -> None:
-        self._executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="runbook-worker"
-        )
-        self._slots = threading.BoundedSemaphore(workers + max_queued)
-        self._closed = False
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
-        if self._closed or not self._slots.acquire(timeout=5):
-            log.error("worker pool full or closed; work stays queued in the database")
-            return None
-
-        def run() -> Any:
-            try:
-                return fn(*args)
-            except Exception:
-                log.exception("background work failed")
-                return None
-            finally:
-                self._slots.release()
-
-        return self._executor.submit(run)
-
-    def shutdown(self, grace: float) -> bool:
-        """Stop taking work; wait up to `grace` seconds for running work. True if idle."""
-        self._closed = True
-        done = threading.Event()
-
-        def wait() -> None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            done.set()
-
-        threading.Thread(target=wait, daemon=True).start()
-        return done.wait(grace)
+def state_dir_for(config: Config) -> Path:
+    """Where step supervisors leave their results: RUNBOOK_STATE_DIR, else beside the
+    SQLite file (``runbook-bot.db`` -> ``runbook-bot-steps/``)."""
+    if config.state_dir:
+        return Path(config.state_dir)
+    db = Path(config.db)
+    return db.with_name(f"{db.stem}-steps")
 
 
 class BotApp:
-    """Everything the process runs: the engine, its adapters, the expiry timer, the routes.
+    """Everything the process runs: the engine, its adapters, inbox, outbox, executor.
 
     ``slack_tuning`` changes the Slack adapter's pacing, retry and cache settings (tests
     and benchmarks make them small); production uses the defaults.
     """
 
-    def __init__(self, config: Config, *, slack_tuning: SlackTuning | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        slack_tuning: SlackTuning | None = None,
+        outbox_backoff: tuple[float, float] | None = None,
+    ) -> None:
         self.config = config
-        self._slack_tuning = slack_tuning
         self.catalog = load_catalog(config.catalog)
         self.store = Store(config.db)
-        self.pool = WorkerPool(config.workers)
-        self.listeners: list[EngineListener] = []
+        self.inbox = Inbox(
+            self.store,
+            self._apply,
+            workers=config.workers,
+            catalog_commit=lambda: self.engine.catalog.version,
+        )
+        self.executor = SupervisedExecutor(state_dir_for(config), self._job_ended)
+        self.pagerduty = PagerDutyIntake(config, self.inbox.put)
+        self.slack = self._build_slack(slack_tuning)
+        transports: dict[str, Transport] = {}
+        rules: dict[str, tuple[float, float]] = {}
+        if self.slack is not None:
+            transports["slack"] = self.slack.transport
+            rules.update(self.slack.budgets)
+        self.writeback = None
+        if config.pagerduty_writeback:
+            from bot.pagerduty.writeback import PAGERDUTY_BUDGETS, PagerDutyTransport
+
+            self.writeback = PagerDutyTransport(config, self.store.outbox_set_payload)
+            transports["pagerduty"] = self.writeback
+            rules.update(PAGERDUTY_BUDGETS)
+        first, most = outbox_backoff or (1.0, 60.0)
+        self.outbox = OutboxSender(
+            self.store,
+            transports,
+            budgets=Budgets(rules),
+            workers=max(4, config.workers),
+            backoff_first=first,
+            backoff_max=most,
+        )
         self.engine = Engine(
             self.catalog,
             self.store,
-            NullChat(),
+            self.executor,
             default_env=config.env,
-            listeners=self.listeners,
+            member_of=self.slack.member_of if self.slack else None,
+            bot_users=self.slack.bot_user_ids if self.slack else (),
+            writeback=config.pagerduty_writeback,
+            chat=self.slack is not None,
+            details=self.pagerduty.details if self.pagerduty.api is not None else None,
         )
         self._stopping = threading.Event()
         self._timer: threading.Thread | None = None
+        self._ready: tuple[float, str] = (0.0, "")
+        self._ready_lock = threading.Lock()
         self.checkpoint_seconds = CHECKPOINT_SECONDS
-        self.slack = self._build_slack()
-        self.intake = self._build_intake()
         metrics.set_info(__version__, self.catalog.version)
         metrics.track_pending_approvals(lambda: float(self.store.count_pending_approvals()))
+        metrics.track_queues(self.store.count_queued, self.store.count_outbox_pending)
 
-    # Slack: the chat adapter and the /slack/events route (bot.chat.slack).
-    def _build_slack(self) -> SlackAdapter | None:
+    def _build_slack(self, tuning: SlackTuning | None) -> SlackAdapter | None:
         if not self.config.slack_enabled:
             log.warning("SLACK_BOT_TOKEN is not set: threads are not posted anywhere")
             return None
         from bot.chat.slack import SlackAdapter
 
-        adapter = SlackAdapter(self.config, self, self._slack_tuning)
-        self.engine.chat = adapter.chat
-        self.engine.member_of = adapter.member_of
-        self.engine.bot_users = set(adapter.bot_user_ids)
-        return adapter
+        return SlackAdapter(
+            self.config, put=self.inbox.put, find_message=self.store.message_at, tuning=tuning
+        )
 
-    # PagerDuty: the webhook route, its durable queue, and REST write-back (bot.pagerduty).
-    def _build_intake(self) -> Any:
-        # No ImportError fallback: a broken install must fail at start, not answer every
-        # webhook with 503.
-        from bot.pagerduty import PagerDutyIntake
-
-        return PagerDutyIntake(self.config, self)
+    def _apply(self, item: Any) -> None:
+        self.engine.apply(item)
+        self.outbox.wake()
 
     # --- lifecycle -----------------------------------------------------------------------
 
+    def repair(self) -> dict[str, int]:
+        """What the last run left running: results, interruptions, steps never started."""
+        self.executor.open()
+        found = self.executor.recover(
+            self.store.running_steps(), self.engine.job_for, self._restart
+        )
+        counts = {"results": 0, "interrupted": 0, "restarted": 0, "still_running": 0}
+        for recovery in found:
+            step = recovery.step
+            if recovery.attached:
+                counts["still_running"] += 1
+                continue
+            if recovery.not_started:
+                counts["restarted"] += 1
+                self._restart(step)
+                continue
+            job = self.engine.job_for(step)
+            if job is None:
+                continue
+            if recovery.result is not None:
+                counts["results"] += 1
+                self._job_ended(
+                    JobEnd(step.id, step.attempt, step.incident_id, job.phase, recovery.result)
+                )
+            else:
+                counts["interrupted"] += 1
+                self._job_ended(
+                    JobEnd(
+                        step.id,
+                        step.attempt,
+                        step.incident_id,
+                        job.phase,
+                        None,
+                        "the bot stopped while it ran",
+                    )
+                )
+            self.executor.forget(step.runner)
+        return counts
+
+    def _restart(self, step: StepRun) -> None:
+        """A claimed step whose command never started: start it now (same attempt)."""
+        self.engine.restart(step)
+
     def start(self) -> None:
-        recovered = self.engine.recover()
-        log.info("recovered state: %s", recovered)
+        """Resume work: the inbox, the outbox, the timers, Slack's Socket Mode."""
+        self.inbox.start()
+        self.outbox.start()
         if self.slack is not None:
             self.slack.start()
-        if self.intake is not None:
-            self.intake.start()
         self._timer = threading.Thread(
             target=self._housekeeping_loop, name="housekeeping", daemon=True
         )
         self._timer.start()
 
     def stop(self, grace: float | None = None) -> bool:
-        """Stop taking work, let running steps finish up to the grace period."""
+        """Take no new work; let running steps finish up to the grace period.
+
+        Steps still running after it keep running under their supervisors; the next
+        start picks up their results.
+        """
         grace = self.config.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace
         self._stopping.set()
-        self.engine.stop_taking_work()
-        if self.intake is not None:
-            self.intake.stop()
-        idle = self.pool.shutdown(grace)
-        if self._timer is not None:
-            self._timer.join(5)  # it may be mid-checkpoint: let it finish before the store closes
         if self.slack is not None:
             self.slack.stop()
+        self.inbox.stop(timeout=max(0.0, deadline - time.monotonic()))
+        idle = self.executor.close(grace=max(0.0, deadline - time.monotonic()))
+        # Results that came in meanwhile are in the inbox: the next start applies them.
+        self.outbox.stop(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+        if self._timer is not None:
+            self._timer.join(5)  # it may be mid-checkpoint: let it finish before the store closes
+        if self.writeback is not None:
+            self.writeback.close()
+        self.pagerduty.close()
         if not idle:
             log.warning(
-                "grace period over with steps still running; they will show as "
-                "interrupted at the next start"
+                "grace period over with steps still running; they go on under their "
+                "supervisors and the next start records their results"
             )
         return idle
 
+    def _job_ended(self, end: JobEnd) -> None:
+        """An executor's report: into the inbox, retried until the database takes it."""
+        while True:
+            try:
+                self.inbox.put(**end_item(end))
+                return
+            except Exception as exc:
+                if not database_unusable(exc):
+                    raise
+                log.error("cannot record a step result yet (%s); retrying", exc)
+                time.sleep(SINK_RETRY_SECONDS)
+
     def _housekeeping_loop(self) -> None:
-        """Expire approvals at their deadlines; checkpoint the database off the request path."""
+        """Put expired approval deadlines in the inbox; checkpoint the database."""
         next_checkpoint = time.monotonic() + self.checkpoint_seconds
         while not self._stopping.is_set():
+            deadline: float | None = None
             try:
-                self.engine.expire_due()
+                for item in self.engine.due_expiries():
+                    self.inbox.put(**item)
                 deadline = self.store.next_deadline()
-            except Exception:
-                log.exception("approval expiry failed")
-                deadline = None
+            except Exception as exc:
+                log.warning("approval expiry check failed: %s", exc)
             if time.monotonic() >= next_checkpoint:
                 try:
                     self.store.checkpoint()
-                except Exception:
-                    log.exception("database checkpoint failed")
+                except Exception as exc:
+                    log.warning("database checkpoint failed: %s", exc)
                 next_checkpoint = time.monotonic() + self.checkpoint_seconds
             wait = 1.0 if deadline is None else min(1.0, max(0.05, deadline - time.time()))
             wait = min(wait, max(0.0, next_checkpoint - time.monotonic()))
@@ -202,19 +273,16 @@ class BotApp:
         path = environ.get("PATH_INFO", "/")
         if path == "/healthz" and method in ("GET", "HEAD"):
             return self._healthz(start_response)
+        if path == "/readyz" and method in ("GET", "HEAD"):
+            return self._readyz(start_response)
         if path == "/metrics" and method == "GET":
             body = metrics.exposition()
             start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
             return [body]
         if path == "/pagerduty/webhook":
-            if self.intake is None:
-                return _json(
-                    start_response, "503 Service Unavailable", {"error": "intake not available"}
-                )
             if method != "POST":
                 return _json(start_response, "405 Method Not Allowed", {"error": "use POST"})
-            result: Iterable[bytes] = self.intake.wsgi(environ, start_response)
-            return result
+            return self.pagerduty.wsgi(environ, start_response)
         if path == "/slack/events":
             if self.slack is None or self.config.socket_mode:
                 return _json(start_response, "404 Not Found", {"error": "Slack HTTP mode is off"})
@@ -224,12 +292,6 @@ class BotApp:
         return _json(start_response, "404 Not Found", {"error": f"no route for {method} {path}"})
 
     def _healthz(self, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        try:
-            self.store.query_one("SELECT 1 AS ok")
-        except Exception:
-            return _json(
-                start_response, "503 Service Unavailable", {"status": "database unavailable"}
-            )
         status = "stopping" if self._stopping.is_set() else "ok"
         code = "503 Service Unavailable" if self._stopping.is_set() else "200 OK"
         return _json(
@@ -237,6 +299,35 @@ class BotApp:
             code,
             {"status": status, "version": __version__, "catalog": self.catalog.version},
         )
+
+    def not_ready(self) -> str:
+        """Why the bot is not ready, or "" (the database probe runs at most once a second)."""
+        if self._stopping.is_set():
+            return "stopping"
+        with self._ready_lock:
+            checked, reason = self._ready
+            if time.monotonic() - checked < READY_PROBE_SECONDS and checked:
+                return reason
+            try:
+                self.store.probe_write()
+                reason = ""
+            except Exception as exc:
+                reason = f"the database {self.config.db} cannot be written: {exc}"
+                log.error("%s", reason)
+            self._ready = (time.monotonic(), reason)
+            return reason
+
+    def _readyz(self, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        reason = self.not_ready()
+        body: dict[str, Any] = {
+            "status": "not ready" if reason else "ready",
+            "reason": reason,
+            "catalog": self.catalog.version,
+            "inbox_queued": None,
+        }
+        with contextlib.suppress(Exception):
+            body["inbox_queued"] = self.store.count_queued()
+        return _json(start_response, "503 Service Unavailable" if reason else "200 OK", body)
 
 
 def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any]) -> list[bytes]:
@@ -314,8 +405,11 @@ class HttpServer:
 def serve(config: Config) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     app = BotApp(config)
+    repaired = app.repair()
+    log.info("state repaired: %s", repaired)
     server = HttpServer(app.wsgi, config.host, config.port, threads=max(4, config.workers))
-    app.start()
+    # Serve first (/healthz answers while work resumes), then resume the work.
+    threading.Thread(target=app.start, name="resume", daemon=True).start()
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %s: stopping", signum)
@@ -331,8 +425,7 @@ def serve(config: Config) -> None:
         app.store.close()
         log.info("stopped")
     if not idle:
-        # Worker threads still run commands past the grace period; the interpreter would
-        # wait for them at exit. Their steps are in the database as running and show as
-        # interrupted, for a human to check, at the next start.
+        # Threads still wait on step supervisors past the grace period; the commands go
+        # on in their own sessions and the next start records their results.
         logging.shutdown()
         os._exit(0)

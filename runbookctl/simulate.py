@@ -80,8 +80,9 @@ def simulate(
     Exits 1 when no runbook matches or the runbook stops (failure, rejection, block).
     """
     from bot.catalog import load_catalog
-    from bot.chat.console import ConsoleChat
-    from bot.engine import Engine, Incident
+    from bot.chat.console import ConsoleTransport
+    from bot.engine import Incident
+    from bot.local import LocalRuntime
     from bot.store import Store
 
     mode = approve or ("ask" if execute else "all")
@@ -99,17 +100,17 @@ def simulate(
     click.echo(f"runbookctl simulate — {header}; approvals: {mode}; environment: {env}\n")
     with tempfile.TemporaryDirectory(prefix="runbookctl-") as scratch:
         store = Store(db or os.path.join(scratch, "simulate.db"))
-        engine = Engine(
+        runtime = LocalRuntime(
             catalog,
             store,
-            ConsoleChat(out),
-            default_env=env,
+            transports={"slack": ConsoleTransport(out)},
             dry_run=not execute,
+            default_env=env,
             # The person at the terminal stands in for the responders.
             member_of=lambda user, group: True,
         )
         incident_id = f"SIM-{uuid.uuid4().hex[:8].upper()}"
-        engine.open_incident(
+        runtime.open(
             Incident(
                 id=incident_id,
                 title=symptom,
@@ -117,49 +118,47 @@ def simulate(
                 urgency="high",
                 env=env,
                 details=_parse_details(details),
-            )
+            ),
+            source="simulate",
         )
-        _decide_pending(engine, incident_id, mode)
+        _decide_pending(runtime, incident_id, mode)
         if resolve:
-            engine.resolve_incident(incident_id, actor="simulate")
-            _decide_pending(engine, incident_id, mode)
-        incident = store.get_incident(incident_id)
-        run = store.get_run(incident_id, "main")
+            runtime.resolve(incident_id, actor="simulate")
+            _decide_pending(runtime, incident_id, mode)
+        incident = store.incident(incident_id)
+        run = store.run(incident_id)
         store.close()
     assert incident is not None
-    if incident["runbook_id"] is None:
+    if incident.runbook_id is None:
         raise click.ClickException(
             f"no runbook matches service {service!r} with symptom {symptom!r}"
         )
-    status = run["status"] if run else "none"
-    click.echo(f"\nrunbook {incident['runbook_id']}: {status}")
+    status = str(run.status) if run else "none"
+    click.echo(f"\nrunbook {incident.runbook_id}: {status}")
     if status not in ("completed", "cancelled"):
         sys.exit(1)
 
 
-def _decide_pending(engine: Any, incident_id: str, mode: str) -> None:
-    import json
-
+def _decide_pending(runtime: Any, incident_id: str, mode: str) -> None:
     seen: set[int] = set()
+    incident = runtime.store.incident(incident_id)
+    channel = incident.channel if incident else ""
     while True:
         pending = [
-            a for a in engine.store.pending_approvals(incident_id) if a["step_run_id"] not in seen
+            a for a in runtime.store.pending_approvals(incident_id) if a.step_run_id not in seen
         ]
         if not pending:
             return
         for approval in pending:
-            seen.add(approval["step_run_id"])
-            users = json.loads(approval["approvers"] or "{}").get("users") or []
+            seen.add(approval.step_run_id)
+            users = approval.approver_users
             actor = users[0] if users else "simulate"
             if mode == "all":
                 approved = True
             elif mode == "none":
                 approved = False
             else:
-                approved = click.confirm(
-                    f"  │ Approve {approval['action']}?", default=False, err=True
-                )
-            decide = engine.approve if approved else engine.reject
-            outcome = decide(approval["step_run_id"], actor)
-            if not outcome.ok:  # e.g. nobody may approve it: say so rather than stall
-                click.echo(f"  │ {approval['action']} not decided: {outcome.message}")
+                approved = click.confirm(f"  │ Approve {approval.action}?", default=False, err=True)
+            runtime.decide(
+                approval.step_run_id, actor, "approve" if approved else "reject", channel=channel
+            )

@@ -27,7 +27,10 @@ from bot.catalog.model import (
     Settings,
     Step,
 )
-from bot.chat.base import IncidentView, MessageRef, StepView
+from bot import effects
+from bot.chat.base import IncidentView, StepView
+from bot.outbox import Retry, Sent
+from bot.store import OutboxItem
 
 HERE = Location("test.yaml")
 APPROVER = "U0APPROVER"
@@ -141,35 +144,53 @@ class Clock:
 
 
 @dataclass
-class RecordingChat:
-    """A chat port that keeps everything the engine said, for assertions."""
+class RecordingTransport:
+    """An outbox transport that keeps everything delivered to "Slack", for assertions.
+
+    With the outbox, a message carries its latest rendering when it is sent, so a step
+    that finished before its message went out is posted finished: `latest` gives each
+    step's last rendering, however it was delivered.
+    """
 
     incidents: list[IncidentView] = field(default_factory=list)
     steps: list[StepView] = field(default_factory=list)
     updates: list[StepView] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ephemerals: list[tuple[str, str]] = field(default_factory=list)  # (user, text)
+    reactions: list[str] = field(default_factory=list)  # message keys reacted under
+    views: list[StepView] = field(default_factory=list)  # step renderings, in delivery order
     _ts: int = 0
 
-    def _next(self, channel: str) -> MessageRef:
+    def budgets(self, item: OutboxItem) -> tuple[str, ...]:
+        return ()
+
+    def penalize(self, item: OutboxItem, retry: Retry) -> tuple[str, ...]:
+        return ()
+
+    def deliver(self, item: OutboxItem, *, maybe_sent: bool) -> Sent:
+        kind = item.kind
+        if kind == "post_incident":
+            self.incidents.append(effects.incident_view(item.payload))
+        elif kind == "post_step":
+            self.steps.append(effects.step_view(item.payload))
+            self.views.append(self.steps[-1])
+        elif kind == "update_step":
+            self.updates.append(effects.step_view(item.payload))
+            self.views.append(self.updates[-1])
+            return Sent()
+        elif kind == "note":
+            self.notes.append(str(item.payload["text"]))
+        elif kind == "ephemeral":
+            self.ephemerals.append((str(item.payload["user"]), str(item.payload["text"])))
+            return Sent()
+        elif kind == "react":
+            self.reactions.append(item.key or "")
+            return Sent()
         self._ts += 1
-        return MessageRef(channel, f"{self._ts}.0")
+        return Sent(ts=f"{self._ts}.0", channel=item.lane.removeprefix("slack:"))
 
-    def post_incident(self, view: IncidentView) -> MessageRef:
-        self.incidents.append(view)
-        return self._next(view.channel)
-
-    def post_step(self, thread: MessageRef, view: StepView) -> MessageRef:
-        self.steps.append(view)
-        return self._next(thread.channel)
-
-    def update_step(self, message: MessageRef, view: StepView) -> None:
-        self.updates.append(view)
-
-    def post_note(self, thread: MessageRef, text: str) -> None:
-        self.notes.append(text)
-
-    def notify_user(self, channel: str, user: str, text: str, thread_ts: str = "") -> None:
-        self.notes.append(f"@{user}: {text}")
+    def latest(self, step_id: str) -> StepView:
+        return [v for v in self.views if v.step_id == step_id][-1]
 
     @property
     def text(self) -> str:
@@ -177,4 +198,5 @@ class RecordingChat:
             [v.title for v in self.incidents]
             + [f"{v.step_id} {v.state} {v.reason} {v.detail}" for v in self.steps + self.updates]
             + self.notes
+            + [text for _user, text in self.ephemerals]
         )

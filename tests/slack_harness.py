@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 from fakes import FakeSlack
-from slack_sdk.http_retry.builtin_interval_calculators import FixedValueRetryIntervalCalculator
 from slack_sdk.signature import SignatureVerifier
 
 from bot.chat.slack import SlackTuning
@@ -44,12 +43,8 @@ INCIDENT = Incident(
     link="https://example.pagerduty.com/incidents/PINC001",
 )
 
-# Fast retries; pacing off unless a test is about pacing.
-FAST = SlackTuning(
-    pacing_interval=0.0,
-    usergroup_ttl=60.0,
-    retry_interval=FixedValueRetryIntervalCalculator(0.01),
-)
+# Pacing off unless a test is about pacing.
+FAST = SlackTuning(usergroup_ttl=60.0, budgets={})
 
 
 def write_catalog(

@@ -1,8 +1,11 @@
-"""The chat port: a few calls the engine makes, and the views it passes.
+"""The views the engine renders for chat, as plain data.
 
-The engine decides *what* to say (a view of the incident or of a step, as plain data);
-each adapter decides *how* it looks: Block Kit in Slack, text in the terminal. Adapters
-hold no business rules.
+The engine decides *what* to say (a view of the incident or of a step) and commits it to
+the outbox (``bot.effects``); each transport decides *how* it looks: Block Kit in Slack,
+text in the terminal. Transports hold no business rules.
+
+``ChatPort`` is the small synchronous port ``bot.guard``'s ``ChatConfirmer`` posts
+through.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class StepView:
     output: str = ""  # excerpt, masked and capped
     duration: float | None = None
     exit_code: int | None = None
+    fingerprint: str = ""  # of `command`: an approval applies to what was shown
+    attempt: int = 1
 
 
 class ChatPort(Protocol):
@@ -77,29 +82,3 @@ class ChatPort(Protocol):
     def post_note(self, thread: MessageRef, text: str) -> None: ...
 
     def notify_user(self, channel: str, user: str, text: str, thread_ts: str = "") -> None: ...
-
-
-class NullChat:
-    """A chat that shows nothing: for tests of the engine alone and headless runs."""
-
-    def __init__(self) -> None:
-        self._ts = 0
-
-    def _next(self, channel: str) -> MessageRef:
-        self._ts += 1
-        return MessageRef(channel, f"{self._ts}.000000")
-
-    def post_incident(self, view: IncidentView) -> MessageRef:
-        return self._next(view.channel)
-
-    def post_step(self, thread: MessageRef, view: StepView) -> MessageRef:
-        return self._next(thread.channel)
-
-    def update_step(self, message: MessageRef, view: StepView) -> None:
-        return None
-
-    def post_note(self, thread: MessageRef, text: str) -> None:
-        return None
-
-    def notify_user(self, channel: str, user: str, text: str, thread_ts: str = "") -> None:
-        return None

@@ -1,108 +1,114 @@
-"""The Slack adapter: incident threads in Block Kit, approval by reaction, restart-safe.
+"""The Slack adapter: incident threads in Block Kit, approvals by reaction, nothing lost.
 
-Three thin parts, no business rules (those are in ``bot.engine`` and ``bot.policy``):
+Thin parts, no business rules (those are in ``bot.engine`` and ``bot.policy``):
 
-  SlackChat       the chat port (``bot.chat.base.ChatPort``): posts the root message and one
-                  message per step, updates it in place, adds ✅ ❌ ⏸️ under guarded steps.
-  ReactionIntake  ``reaction_added``/``reaction_removed`` -> engine.approve/reject/pause/resume.
-  SlackAdapter    wires a ``slack_sdk`` WebClient, a bolt ``App`` and the two above for
-                  ``bot.server.BotApp``: ``.chat``, ``.member_of``, ``.bot_user_ids``,
-                  ``.wsgi``, ``.start()``, ``.stop()``.
+  SlackTransport   delivers the outbox's Slack effects (``bot.outbox``): the thread's root,
+                   one message per step (updated in place), notes, the ✅ ❌ ⏸️ offered
+                   under guarded steps, private notes. Every post carries message
+                   metadata naming its outbox row, so after a crash or a timeout the
+                   transport finds a message Slack did post instead of posting it again.
+  ReactionIntake   ``reaction_added``/``reaction_removed`` -> inbox items (approve, reject,
+                   pause, resume), deduplicated on Slack's event id.
+  SlackAdapter     wires a ``slack_sdk`` WebClient, a bolt ``App`` and the two above.
 
 The path of a reaction:
 
   Slack ──signed POST──▶ /slack/events (bolt verifies) ──▶ ReactionIntake.receive
-        ◀── 200 ─────────  records the event in `deliveries` (dedupe by event_id, durable)
-                           and queues a drain on the bounded worker pool
-  worker: claim the oldest delivery of that incident ──▶ engine.approve(step_run, user)
-          ──▶ the step runs (at most once: the store's atomic claim) ──▶ message updated
+        ◀── 200 ─────────  one indexed lookup (which step is this message?) and one insert
+                           into the inbox (dedupe by event id, durable), then the answer
+  inbox: the incident's items in receipt order ──▶ engine ──▶ the step runs (at most once)
+  outbox: the step message updated, paced to Slack's limits, retried until delivered
 
-Slack gets its answer after one indexed lookup and one insert, whatever the step does.
-Deliveries of one incident are handled in arrival order (a pause and its removal must not
-swap). A delivery left half-done by a crash is handled again at the next start; its
-reacting user is not sent a second note.
-
-Posting: ``chat.postMessage`` is paced per channel (a token bucket: bursts, then about one
-message a second, as Slack asks), 429 ``Retry-After`` and 5xx are retried by slack_sdk's
-retry handlers, and step updates go through one background sender that keeps only the
-latest state of each message, so a slow Slack never delays a command or loses a state
-(the state is in the database; the message catches up).
+Slack's limits (``SLACK_BUDGETS``, from Slack's rate-limit documentation): about one
+``chat.postMessage`` per second per channel with short bursts, and several hundred per
+minute per workspace; ``chat.update``, ``reactions.add``, ``conversations.history`` and
+``conversations.replies`` are Tier 3 (50+ per minute); ``chat.postEphemeral`` Tier 4
+(100+ per minute). A 429 holds that method's budget for its ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from slack_bolt import App
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_bolt.authorization import AuthorizeResult
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
-from slack_sdk.http_retry.builtin_handlers import (
-    ConnectionErrorRetryHandler,
-    RateLimitErrorRetryHandler,
-    ServerErrorRetryHandler,
-)
-from slack_sdk.http_retry.handler import RetryHandler
-from slack_sdk.http_retry.interval_calculator import RetryIntervalCalculator
 
-from bot import messages, metrics
-from bot.chat.base import IncidentView, MessageRef, StepView
+from bot import effects, messages, metrics
+from bot.chat.base import IncidentView, StepView
 from bot.config import Config
 from bot.errors import ConfigError
+from bot.outbox import Refused, Retry, Sent
+from bot.states import InboxKind
+from bot.store import OutboxItem
 
 if TYPE_CHECKING:
     from slack_bolt.adapter.socket_mode import SocketModeHandler
 
-    from bot.engine import Engine, Outcome
-    from bot.store import Store
-
 log = logging.getLogger(__name__)
 
-SOURCE = "slack"  # deliveries.source of reaction events
+SOURCE = "slack"  # inbox source of reaction events
+METADATA_TYPE = "runbook_bot_message"  # Slack message metadata naming the outbox row
 
 # Block Kit limits (Slack rejects longer texts with invalid_blocks)
 HEADER_MAX = 150
 SECTION_MAX = 3000
 FIELD_MAX = 2000
 
+# Per second, burst. "name:*" applies to every "name:<channel>".
+SLACK_BUDGETS: Mapping[str, tuple[float, float]] = {
+    "chat.postMessage:*": (1.0, 3.0),
+    "chat.postMessage": (300 / 60, 20.0),
+    "chat.update": (50 / 60, 10.0),
+    "reactions.add": (50 / 60, 10.0),
+    "chat.postEphemeral": (100 / 60, 10.0),
+}
 
-class Pool(Protocol):
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any: ...
-
-
-class Host(Protocol):
-    """What the adapter needs from the process that hosts it (``bot.server.BotApp``)."""
-
-    @property
-    def engine(self) -> Engine: ...
-
-    @property
-    def store(self) -> Store: ...
-
-    @property
-    def pool(self) -> Pool: ...
+# Slack errors that will not go away by retrying the same call.
+_REFUSED = frozenset(
+    {
+        "invalid_blocks",
+        "invalid_blocks_format",
+        "msg_too_long",
+        "no_text",
+        "invalid_arguments",
+        "message_not_found",
+        "cant_update_message",
+        "edit_window_closed",
+        "is_archived",
+        "channel_is_archived",
+        "invalid_metadata_format",
+        "invalid_metadata_schema",
+        "user_not_in_channel",
+        "restricted_action",
+    }
+)
+# Errors an operator fixes (a token, inviting the bot): retried slowly, nothing is lost.
+_SETUP_ERRORS = frozenset(
+    {"not_in_channel", "channel_not_found", "not_authed", "invalid_auth", "token_revoked",
+     "account_inactive", "missing_scope", "team_access_not_granted"}
+)  # fmt: skip
+SETUP_RETRY_SECONDS = 60.0
+_CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
 
 
 @dataclass(frozen=True)
 class SlackTuning:
     """Knobs with production defaults; tests and benchmarks make them small."""
 
-    pacing_interval: float = 1.0  # seconds between posts to one channel, after a burst
-    pacing_burst: int = 4  # posts to one channel allowed at once
     usergroup_ttl: float = 300.0  # seconds a user group's members are cached
-    rate_limit_retries: int = 3  # 429: retried after Retry-After
-    server_error_retries: int = 2  # 500/503 and connection errors
-    retry_interval: RetryIntervalCalculator | None = None  # None: slack_sdk's backoff
     timeout: int = 10  # seconds per Web API request
-    update_delay: float = 0.05  # seconds a step-message update waits to absorb the next one
+    budgets: Mapping[str, tuple[float, float]] | None = None  # None: SLACK_BUDGETS
+    lookup_pages: int = 10  # pages of history searched for a message that may exist
 
 
 # --- text helpers ------------------------------------------------------------------------
@@ -228,44 +234,7 @@ def step_blocks(view: StepView, reactions: messages.ReactionNames) -> list[dict[
     return blocks
 
 
-# --- pacing, user groups ------------------------------------------------------------------
-
-
-class ChannelPacer:
-    """A token bucket per channel: `burst` posts at once, then one per `interval` seconds.
-
-    Slack allows about one message per second per channel, with short bursts; pacing
-    ourselves keeps an alert storm from turning into a wall of 429s.
-    """
-
-    def __init__(
-        self,
-        interval: float,
-        burst: int = 4,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.interval = interval
-        self.burst = max(1, burst)
-        self._clock = clock
-        self._sleep = sleep
-        self._buckets: dict[str, tuple[float, float]] = {}  # channel -> (tokens, at)
-        self._lock = threading.Lock()
-
-    def wait(self, channel: str) -> float:
-        """Block until a post to `channel` is due; returns the seconds waited."""
-        if self.interval <= 0:
-            return 0.0
-        with self._lock:
-            now = self._clock()
-            tokens, at = self._buckets.get(channel, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - at) / self.interval) - 1.0
-            self._buckets[channel] = (tokens, now)  # negative: reserved slots in the queue
-        delay = -tokens * self.interval if tokens < 0 else 0.0
-        if delay > 0:
-            self._sleep(delay)
-        return delay
+# --- user groups ----------------------------------------------------------------------------
 
 
 class UserGroups:
@@ -308,169 +277,251 @@ def _api_error(exc: Exception) -> str:
     return type(exc).__name__
 
 
-# --- the chat port -----------------------------------------------------------------------
+def _retry_after(exc: SlackApiError) -> float | None:
+    headers = exc.response.headers or {}
+    for name, value in headers.items():
+        if name.lower() == "retry-after":
+            raw = value[0] if isinstance(value, list | tuple) else value
+            try:
+                return max(0.0, float(raw))
+            except (TypeError, ValueError):
+                return 1.0
+    return None
 
 
-class _LatestUpdates:
-    """Sends step-message updates in the background, keeping only the newest per message.
+def classify(exc: Exception, *, maybe_sent: bool) -> Retry | Refused:
+    """What a failed Web API call means for the outbox.
 
-    An update waits `delay` seconds before it is sent, so states that follow each other
-    within that window (approved, then running a millisecond later) become one
-    ``chat.update``: fewer calls against its per-workspace rate limit, and none competing
-    with the command that is about to start. One sender thread keeps the updates of a
-    message in order.
+    `maybe_sent`: the call posts something, so a timeout or a server error may hide a
+    success (the next attempt looks first).
     """
-
-    def __init__(self, send: Callable[[MessageRef, StepView], None], delay: float) -> None:
-        self._send = send
-        self._delay = delay
-        self._latest: dict[MessageRef, tuple[float, StepView]] = {}  # ref -> (due, view)
-        self._busy = False
-        self._hurry = 0  # flushes waiting: send what is queued without the delay
-        self._closed = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="slack-updates", daemon=True)
-        self._thread.start()
-
-    def put(self, ref: MessageRef, view: StepView) -> None:
-        with self._cond:
-            if not self._closed:
-                # A newer state of a queued message takes its place, not a later turn.
-                queued = self._latest.get(ref)
-                due = queued[0] if queued else time.monotonic() + self._delay
-                self._latest[ref] = (due, view)
-                self._cond.notify_all()
-                return
-        self._send(ref, view)  # after close: nobody is left to send it later
-
-    def _next(self) -> tuple[MessageRef, StepView] | None:
-        """The oldest queued update once it is due; None when closed and drained."""
-        with self._cond:
-            while True:
-                if self._latest:
-                    ref, (due, view) = next(iter(self._latest.items()))
-                    wait = due - time.monotonic()
-                    if wait <= 0 or self._hurry or self._closed:
-                        del self._latest[ref]
-                        self._busy = True
-                        return ref, view
-                    self._cond.wait(wait)
-                elif self._closed:
-                    return None
-                else:
-                    self._cond.wait()
-
-    def _run(self) -> None:
-        while (item := self._next()) is not None:
-            ref, view = item
-            try:
-                self._send(ref, view)
-            except Exception:
-                log.exception("updating step message %s failed", ref.ts)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def flush(self, timeout: float) -> bool:
-        """Send every queued update now; False if `timeout` passed before they were sent."""
-        with self._cond:
-            self._hurry += 1
-            self._cond.notify_all()
-            try:
-                return self._cond.wait_for(lambda: not self._latest and not self._busy, timeout)
-            finally:
-                self._hurry -= 1
-
-    def close(self, timeout: float) -> bool:
-        done = self.flush(timeout)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(max(0.1, timeout))
-        return done
+    if isinstance(exc, SlackApiError):
+        status = exc.response.status_code
+        error = str(exc.response.get("error") or "")
+        if status == 429 or error == "ratelimited":
+            return Retry(f"rate limited ({error or 429})", after=_retry_after(exc) or 1.0)
+        if status >= 500:
+            return Retry(f"HTTP {status} {error}".strip(), maybe_sent=maybe_sent)
+        if error in _SETUP_ERRORS:
+            return Retry(
+                f"{error}: check SLACK_BOT_TOKEN and invite the bot to the channel",
+                after=SETUP_RETRY_SECONDS,
+            )
+        if error in _REFUSED:
+            return Refused(error)
+        return Retry(error or f"HTTP {status}", maybe_sent=maybe_sent)
+    # Timeouts, refused or reset connections: Slack may or may not have acted.
+    return Retry(type(exc).__name__, maybe_sent=maybe_sent)
 
 
-class SlackChat:
-    """The chat port on Slack: a thread per incident, a message per step."""
+class SlackTransport:
+    """Delivers Slack effects of the outbox through the Web API (``bot.outbox.Transport``)."""
 
     def __init__(
         self,
         client: WebClient,
         *,
-        pacer: ChannelPacer | None = None,
         reactions: messages.ReactionNames = messages.DEFAULT_REACTIONS,
-        update_delay: float = 0.05,
+        lookup_pages: int = 10,
     ) -> None:
         self.client = client
-        self.pacer = pacer or ChannelPacer(0)
         self.reactions = reactions  # added under guarded steps, and named in their text
-        self._channel_ids: dict[str, str] = {}  # "#inc-payments" -> "C0…", as Slack answered
-        self._updates = _LatestUpdates(self._send_update, update_delay)
+        self.lookup_pages = lookup_pages
+        self._channel_ids: dict[str, str] = {}  # "#inc-payments" -> "C0…"
+        self._lock = threading.Lock()
 
-    def _post(self, channel: str, text: str, **kwargs: Any) -> MessageRef:
-        channel = self._channel_ids.get(channel, channel)
-        self.pacer.wait(channel)
-        response = self.client.chat_postMessage(channel=channel, text=text, **kwargs)
-        posted_in = str(response.get("channel") or channel)
-        self._channel_ids[channel] = posted_in
-        return MessageRef(posted_in, str(response["ts"]))
+    # --- Transport -------------------------------------------------------------------------
 
-    def post_incident(self, view: IncidentView) -> MessageRef:
-        return self._post(
-            view.channel,
-            messages.incident_text(_escaped_incident(view)),
-            blocks=incident_blocks(view),
+    def budgets(self, item: OutboxItem) -> tuple[str, ...]:
+        kind = item.kind
+        if kind in (effects.Kind.POST_INCIDENT, effects.Kind.POST_STEP, effects.Kind.NOTE):
+            channel = item.lane.removeprefix("slack:")
+            return (f"chat.postMessage:{channel}", "chat.postMessage")
+        if kind == effects.Kind.UPDATE_STEP:
+            return ("chat.update",)
+        if kind == effects.Kind.REACT:
+            return ("reactions.add",)
+        if kind == effects.Kind.EPHEMERAL:
+            return ("chat.postEphemeral",)
+        return ()
+
+    def penalize(self, item: OutboxItem, retry: Retry) -> tuple[str, ...]:
+        # A 429 on chat.postMessage is per channel; on other methods, per workspace.
+        names = self.budgets(item)
+        return names[:1]
+
+    def deliver(self, item: OutboxItem, *, maybe_sent: bool) -> Sent:
+        kind, payload = item.kind, item.payload
+        try:
+            if kind == effects.Kind.POST_INCIDENT:
+                incident = effects.incident_view(payload)
+                return self._post(
+                    item,
+                    maybe_sent,
+                    channel=incident.channel,
+                    thread_ts=None,
+                    text=messages.incident_text(_escaped_incident(incident)),
+                    blocks=incident_blocks(incident),
+                )
+            if kind == effects.Kind.POST_STEP:
+                view = effects.step_view(payload)
+                return self._post(
+                    item,
+                    maybe_sent,
+                    channel=self._thread_channel(item),
+                    thread_ts=self._thread(item),
+                    text=messages.step_text(_escaped_step(view), self.reactions),
+                    blocks=step_blocks(view, self.reactions),
+                )
+            if kind == effects.Kind.NOTE:
+                return self._post(
+                    item,
+                    maybe_sent,
+                    channel=self._thread_channel(item),
+                    thread_ts=self._thread(item),
+                    text=str(payload["text"]),
+                    blocks=None,
+                )
+            if kind == effects.Kind.UPDATE_STEP:
+                view = effects.step_view(payload)
+                assert item.target_ts is not None and item.target_channel is not None
+                self.client.chat_update(
+                    channel=item.target_channel,
+                    ts=item.target_ts,
+                    text=messages.step_text(_escaped_step(view), self.reactions),
+                    blocks=step_blocks(view, self.reactions),
+                )
+                return Sent()
+            if kind == effects.Kind.REACT:
+                self._react(item)
+                return Sent()
+            if kind == effects.Kind.EPHEMERAL:
+                self.client.chat_postEphemeral(
+                    channel=self._channel_id(str(payload["channel"])),
+                    user=str(payload["user"]),
+                    text=str(payload["text"]),
+                    thread_ts=item.thread_ts or None,
+                )
+                return Sent()
+        except SlackClientError as exc:
+            posts = kind in (effects.Kind.POST_INCIDENT, effects.Kind.POST_STEP, effects.Kind.NOTE)
+            raise classify(exc, maybe_sent=posts) from None
+        except (OSError, TimeoutError) as exc:
+            posts = kind in (effects.Kind.POST_INCIDENT, effects.Kind.POST_STEP, effects.Kind.NOTE)
+            raise classify(exc, maybe_sent=posts) from None
+        raise Refused(f"not a Slack effect: {kind}")
+
+    # --- posting once ----------------------------------------------------------------------
+
+    def _thread(self, item: OutboxItem) -> str:
+        if not item.thread_ts:
+            # The root is delivered first on the same lane; without it, it was refused.
+            raise Refused("the incident's first message could not be posted")
+        return item.thread_ts
+
+    def _thread_channel(self, item: OutboxItem) -> str:
+        return item.thread_channel or item.lane.removeprefix("slack:")
+
+    def _post(
+        self,
+        item: OutboxItem,
+        maybe_sent: bool,
+        *,
+        channel: str,
+        thread_ts: str | None,
+        text: str,
+        blocks: list[dict[str, Any]] | None,
+    ) -> Sent:
+        if maybe_sent:
+            found = self._find(item, channel, thread_ts)
+            if found is not None:
+                log.info("outbox %s was already posted as %s: not posting again", item.id, found.ts)
+                return found
+        kwargs: dict[str, Any] = {}
+        if blocks is not None:
+            kwargs["blocks"] = blocks
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
+        response = self.client.chat_postMessage(
+            channel=channel,
+            text=text,
             unfurl_links=False,
+            metadata={
+                "event_type": METADATA_TYPE,
+                "event_payload": {"outbox_id": item.id, "incident": item.incident_id},
+            },
+            **kwargs,
         )
+        posted_in = str(response.get("channel") or channel)
+        with self._lock:
+            self._channel_ids[channel] = posted_in
+        return Sent(ts=str(response["ts"]), channel=posted_in)
 
-    def post_step(self, thread: MessageRef, view: StepView) -> MessageRef:
-        ref = self._post(
-            thread.channel,
-            messages.step_text(_escaped_step(view), self.reactions),
-            blocks=step_blocks(view, self.reactions),
-            thread_ts=thread.ts,
-        )
-        if view.state == "awaiting_approval":
-            # The choices, visible under the message: one click for the responder.
-            offered = (self.reactions.approve, self.reactions.reject, self.reactions.pause)
-            for name in offered:
-                try:
-                    self.client.reactions_add(channel=ref.channel, timestamp=ref.ts, name=name)
-                except SlackClientError as exc:
-                    log.warning(
-                        "adding :%s: under step %s failed: %s", name, view.step_id, _api_error(exc)
-                    )
-        return ref
+    def _find(self, item: OutboxItem, channel: str, thread_ts: str | None) -> Sent | None:
+        """The message this row posted before, if Slack has it (by its metadata)."""
+        channel_id = self._channel_id(channel)
+        cursor: str | None = None
+        for _ in range(self.lookup_pages):
+            args: dict[str, Any] = {
+                "channel": channel_id,
+                "include_all_metadata": True,
+                "limit": 200,
+            }
+            if cursor:
+                args["cursor"] = cursor
+            if thread_ts:
+                response = self.client.conversations_replies(ts=thread_ts, **args)
+            else:
+                response = self.client.conversations_history(
+                    oldest=f"{max(0.0, item.created_at - 60):.6f}", **args
+                )
+            for message in response.get("messages") or ():
+                metadata = message.get("metadata") or {}
+                found = (metadata.get("event_payload") or {}).get("outbox_id")
+                if metadata.get("event_type") == METADATA_TYPE and found == item.id:
+                    return Sent(ts=str(message["ts"]), channel=channel_id)
+            cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
+            if not cursor:
+                break
+        return None
 
-    def update_step(self, message: MessageRef, view: StepView) -> None:
-        self._updates.put(message, view)
+    def _channel_id(self, channel: str) -> str:
+        """A channel id for methods that need one (the catalog may name `#inc-payments`)."""
+        name = channel.lstrip("#")
+        if _CHANNEL_ID.fullmatch(name):
+            return name
+        with self._lock:
+            known = self._channel_ids.get(channel)
+        if known:
+            return known
+        cursor: str | None = None
+        while True:
+            response = self.client.conversations_list(
+                types="public_channel,private_channel", limit=1000, cursor=cursor,
+                exclude_archived=True,
+            )  # fmt: skip
+            for found in response.get("channels") or ():
+                if found.get("name") == name:
+                    with self._lock:
+                        self._channel_ids[channel] = str(found["id"])
+                    return str(found["id"])
+            cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
+            if not cursor:
+                raise Refused(f"no channel named {channel} is visible to the bot")
 
-    def _send_update(self, message: MessageRef, view: StepView) -> None:
-        self.client.chat_update(
-            channel=message.channel,
-            ts=message.ts,
-            text=messages.step_text(_escaped_step(view), self.reactions),
-            blocks=step_blocks(view, self.reactions),
-        )
-
-    def post_note(self, thread: MessageRef, text: str) -> None:
-        self._post(thread.channel, text, thread_ts=thread.ts)
-
-    def notify_user(self, channel: str, user: str, text: str, thread_ts: str = "") -> None:
-        self.client.chat_postEphemeral(
-            channel=channel, user=user, text=text, thread_ts=thread_ts or None
-        )
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait for pending message updates (tests, shutdown)."""
-        return self._updates.flush(timeout)
-
-    def close(self, timeout: float = 5.0) -> bool:
-        return self._updates.close(timeout)
+    def _react(self, item: OutboxItem) -> None:
+        assert item.target_ts is not None and item.target_channel is not None
+        for name in (self.reactions.approve, self.reactions.reject, self.reactions.pause):
+            try:
+                self.client.reactions_add(
+                    channel=item.target_channel, timestamp=item.target_ts, name=name
+                )
+            except SlackApiError as exc:
+                if exc.response.get("error") != "already_reacted":
+                    raise
 
 
-# --- reactions -> engine -----------------------------------------------------------------
+# --- reactions -> inbox --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -511,18 +562,32 @@ class Reactions:
         return "resume" if name in self.pause else None
 
 
+Put = Callable[..., bool]
+FindMessage = Callable[[str, str], "tuple[str, str] | None"]
+
+_VERB_KINDS = {
+    "approve": InboxKind.APPROVE,
+    "reject": InboxKind.REJECT,
+    "pause": InboxKind.PAUSE,
+    "resume": InboxKind.RESUME,
+}
+
+
 class ReactionIntake:
-    """Reaction events in, engine decisions out; a durable, deduplicated queue between."""
+    """Reaction events in, inbox items out: cheap, durable, then acknowledged."""
 
     def __init__(
-        self, host: Host, chat: SlackChat, reactions: Reactions, bot_user_ids: frozenset[str]
+        self,
+        put: Put,
+        find_message: FindMessage,
+        reactions: Reactions,
+        bot_user_ids: frozenset[str],
     ) -> None:
-        self.host = host
-        self.chat = chat
+        self.put = put
+        self.find_message = find_message
         self.reactions = reactions
         self.bot_user_ids = bot_user_ids
 
-    # On the request path: cheap, durable, then acknowledge.
     def receive(self, body: dict[str, Any], added: bool) -> None:
         event = body.get("event") or {}
         reaction = str(event.get("reaction") or "")
@@ -532,94 +597,29 @@ class ReactionIntake:
         if verb is None or not user or user in self.bot_user_ids or item.get("type") != "message":
             return  # not a decision, or the bot's own ✅ ❌ ⏸️: silently nothing
         channel, ts = str(item.get("channel") or ""), str(item.get("ts") or "")
-        step_run = self.host.store.step_run_by_message(channel, ts)
-        if step_run is None:
+        found = self.find_message(channel, ts)
+        if found is None or not found[0].startswith("step:"):
             return  # a reaction on the root message, a note, or any other message
+        key, incident_id = found
         event_id = str(body.get("event_id") or "") or (
             f"{event.get('type')}:{channel}:{ts}:{user}:{reaction}:{event.get('event_ts')}"
         )
-        payload = {
-            "verb": verb,
-            "user": user,
-            "reaction": reaction,
-            "channel": channel,
-            "ts": ts,
-            "step_run_id": step_run["id"],
-        }
-        fresh = self.host.store.enqueue_delivery(
+        fresh = self.put(
             source=SOURCE,
-            delivery_id=event_id,
-            event_id=event_id,
-            event_type=str(event.get("type") or ""),
-            incident_id=step_run["incident_id"],
-            payload=json.dumps(payload),
-            catalog_commit=self.host.engine.catalog.version,
+            key=f"{SOURCE}:event:{event_id}",
+            incident_id=incident_id,
+            kind=_VERB_KINDS[verb],
+            payload={
+                "step_run_id": int(key.removeprefix("step:")),
+                "user": user,
+                "channel": channel,
+                "reaction": reaction,
+            },
         )
         metrics.webhook_deliveries.labels(SOURCE, "accepted" if fresh else "duplicate").inc()
-        if fresh:
-            self.kick()
-
-    def kick(self) -> None:
-        self.host.pool.submit(self.drain)
-
-    # On a worker.
-    def drain(self) -> None:
-        """Handle queued reactions until none is ready (one incident's in arrival order)."""
-        store = self.host.store
-        while True:
-            delivery = store.claim_next_delivery(SOURCE, set())
-            if delivery is None:
-                return
-            try:
-                self.handle(delivery)
-            except Exception:
-                log.exception("reaction delivery %s failed", delivery["id"])
-                store.finish_delivery(delivery["id"], "failed", "unexpected error (see the log)")
-            else:
-                store.finish_delivery(delivery["id"], "done")
-
-    def handle(self, delivery: dict[str, Any]) -> None:
-        payload = json.loads(delivery["payload"])
-        engine, store = self.host.engine, self.host.store
-        step_run_id, user, verb = int(payload["step_run_id"]), payload["user"], payload["verb"]
-        step_run = store.get_step_run(step_run_id)
-        if step_run is None:
-            return
-        if verb == "resume" and step_run["status"] != "awaiting_approval":
-            return  # un-pausing a decided step: nothing to say
-        decide: dict[str, Callable[[int, str], Outcome]] = {
-            "approve": engine.approve,
-            "reject": engine.reject,
-            "pause": engine.pause,
-            "resume": engine.resume,
-        }
-        outcome = decide[verb](step_run_id, user)
-        if outcome.ok:
-            return  # the step's message shows it
-        if delivery["attempts"] > 1:
-            return  # handled again after a crash: the person most likely has their answer
-        incident = store.get_incident(step_run["incident_id"]) or {}
-        text = messages.DECIDED_NOTE.format(step=step_run["step_id"], reason=outcome.message)
-        try:
-            self.chat.notify_user(
-                payload["channel"], user, text, thread_ts=str(incident.get("thread_ts") or "")
-            )
-        except SlackClientError as exc:
-            log.warning("ephemeral note to %s failed: %s", user, _api_error(exc))
 
 
 # --- the adapter BotApp builds -------------------------------------------------------------
-
-
-def _retry_handlers(tuning: SlackTuning) -> list[RetryHandler]:
-    interval: dict[str, Any] = (
-        {"interval_calculator": tuning.retry_interval} if tuning.retry_interval else {}
-    )
-    return [
-        ConnectionErrorRetryHandler(max_retry_count=tuning.server_error_retries, **interval),
-        RateLimitErrorRetryHandler(max_retry_count=tuning.rate_limit_retries),
-        ServerErrorRetryHandler(max_retry_count=tuning.server_error_retries, **interval),
-    ]
 
 
 class _DropMessage(logging.Filter):
@@ -642,11 +642,17 @@ def _bolt_logger() -> logging.Logger:
 
 
 class SlackAdapter:
-    """Slack for ``BotApp``: the chat port, the events endpoint and Socket Mode."""
+    """Slack for ``BotApp``: the transport, the events endpoint and Socket Mode."""
 
-    def __init__(self, config: Config, app: Host, tuning: SlackTuning | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        put: Put,
+        find_message: FindMessage,
+        tuning: SlackTuning | None = None,
+    ) -> None:
         self.config = config
-        self.host = app
         self.tuning = tuning or SlackTuning()
         if not config.socket_mode and not config.slack_signing_secret:
             raise ConfigError(
@@ -654,11 +660,12 @@ class SlackAdapter:
                 "/slack/events. Set it (Slack app > Basic Information > Signing Secret), or "
                 "set SLACK_APP_TOKEN to use Socket Mode."
             )
+        # No retry handlers: the outbox retries, paced, without holding a thread asleep.
         self.client = WebClient(
             token=config.slack_bot_token.reveal(),
             base_url=config.slack_api_url,
             timeout=self.tuning.timeout,
-            retry_handlers=_retry_handlers(self.tuning),
+            retry_handlers=[],
         )
         identity = self._auth_test()
         self.team_id = str(identity.get("team_id") or "")
@@ -666,14 +673,14 @@ class SlackAdapter:
         self.bot_id = str(identity.get("bot_id") or "")
         self.bot_user_ids = frozenset(i for i in (self.bot_user_id, self.bot_id) if i)
         self.reactions = Reactions.from_config(config)
-        self.chat = SlackChat(
-            self.client,
-            pacer=ChannelPacer(self.tuning.pacing_interval, self.tuning.pacing_burst),
-            reactions=self.reactions.offered,
-            update_delay=self.tuning.update_delay,
+        self.transport = SlackTransport(
+            self.client, reactions=self.reactions.offered, lookup_pages=self.tuning.lookup_pages
+        )
+        self.budgets = dict(
+            self.tuning.budgets if self.tuning.budgets is not None else SLACK_BUDGETS
         )
         self.usergroups = UserGroups(self.client, self.tuning.usergroup_ttl)
-        self.intake = ReactionIntake(app, self.chat, self.reactions, self.bot_user_ids)
+        self.intake = ReactionIntake(put, find_message, self.reactions, self.bot_user_ids)
         self.bolt = self._bolt_app()
         self._http = SlackRequestHandler(self.bolt, path="/slack/events")
         self._socket: Any = None  # a SocketModeHandler (its methods are untyped)
@@ -682,7 +689,7 @@ class SlackAdapter:
         """Who the bot is: its own reactions never count. Fails start-up on a bad token."""
         try:
             return dict(self.client.auth_test().data)  # type: ignore[arg-type]
-        except SlackClientError as exc:
+        except (SlackClientError, OSError) as exc:
             raise ConfigError(
                 f"Slack auth.test failed ({_api_error(exc)}) at {self.config.slack_api_url}: "
                 "check SLACK_BOT_TOKEN (a bot token, xoxb-…) and SLACK_API_URL"
@@ -692,11 +699,7 @@ class SlackAdapter:
         # bolt's own client carries no token: each request gets the bot token from
         # `_authorize`, which answers from the auth.test above instead of calling Slack
         # on the request path.
-        bolt_client = WebClient(
-            base_url=self.config.slack_api_url,
-            timeout=self.tuning.timeout,
-            retry_handlers=_retry_handlers(self.tuning),
-        )
+        bolt_client = WebClient(base_url=self.config.slack_api_url, timeout=self.tuning.timeout)
         authorized = AuthorizeResult(
             enterprise_id=None,
             team_id=self.team_id or None,
@@ -713,8 +716,8 @@ class SlackAdapter:
             client=bolt_client,
             signing_secret=self.config.slack_signing_secret.reveal(),
             authorize=_authorize,
-            # Run the listener before answering: it only records the event and queues the
-            # work (on BotApp's bounded pool), so the answer says "recorded", not "maybe".
+            # Run the listener before answering: it only records the event in the inbox,
+            # so the answer says "recorded", not "maybe".
             process_before_response=True,
             logger=_bolt_logger(),
         )
@@ -749,19 +752,13 @@ class SlackAdapter:
         return SocketModeHandler(self.bolt, app_token=self.config.slack_app_token.reveal())
 
     def start(self) -> None:
-        """Finish reactions a previous run had accepted, then listen (Socket Mode)."""
-        requeued = self.host.store.requeue_interrupted_deliveries(SOURCE)
-        if requeued:
-            log.info("%d reaction(s) interrupted by the last stop will be handled now", requeued)
-        self.intake.kick()
+        """Listen (Socket Mode); in HTTP mode the server routes /slack/events here."""
         if self.config.socket_mode:
             self._socket = self.socket_mode_handler()
             self._socket.connect()
             log.info("Slack Socket Mode connected")
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self) -> None:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-        if not self.chat.close(timeout):
-            log.warning("some Slack message updates were not sent before shutdown")

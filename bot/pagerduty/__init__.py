@@ -1,23 +1,24 @@
 """PagerDuty: V3 webhooks in, REST write-back out.
 
   webhook.py    signature verification and envelope parsing (pure functions)
-  intake.py     `POST /pagerduty/webhook`, the durable delivery queue, events -> engine
-  writeback.py  an `EngineListener` adding notes, resolving and escalating incidents
+  intake.py     `POST /pagerduty/webhook`: verified events into the inbox
+  writeback.py  the outbox transport adding notes, resolving and escalating incidents
   api.py        the REST client (`pagerduty` package) and the calls the others share
 
 Errors: `PayloadError` (a `bot.errors.RunbookBotError`) is the one error a webhook body
 can cause; it becomes a 400 with its reason. REST failures are the client's own
-`pagerduty.Error` tree, retried on 429/5xx a bounded number of times, then logged.
+`pagerduty.Error` tree, which the write-back transport maps to the outbox's retry or
+refusal.
 """
 
 from bot.pagerduty.intake import MAX_BODY_BYTES, PagerDutyIntake
 from bot.pagerduty.webhook import PayloadError, WebhookEvent, parse_event, sign, verify_signature
-from bot.pagerduty.writeback import PagerDutyWriteBack, thread_link
+from bot.pagerduty.writeback import PagerDutyTransport, thread_link
 
 __all__ = [
     "MAX_BODY_BYTES",
     "PagerDutyIntake",
-    "PagerDutyWriteBack",
+    "PagerDutyTransport",
     "PayloadError",
     "WebhookEvent",
     "parse_event",

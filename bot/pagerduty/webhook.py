@@ -157,6 +157,41 @@ def parse_event(body: bytes) -> WebhookEvent:
     )
 
 
+# Texts posted in the incident's Slack thread for events that only inform.
+NOTE_ACKNOWLEDGED = "Acknowledged in PagerDuty{by}."
+NOTE_REASSIGNED = "Reassigned in PagerDuty to {who}{by}."
+UNTITLED = "PagerDuty incident {id}"
+
+
+def event_payload(event: WebhookEvent) -> dict[str, Any]:
+    """The inbox payload of an event: plain values, parsed once, here at the edge."""
+    by = f" by {_name(event.agent)}" if event.agent else ""
+    note = ""
+    if event.event_type == INCIDENT_ACKNOWLEDGED:
+        note = NOTE_ACKNOWLEDGED.format(by=by)
+    elif event.event_type == INCIDENT_REASSIGNED:
+        who = ", ".join(_name(a) for a in event.assignees) or "someone else"
+        note = NOTE_REASSIGNED.format(who=who, by=by)
+    return {
+        "event_id": event.id,
+        "occurred_at": event.occurred_at if event.occurred is not None else "",
+        "actor": "pagerduty",
+        "title": event.title or UNTITLED.format(id=event.incident_id),
+        "service": event.service,
+        "service_id": event.service_id,
+        "urgency": event.urgency,
+        "priority": event.priority,
+        "link": event.link,
+        "details": dict(event.details),
+        "note": note,
+    }
+
+
+def _name(name: str) -> str:
+    """A PagerDuty user's name for a thread note: no Slack markup (`<!channel>`, links)."""
+    return name.replace("<", "").replace(">", "")[:100]
+
+
 # --- helpers: sender data in, plain values out ---------------------------------------------
 
 

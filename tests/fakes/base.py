@@ -77,6 +77,9 @@ class FakeServer:
         self._calls: list[Call] = []
         self._faults: defaultdict[str, deque[_Fault]] = defaultdict(deque)
         self._latency: dict[str, float] = {ANY: latency}
+        self._down: int | None = None  # outage: every call answers this status (0: hangs)
+        self._up = threading.Event()
+        self._up.set()
         self.errors: list[BaseException] = []
         """Exceptions raised inside the stand-in itself (answered as 500): bugs in the fake."""
         self._tls = tls
@@ -195,6 +198,19 @@ class FakeServer:
         with self._cond:
             self._faults[name].extend([_Fault(status, retry_after)] * times)
 
+    def down(self, status: int = 503) -> None:
+        """An outage until `up()`: every call answers `status`, or hangs when `status` is 0
+        (the client's own timeout ends it). Calls during an outage are recorded too."""
+        with self._cond:
+            self._down = status
+            self._up.clear()
+
+    def up(self) -> None:
+        """The end of an outage; hanging calls are answered 503 (their client gave up)."""
+        with self._cond:
+            self._down = None
+            self._up.set()
+
     def set_latency(self, seconds: float, name: str = ANY) -> None:
         """Delay answers to ``name`` (or to every call) by ``seconds``."""
         with self._cond:
@@ -222,10 +238,14 @@ class FakeServer:
         name = self.call_name(request)
         with self._cond:
             delay = self._latency.get(name, self._latency[ANY])
+            down = self._down
+        if down == 0:
+            self._up.wait(120)
+            down = 503
         if delay:
             time.sleep(delay)
         with self._cond:
-            fault = self._pop_fault(name)
+            fault = _Fault(down, None) if down is not None else self._pop_fault(name)
             if fault is not None:
                 extra = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
                 reply = Reply(fault.status, self.error_body(fault.status), extra)

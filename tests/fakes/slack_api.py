@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -66,7 +67,9 @@ class FakeSlack(FakeServer):
         self.usergroups = {gid: list(members) for gid, members in (usergroups or {}).items()}
         self._messages: dict[str, list[Message]] = {}
         self._ephemeral: list[Message] = []
-        self._last_ts = 1_700_000_000_000_000  # microseconds; first ts is ...000.000100
+        # Slack's ts are the time of posting (conversations.history filters on them);
+        # microseconds, strictly increasing.
+        self._last_ts = int(time.time() * 1_000_000)
         self._methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "auth.test": self._auth_test,
             "chat.postMessage": self._post_message,
@@ -77,6 +80,9 @@ class FakeSlack(FakeServer):
             "usergroups.users.list": self._usergroup_members,
             "users.info": self._users_info,
             "conversations.info": self._conversations_info,
+            "conversations.history": self._history,
+            "conversations.replies": self._replies,
+            "conversations.list": self._conversations_list,
         }
 
     @property
@@ -173,6 +179,11 @@ class FakeSlack(FakeServer):
             message["blocks"] = blocks
         if attachments:
             message["attachments"] = attachments
+        metadata = _decoded(params.get("metadata"))
+        if metadata:
+            if not isinstance(metadata, dict) or "event_type" not in metadata:
+                raise SlackError("invalid_metadata_format")
+            message["metadata"] = metadata
         thread_ts = params.get("thread_ts")
         if thread_ts:
             message["thread_ts"] = str(thread_ts)
@@ -294,10 +305,54 @@ class FakeSlack(FakeServer):
         }
         return {"channel": channel}
 
+    def _visible(self, message: Message, params: dict[str, Any]) -> Message:
+        """A message as read back: metadata only with include_all_metadata (as Slack does)."""
+        shown = copy.deepcopy(message)
+        if str(params.get("include_all_metadata", "")).lower() not in ("true", "1"):
+            shown.pop("metadata", None)
+        return shown
+
+    def _page(self, found: list[Message], params: dict[str, Any]) -> dict[str, Any]:
+        limit = int(params.get("limit") or 100)
+        start = int(params.get("cursor") or 0)
+        page = found[start : start + limit]
+        more = start + limit < len(found)
+        return {
+            "messages": [self._visible(m, params) for m in page],
+            "has_more": more,
+            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }
+
+    def _history(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Top-level messages of a channel, newest first, from `oldest` on."""
+        channel = _required(params, "channel")
+        oldest = float(params.get("oldest") or 0)
+        found = [
+            m
+            for m in self._messages.get(channel, [])
+            if float(m["ts"]) >= oldest and m.get("thread_ts") in (None, m["ts"])
+        ]
+        return self._page(list(reversed(found)), params)
+
+    def _replies(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A thread: its root, then its replies, oldest first."""
+        channel, ts = _required(params, "channel"), _required(params, "ts")
+        if self._find(channel, ts) is None:
+            raise SlackError("thread_not_found")
+        found = [m for m in self._messages.get(channel, []) if ts in (m["ts"], m.get("thread_ts"))]
+        return self._page(found, params)
+
+    def _conversations_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        channels = [
+            {"id": cid, "name": cid.lower(), "is_channel": True, **fields}
+            for cid, fields in self.channels.items()
+        ]
+        return {"channels": channels, "response_metadata": {"next_cursor": ""}}
+
     # -- helpers --------------------------------------------------------------------------
 
     def _next_ts(self) -> str:
-        self._last_ts += 100
+        self._last_ts = max(self._last_ts + 100, int(time.time() * 1_000_000))
         seconds, micros = divmod(self._last_ts, 1_000_000)
         return f"{seconds}.{micros:06d}"
 

@@ -1,0 +1,309 @@
+"""Outbox senders: every effect the engine committed is delivered, in order, paced, once.
+
+Effects sit in the ``outbox`` table in lanes (a Slack channel's thread messages, its
+reactions, private notes, one incident's PagerDuty write-back; see ``bot.effects``).
+The sender delivers each lane strictly in order, one effect in flight per lane, through
+the transport of its target (Slack, the console, PagerDuty), and records what happened:
+
+  * delivered: the row is ``sent`` (with the Slack message's ``ts``). A newer rendering
+    of the same message that arrived while it was on its way stays pending as an update;
+  * ``Retry`` (429 with ``Retry-After``, 5xx, a timeout, a connection refused): tried
+    again later, with back-off, until it succeeds, across restarts and outages. Calls
+    that may have reached the other side (a timeout, a 5xx) are marked uncertain, and the
+    transport looks before it posts again, so a message is never posted twice;
+  * ``Refused`` for good (an invalid message, a channel that does not exist): ``failed``,
+    logged and counted; it does not block its lane.
+
+Pacing follows the other side's published limits (``Budgets``): e.g. Slack allows
+about one message per second per channel and fifty ``chat.update`` a minute per
+workspace. A lane waiting for its budget waits here, in the sender; nothing upstream
+(the inbox, a command) ever waits for Slack.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bot import metrics
+from bot.store import OutboxItem, Store
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+_ABOUT_A_MESSAGE = frozenset({"update_step", "react"})
+
+
+class Retry(Exception):
+    """Not delivered this time; try again (after `after` seconds, when the other side
+    said how long, e.g. Retry-After). `maybe_sent`: the call may have been applied."""
+
+    def __init__(
+        self, reason: str, *, after: float | None = None, maybe_sent: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.after = after
+        self.maybe_sent = maybe_sent
+
+
+class Refused(Exception):
+    """The other side refused this effect for good; retrying cannot help."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Sent:
+    ts: str | None = None
+    channel: str | None = None
+
+
+class Transport(Protocol):
+    def budgets(self, item: OutboxItem) -> tuple[str, ...]:
+        """The rate budgets (``Budgets`` names) this delivery spends."""
+        ...
+
+    def deliver(self, item: OutboxItem, *, maybe_sent: bool) -> Sent:
+        """Deliver one effect, or raise `Retry` / `Refused`. `maybe_sent`: an earlier
+        attempt may have been applied; look before doing it again."""
+        ...
+
+    def penalize(self, item: OutboxItem, retry: Retry) -> tuple[str, ...]:
+        """Budgets a `Retry` with `after` applies to (e.g. a 429 holds the whole method)."""
+        ...
+
+
+@dataclass
+class _Bucket:
+    rate: float  # tokens per second
+    burst: float
+    tokens: float
+    at: float
+    blocked_until: float = 0.0
+
+
+@dataclass
+class Budgets:
+    """Token buckets by name: ``rules`` maps a name, or its prefix before ``:``, to
+    (calls per second, burst). Unknown names are not limited."""
+
+    rules: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _bucket(self, name: str, at: float) -> _Bucket | None:
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            rule = self.rules.get(name) or self.rules.get(name.split(":", 1)[0] + ":*")
+            if rule is None:
+                return None
+            rate, burst = rule
+            bucket = self._buckets[name] = _Bucket(rate, burst, burst, at)
+        return bucket
+
+    def take(self, names: tuple[str, ...], at: float) -> float:
+        """Spend one call of each budget now (0.0), or say how long to wait (nothing spent)."""
+        with self._lock:
+            buckets = [b for b in (self._bucket(n, at) for n in names) if b is not None]
+            wait = 0.0
+            for b in buckets:
+                b.tokens = min(b.burst, b.tokens + (at - b.at) * b.rate)
+                b.at = at
+                wait = max(wait, b.blocked_until - at)
+                if b.tokens < 1.0:
+                    wait = max(wait, (1.0 - b.tokens) / b.rate if b.rate > 0 else 3600.0)
+            if wait > 0:
+                return wait
+            for b in buckets:
+                b.tokens -= 1.0
+            return 0.0
+
+    def hold(self, names: tuple[str, ...], until: float) -> None:
+        """Spend nothing from these budgets before `until` (the other side said so)."""
+        with self._lock:
+            for name in names:
+                bucket = self._bucket(name, until)
+                if bucket is not None:
+                    bucket.blocked_until = max(bucket.blocked_until, until)
+                    bucket.tokens = min(bucket.tokens, 0.0)
+
+
+class OutboxSender:
+    def __init__(
+        self,
+        store: Store,
+        transports: Mapping[str, Transport],
+        *,
+        budgets: Budgets | None = None,
+        workers: int = 4,
+        clock: Callable[[], float] = time.time,
+        backoff_first: float = BACKOFF_FIRST,
+        backoff_max: float = BACKOFF_MAX,
+    ) -> None:
+        self.store = store
+        self.transports = dict(transports)
+        self.budgets = budgets or Budgets()
+        self.workers = max(1, workers)
+        self.clock = clock
+        self.backoff_first = backoff_first
+        self.backoff_max = backoff_max
+        self._busy: set[str] = set()
+        self._uncertain: set[int] = set()
+        self._first_look = True
+        self._lock = threading.Condition()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="outbox")
+        self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Send nothing new; wait up to `timeout` for sends under way. True if none is."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            idle = self._lock.wait_for(lambda: not self._busy, timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=idle)
+        return idle
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until nothing due is pending (tests, shutdown): True if so."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            heads, later = self.store.outbox_heads(self.clock(), 1)
+            with self._lock:
+                busy = bool(self._busy)
+            if not heads and not busy and (later is None or self._stuck_only(later)):
+                return True
+            self._wake.set()
+            time.sleep(0.005)
+        return False
+
+    def _stuck_only(self, later: float) -> bool:
+        return later - self.clock() > 5.0  # only back-offs far away are left
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                wait = self._send_due()
+            except Exception as exc:
+                log.warning("could not read the outbox: %s", exc)
+                wait = 1.0
+            self._wake.wait(max(0.005, min(wait, 1.0)))
+
+    def _send_due(self) -> float:
+        at = self.clock()
+        with self._lock:
+            busy = set(self._busy)
+        heads, later = self.store.outbox_heads(at, 100, exclude=busy)
+        if self._first_look:
+            # A lane is delivered one effect at a time, so only its head can have been on
+            # its way when the last run stopped: those are looked for before re-posting.
+            self._uncertain.update(item.id for item in heads)
+            self._first_look = False
+        wait = (later - at) if later is not None else 1.0
+        assert self._pool is not None
+        for item in heads:
+            transport = self.transports.get(item.target)
+            if transport is None:
+                continue
+            pause = self.budgets.take(transport.budgets(item), at)
+            if pause > 0:
+                wait = min(wait, pause)
+                continue
+            with self._lock:
+                self._busy.add(item.lane)
+            self._pool.submit(self._send, item, transport)
+        return wait
+
+    def _send(self, item: OutboxItem, transport: Transport) -> None:
+        try:
+            self.deliver(item, transport)
+        finally:
+            with self._lock:
+                self._busy.discard(item.lane)
+                self._lock.notify_all()
+            self._wake.set()
+
+    def deliver(self, item: OutboxItem, transport: Transport) -> None:
+        """Deliver one effect and record the outcome (also used directly by `drain`)."""
+        if item.kind in _ABOUT_A_MESSAGE and item.target_ts is None:
+            # Heads wait for their message; one only comes here once it failed for good.
+            self.store.outbox_failed(item, "its message was never posted")
+            return
+        maybe_sent = item.id in self._uncertain
+        try:
+            sent = transport.deliver(item, maybe_sent=maybe_sent)
+        except Retry as retry:
+            if retry.maybe_sent:
+                self._uncertain.add(item.id)
+            delay = retry.after if retry.after is not None else self._backoff(item.attempts)
+            if retry.after is not None:
+                self.budgets.hold(transport.penalize(item, retry), self.clock() + retry.after)
+            self.store.outbox_retry(item, self.clock() + delay, retry.reason)
+            metrics.outbox_sends.labels(item.target, "retry").inc()
+            log.warning(
+                "%s %s of incident %s not delivered (%s); retrying in %.1fs",
+                item.target, item.kind, item.incident_id, retry.reason, delay,
+            )  # fmt: skip
+            return
+        except Refused as refused:
+            self.store.outbox_failed(item, refused.reason)
+            metrics.outbox_sends.labels(item.target, "failed").inc()
+            log.error(
+                "%s refused %s of incident %s for good: %s",
+                item.target, item.kind, item.incident_id, refused.reason,
+            )  # fmt: skip
+            return
+        except Exception:
+            self._uncertain.add(item.id)
+            log.exception("delivering %s of incident %s failed", item.kind, item.incident_id)
+            self.store.outbox_retry(
+                item, self.clock() + self._backoff(item.attempts), "unexpected error (see the log)"
+            )
+            metrics.outbox_sends.labels(item.target, "retry").inc()
+            return
+        self._uncertain.discard(item.id)
+        self.store.outbox_sent(item, ts=sent.ts, channel=sent.channel)
+        metrics.outbox_sends.labels(item.target, "sent").inc()
+
+    def _backoff(self, attempts: int) -> float:
+        base = min(self.backoff_max, self.backoff_first * 2.0 ** min(attempts, 16))
+        return float(base * random.uniform(0.8, 1.0))
+
+    # --- in the caller's thread ------------------------------------------------------------
+
+    def drain(self, limit: int = 100_000) -> int:
+        """Deliver everything due here and now, unpaced (simulate, tests)."""
+        sent = 0
+        while sent < limit:
+            heads, _later = self.store.outbox_heads(self.clock(), 100)
+            heads = [h for h in heads if h.target in self.transports]
+            if not heads:
+                return sent
+            for item in heads:
+                self.deliver(item, self.transports[item.target])
+                sent += 1
+        return sent

@@ -1,0 +1,1034 @@
+"""The repository: durable state, the inbox, the outbox and the audit log, in one SQLite file.
+
+Only this package knows tables and SQL. Callers ask for a state change by name and get
+typed rows back (``bot.store.rows``):
+
+  * ``Store.unit()`` opens one transaction (``BEGIN IMMEDIATE``, so check-then-write is
+    atomic across threads and processes). A ``Unit`` reads the incident's state and
+    makes state changes, one method per change (``claim_step``, ``decide_approval``,
+    ``move_cursor``, …), each checked against ``bot.states``; it also records the audit
+    events and the outbox effects those changes cause. Everything commits together or
+    not at all: an inbox item is marked applied in the same transaction as the changes
+    it made, so a crash can never apply it twice or half.
+  * Intake puts items in the inbox (``inbox_put``: deduplicated by unique keys, not
+    memory); the inbox consumer takes them per incident in receipt order.
+  * Senders take outbox effects per lane in order (``outbox_heads``) and record what
+    happened (``outbox_sent``, ``outbox_retry``, ``outbox_failed``).
+
+Why SQLite: one bot process owns the file, WAL mode lets ``runbookctl report`` read while
+the bot writes, and a commit survives the bot being killed. Every row names the catalog
+version it was decided under.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from bot import states
+from bot.errors import StoreError
+from bot.states import (
+    ApprovalStatus,
+    Event,
+    InboxStatus,
+    IncidentStatus,
+    OutboxStatus,
+    Phase,
+    RunStatus,
+    StepStatus,
+)
+from bot.store.rows import Approval, InboxItem, Incident, OutboxItem, Run, StepRun
+from bot.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AlreadyApplied",
+    "Approval",
+    "Effect",
+    "InboxItem",
+    "Incident",
+    "OutboxItem",
+    "Run",
+    "StepRun",
+    "Store",
+    "Unit",
+    "now",
+]
+
+# WAL pages a commit may leave before that commit copies them into the database file
+# itself (SQLite's auto-checkpoint, default 1,000 pages). A checkpoint fsyncs, and on the
+# request path it was the p99 of acknowledging Slack; `Store.checkpoint()` does the work
+# from a background thread instead, and this larger limit only bounds the WAL should that
+# thread fall behind.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+
+# Kinds of outbox effects whose later renderings replace earlier ones (same `key`).
+_MESSAGE_KINDS = ("post_step", "update_step")
+# Effects about a message (its update, the reactions under it) wait for its post.
+_ABOUT_A_MESSAGE = ("update_step", "react")
+
+
+def now() -> float:
+    return time.time()
+
+
+class AlreadyApplied(Exception):
+    """Another worker applied this inbox item first; this attempt changed nothing."""
+
+
+class Effect:
+    """One effect to deliver, as the engine asks for it (see ``bot.effects``)."""
+
+    __slots__ = ("incident_id", "key", "kind", "lane", "next_at", "payload", "target")
+
+    def __init__(
+        self,
+        *,
+        incident_id: str,
+        target: str,
+        lane: str,
+        kind: str,
+        payload: Mapping[str, Any],
+        key: str | None = None,
+        next_at: float = 0.0,
+    ) -> None:
+        self.incident_id = incident_id
+        self.target = target
+        self.lane = lane
+        self.kind = kind
+        self.payload = payload
+        self.key = key
+        self.next_at = next_at
+
+
+def _dict_rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    if cursor.description is None:
+        return []
+    keys = [column[0] for column in cursor.description]
+    return [dict(zip(keys, row, strict=True)) for row in cursor.fetchall()]
+
+
+def _one(cursor: sqlite3.Cursor) -> dict[str, Any] | None:
+    rows = _dict_rows(cursor)
+    return rows[0] if rows else None
+
+
+class Unit:
+    """One transaction: reads, state changes, audit events and effects, committed at once.
+
+    State-change methods check the move against ``bot.states`` and update conditionally
+    on the status read, returning the new row, or None when the row had already moved
+    on (another worker or replica was first): the caller re-reads and decides again.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, at: float) -> None:
+        self.conn = conn
+        self.at = at
+        self._events: list[tuple[Any, ...]] = []
+        self._effects: list[Effect] = []
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def incident(self, incident_id: str) -> Incident | None:
+        row = _one(self.conn.execute("SELECT * FROM incidents WHERE id = ?", (incident_id,)))
+        return Incident.from_row(row) if row else None
+
+    def incident_with_run(
+        self, incident_id: str, phase: Phase
+    ) -> tuple[Incident | None, Run | None]:
+        """The incident and its run of `phase`, in one query (the hot path of every item)."""
+        rows = _dict_rows(
+            self.conn.execute(
+                "SELECT i.*, r.id AS r_id, r.runbook_id AS r_runbook_id, r.phase AS r_phase, "
+                "r.status AS r_status, r.cursor AS r_cursor, r.rollback_of AS r_rollback_of, "
+                "r.catalog_commit AS r_catalog_commit, r.started_at AS r_started_at, "
+                "r.finished_at AS r_finished_at FROM incidents i "
+                "LEFT JOIN runs r ON r.incident_id = i.id AND r.phase = ? WHERE i.id = ?",
+                (str(phase), incident_id),
+            )
+        )
+        if not rows:
+            return None, None
+        row = rows[0]
+        run = None
+        if row["r_id"] is not None:
+            run = Run(
+                id=row["r_id"],
+                incident_id=incident_id,
+                runbook_id=row["r_runbook_id"],
+                phase=row["r_phase"],
+                status=row["r_status"],
+                cursor=row["r_cursor"],
+                rollback_of=row["r_rollback_of"],
+                catalog_commit=row["r_catalog_commit"] or "",
+                started_at=row["r_started_at"] or 0.0,
+                finished_at=row["r_finished_at"],
+            )
+        return Incident.from_row(row), run
+
+    def run(self, incident_id: str, phase: Phase) -> Run | None:
+        row = _one(
+            self.conn.execute(
+                "SELECT * FROM runs WHERE incident_id = ? AND phase = ?", (incident_id, str(phase))
+            )
+        )
+        return Run.from_row(row) if row else None
+
+    def run_by_id(self, run_id: int) -> Run | None:
+        row = _one(self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)))
+        return Run.from_row(row) if row else None
+
+    def runs_of(self, incident_id: str) -> list[Run]:
+        return [
+            Run.from_row(r)
+            for r in _dict_rows(
+                self.conn.execute(
+                    "SELECT * FROM runs WHERE incident_id = ? ORDER BY id", (incident_id,)
+                )
+            )
+        ]
+
+    def step_run(self, step_run_id: int) -> StepRun | None:
+        row = _one(self.conn.execute("SELECT * FROM step_runs WHERE id = ?", (step_run_id,)))
+        return StepRun.from_row(row) if row else None
+
+    def latest_step_run(self, run_id: int, step_index: int) -> StepRun | None:
+        row = _one(
+            self.conn.execute(
+                "SELECT * FROM step_runs WHERE run_id = ? AND step_index = ? "
+                "ORDER BY attempt DESC LIMIT 1",
+                (run_id, step_index),
+            )
+        )
+        return StepRun.from_row(row) if row else None
+
+    def step_runs_of(self, incident_id: str, run_id: int | None = None) -> list[StepRun]:
+        sql = "SELECT * FROM step_runs WHERE incident_id = ?"
+        params: tuple[Any, ...] = (incident_id,)
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            params += (run_id,)
+        return [
+            StepRun.from_row(r) for r in _dict_rows(self.conn.execute(sql + " ORDER BY id", params))
+        ]
+
+    def approval(self, step_run_id: int) -> Approval | None:
+        row = _one(
+            self.conn.execute("SELECT * FROM approvals WHERE step_run_id = ?", (step_run_id,))
+        )
+        return Approval.from_row(row) if row else None
+
+    def pending_approvals(self, run_id: int) -> list[tuple[Approval, StepRun]]:
+        rows = _dict_rows(
+            self.conn.execute(
+                "SELECT a.*, s.id AS s_id FROM approvals a JOIN step_runs s "
+                "ON s.id = a.step_run_id WHERE s.run_id = ? AND a.status = 'pending' "
+                "ORDER BY a.id",
+                (run_id,),
+            )
+        )
+        out = []
+        for row in rows:
+            step = self.step_run(row["s_id"])
+            assert step is not None
+            out.append((Approval.from_row(row), step))
+        return out
+
+    # --- incidents -------------------------------------------------------------------------
+
+    def create_incident(self, values: Mapping[str, Any]) -> Incident | None:
+        """Insert the incident unless it exists; the new row, or None for a duplicate."""
+        row = {
+            **values,
+            "status": str(IncidentStatus.OPEN),
+            "details": json.dumps(values.get("details") or {}, sort_keys=True, default=str),
+            "created_at": self.at,
+            "updated_at": self.at,
+        }
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        found = _one(
+            self.conn.execute(
+                f"INSERT INTO incidents ({columns}) VALUES ({marks}) "
+                "ON CONFLICT DO NOTHING RETURNING *",
+                tuple(row.values()),
+            )
+        )
+        return Incident.from_row(found) if found else None
+
+    def set_incident_status(
+        self, incident: Incident, new: IncidentStatus, *, state_changed_at: str | None
+    ) -> Incident | None:
+        states.check(incident.status, new)
+        row = _one(
+            self.conn.execute(
+                "UPDATE incidents SET status = ?, updated_at = ?, resolved_at = ?, "
+                "state_changed_at = coalesce(?, state_changed_at) "
+                "WHERE id = ? AND status = ? RETURNING *",
+                (
+                    str(new),
+                    self.at,
+                    self.at if new is IncidentStatus.RESOLVED else None,
+                    state_changed_at,
+                    incident.id,
+                    str(incident.status),
+                ),
+            )
+        )
+        return Incident.from_row(row) if row else None
+
+    def state_changes_seen(self, incident_id: str) -> list[str]:
+        """PagerDuty times (occurred_at) of the incident's state changes received so far,
+        applied or not: a resolve that came before its trigger still counts."""
+        rows = _dict_rows(
+            self.conn.execute(
+                "SELECT payload FROM inbox WHERE incident_id = ? AND source = 'pagerduty' "
+                "AND kind IN ('incident.triggered', 'incident.resolved', 'incident.reopened') "
+                "AND status IN ('done', 'ignored')",
+                (incident_id,),
+            )
+        )
+        seen = (json.loads(r["payload"] or "{}").get("occurred_at") for r in rows)
+        return [str(s) for s in seen if s]
+
+    def note_state_change(self, incident: Incident, state_changed_at: str) -> None:
+        """Record PagerDuty's time of a state change that needed no status change."""
+        self.conn.execute(
+            "UPDATE incidents SET state_changed_at = ? WHERE id = ?",
+            (state_changed_at, incident.id),
+        )
+
+    # --- runs ------------------------------------------------------------------------------
+
+    def create_run(
+        self, incident_id: str, runbook_id: str, phase: Phase, catalog_commit: str
+    ) -> Run | None:
+        row = _one(
+            self.conn.execute(
+                "INSERT INTO runs (incident_id, runbook_id, phase, status, cursor, "
+                "catalog_commit, started_at) VALUES (?, ?, ?, ?, 0, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING *",
+                (
+                    incident_id,
+                    runbook_id,
+                    str(phase),
+                    str(RunStatus.RUNNING),
+                    catalog_commit,
+                    self.at,
+                ),
+            )
+        )
+        return Run.from_row(row) if row else None
+
+    def set_run_status(self, run: Run, new: RunStatus) -> Run | None:
+        if new is run.status:
+            return run
+        states.check(run.status, new)
+        finished = None if new.live else self.at
+        row = _one(
+            self.conn.execute(
+                "UPDATE runs SET status = ?, finished_at = ? WHERE id = ? AND status = ? "
+                "RETURNING *",
+                (str(new), finished, run.id, str(run.status)),
+            )
+        )
+        return Run.from_row(row) if row else None
+
+    def move_cursor(self, run: Run, to: int) -> Run | None:
+        """The next step (also ends a rollback); the run is running again."""
+        if run.status is not RunStatus.RUNNING:
+            states.check(run.status, RunStatus.RUNNING)
+        row = _one(
+            self.conn.execute(
+                "UPDATE runs SET cursor = ?, rollback_of = NULL, status = 'running' "
+                "WHERE id = ? AND cursor = ? AND status = ? RETURNING *",
+                (to, run.id, run.cursor, str(run.status)),
+            )
+        )
+        return Run.from_row(row) if row else None
+
+    def start_rollback(self, run: Run) -> Run | None:
+        row = _one(
+            self.conn.execute(
+                "UPDATE runs SET rollback_of = cursor, status = 'running' WHERE id = ? "
+                "AND cursor = ? AND rollback_of IS NULL AND status = ? RETURNING *",
+                (run.id, run.cursor, str(run.status)),
+            )
+        )
+        return Run.from_row(row) if row else None
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def create_step_run(
+        self, values: Mapping[str, Any], approval: Mapping[str, Any] | None = None
+    ) -> StepRun | None:
+        """Insert one attempt of a step (None if that attempt exists), with its approval
+        request in the same transaction."""
+        row = {**values, "status": str(values["status"]), "created_at": self.at}
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        found = _one(
+            self.conn.execute(
+                f"INSERT INTO step_runs ({columns}) VALUES ({marks}) "
+                "ON CONFLICT DO NOTHING RETURNING *",
+                tuple(row.values()),
+            )
+        )
+        if found is None:
+            return None
+        step = StepRun.from_row(found)
+        if approval is not None:
+            data = {
+                **approval,
+                "step_run_id": step.id,
+                "status": str(ApprovalStatus.PENDING),
+                "approvers": json.dumps(approval["approvers"]),
+                "requested_at": self.at,
+            }
+            self.conn.execute(
+                f"INSERT INTO approvals ({', '.join(data)}) "
+                f"VALUES ({', '.join('?' for _ in data)})",
+                tuple(data.values()),
+            )
+        return step
+
+    def set_step(self, step: StepRun, new: StepStatus, **values: Any) -> StepRun | None:
+        """Move a step run to `new` (with `values`) if it is still in its read status."""
+        states.check(step.status, new)
+        if new is StepStatus.RUNNING:
+            values.setdefault("started_at", self.at)
+        elif new.terminal:
+            values.setdefault("finished_at", self.at)
+        sets = ", ".join(f"{k} = ?" for k in ("status", *values))
+        row = _one(
+            self.conn.execute(
+                f"UPDATE step_runs SET {sets} WHERE id = ? AND status = ? RETURNING *",
+                (str(new), *values.values(), step.id, str(step.status)),
+            )
+        )
+        return StepRun.from_row(row) if row else None
+
+    def reassign_runner(self, step: StepRun, runner: str) -> StepRun | None:
+        """A running step whose command provably never started gets a new runner."""
+        row = _one(
+            self.conn.execute(
+                "UPDATE step_runs SET runner = ? WHERE id = ? AND status = 'running' "
+                "AND coalesce(runner, '') = ? RETURNING *",
+                (runner, step.id, step.runner),
+            )
+        )
+        return StepRun.from_row(row) if row else None
+
+    # --- approvals -------------------------------------------------------------------------
+
+    def decide_approval(
+        self, approval: Approval, new: ApprovalStatus, actor: str, at: float
+    ) -> Approval | None:
+        states.check(approval.status, new)
+        row = _one(
+            self.conn.execute(
+                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ? "
+                "WHERE id = ? AND status = ? RETURNING *",
+                (str(new), actor or None, at, approval.id, str(approval.status)),
+            )
+        )
+        return Approval.from_row(row) if row else None
+
+    def pause_approval(self, approval: Approval, user: str, at: float) -> Approval | None:
+        row = _one(
+            self.conn.execute(
+                "UPDATE approvals SET paused_at = ?, paused_by = ? "
+                "WHERE id = ? AND status = 'pending' AND paused_at IS NULL RETURNING *",
+                (at, user, approval.id),
+            )
+        )
+        return Approval.from_row(row) if row else None
+
+    def resume_approval(self, approval: Approval, expires_at: float) -> Approval | None:
+        row = _one(
+            self.conn.execute(
+                "UPDATE approvals SET paused_at = NULL, paused_by = NULL, expires_at = ? "
+                "WHERE id = ? AND status = 'pending' AND paused_at IS NOT NULL RETURNING *",
+                (expires_at, approval.id),
+            )
+        )
+        return Approval.from_row(row) if row else None
+
+    # --- the inbox -------------------------------------------------------------------------
+
+    def finish_item(self, item: InboxItem, status: InboxStatus, detail: str = "") -> None:
+        """Mark the item applied, in the transaction of what it changed. Raises
+        `AlreadyApplied` (rolling all of it back) when another worker applied it first."""
+        states.check(item.status, status)
+        changed = self.conn.execute(
+            "UPDATE inbox SET status = ?, detail = ?, processed_at = ? "
+            "WHERE id = ? AND status = 'queued'",
+            (str(status), detail or None, self.at, item.id),
+        ).rowcount
+        if changed != 1:
+            raise AlreadyApplied(item.id)
+
+    def put(
+        self,
+        *,
+        source: str,
+        key: str,
+        incident_id: str,
+        kind: str,
+        payload: Mapping[str, Any],
+        catalog_commit: str = "",
+    ) -> bool:
+        """An inbox item caused by this transaction (e.g. a re-check after a change)."""
+        cursor = self.conn.execute(
+            "INSERT INTO inbox (source, key, incident_id, kind, payload, received_at, status, "
+            "catalog_commit) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?) ON CONFLICT DO NOTHING",
+            (source, key, incident_id, kind, json.dumps(payload), self.at, catalog_commit),
+        )
+        return cursor.rowcount == 1
+
+    # --- audit and effects -----------------------------------------------------------------
+
+    def event(
+        self,
+        incident: Incident,
+        status: Event,
+        *,
+        step_id: str | None = None,
+        action: str | None = None,
+        actor: str = "",
+        detail: str = "",
+    ) -> None:
+        self._events.append(
+            (
+                self.at,
+                incident.id,
+                incident.service,
+                incident.runbook_id,
+                step_id,
+                action,
+                incident.env,
+                str(status),
+                actor or None,
+                detail or None,
+                incident.catalog_commit,
+            )
+        )
+
+    def emit(self, effect: Effect) -> None:
+        """Queue an effect. A newer rendering of a message (same `key`) replaces one not
+        yet sent, so a message is never sent twice for states it already passed."""
+        if effect.kind in _MESSAGE_KINDS and effect.key is not None:
+            for pending in self._effects:
+                if pending.key == effect.key and pending.kind in _MESSAGE_KINDS:
+                    pending.payload = effect.payload
+                    return
+            if effect.kind == "update_step":
+                changed = self.conn.execute(
+                    "UPDATE outbox SET payload = ?, version = version + 1 WHERE key = ? "
+                    "AND status = 'pending' AND kind IN ('post_step', 'update_step')",
+                    (json.dumps(effect.payload), effect.key),
+                ).rowcount
+                if changed:
+                    return
+        self._effects.append(effect)
+
+    def cancel_effects(self, key: str) -> None:
+        """Drop undelivered effects about one message (e.g. reactions no longer offered)."""
+        self.conn.execute(
+            "UPDATE outbox SET status = 'cancelled' WHERE key = ? AND status = 'pending' "
+            "AND kind = 'react'",
+            (key,),
+        )
+
+    def _flush(self) -> None:
+        if self._events:
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(self._events))
+            self.conn.execute(
+                "INSERT INTO automation_events (ts, incident_id, service, runbook_id, step_id, "
+                f"action, env, status, actor, detail, catalog_commit) VALUES {marks}",
+                tuple(v for row in self._events for v in row),
+            )
+            self._events.clear()
+        if self._effects:
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, 'pending', ?, ?)"] * len(self._effects))
+            self.conn.execute(
+                "INSERT INTO outbox (incident_id, target, lane, kind, key, payload, status, "
+                f"next_at, created_at) VALUES {marks}",
+                tuple(
+                    v
+                    for e in self._effects
+                    for v in (
+                        e.incident_id,
+                        e.target,
+                        e.lane,
+                        e.kind,
+                        e.key,
+                        json.dumps(e.payload, default=str),
+                        e.next_at,
+                        self.at,
+                    )
+                ),
+            )
+            self._effects.clear()
+
+
+class Store:
+    """Thread-safe access to the state database. One connection, serialized by a lock."""
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = now) -> None:
+        self.path = str(path)
+        self.clock = clock
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode, NORMAL syncs at checkpoints, not at each commit: a commit survives
+            # the bot crashing or being killed (it is in the WAL file, which the next open
+            # replays), and only a power loss or an OS crash can take back the last ones.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the database {self.path}: {exc}") from None
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self._lock = threading.RLock()
+        self._checkpointer: sqlite3.Connection | None = None  # its own, see checkpoint()
+        self._checkpoint_lock = threading.Lock()
+        self._migrate()
+
+    def close(self) -> None:
+        with self._checkpoint_lock:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
+        with self._lock:
+            self.conn.close()
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL pages into the database file; (pages in the WAL, copied).
+
+        For a background thread. It uses a connection of its own and not the store's
+        lock, and PASSIVE never waits for readers or the writer.
+        """
+        if self.path == ":memory:":
+            return 0, 0
+        with self._checkpoint_lock:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(
+                    self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+                )
+                self._checkpointer.execute("PRAGMA synchronous=NORMAL")
+            _busy, pages, copied = self._checkpointer.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()
+        return int(pages), int(copied)
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    @contextmanager
+    def unit(self, at: float | None = None) -> Iterator[Unit]:
+        """One transaction; commits the unit's changes, events and effects together."""
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            unit = Unit(conn, self.clock() if at is None else at)
+            try:
+                yield unit
+                unit._flush()
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                current = int(row[0]) if row else 0
+                if current > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path} has schema version {current}, newer than this bot "
+                        f"({SCHEMA_VERSION}): upgrade runbook-bot or use another RUNBOOK_DB"
+                    )
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[version](self.db)
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @property
+    def schema_version(self) -> int:
+        row = self.query_one("SELECT value FROM meta WHERE key='schema_version'")
+        return int(row["value"]) if row else 0
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Read-only diagnostics (reports, tests). State changes go through `unit()`."""
+        with self._lock:
+            return _dict_rows(self.conn.execute(sql, params))
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def probe_write(self) -> None:
+        """Raise unless the database can be written right now (for /readyz)."""
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', ?)",
+                    (str(self.clock()),),
+                )
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def incident(self, incident_id: str) -> Incident | None:
+        row = self.query_one("SELECT * FROM incidents WHERE id = ?", (incident_id,))
+        return Incident.from_row(row) if row else None
+
+    def incidents(self, status: IncidentStatus | None = None) -> list[Incident]:
+        if status is None:
+            rows = self.query("SELECT * FROM incidents ORDER BY created_at, id")
+        else:
+            rows = self.query(
+                "SELECT * FROM incidents WHERE status = ? ORDER BY created_at, id", (str(status),)
+            )
+        return [Incident.from_row(r) for r in rows]
+
+    def run(self, incident_id: str, phase: Phase | str = Phase.MAIN) -> Run | None:
+        row = self.query_one(
+            "SELECT * FROM runs WHERE incident_id = ? AND phase = ?", (incident_id, str(phase))
+        )
+        return Run.from_row(row) if row else None
+
+    def live_runs(self) -> list[Run]:
+        return [
+            Run.from_row(r)
+            for r in self.query("SELECT * FROM runs WHERE status IN ('running', 'waiting')")
+        ]
+
+    def step_run(self, step_run_id: int) -> StepRun | None:
+        row = self.query_one("SELECT * FROM step_runs WHERE id = ?", (step_run_id,))
+        return StepRun.from_row(row) if row else None
+
+    def step_runs_of(self, incident_id: str) -> list[StepRun]:
+        return [
+            StepRun.from_row(r)
+            for r in self.query(
+                "SELECT * FROM step_runs WHERE incident_id = ? ORDER BY id", (incident_id,)
+            )
+        ]
+
+    def running_steps(self) -> list[StepRun]:
+        return [
+            StepRun.from_row(r)
+            for r in self.query("SELECT * FROM step_runs WHERE status = 'running' ORDER BY id")
+        ]
+
+    def approval(self, step_run_id: int) -> Approval | None:
+        row = self.query_one("SELECT * FROM approvals WHERE step_run_id = ?", (step_run_id,))
+        return Approval.from_row(row) if row else None
+
+    def pending_approvals(self, incident_id: str | None = None) -> list[Approval]:
+        if incident_id is None:
+            rows = self.query("SELECT * FROM approvals WHERE status = 'pending' ORDER BY id")
+        else:
+            rows = self.query(
+                "SELECT * FROM approvals WHERE status = 'pending' AND incident_id = ? ORDER BY id",
+                (incident_id,),
+            )
+        return [Approval.from_row(r) for r in rows]
+
+    def count_pending_approvals(self) -> int:
+        row = self.query_one("SELECT count(*) AS pending FROM approvals WHERE status = 'pending'")
+        return int(row["pending"]) if row else 0
+
+    def due_approvals(self, at: float) -> list[Approval]:
+        return [
+            Approval.from_row(r)
+            for r in self.query(
+                "SELECT * FROM approvals WHERE status = 'pending' AND paused_at IS NULL "
+                "AND expires_at <= ? ORDER BY expires_at",
+                (at,),
+            )
+        ]
+
+    def next_deadline(self) -> float | None:
+        row = self.query_one(
+            "SELECT min(expires_at) AS deadline FROM approvals "
+            "WHERE status = 'pending' AND paused_at IS NULL"
+        )
+        return float(row["deadline"]) if row and row["deadline"] is not None else None
+
+    def events(self, incident_id: str | None = None) -> list[dict[str, Any]]:
+        if incident_id is None:
+            return self.query("SELECT * FROM automation_events ORDER BY id")
+        return self.query(
+            "SELECT * FROM automation_events WHERE incident_id = ? ORDER BY id", (incident_id,)
+        )
+
+    def record_event(self, **values: Any) -> None:
+        """An audit row from outside the state machine (``bot.guard``'s decorators)."""
+        status = values.get("status")
+        if status not in {str(e) for e in Event}:
+            raise ValueError(f"unknown audit status {status!r}")
+        values.setdefault("ts", self.clock())
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        with self._lock:
+            self.conn.execute(
+                f"INSERT INTO automation_events ({columns}) VALUES ({marks})",
+                tuple(values.values()),
+            )
+
+    # --- the inbox -------------------------------------------------------------------------
+
+    def inbox_put(
+        self,
+        *,
+        source: str,
+        key: str,
+        incident_id: str,
+        kind: str,
+        payload: Mapping[str, Any],
+        received_at: float | None = None,
+        alt_key: str | None = None,
+        catalog_commit: str = "",
+        status: InboxStatus = InboxStatus.QUEUED,
+        detail: str = "",
+    ) -> bool:
+        """Record an item unless one of its keys was seen; True if it is new.
+
+        Committed before the sender gets its answer, so an acknowledged item survives a
+        crash. A unique constraint, not memory, makes a second delivery change nothing.
+        """
+        with self._lock:
+            cursor = self.conn.execute(
+                "INSERT INTO inbox (source, key, alt_key, incident_id, kind, payload, "
+                "received_at, status, detail, catalog_commit, processed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (
+                    source,
+                    key,
+                    alt_key,
+                    incident_id,
+                    kind,
+                    json.dumps(payload, default=str),
+                    self.clock() if received_at is None else received_at,
+                    str(status),
+                    detail or None,
+                    catalog_commit,
+                    None if status is InboxStatus.QUEUED else self.clock(),
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def inbox_ready(self, limit: int, exclude: Iterable[str] = ()) -> list[InboxItem]:
+        """The oldest queued item of each incident, oldest first (skipping `exclude`)."""
+        skip = set(exclude)
+        rows = self.query(
+            "SELECT * FROM inbox WHERE id IN (SELECT min(id) FROM inbox "
+            "WHERE status = 'queued' GROUP BY incident_id) ORDER BY id LIMIT ?",
+            (limit + len(skip),),
+        )
+        return [InboxItem.from_row(r) for r in rows if r["incident_id"] not in skip][:limit]
+
+    def inbox_next(self, incident_id: str) -> InboxItem | None:
+        row = self.query_one(
+            "SELECT * FROM inbox WHERE status = 'queued' AND incident_id = ? ORDER BY id LIMIT 1",
+            (incident_id,),
+        )
+        return InboxItem.from_row(row) if row else None
+
+    def inbox_attempt_failed(self, item: InboxItem, detail: str, *, give_up: bool) -> None:
+        """Applying `item` raised: count the attempt; after the last, keep it as failed."""
+        with self._lock:
+            self.conn.execute(
+                "UPDATE inbox SET attempts = attempts + 1, detail = ?, status = ?, "
+                "processed_at = ? WHERE id = ? AND status = 'queued'",
+                (
+                    detail[:1000],
+                    str(InboxStatus.FAILED if give_up else InboxStatus.QUEUED),
+                    self.clock() if give_up else None,
+                    item.id,
+                ),
+            )
+
+    def inbox_items(
+        self, incident_id: str | None = None, source: str | None = None
+    ) -> list[InboxItem]:
+        sql, params = "SELECT * FROM inbox WHERE 1 = 1", []
+        if incident_id is not None:
+            sql += " AND incident_id = ?"
+            params.append(incident_id)
+        if source is not None:
+            sql += " AND source = ?"
+            params.append(source)
+        return [InboxItem.from_row(r) for r in self.query(sql + " ORDER BY id", params)]
+
+    def count_queued(self) -> int:
+        row = self.query_one("SELECT count(*) AS queued FROM inbox WHERE status = 'queued'")
+        return int(row["queued"]) if row else 0
+
+    def has_item(self, key: str) -> bool:
+        return self.query_one("SELECT 1 AS found FROM inbox WHERE key = ?", (key,)) is not None
+
+    # --- the outbox ------------------------------------------------------------------------
+
+    def outbox_heads(
+        self, at: float, limit: int = 100, exclude: Iterable[str] = ()
+    ) -> tuple[list[OutboxItem], float | None]:
+        """The first pending effect of each lane that is due, and when the next one is.
+
+        Effects of a lane are delivered strictly in order, so only a lane's head can have
+        been on its way when a sender stopped: the others were never attempted.
+        """
+        skip = set(exclude)
+        rows = self.query(
+            "SELECT o.*, "
+            "(SELECT t.ts FROM outbox t WHERE t.key = o.key AND t.ts IS NOT NULL LIMIT 1) "
+            "AS target_ts, "
+            "(SELECT t.posted_channel FROM outbox t WHERE t.key = o.key AND t.ts IS NOT NULL "
+            "LIMIT 1) AS target_channel, "
+            "EXISTS (SELECT 1 FROM outbox t WHERE t.key = o.key AND t.kind = 'post_step' "
+            "AND t.status IN ('failed', 'cancelled')) AS target_failed, "
+            "(SELECT r.ts FROM outbox r WHERE r.key = 'root:' || o.incident_id "
+            "AND r.ts IS NOT NULL LIMIT 1) AS thread_ts, "
+            "(SELECT r.posted_channel FROM outbox r WHERE r.key = 'root:' || o.incident_id "
+            "AND r.ts IS NOT NULL LIMIT 1) AS thread_channel "
+            "FROM outbox o WHERE o.id IN (SELECT min(id) FROM outbox WHERE status = 'pending' "
+            "GROUP BY lane) ORDER BY o.next_at, o.id",
+        )
+        due: list[OutboxItem] = []
+        later: float | None = None
+        for row in rows:
+            if row["lane"] in skip:
+                continue
+            if (
+                row["kind"] in _ABOUT_A_MESSAGE
+                and row["target_ts"] is None
+                and not row["target_failed"]
+            ):
+                continue  # its message is still on its way: a send wakes the sender
+            if row["next_at"] > at:
+                later = row["next_at"] if later is None else min(later, row["next_at"])
+                continue
+            if len(due) < limit:
+                due.append(OutboxItem.from_row(row))
+        return due, later
+
+    def outbox_sent(
+        self, item: OutboxItem, *, ts: str | None = None, channel: str | None = None
+    ) -> bool:
+        """Record a delivery. False when a newer rendering arrived meanwhile: the row stays
+        pending as an update of the message just posted, so that rendering is sent too."""
+        with self._lock:
+            changed = self.conn.execute(
+                "UPDATE outbox SET status = 'sent', ts = coalesce(?, ts), "
+                "posted_channel = coalesce(?, posted_channel), sent_at = ?, "
+                "attempts = attempts + 1 WHERE id = ? AND version = ? AND status = 'pending'",
+                (ts, channel, self.clock(), item.id, item.version),
+            ).rowcount
+            if changed:
+                if item.kind == "post_incident" and ts:
+                    self.conn.execute(
+                        "UPDATE incidents SET thread_ts = ?, channel = ? WHERE id = ?",
+                        (ts, channel or item.payload.get("channel"), item.incident_id),
+                    )
+                return True
+            if item.kind == "post_step" and ts:
+                self.conn.execute(
+                    "UPDATE outbox SET kind = 'update_step', ts = ?, posted_channel = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    (ts, channel, item.id),
+                )
+            return False
+
+    def outbox_retry(self, item: OutboxItem, next_at: float, error: str) -> None:
+        with self._lock:
+            self.conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_at = ?, error = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (next_at, error[:500], item.id),
+            )
+
+    def outbox_failed(self, item: OutboxItem, error: str) -> None:
+        with self._lock:
+            self.conn.execute(
+                "UPDATE outbox SET status = 'failed', attempts = attempts + 1, error = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (error[:500], item.id),
+            )
+
+    def outbox_set_payload(self, item: OutboxItem, payload: Mapping[str, Any]) -> None:
+        """Remember a decision the sender made before a call whose outcome may be unknown
+        (e.g. the escalation level it asks for), so a retry asks for the same."""
+        with self._lock:
+            self.conn.execute(
+                "UPDATE outbox SET payload = ? WHERE id = ?", (json.dumps(payload), item.id)
+            )
+
+    def outbox_items(
+        self,
+        incident_id: str | None = None,
+        *,
+        target: str | None = None,
+        status: OutboxStatus | None = None,
+    ) -> list[OutboxItem]:
+        sql, params = "SELECT * FROM outbox WHERE 1 = 1", []
+        for column, value in (("incident_id", incident_id), ("target", target)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(str(status))
+        return [OutboxItem.from_row(r) for r in self.query(sql + " ORDER BY id", params)]
+
+    def count_outbox_pending(self) -> int:
+        row = self.query_one("SELECT count(*) AS pending FROM outbox WHERE status = 'pending'")
+        return int(row["pending"]) if row else 0
+
+    def message_at(self, channel: str, ts: str) -> tuple[str, str] | None:
+        """(message key, incident id) of the bot's message at (channel, ts), if any."""
+        row = self.query_one(
+            "SELECT key, incident_id FROM outbox WHERE ts = ? AND key IS NOT NULL "
+            "AND (posted_channel = ? OR ? = '') ORDER BY id DESC LIMIT 1",
+            (ts, channel, channel),
+        )
+        return (str(row["key"]), str(row["incident_id"])) if row else None
+
+    def message_ref(self, key: str) -> tuple[str, str] | None:
+        """(channel id, ts) of the bot's message `key`, once posted."""
+        row = self.query_one(
+            "SELECT posted_channel, ts FROM outbox WHERE key = ? AND ts IS NOT NULL LIMIT 1",
+            (key,),
+        )
+        return (str(row["posted_channel"]), str(row["ts"])) if row else None

@@ -1,0 +1,339 @@
+"""The database schema and its migrations (schema version in ``meta``).
+
+Tables:
+  incidents          one row per PagerDuty incident (or simulated one)
+  runs               a runbook run of an incident: phase 'main' or 'on_resolve'
+  step_runs          one attempt of one step; claimed atomically before it runs
+  approvals          one approval request per guarded step run, with its deadline
+  inbox              everything that can change an incident, deduplicated, in receipt order
+  outbox             every effect a change causes (Slack messages, PagerDuty write-back),
+                     committed with the change and delivered by the senders
+  automation_events  the audit log: one row per thing that happened to a step
+
+Migrations 1 to 3 built the first version's tables; 4 replaced its delivery queue and
+in-memory message bookkeeping with the inbox and the outbox.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+
+import sqlite_utils
+
+SCHEMA_VERSION = 4
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db.table("incidents").create(
+        {
+            "id": str,
+            "title": str,
+            "service": str,
+            "service_id": str,
+            "urgency": str,
+            "priority": str,
+            "env": str,
+            "details": str,  # JSON
+            "link": str,
+            "status": str,
+            "runbook_id": str,
+            "catalog_commit": str,
+            "channel": str,
+            "thread_ts": str,
+            "created_at": float,
+            "updated_at": float,
+            "resolved_at": float,
+        },
+        pk="id",
+        not_null={"id", "status"},
+    )
+    db.table("runs").create(
+        {
+            "id": int,
+            "incident_id": str,
+            "runbook_id": str,
+            "phase": str,
+            "status": str,
+            "cursor": int,
+            "rollback_of": int,  # index of the failed step whose rollback is running
+            "catalog_commit": str,
+            "started_at": float,
+            "finished_at": float,
+        },
+        pk="id",
+        foreign_keys=[("incident_id", "incidents", "id")],
+    )
+    db.table("runs").create_index(["incident_id", "phase"], unique=True)
+    db.table("step_runs").create(
+        {
+            "id": int,
+            "run_id": int,
+            "incident_id": str,
+            "step_index": int,
+            "step_id": str,
+            "action": str,
+            "attempt": int,
+            "status": str,
+            "decision": str,  # auto | needs_approval | blocked
+            "reason": str,
+            "command": str,
+            "exit_code": int,
+            "output": str,
+            "detail": str,
+            "channel": str,
+            "message_ts": str,
+            "claimed_by": str,
+            "created_at": float,
+            "started_at": float,
+            "finished_at": float,
+            "duration": float,
+            "catalog_commit": str,
+        },
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id"), ("incident_id", "incidents", "id")],
+    )
+    db.table("step_runs").create_index(["run_id", "step_index", "attempt"], unique=True)
+    db.table("step_runs").create_index(["message_ts"])
+    db.table("step_runs").create_index(["status"])
+    db.table("approvals").create(
+        {
+            "id": int,
+            "step_run_id": int,
+            "incident_id": str,
+            "action": str,
+            "status": str,
+            "approvers": str,  # JSON {"users": [...], "groups": [...]}
+            "requested_at": float,
+            "expires_at": float,
+            "paused_at": float,
+            "paused_by": str,
+            "decided_by": str,
+            "decided_at": float,
+            "channel": str,
+            "message_ts": str,
+            "catalog_commit": str,
+        },
+        pk="id",
+        foreign_keys=[("step_run_id", "step_runs", "id")],
+    )
+    db.table("approvals").create_index(["step_run_id"], unique=True)
+    db.table("approvals").create_index(["status", "expires_at"])
+    db.table("deliveries").create(
+        {
+            "id": str,
+            "source": str,
+            "event_id": str,
+            "event_type": str,
+            "incident_id": str,
+            "payload": str,
+            "status": str,
+            "attempts": int,
+            "error": str,
+            "received_at": float,
+            "processed_at": float,
+        },
+        pk="id",
+    )
+    db.table("deliveries").create_index(["source", "event_id"], unique=True)
+    db.table("deliveries").create_index(["status", "received_at"])
+    db.table("automation_events").create(
+        {
+            "id": int,
+            "ts": float,
+            "incident_id": str,
+            "service": str,
+            "runbook_id": str,
+            "step_id": str,
+            "action": str,
+            "env": str,
+            "status": str,
+            "actor": str,
+            "detail": str,
+            "catalog_commit": str,
+        },
+        pk="id",
+    )
+    db.table("automation_events").create_index(["status", "action"])
+    db.table("automation_events").create_index(["incident_id"])
+    db.table("automation_events").create_index(["ts"])
+
+
+def _migration_2(db: sqlite_utils.Database) -> None:
+    db.table("deliveries").create_index(["source", "incident_id", "status"])
+
+
+def _migration_3(db: sqlite_utils.Database) -> None:
+    db.execute("ALTER TABLE deliveries ADD COLUMN catalog_commit TEXT")
+
+
+_INBOX = """
+CREATE TABLE inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,   -- receipt order
+    source TEXT NOT NULL,                   -- pagerduty | slack | timer | executor | bot
+    key TEXT NOT NULL UNIQUE,               -- deduplication: a second put changes nothing
+    alt_key TEXT UNIQUE,                    -- a second deduplication key (a delivery id)
+    incident_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,                  -- JSON, parsed at the edge
+    received_at REAL NOT NULL,              -- timeliness is judged at receipt
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    detail TEXT,
+    catalog_commit TEXT,
+    processed_at REAL
+)
+"""
+
+_OUTBOX = """
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,   -- delivery order within a lane
+    incident_id TEXT NOT NULL,
+    target TEXT NOT NULL,                   -- slack | pagerduty
+    lane TEXT NOT NULL,                     -- a Slack channel, an incident's write-back, …
+    kind TEXT NOT NULL,
+    key TEXT,                               -- the message this is about: root:P1, step:42
+    payload TEXT NOT NULL,                  -- JSON: the rendering to send
+    version INTEGER NOT NULL DEFAULT 1,     -- bumped when a newer rendering replaces it
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0,        -- not before (retry back-off, Retry-After)
+    error TEXT,
+    ts TEXT,                                -- the Slack message, once posted
+    posted_channel TEXT,                    -- the channel id Slack answered with
+    created_at REAL NOT NULL,
+    sent_at REAL
+)
+"""
+
+
+def _migration_4(db: sqlite_utils.Database) -> None:
+    conn = db.conn
+    conn.execute(_INBOX)
+    conn.execute("CREATE INDEX idx_inbox_queue ON inbox (status, incident_id, id)")
+    conn.execute(_OUTBOX)
+    conn.execute("CREATE INDEX idx_outbox_queue ON outbox (status, lane, id)")
+    conn.execute("CREATE INDEX idx_outbox_key ON outbox (key)")
+    conn.execute("CREATE INDEX idx_outbox_ts ON outbox (ts)")
+    conn.execute("ALTER TABLE incidents ADD COLUMN state_changed_at TEXT")
+    conn.execute("ALTER TABLE step_runs ADD COLUMN runner TEXT")
+    conn.execute("ALTER TABLE approvals ADD COLUMN fingerprint TEXT")
+    # The first version created automatic steps `pending`, then claimed them: one left
+    # pending by a crash never started, and is surfaced rather than started after the upgrade.
+    conn.execute(
+        "UPDATE step_runs SET status = 'interrupted', detail = 'the bot stopped before this "
+        "step started; it was not run. Run it by hand if it is still needed.' "
+        "WHERE status = 'pending'"
+    )
+    _messages_into_outbox(conn)
+    _deliveries_into_inbox(conn)
+    conn.execute("DROP INDEX idx_step_runs_message_ts")
+    for column in ("message_ts", "channel", "claimed_by"):
+        conn.execute(f"ALTER TABLE step_runs DROP COLUMN {column}")
+    for column in ("message_ts", "channel"):
+        conn.execute(f"ALTER TABLE approvals DROP COLUMN {column}")
+    conn.execute("DROP TABLE deliveries")
+
+
+def _messages_into_outbox(conn: sqlite3.Connection) -> None:
+    """Messages posted by the first version become sent outbox rows: reactions on them
+    still find their step, and later updates find their `ts`."""
+    conn.execute(
+        "INSERT INTO outbox (incident_id, target, lane, kind, key, payload, status, ts, "
+        "posted_channel, created_at, sent_at) "
+        "SELECT id, 'slack', 'slack:' || channel, 'post_incident', 'root:' || id, '{}', "
+        "'sent', thread_ts, channel, created_at, created_at FROM incidents "
+        "WHERE thread_ts IS NOT NULL"
+    )
+    conn.execute(
+        "INSERT INTO outbox (incident_id, target, lane, kind, key, payload, status, ts, "
+        "posted_channel, created_at, sent_at) "
+        "SELECT incident_id, 'slack', 'slack:' || channel, 'post_step', 'step:' || id, '{}', "
+        "'sent', message_ts, channel, created_at, created_at FROM step_runs "
+        "WHERE message_ts IS NOT NULL"
+    )
+
+
+_REACTION_KINDS = {
+    "approve": "step.approve",
+    "reject": "step.reject",
+    "pause": "step.pause",
+    "resume": "step.resume",
+}
+
+
+def _deliveries_into_inbox(conn: sqlite3.Connection) -> None:
+    """Every delivery keeps its deduplication keys; queued ones are applied after the
+    upgrade, in the order they were received."""
+    from bot.pagerduty.webhook import PayloadError, event_payload, parse_event
+
+    rows = conn.execute(
+        "SELECT id, source, event_id, event_type, incident_id, payload, status, attempts, "
+        "error, received_at, processed_at, catalog_commit FROM deliveries "
+        "ORDER BY received_at, rowid"
+    ).fetchall()
+    for (
+        delivery_id,
+        source,
+        event_id,
+        event_type,
+        incident_id,
+        payload,
+        status,
+        attempts,
+        error,
+        received_at,
+        processed_at,
+        catalog_commit,
+    ) in rows:
+        kind, data = event_type, {}
+        new_status = {"queued": "queued", "processing": "queued", "done": "done"}.get(
+            status, "ignored" if status == "ignored" else "failed"
+        )
+        if source == "pagerduty":
+            try:
+                data = event_payload(parse_event(str(payload).encode("utf-8")))
+            except PayloadError as exc:
+                new_status, error = "failed", exc.reason
+        else:
+            old = json.loads(payload or "{}")
+            kind = _REACTION_KINDS.get(str(old.get("verb")), "step.unknown")
+            data = {
+                "step_run_id": old.get("step_run_id"),
+                "user": old.get("user"),
+                "channel": old.get("channel"),
+                "reaction": old.get("reaction"),
+            }
+        alt_key = (
+            f"pagerduty:delivery:{str(delivery_id).partition(':')[2]}"
+            if source == "pagerduty"
+            else None
+        )
+        conn.execute(
+            "INSERT INTO inbox (source, key, alt_key, incident_id, kind, payload, received_at, "
+            "status, attempts, detail, catalog_commit, processed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (
+                source,
+                f"{source}:event:{event_id}",
+                alt_key,
+                incident_id or "",
+                kind,
+                json.dumps(data),
+                received_at or 0.0,
+                new_status,
+                attempts or 0,
+                error,
+                catalog_commit,
+                processed_at,
+            ),
+        )
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migration_1,
+    2: _migration_2,
+    3: _migration_3,
+    4: _migration_4,
+}
