@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bot import effects
 from bot.catalog.model import (
     Action,
     Approvers,
@@ -27,7 +28,6 @@ from bot.catalog.model import (
     Settings,
     Step,
 )
-from bot import effects
 from bot.chat.base import IncidentView, StepView
 from bot.outbox import Retry, Sent
 from bot.store import OutboxItem
