@@ -25,11 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bot import metrics
+from bot.states import InboxStatus
 from bot.store import InboxItem, Store
 
 log = logging.getLogger(__name__)
 
 RETRY_PAUSE = 1.0  # seconds an incident waits after an item failed to apply
+# A reaction on a message the bot does not know waits this long for it to turn out to be
+# one of the bot's (posted just before a crash); then it is about someone else's message.
+PARKED_SECONDS = 3600.0
 MAX_PAUSE = 30.0
 
 
@@ -78,9 +82,15 @@ class Inbox:
         payload: Mapping[str, Any],
         alt_key: str | None = None,
         received_at: float | None = None,
+        waiting_for: tuple[str, str] | None = None,
     ) -> bool:
         """Record an item durably (deduplicated); True when new. Raises when the database
-        cannot record it: the caller must then not acknowledge it."""
+        cannot record it: the caller must then not acknowledge it.
+
+        `waiting_for`: (channel, ts) of a Slack message the item is about whose step is
+        not known yet: the item is parked until that message's post is recorded (then it
+        joins its incident, keeping its place in receipt order), or until it is too old.
+        """
         new = self.store.inbox_put(
             source=source,
             key=key,
@@ -90,8 +100,9 @@ class Inbox:
             payload=payload,
             received_at=received_at,
             catalog_commit=self.catalog_commit(),
+            status=InboxStatus.QUEUED if waiting_for is None else InboxStatus.PARKED,
         )
-        if new:
+        if new and waiting_for is None:
             self.wake()
         return new
 
@@ -120,10 +131,14 @@ class Inbox:
         return idle
 
     def _dispatch(self) -> None:
+        next_sweep = 0.0
         while not self._stopping.is_set():
             self._wake.clear()
             wait = 1.0
             try:
+                if self.clock() >= next_sweep:
+                    self.store.inbox_expire_parked(self.store.clock() - PARKED_SECONDS)
+                    next_sweep = self.clock() + 60.0
                 wait = self._dispatch_once()
             except Exception as exc:
                 level = logging.WARNING if database_unusable(exc) else logging.ERROR

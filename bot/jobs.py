@@ -194,6 +194,20 @@ class _Supervisor:
         self.process = process
         self.token = token
 
+    def dismiss(self, timeout: float = 5.0) -> None:
+        """End of input: an idle supervisor exits having run nothing."""
+        with contextlib.suppress(OSError):
+            self.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        self.close_pipes()
+
+    def close_pipes(self) -> None:
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
     @property
     def stdout(self) -> IO[str]:
         assert self.process.stdout is not None
@@ -233,9 +247,15 @@ class SupervisedExecutor:
     # --- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the state directory and keep a supervisor warm."""
+        """Create the state directory and keep supervisors warm (the first one is ready
+        when this returns, so the first step after a start starts at once)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # results hold command output
+        if self.warm > 0:
+            first = self._spawn(secrets.token_hex(8))
+            if first is not None:
+                with self._lock:
+                    self._ready.append(first)
         self._refiller = threading.Thread(
             target=self._keep_warm, name="supervisor-pool", daemon=True
         )
@@ -249,10 +269,7 @@ class SupervisedExecutor:
             idle, self._ready = self._ready, []
         self._refill.set()
         for supervisor in idle:
-            with contextlib.suppress(OSError):
-                supervisor.stdin.close()  # end of input: it exits having run nothing
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                supervisor.process.wait(5)
+            supervisor.dismiss()
         with self._lock:
             return self._lock.wait_for(lambda: not self._running, grace)
 
@@ -280,8 +297,7 @@ class SupervisedExecutor:
                 self._ready.append(supervisor)
                 return
         if supervisor is not None:
-            with contextlib.suppress(OSError):
-                supervisor.stdin.close()
+            supervisor.dismiss()
 
     def start(self, runner: str, job: Job) -> None:
         token = runner.removeprefix(RUNNER_PREFIX)
@@ -314,7 +330,7 @@ class SupervisedExecutor:
             return None
         supervisor = _Supervisor(process, token)
         if supervisor.stdout.readline().strip() != "ready":
-            process.wait()
+            supervisor.dismiss()
             log.error("a step supervisor exited before it was ready (exit %s)", process.returncode)
             return None
         return supervisor
@@ -331,11 +347,12 @@ class SupervisedExecutor:
                 if supervisor is None:
                     break
                 with self._lock:
-                    if self._closed:
-                        with contextlib.suppress(OSError):
-                            supervisor.stdin.close()
-                        break
-                    self._ready.append(supervisor)
+                    closed = self._closed
+                    if not closed:
+                        self._ready.append(supervisor)
+                if closed:
+                    supervisor.dismiss()
+                    break
             with self._lock:
                 if self._closed:
                     return
@@ -355,6 +372,7 @@ class SupervisedExecutor:
                 pass  # it died: the files below say what happened
             line = supervisor.stdout.readline()
             supervisor.process.wait()
+            supervisor.close_pipes()
             result = _parse(line)
             if result is None:
                 result = self._read(token, "result")

@@ -14,7 +14,7 @@ write reports against), so they never change once released.
                         └─▶ REJECTED | EXPIRED | CANCELLED | SUPERSEDED
                (created final: BLOCKED | SKIPPED | ERROR)
     approval   PENDING ─▶ APPROVED | REJECTED | EXPIRED | CANCELLED | VOID
-    inbox      QUEUED ─▶ DONE | IGNORED | FAILED
+    inbox      (PARKED ─▶) QUEUED ─▶ DONE | IGNORED | FAILED
     outbox     PENDING ─▶ SENT | FAILED | CANCELLED
 
 `check` is the one guard of the table: the store calls it before every status change,
@@ -118,6 +118,7 @@ class ApprovalStatus(StrEnum):
 
 
 class InboxStatus(StrEnum):
+    PARKED = "parked"  # about a message whose ts is not known yet: waits for its post
     QUEUED = "queued"
     DONE = "done"
     IGNORED = "ignored"  # understood, and nothing to do (stale, not handled, …)

@@ -43,7 +43,10 @@ def main(argv: list[str]) -> int:
     state_dir, token = Path(argv[0]), argv[1]
     lock = open(state_dir / f"{token}.lock", "a+b")  # noqa: SIM115 - held until exit
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-    print("ready", flush=True)
+    try:
+        os.write(1, b"ready\n")  # unbuffered: nothing is left to flush at exit
+    except BrokenPipeError:
+        return 0  # the bot is gone before it needed us
     line = sys.stdin.readline()
     if not line.strip():
         return 0  # not needed after all
@@ -91,7 +94,7 @@ def main(argv: list[str]) -> int:
         }
     _write(state_dir / f"{token}.result", outcome)
     with contextlib.suppress(BrokenPipeError):  # the bot is gone: it reads the file later
-        print(json.dumps(outcome), flush=True)
+        os.write(1, (json.dumps(outcome) + "\n").encode())
     return 0
 
 
