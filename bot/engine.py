@@ -211,6 +211,7 @@ class Engine:
             InboxKind.EXPIRE: self._expire,
             InboxKind.FINISHED: self._finished,
             InboxKind.INTERRUPTED: self._interrupted,
+            InboxKind.REPAIR: self._repair,
         }
 
     # --- PagerDuty (and simulated) incident events -----------------------------------------
@@ -348,12 +349,22 @@ class Engine:
 
     # --- the walk --------------------------------------------------------------------------
 
-    def _walk(self, c: _Context, incident: IncidentRow, run: Run, *, fresh: bool = False) -> None:
+    def _walk(
+        self,
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
+        *,
+        fresh: bool = False,
+        current: StepRun | None = None,
+    ) -> None:
         """Move the run as far as it can go without a human, within this transaction.
 
         `fresh`: the run's cursor was just moved (or the run created), so no attempt of
-        the current step exists yet and it is created without reading first.
+        the current step exists yet and it is created without reading first. `current`:
+        the current step's latest attempt, when the caller has it.
         """
+        known = current
         for _ in range(MAX_WALK):
             if not run.status.live:
                 return
@@ -368,10 +379,13 @@ class Engine:
                 self._finish_run(c, incident, run, RunStatus.COMPLETED, "")
                 return
             step, index = self._current(run, steps)
-            current = None if fresh else c.u.latest_step_run(run.id, index)
+            if known is not None and known.run_id == run.id and known.step_index == index:
+                current = known
+            else:
+                current = None if fresh else c.u.latest_step_run(run.id, index)
             if current is None:
                 current = self._start_step(c, incident, run, runbook, steps, index, step)
-            fresh = False
+            fresh, known = False, None
             if current.status is StepStatus.APPROVED:
                 current = self._claim(c, incident, run, runbook, steps, step, current)
                 if current is None:
@@ -741,13 +755,6 @@ class Engine:
 
     def _finished(self, c: _Context) -> tuple[InboxStatus, str]:
         p = c.payload
-        phase = Phase(p.get("phase", Phase.MAIN))
-        incident, run = c.u.incident_with_run(c.item.incident_id, phase)
-        step_run = c.u.step_run(int(p["step_run_id"])) if incident else None
-        if incident is None or run is None or step_run is None:
-            return InboxStatus.IGNORED, "unknown step"
-        if step_run.status is not StepStatus.RUNNING or step_run.attempt != p.get("attempt", 1):
-            return InboxStatus.IGNORED, f"the step is {step_run.status}, not running"
         status = StepStatus(p["status"])
         if status not in RESULT_STATUSES and status is not StepStatus.DRY_RUN:
             raise ValueError(f"not a result: {status}")
@@ -760,10 +767,30 @@ class Engine:
         argv = p.get("argv") or []
         if argv:
             values["command"] = " ".join(shlex.quote(a) for a in argv)
-        done = c.u.set_step(step_run, status, **values)
-        assert done is not None
+        return self._ended(c, status, values)
+
+    def _interrupted(self, c: _Context) -> tuple[InboxStatus, str]:
+        detail = str(c.payload.get("detail") or messages.INTERRUPTED)
+        return self._ended(c, StepStatus.INTERRUPTED, {"detail": detail})
+
+    def _ended(
+        self, c: _Context, status: StepStatus, values: dict[str, Any]
+    ) -> tuple[InboxStatus, str]:
+        """A running step's end: record it, show it, and walk on."""
+        p = c.payload
+        phase = Phase(p.get("phase", Phase.MAIN))
+        incident, run = c.u.incident_with_run(c.item.incident_id, phase)
+        if incident is None or run is None:
+            return InboxStatus.IGNORED, "unknown step"
+        done = c.u.finish_step(int(p["step_run_id"]), int(p.get("attempt", 1)), status, **values)
+        if done is None:
+            found = c.u.step_run(int(p["step_run_id"]))
+            return (
+                InboxStatus.IGNORED,
+                f"the step is {found.status if found else 'unknown'}, not running",
+            )
         self._record_result(c, incident, run, done)
-        self._walk(c, incident, run)
+        self._walk(c, incident, run, current=done)
         return InboxStatus.DONE, ""
 
     def _record_result(self, c: _Context, incident: IncidentRow, run: Run, done: StepRun) -> None:
@@ -787,22 +814,52 @@ class Engine:
             total = len(_steps(self._runbook(run.runbook_id), run.phase))
             self._show(c, incident, run, step, done, total, approval)
 
-    def _interrupted(self, c: _Context) -> tuple[InboxStatus, str]:
-        p = c.payload
-        phase = Phase(p.get("phase", Phase.MAIN))
-        incident, run = c.u.incident_with_run(c.item.incident_id, phase)
-        step_run = c.u.step_run(int(p["step_run_id"])) if incident else None
-        if incident is None or run is None or step_run is None:
-            return InboxStatus.IGNORED, "unknown step"
-        if step_run.status is not StepStatus.RUNNING:
-            return InboxStatus.IGNORED, f"the step is {step_run.status}, not running"
-        done = c.u.set_step(
-            step_run, StepStatus.INTERRUPTED, detail=str(p.get("detail") or messages.INTERRUPTED)
-        )
-        assert done is not None
-        self._record_result(c, incident, run, done)
-        self._walk(c, incident, run)
-        return InboxStatus.DONE, ""
+    def _repair(self, c: _Context) -> tuple[InboxStatus, str]:
+        """Show what was never shown and settle what was left half-done (queued by schema
+        migrations for what an earlier version left): the thread's root and the step
+        messages that were never posted, requests decided while their step still waits,
+        and the live runs walked on."""
+        incident = c.u.incident(c.item.incident_id)
+        if incident is None:
+            return InboxStatus.IGNORED, "unknown incident"
+        runbook = self._runbook(incident.runbook_id or "")
+        shown = c.u.message_keys(incident.id)
+        if self.chat and effects.root_key(incident.id) not in shown:
+            c.u.emit(effects.post_incident(self._incident_view(incident, runbook)))
+        settled = {
+            ApprovalStatus.REJECTED: StepStatus.REJECTED,
+            ApprovalStatus.EXPIRED: StepStatus.EXPIRED,
+            ApprovalStatus.CANCELLED: StepStatus.CANCELLED,
+            ApprovalStatus.VOID: StepStatus.SUPERSEDED,
+        }
+        for run in c.u.runs_of(incident.id):
+            for step_run in c.u.step_runs_of(incident.id, run.id):
+                step = self._step_of(run, step_run)
+                approval = c.u.approval(step_run.id)
+                if (
+                    step_run.status is StepStatus.AWAITING_APPROVAL
+                    and approval is not None
+                    and approval.status in settled
+                ):
+                    moved = c.u.set_step(
+                        step_run, settled[approval.status], detail="settled on repair"
+                    )
+                    step_run = moved or step_run
+                if self.chat and step is not None and effects.step_key(step_run.id) not in shown:
+                    view = self._step_view(
+                        incident, step_run, step, self._total(run), run.phase, approval
+                    )
+                    c.u.cancel_orphan_updates(effects.step_key(step_run.id))
+                    c.u.emit(effects.post_step(view, incident.channel))
+                    if step_run.status is StepStatus.AWAITING_APPROVAL:
+                        c.u.emit(
+                            effects.offer_reactions(incident.id, step_run.id, incident.channel)
+                        )
+            if run.status.live:
+                if run.status is RunStatus.WAITING:
+                    run = c.u.set_run_status(run, RunStatus.RUNNING) or run
+                self._walk(c, incident, run)
+        return InboxStatus.DONE, "repaired"
 
     # --- approvals -------------------------------------------------------------------------
 
@@ -1100,8 +1157,8 @@ class Engine:
         if self.chat:
             view = self._step_view(incident, step_run, step, total, run.phase, approval)
             c.u.emit(effects.update_step(view, incident.channel))
-            if step_run.status is not StepStatus.AWAITING_APPROVAL:
-                c.u.cancel_effects(effects.step_key(step_run.id))
+            if approval is not None and step_run.status is not StepStatus.AWAITING_APPROVAL:
+                c.u.cancel_effects(effects.step_key(step_run.id))  # ✅ ❌ ⏸️ no longer offered
 
     def _note(self, c: _Context, incident: IncidentRow, text: str) -> None:
         if self.chat:

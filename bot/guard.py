@@ -53,6 +53,7 @@ from bot import policy
 from bot.catalog.model import Action, Approvers, Location, Promotion, Safety, Settings
 from bot.chat.base import ChatPort, MessageRef
 from bot.errors import ApprovalDenied, PolicyViolation
+from bot.states import Event
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -268,7 +269,7 @@ def _check_env(guard: _EnvGuard, fn: Callable[..., Any]) -> None:
             )
         else:
             text += f". {decision.reason}"
-    _record(config, name=guard.name, env=env, status="blocked", detail=text)
+    _record(config, name=guard.name, env=env, status=Event.BLOCKED, detail=text)
     raise PolicyViolation(text)
 
 
@@ -282,7 +283,7 @@ def _confirm(name: str, message: str, timeout: float) -> None:
             "bot.guard.configure(confirmer=bot.guard.ConsoleConfirmer()) or configure(chat=...)"
         )
     decision = policy.Decision("needs_approval", "requires confirmation by a human")
-    _record(config, name=name, env=env, status="requires_manual", detail=message)
+    _record(config, name=name, env=env, status=Event.REQUIRES_MANUAL, detail=message)
     started = time.monotonic()
     verdict = confirmer.confirm(message, timeout)
     late = time.monotonic() - started > timeout
@@ -292,7 +293,7 @@ def _confirm(name: str, message: str, timeout: float) -> None:
     if state == "approved" and late:
         state = "expired"
     check = policy.may_run(decision, approval=state, incident_open=True)
-    _record(config, name=name, env=env, status=state, detail=message)
+    _record(config, name=name, env=env, status=Event(state), detail=message)
     if not check.allowed:
         raise ApprovalDenied(f"{name} did not run: {check.reason}")
 
@@ -304,17 +305,17 @@ def _run(fn: Callable[P, R], name: str, args: Any, kwargs: Any) -> R:
         return fn(*args, **kwargs)
     config = _config
     env = config.current_env
-    _record(config, name=name, env=env, status="executed")
+    _record(config, name=name, env=env, status=Event.EXECUTED)
     try:
         result = fn(*args, **kwargs)
     except Exception as exc:
-        _record(config, name=name, env=env, status="failed", detail=type(exc).__name__)
+        _record(config, name=name, env=env, status=Event.FAILED, detail=type(exc).__name__)
         raise
-    _record(config, name=name, env=env, status="succeeded")
+    _record(config, name=name, env=env, status=Event.SUCCEEDED)
     return result
 
 
-def _record(config: GuardConfig, *, name: str, env: str, status: str, detail: str = "") -> None:
+def _record(config: GuardConfig, *, name: str, env: str, status: Event, detail: str = "") -> None:
     if config.store is None:
         return
     config.store.record_event(
@@ -322,7 +323,7 @@ def _record(config: GuardConfig, *, name: str, env: str, status: str, detail: st
         service=config.service or None,
         action=name,
         env=env or None,
-        status=status,
+        status=str(status),
         actor=None,
         detail=detail or None,
         catalog_commit=config.catalog_commit,

@@ -34,6 +34,7 @@ RETRY_PAUSE = 1.0  # seconds an incident waits after an item failed to apply
 # A reaction on a message the bot does not know waits this long for it to turn out to be
 # one of the bot's (posted just before a crash); then it is about someone else's message.
 PARKED_SECONDS = 3600.0
+UNPARK_SECONDS = 1.0  # how often parked items are checked against recorded messages
 MAX_PAUSE = 30.0
 
 
@@ -137,9 +138,10 @@ class Inbox:
             wait = 1.0
             try:
                 if self.clock() >= next_sweep:
+                    self.store.inbox_unpark()
                     self.store.inbox_expire_parked(self.store.clock() - PARKED_SECONDS)
-                    next_sweep = self.clock() + 60.0
-                wait = self._dispatch_once()
+                    next_sweep = self.clock() + UNPARK_SECONDS
+                wait = min(self._dispatch_once(), max(0.0, next_sweep - self.clock()))
             except Exception as exc:
                 level = logging.WARNING if database_unusable(exc) else logging.ERROR
                 log.log(level, "could not read the inbox: %s", exc)

@@ -40,10 +40,11 @@ from bot.catalog.diagnostics import Diagnostic
 from bot.catalog.loader import build, git_commit, parse_catalog
 from bot.catalog.model import Catalog
 from bot.errors import CatalogError, PromotionRefused
+from bot.states import Event
 
 # The lint rule that a promotion fixes: a catalog failing only on it can still be promoted.
 UNPROMOTED_SCOPE = "RB025"
-SUCCEEDED = "succeeded"  # automation_events.status of a step whose command succeeded
+SUCCEEDED = str(Event.SUCCEEDED)  # automation_events.status of a command that succeeded
 
 
 # --- the request and the evidence ----------------------------------------------------------

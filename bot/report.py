@@ -6,7 +6,7 @@ writes), and a missing file is an error rather than a new empty database.
   overrides   steps that needed a human (``requires_manual``), per action: the users'
               dashboard query, as they wrote it
   actions     outcomes of executed commands per action, with the success rate
-  approvals   approval requests per action: decisions and how long people took
+  approvals   approval requests per action: how each ended and how long people took
   events      recent audit rows, filtered by incident, action, status and time
 """
 
@@ -26,13 +26,32 @@ from pathlib import Path
 from typing import Any
 
 from bot.errors import ConfigError, StoreError
+from bot.states import ApprovalStatus, Event
 
 # The dashboards' query, verbatim: if this ever fails, our users' dashboards do too.
 OVERRIDES_SQL = (
     "select action, count(*) as overrides from automation_events "
     "where status = 'requires_manual' group by action order by overrides desc;"
 )
-OUTCOMES = ("succeeded", "allowed_failure", "failed", "timed_out", "error")
+# The audit events of an executed command's result (a dry run executes nothing).
+OUTCOMES = tuple(
+    str(e)
+    for e in (Event.SUCCEEDED, Event.ALLOWED_FAILURE, Event.FAILED, Event.TIMED_OUT, Event.ERROR)
+)
+# Every status an approval request can end in (void: what it approved changed before it
+# ran), then the requests still waiting.
+_APPROVAL_STATUSES = tuple(
+    str(s)
+    for s in (
+        ApprovalStatus.APPROVED,
+        ApprovalStatus.REJECTED,
+        ApprovalStatus.EXPIRED,
+        ApprovalStatus.CANCELLED,
+        ApprovalStatus.VOID,
+        ApprovalStatus.PENDING,
+    )
+)
+_DECIDED = (str(ApprovalStatus.APPROVED), str(ApprovalStatus.REJECTED))
 FORMATS = ("table", "json", "csv")
 
 
@@ -156,7 +175,7 @@ def approvals(
     out = []
     for name, items in sorted(grouped.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         # how long people took to decide; expiries are the deadline, not a decision
-        waits = [w for s, w in items if s in ("approved", "rejected") and w is not None]
+        waits = [w for s, w in items if s in _DECIDED and w is not None]
         counts = {s: sum(1 for st, _ in items if st == s) for s in _APPROVAL_STATUSES}
         out.append(
             (
@@ -173,9 +192,6 @@ def approvals(
         ("action", "requests", *_APPROVAL_STATUSES, "wait_p50_s", "wait_p90_s", "wait_max_s"),
         out,
     )
-
-
-_APPROVAL_STATUSES = ("approved", "rejected", "expired", "cancelled", "pending")
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

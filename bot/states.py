@@ -147,6 +147,7 @@ class InboxKind(StrEnum):
     EXPIRE = "step.expire"  # a timer: the approval deadline passed
     FINISHED = "step.finished"  # an executor: the command's result
     INTERRUPTED = "step.interrupted"  # its outcome cannot be known
+    REPAIR = "incident.repair"  # show what was never shown, settle what was left half-done
 
 
 class Refusal(StrEnum):
@@ -256,6 +257,7 @@ TRANSITIONS: Mapping[type, Mapping[StrEnum, frozenset[StrEnum]]] = {
         ApprovalStatus.APPROVED: frozenset({ApprovalStatus.VOID}),
     },
     InboxStatus: {
+        InboxStatus.PARKED: frozenset({InboxStatus.QUEUED, InboxStatus.IGNORED}),
         InboxStatus.QUEUED: frozenset({InboxStatus.DONE, InboxStatus.IGNORED, InboxStatus.FAILED}),
     },
     OutboxStatus: {

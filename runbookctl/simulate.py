@@ -6,11 +6,14 @@ import os
 import sys
 import tempfile
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from runbookctl.common import catalog_option, user_errors
+
+if TYPE_CHECKING:
+    from bot.local import LocalRuntime
 
 
 def _parse_details(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -83,6 +86,7 @@ def simulate(
     from bot.chat.console import ConsoleTransport
     from bot.engine import Incident
     from bot.local import LocalRuntime
+    from bot.states import RunStatus
     from bot.store import Store
 
     mode = approve or ("ask" if execute else "all")
@@ -95,51 +99,52 @@ def simulate(
         or catalog.environment_for_service(service)
         or (lower[-1] if lower else "")
     )
-    out = sys.stdout
+    alert = Incident(
+        id=f"SIM-{uuid.uuid4().hex[:8].upper()}",
+        title=symptom,
+        service=service,
+        urgency="high",
+        env=env,
+        details=_parse_details(details),
+    )
     header = "EXECUTING commands for real" if execute else "dry run: nothing is executed"
     click.echo(f"runbookctl simulate — {header}; approvals: {mode}; environment: {env}\n")
     with tempfile.TemporaryDirectory(prefix="runbookctl-") as scratch:
-        store = Store(db or os.path.join(scratch, "simulate.db"))
-        runtime = LocalRuntime(
-            catalog,
-            store,
-            transports={"slack": ConsoleTransport(out)},
-            dry_run=not execute,
-            default_env=env,
-            # The person at the terminal stands in for the responders.
-            member_of=lambda user, group: True,
-        )
-        incident_id = f"SIM-{uuid.uuid4().hex[:8].upper()}"
-        runtime.open(
-            Incident(
-                id=incident_id,
-                title=symptom,
-                service=service,
-                urgency="high",
-                env=env,
-                details=_parse_details(details),
-            ),
-            source="simulate",
-        )
-        _decide_pending(runtime, incident_id, mode)
-        if resolve:
-            runtime.resolve(incident_id, actor="simulate")
-            _decide_pending(runtime, incident_id, mode)
-        incident = store.incident(incident_id)
-        run = store.run(incident_id)
-        store.close()
+        with user_errors():
+            store = Store(db or os.path.join(scratch, "simulate.db"))
+        try:
+            runtime = LocalRuntime(
+                catalog,
+                store,
+                transports={"slack": ConsoleTransport(sys.stdout)},
+                dry_run=not execute,
+                default_env=env,
+                # The person at the terminal stands in for the responders.
+                member_of=lambda user, group: True,
+            )
+            runtime.open(alert, source="simulate")
+            _decide_pending(runtime, alert.id, mode)
+            if resolve:
+                runtime.resolve(alert.id, actor="simulate")
+                _decide_pending(runtime, alert.id, mode)
+            incident = store.incident(alert.id)
+            run = store.run(alert.id)
+        finally:
+            store.close()
     assert incident is not None
     if incident.runbook_id is None:
         raise click.ClickException(
             f"no runbook matches service {service!r} with symptom {symptom!r}"
         )
-    status = str(run.status) if run else "none"
-    click.echo(f"\nrunbook {incident.runbook_id}: {status}")
-    if status not in ("completed", "cancelled"):
-        sys.exit(1)
+    click.echo(f"\nrunbook {incident.runbook_id}: {run.status if run else 'none'}")
+    if run is None or run.status not in (RunStatus.COMPLETED, RunStatus.CANCELLED):
+        click.get_current_context().exit(1)
 
 
-def _decide_pending(runtime: Any, incident_id: str, mode: str) -> None:
+def _decide_pending(runtime: LocalRuntime, incident_id: str, mode: str) -> None:
+    """Decide every approval request of the incident as `mode` says, as its first
+    approver (the person at the terminal stands in for the responders). A decision the
+    engine refuses is printed as the private note a responder would get."""
     seen: set[int] = set()
     incident = runtime.store.incident(incident_id)
     channel = incident.channel if incident else ""

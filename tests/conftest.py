@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from bot.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_CATALOG = REPO / "runbooks"
@@ -34,7 +38,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[object]:
+def store(db_path: Path) -> Iterator[Store]:
+    """A fresh store on a real SQLite file (the import waits: lint tests need no store)."""
     from bot.store import Store
 
     s = Store(db_path)

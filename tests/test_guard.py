@@ -14,12 +14,36 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import RecordingChat
 
 from bot import guard
 from bot.catalog.model import Approvers, Environment, Settings
+from bot.chat.base import IncidentView, MessageRef, StepView
 from bot.errors import ApprovalDenied, PolicyViolation
 from bot.store import Store
+
+
+class RecordingChat:
+    """A chat port (``bot.chat.base.ChatPort``) that keeps the notes posted through it."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self.threads: list[MessageRef] = []
+
+    def post_incident(self, view: IncidentView) -> MessageRef:
+        raise AssertionError("the guard posts notes only")
+
+    def post_step(self, thread: MessageRef, view: StepView) -> MessageRef:
+        raise AssertionError("the guard posts notes only")
+
+    def update_step(self, message: MessageRef, view: StepView) -> None:
+        raise AssertionError("the guard posts notes only")
+
+    def post_note(self, thread: MessageRef, text: str) -> None:
+        self.threads.append(thread)
+        self.notes.append(text)
+
+    def notify_user(self, channel: str, user: str, text: str, thread_ts: str = "") -> None:
+        self.notes.append(f"@{user}: {text}")
 
 
 class Scripted:
@@ -228,7 +252,7 @@ def test_decisions_are_audited_when_a_store_is_configured(marker: Path, db_path:
 
     with pytest.raises(RuntimeError):
         boom()
-    rows = store.query("SELECT action, env, status, service FROM automation_events ORDER BY id")
+    rows = store.events()
     store.close()
     name = "test_guard.make_clear_cache.<locals>.clear_cache"
     assert [(r["action"], r["env"], r["status"]) for r in rows] == [
@@ -319,6 +343,7 @@ def test_chat_confirmer_waits_for_an_authorized_approver(marker: Path) -> None:
     ]
     assert "Clear cache?" in chat.notes[0] and "<@U0LEAD>, <!subteam^S0ONCALL>" in chat.notes[0]
     assert "approved" in chat.notes[1] and "<@U0MEMBER>" in chat.notes[1]
+    assert {t.channel for t in chat.threads} == {"#ops"}
     assert runs(marker) == ["FLUSHDB"]
 
 

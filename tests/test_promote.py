@@ -25,8 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.catalog import load_catalog, parse_catalog
-from bot.chat.base import NullChat
-from bot.engine import Engine, Incident
+from bot.engine import Incident
+from bot.local import LocalRuntime
 from bot.promotion import edit_action_document, git_identity
 from bot.store import Store
 from runbookctl.cli import cli
@@ -576,15 +576,12 @@ def test_who_comes_from_git_then_the_login_name(
 
 def test_the_bot_runs_the_promoted_action_in_prod_only_after_reloading(repo: Repo) -> None:
     store = Store(repo.db)
-    old = load_catalog(repo.catalog)
-    engine = Engine(old, store, NullChat(), default_env="staging")
+    runtime = LocalRuntime(load_catalog(repo.catalog), store, default_env="staging")
 
     def checkout_incident(env: str) -> str:
         incident_id = f"INC-{uuid.uuid4().hex[:8]}"
-        engine.open_incident(
-            Incident(id=incident_id, title="checkout down", service="checkout", env=env)
-        )
-        return str(store.step_runs_of(incident_id)[0]["status"])
+        runtime.open(Incident(id=incident_id, title="checkout down", service="checkout", env=env))
+        return str(store.step_runs_of(incident_id)[0].status)
 
     try:
         assert checkout_incident("prod") == "blocked"
@@ -597,7 +594,7 @@ def test_the_bot_runs_the_promoted_action_in_prod_only_after_reloading(repo: Rep
 
         # the running bot still has the catalog it loaded: nothing changes until a reload
         assert checkout_incident("prod") == "blocked"
-        engine.catalog = load_catalog(repo.catalog)
+        runtime.engine.catalog = load_catalog(repo.catalog)  # what a reload does
         assert checkout_incident("prod") == "success"
     finally:
         store.close()

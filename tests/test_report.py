@@ -13,15 +13,18 @@ from builders import APPROVER, Clock, action, catalog, py, runbook, step
 from click.testing import CliRunner
 
 from bot import report
-from bot.engine import Engine, Incident
+from bot.engine import Incident
 from bot.errors import ConfigError, StoreError
+from bot.local import LocalRuntime
+from bot.states import ApprovalStatus
 from bot.store import Store
 from runbookctl.cli import cli
 
 
 @pytest.fixture
 def audit_db(tmp_path: Path) -> Path:
-    """A database filled by the real engine: approvals decided, commands run and failed."""
+    """A database filled by the real state machine: approvals decided, commands run and
+    failed, a request expired (everything enters the inbox as the bot's intake puts it)."""
     db = tmp_path / "audit.db"
     store = Store(db)
     clock = Clock(t=1_800_000_000.0)
@@ -40,23 +43,24 @@ def audit_db(tmp_path: Path) -> Path:
             ],
         )
     )
-    engine = Engine(cat, store, clock=clock, default_env="staging")
+    runtime = LocalRuntime(cat, store, clock=clock, default_env="staging")
     waits = {"P1": (30, 60), "P2": (90, 10), "P3": (5, None)}
     for incident_id, (first_wait, second_wait) in waits.items():
-        engine.open_incident(Incident(id=incident_id, title="5xx", service="payments"))
+        runtime.open(Incident(id=incident_id, title="5xx", service="payments"))
         (pending,) = store.pending_approvals(incident_id)
         clock.advance(first_wait)
         if incident_id == "P2":
-            engine.reject(pending["step_run_id"], APPROVER)
+            runtime.decide(pending.step_run_id, APPROVER, "reject")
             continue
-        engine.approve(pending["step_run_id"], APPROVER)
+        runtime.decide(pending.step_run_id, APPROVER)
         (pending,) = store.pending_approvals(incident_id)
         if second_wait is None:
             clock.advance(601)
-            engine.expire_due()
+            runtime.expire_due()
         else:
             clock.advance(second_wait)
-            engine.approve(pending["step_run_id"], APPROVER)
+            runtime.decide(pending.step_run_id, APPROVER)
+    assert store.count_queued() == 0
     store.close()
     return db
 
@@ -107,6 +111,37 @@ def test_approval_wait_times(audit_db: Path) -> None:
     restart = rows["restart"]
     assert (restart["approved"], restart["expired"]) == ("1", "1")
     assert restart["wait_max_s"] == "60.0"  # the expiry is not a decision time
+
+
+def test_a_request_voided_by_a_changed_command_is_counted_as_void(tmp_path: Path) -> None:
+    """An approval approves what was shown: when the command changes before it runs,
+    the request is void and a new one is asked; the report counts both."""
+    db = tmp_path / "void.db"
+    store = Store(db)
+    clock = Clock(t=1_800_000_000.0)
+    before = action("clear-cache", py("print('OK')"), approval=True)
+    runtime = LocalRuntime(
+        catalog(runbook("payments", [step(before)])), store, clock=clock, default_env="staging"
+    )
+    runtime.open(Incident(id="P1", title="5xx", service="payments"))
+    (asked,) = store.pending_approvals("P1")
+    after = action("clear-cache", py("print('OK, flushed')"), approval=True)
+    runtime.engine.catalog = catalog(runbook("payments", [step(after)]))  # a reload
+    clock.advance(20)
+    runtime.decide(asked.step_run_id, APPROVER)
+    store.close()
+    result = invoke("approvals", "--db", str(db), "--format", "json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert {s: row[s] for s in ApprovalStatus} == {
+        "approved": 0,
+        "rejected": 0,
+        "expired": 0,
+        "cancelled": 0,
+        "void": 1,
+        "pending": 1,
+    }
+    assert row["requests"] == 2 and row["wait_p50_s"] is None
 
 
 def test_events_filters(audit_db: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +116,14 @@ def test_approve_ask_prompts_at_each_guarded_step(answer: str, code: int, says: 
     )
     assert result.exit_code == code, result.output
     assert "Approve clear-cache? [y/N]" in result.output
-    assert f"clear-cache: {'👍' if says == 'approved' else '🚫'} {says}" in result.output
+    (line,) = [ln for ln in result.output.splitlines() if "↻ clear-cache:" in ln]
+    assert f"{says} by <@U0PAYLEAD>" in line  # the first approver: the person at the terminal
+    if says == "approved":  # approved, then (dry run) shown as what would have run
+        assert "🧪 would run (dry run), approved by <@U0PAYLEAD>" in line
+        assert "runbook payments-elevated-5xx: completed" in result.output
+    else:
+        assert "🚫 rejected by <@U0PAYLEAD>" in line
+        assert "runbook payments-elevated-5xx: escalated" in result.output
 
 
 @pytest.mark.usefixtures("bundled")
@@ -220,4 +228,18 @@ def test_a_broken_catalog_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "runbookctl lint" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.usefixtures("bundled")
+def test_a_database_of_a_newer_bot_is_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "newer.db"
+    Store(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    result = CliRunner().invoke(
+        cli, ["simulate", "--service", "payments", "--symptom", "5xx", "--db", str(db)]
+    )
+    assert result.exit_code == 1
+    assert "schema version 99, newer than this bot" in result.output
     assert "Traceback" not in result.output

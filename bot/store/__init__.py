@@ -243,6 +243,15 @@ class Unit:
             out.append((Approval.from_row(row), step))
         return out
 
+    def message_keys(self, incident_id: str) -> set[str]:
+        """Keys of the incident's messages that were ever queued for posting."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT key FROM outbox WHERE incident_id = ? AND key IS NOT NULL "
+            "AND (kind IN ('post_incident', 'post_step') OR ts IS NOT NULL)",
+            (incident_id,),
+        ).fetchall()
+        return {str(r[0]) for r in rows}
+
     # --- incidents -------------------------------------------------------------------------
 
     def create_incident(self, values: Mapping[str, Any]) -> Incident | None:
@@ -357,6 +366,9 @@ class Unit:
         return Run.from_row(row) if row else None
 
     def start_rollback(self, run: Run) -> Run | None:
+        """Run the rollback of the current step (the run is running again)."""
+        if run.status is not RunStatus.RUNNING:
+            states.check(run.status, RunStatus.RUNNING)
         row = _one(
             self.conn.execute(
                 "UPDATE runs SET rollback_of = cursor, status = 'running' WHERE id = ? "
@@ -413,6 +425,23 @@ class Unit:
             self.conn.execute(
                 f"UPDATE step_runs SET {sets} WHERE id = ? AND status = ? RETURNING *",
                 (str(new), *values.values(), step.id, str(step.status)),
+            )
+        )
+        return StepRun.from_row(row) if row else None
+
+    def finish_step(
+        self, step_run_id: int, attempt: int, new: StepStatus, **values: Any
+    ) -> StepRun | None:
+        """A running attempt's end (a result or an interruption), in one statement: None
+        when that attempt is not running (ended already, or another attempt)."""
+        states.check(StepStatus.RUNNING, new)
+        values.setdefault("finished_at", self.at)
+        sets = ", ".join(f"{k} = ?" for k in ("status", *values))
+        row = _one(
+            self.conn.execute(
+                f"UPDATE step_runs SET {sets} WHERE id = ? AND attempt = ? "
+                "AND status = 'running' RETURNING *",
+                (str(new), *values.values(), step_run_id, attempt),
             )
         )
         return StepRun.from_row(row) if row else None
@@ -535,14 +564,26 @@ class Unit:
                 changed = self.conn.execute(
                     "UPDATE outbox SET payload = ?, version = version + 1 WHERE key = ? "
                     "AND status = 'pending' AND kind IN ('post_step', 'update_step')",
-                    (json.dumps(effect.payload), effect.key),
+                    (json.dumps(effect.payload, default=str), effect.key),
                 ).rowcount
                 if changed:
                     return
         self._effects.append(effect)
 
+    def cancel_orphan_updates(self, key: str) -> None:
+        """Updates queued for a message that was never posted can never be delivered in
+        order: cancelled, before that message is posted (with its latest rendering)."""
+        self.conn.execute(
+            "UPDATE outbox SET status = 'cancelled' WHERE key = ? AND status = 'pending' "
+            "AND kind = 'update_step' AND ts IS NULL AND NOT EXISTS (SELECT 1 FROM outbox p "
+            "WHERE p.key = outbox.key AND (p.kind = 'post_step' OR p.ts IS NOT NULL))",
+            (key,),
+        )
+
     def cancel_effects(self, key: str) -> None:
-        """Drop undelivered effects about one message (e.g. reactions no longer offered)."""
+        """Drop undelivered effects about one message (e.g. reactions no longer offered),
+        committed ones and those queued earlier in this transaction alike."""
+        self._effects = [e for e in self._effects if not (e.key == key and e.kind == "react")]
         self.conn.execute(
             "UPDATE outbox SET status = 'cancelled' WHERE key = ? AND status = 'pending' "
             "AND kind = 'react'",
@@ -584,15 +625,29 @@ class Unit:
 class Store:
     """Thread-safe access to the state database. One connection, serialized by a lock."""
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = now) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = now,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        """Open (creating it if need be) and migrate the database at `path`.
+
+        `busy_timeout`: seconds a write waits for another connection's write lock (another
+        process on the same file, e.g. `runbookctl`) before it fails.
+        """
         self.path = str(path)
         self.clock = clock
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+                self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout
             )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the database {self.path}: {exc}") from None
+        try:
             conn.execute("PRAGMA journal_mode=WAL")
             # In WAL mode, NORMAL syncs at checkpoints, not at each commit: a commit survives
             # the bot crashing or being killed (it is in the WAL file, which the next open
@@ -600,15 +655,21 @@ class Store:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         except sqlite3.Error as exc:
+            conn.close()
             raise StoreError(f"cannot open the database {self.path}: {exc}") from None
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
         self._lock = threading.RLock()
+        self._parked = True  # may a parked inbox item exist? (checked at the first unpark)
         self._checkpointer: sqlite3.Connection | None = None  # its own, see checkpoint()
         self._checkpoint_lock = threading.Lock()
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            conn.close()
+            raise
 
     def close(self) -> None:
         with self._checkpoint_lock:
@@ -640,44 +701,45 @@ class Store:
     # --- plumbing ----------------------------------------------------------------------
 
     @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any error, a failed COMMIT included
+        (a full disk can refuse it): the connection is never left inside a transaction,
+        so the store works again by itself once the disk does."""
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
     def unit(self, at: float | None = None) -> Iterator[Unit]:
         """One transaction; commits the unit's changes, events and effects together."""
-        with self._lock:
-            conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
+        with self._transaction() as conn:
             unit = Unit(conn, self.clock() if at is None else at)
-            try:
-                yield unit
-                unit._flush()
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
-                conn.execute("COMMIT")
+            yield unit
+            unit._flush()
 
     def _migrate(self) -> None:
-        with self._lock:
-            conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                current = int(row[0]) if row else 0
-                if current > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{self.path} has schema version {current}, newer than this bot "
-                        f"({SCHEMA_VERSION}): upgrade runbook-bot or use another RUNBOOK_DB"
-                    )
-                for version in range(current + 1, SCHEMA_VERSION + 1):
-                    MIGRATIONS[version](self.db)
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
+        with self._transaction() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            current = int(row[0]) if row else 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has schema version {current}, newer than this bot "
+                    f"({SCHEMA_VERSION}): upgrade runbook-bot or use another RUNBOOK_DB"
                 )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[version](self.db)
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
 
     @property
     def schema_version(self) -> int:
@@ -695,17 +757,11 @@ class Store:
 
     def probe_write(self) -> None:
         """Raise unless the database can be written right now (for /readyz)."""
-        with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', ?)",
-                    (str(self.clock()),),
-                )
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', ?)",
+                (str(self.clock()),),
+            )
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -845,10 +901,53 @@ class Store:
                     str(status),
                     detail or None,
                     catalog_commit,
-                    None if status is InboxStatus.QUEUED else self.clock(),
+                    None if status in (InboxStatus.QUEUED, InboxStatus.PARKED) else self.clock(),
                 ),
             )
-            return cursor.rowcount == 1
+            new = cursor.rowcount == 1
+            if new and status is InboxStatus.PARKED:
+                # Its message may have been recorded between the caller's lookup and this
+                # insert: then it joins its incident now. A parked item left by a crash
+                # right here is released by the next `inbox_unpark`.
+                self._parked = True
+                self._unpark()
+            return new
+
+    def _unpark(self) -> int:
+        """Parked items whose message is now recorded join its incident, about its step,
+        in their place of receipt (their `id`). Call with the lock held."""
+        released = self.conn.execute(
+            "UPDATE inbox SET status = 'queued', incident_id = o.incident_id, "
+            "payload = json_set(inbox.payload, '$.step_run_id', "
+            "CAST(substr(o.key, 6) AS INTEGER)) FROM outbox AS o "
+            "WHERE inbox.status = 'parked' AND o.key LIKE 'step:%' AND o.ts IS NOT NULL "
+            "AND o.ts = json_extract(inbox.payload, '$.ts') "
+            "AND o.posted_channel = json_extract(inbox.payload, '$.channel')"
+        ).rowcount
+        return int(released)
+
+    def inbox_unpark(self) -> int:
+        """Release parked items whose message is known (the inbox calls it every second:
+        another process, or a crash, may have recorded the message)."""
+        with self._lock:
+            released = self._unpark()
+            self._parked = (
+                self.conn.execute("SELECT 1 FROM inbox WHERE status = 'parked' LIMIT 1").fetchone()
+                is not None
+            )
+            return released
+
+    def inbox_expire_parked(self, before: float) -> int:
+        """Parked items received before `before` were about someone else's message."""
+        with self._lock:
+            if not self._parked:
+                return 0
+            return self.conn.execute(
+                "UPDATE inbox SET status = 'ignored', processed_at = ?, "
+                "detail = 'not about a message of the bot' "
+                "WHERE status = 'parked' AND received_at < ?",
+                (self.clock(), before),
+            ).rowcount
 
     def inbox_ready(self, limit: int, exclude: Iterable[str] = ()) -> list[InboxItem]:
         """The oldest queued item of each incident, oldest first (skipping `exclude`)."""
@@ -917,8 +1016,11 @@ class Store:
             "AS target_ts, "
             "(SELECT t.posted_channel FROM outbox t WHERE t.key = o.key AND t.ts IS NOT NULL "
             "LIMIT 1) AS target_channel, "
-            "EXISTS (SELECT 1 FROM outbox t WHERE t.key = o.key AND t.kind = 'post_step' "
-            "AND t.status IN ('failed', 'cancelled')) AS target_failed, "
+            "(o.key IS NOT NULL AND (EXISTS (SELECT 1 FROM outbox t WHERE t.key = o.key "
+            "AND t.kind = 'post_step' "
+            "AND t.status IN ('failed', 'cancelled')) OR NOT EXISTS (SELECT 1 FROM outbox t "
+            "WHERE t.key = o.key AND (t.kind = 'post_step' OR t.ts IS NOT NULL)))) "
+            "AS target_failed, "
             "(SELECT r.ts FROM outbox r WHERE r.key = 'root:' || o.incident_id "
             "AND r.ts IS NOT NULL LIMIT 1) AS thread_ts, "
             "(SELECT r.posted_channel FROM outbox r WHERE r.key = 'root:' || o.incident_id "
@@ -948,28 +1050,33 @@ class Store:
         self, item: OutboxItem, *, ts: str | None = None, channel: str | None = None
     ) -> bool:
         """Record a delivery. False when a newer rendering arrived meanwhile: the row stays
-        pending as an update of the message just posted, so that rendering is sent too."""
+        pending as an update of the message just posted, so that rendering is sent too.
+
+        One statement in the common case: this runs once per message on the hot path.
+        """
         with self._lock:
-            changed = self.conn.execute(
+            conn = self.conn
+            changed = conn.execute(
                 "UPDATE outbox SET status = 'sent', ts = coalesce(?, ts), "
                 "posted_channel = coalesce(?, posted_channel), sent_at = ?, "
                 "attempts = attempts + 1 WHERE id = ? AND version = ? AND status = 'pending'",
                 (ts, channel, self.clock(), item.id, item.version),
             ).rowcount
-            if changed:
-                if item.kind == "post_incident" and ts:
-                    self.conn.execute(
-                        "UPDATE incidents SET thread_ts = ?, channel = ? WHERE id = ?",
-                        (ts, channel or item.payload.get("channel"), item.incident_id),
-                    )
-                return True
-            if item.kind == "post_step" and ts:
-                self.conn.execute(
+            if changed and item.kind == "post_incident" and ts:
+                conn.execute(
+                    "UPDATE incidents SET thread_ts = ?, channel = ? WHERE id = ?",
+                    (ts, channel or item.payload.get("channel"), item.incident_id),
+                )
+            if not changed and item.kind == "post_step" and ts:
+                # Posted, and a newer rendering is waiting: it goes out as an update.
+                conn.execute(
                     "UPDATE outbox SET kind = 'update_step', ts = ?, posted_channel = ? "
                     "WHERE id = ? AND status = 'pending'",
                     (ts, channel, item.id),
                 )
-            return False
+            if item.kind == "post_step" and ts and self._parked:
+                self._unpark()
+            return bool(changed)
 
     def outbox_retry(self, item: OutboxItem, next_at: float, error: str) -> None:
         with self._lock:

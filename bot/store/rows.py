@@ -205,7 +205,7 @@ class OutboxItem(_Row):
     # Filled in by `Store.outbox_heads` for the sender: where the message or thread is.
     target_ts: str | None = None
     target_channel: str | None = None
-    target_failed: bool = False  # the message this is about was refused for good
+    target_failed: bool = False  # the message this is about was refused, or never queued
     thread_ts: str | None = None
     thread_channel: str | None = None
 

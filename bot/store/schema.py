@@ -219,21 +219,96 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     conn.execute("ALTER TABLE incidents ADD COLUMN state_changed_at TEXT")
     conn.execute("ALTER TABLE step_runs ADD COLUMN runner TEXT")
     conn.execute("ALTER TABLE approvals ADD COLUMN fingerprint TEXT")
-    # The first version created automatic steps `pending`, then claimed them: one left
-    # pending by a crash never started, and is surfaced rather than started after the upgrade.
-    conn.execute(
-        "UPDATE step_runs SET status = 'interrupted', detail = 'the bot stopped before this "
-        "step started; it was not run. Run it by hand if it is still needed.' "
-        "WHERE status = 'pending'"
-    )
+    _never_started_steps(conn)
     _messages_into_outbox(conn)
     _deliveries_into_inbox(conn)
+    _repairs(conn)
     conn.execute("DROP INDEX idx_step_runs_message_ts")
     for column in ("message_ts", "channel", "claimed_by"):
         conn.execute(f"ALTER TABLE step_runs DROP COLUMN {column}")
     for column in ("message_ts", "channel"):
         conn.execute(f"ALTER TABLE approvals DROP COLUMN {column}")
     conn.execute("DROP TABLE deliveries")
+
+
+NEVER_STARTED = (
+    "the bot stopped before this step started; it was not run. Run it by hand if it is "
+    "still needed."
+)
+
+
+def _never_started_steps(conn: sqlite3.Connection) -> None:
+    """Steps the first version left between two commits, never started:
+
+      * created `pending` (automatic steps were created, then claimed);
+      * approved, not claimed yet (`approved`);
+      * approved, while the step still awaits approval (it committed the approval and
+        the step's status in two transactions): nobody can approve it again, and no
+        deadline applies to it any more.
+
+    None is started after the upgrade: each is handed to the engine as interrupted (a
+    queued ``step.interrupted`` item, applied before anything received later), so the
+    thread says so and the run escalates like any interruption.
+
+    Until that item is applied the step reads ``running`` with no runner, the state an
+    interrupted claim has; the start-up repair reports it under the same inbox key
+    (``step:<id>:<attempt>:end``), so it is interrupted once, with this item's reason.
+    """
+    rows = conn.execute(
+        "SELECT s.id, s.attempt, s.incident_id, s.created_at, s.catalog_commit, r.phase "
+        "FROM step_runs s JOIN runs r ON r.id = s.run_id "
+        "LEFT JOIN approvals a ON a.step_run_id = s.id "
+        "WHERE s.status IN ('pending', 'approved') "
+        "OR (s.status = 'awaiting_approval' AND a.status = 'approved') ORDER BY s.id"
+    ).fetchall()
+    for step_run_id, attempt, incident_id, created_at, catalog_commit, phase in rows:
+        conn.execute(
+            "UPDATE step_runs SET status = 'running', started_at = NULL WHERE id = ?",
+            (step_run_id,),
+        )
+        conn.execute(
+            "INSERT INTO inbox (source, key, incident_id, kind, payload, received_at, status, "
+            "catalog_commit) VALUES ('executor', ?, ?, 'step.interrupted', ?, ?, 'queued', ?) "
+            "ON CONFLICT DO NOTHING",
+            (
+                f"step:{step_run_id}:{attempt or 1}:end",
+                incident_id,
+                json.dumps(
+                    {
+                        "step_run_id": step_run_id,
+                        "attempt": attempt or 1,
+                        "phase": phase or "main",
+                        "detail": NEVER_STARTED,
+                    }
+                ),
+                created_at or 0.0,
+                catalog_commit,
+            ),
+        )
+
+
+def _repairs(conn: sqlite3.Connection) -> None:
+    """Open incidents the first version left half-shown or half-decided get a repair item
+    (applied after everything received before the upgrade): a thread root or a step
+    message lost in a Slack outage is posted, a step still waiting on a request that was
+    already rejected, expired or cancelled is settled, and the run goes on."""
+    rows = conn.execute(
+        "SELECT i.id, i.created_at, i.catalog_commit FROM incidents i WHERE i.status = 'open' "
+        "AND (i.thread_ts IS NULL "
+        "OR EXISTS (SELECT 1 FROM step_runs s WHERE s.incident_id = i.id "
+        "AND s.message_ts IS NULL) "
+        "OR EXISTS (SELECT 1 FROM step_runs s JOIN approvals a ON a.step_run_id = s.id "
+        "WHERE s.incident_id = i.id AND s.status = 'awaiting_approval' "
+        "AND a.status IN ('rejected', 'expired', 'cancelled'))) ORDER BY i.created_at"
+    ).fetchall()
+    for incident_id, created_at, catalog_commit in rows:
+        conn.execute(
+            "INSERT INTO inbox (source, key, incident_id, kind, payload, received_at, status, "
+            "catalog_commit) VALUES ('bot', ?, ?, 'incident.repair', '{}', "
+            "(SELECT coalesce(max(received_at), ?) FROM inbox), 'queued', ?) "
+            "ON CONFLICT DO NOTHING",
+            (f"repair:schema-4:{incident_id}", incident_id, created_at or 0.0, catalog_commit),
+        )
 
 
 def _messages_into_outbox(conn: sqlite3.Connection) -> None:
