@@ -82,6 +82,12 @@ class Config:
     slack_api_url: str = _setting(
         "SLACK_API_URL", "https://slack.com/api/", "Slack Web API base URL."
     )
+    slack_pacing: str = _setting(
+        "RUNBOOK_SLACK_PACING",
+        "slack",
+        "Pace Web API calls to Slack's published limits (slack), or not at all (off: only "
+        "for a Slack-compatible endpoint without those limits, such as a test stand-in).",
+    )
     pagerduty_webhook_secret: Secret = _secret(
         "PAGERDUTY_WEBHOOK_SECRET",
         "Secret(s) for X-PagerDuty-Signature; comma-separated during rotation.",

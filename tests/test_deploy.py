@@ -624,7 +624,8 @@ def test_systemd_unit_keeps_state_and_secrets_where_the_docs_say() -> None:
 def test_stop_grace_is_the_same_everywhere(helm: Any) -> None:
     service = unit()["Service"]
     assert service["TimeoutStopSec"] == [str(SHUTDOWN_GRACE_SECONDS)]
-    assert service["KillMode"] == ["mixed"]  # SIGTERM to the bot, not to the steps it runs
+    # SIGTERM to the bot only: steps go on under their supervisors across a restart
+    assert service["KillMode"] == ["process"]
     assert render(helm).pod["terminationGracePeriodSeconds"] == SHUTDOWN_GRACE_SECONDS
     values = yaml.safe_load((CHART / "values.yaml").read_text("utf-8"))
     assert values["terminationGracePeriodSeconds"] == SHUTDOWN_GRACE_SECONDS
