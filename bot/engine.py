@@ -178,12 +178,13 @@ class Engine:
                     "could not read the alert details of incident %s: %s", item.incident_id, exc
                 )
         jobs: list[tuple[str, Job]] = []
+        groups = self._groups_of(item)  # may ask Slack: never inside the transaction
         try:
             with self.store.unit(at=self.clock()) as u:
                 if handler is None:
                     u.finish_item(item, InboxStatus.IGNORED, f"{item.kind} is not acted on")
                 else:
-                    ctx = _Context(u, item, payload, jobs)
+                    ctx = _Context(u, item, payload, jobs, groups)
                     status, detail = handler(ctx)
                     u.finish_item(item, status, detail)
         except AlreadyApplied:
@@ -196,6 +197,21 @@ class Engine:
             raise
         for runner, job in jobs:
             self.executor.start(runner, job)
+
+    def _groups_of(self, item: InboxItem) -> frozenset[str]:
+        """The approver groups of the decided step that the deciding user is in."""
+        if item.kind not in (
+            InboxKind.APPROVE,
+            InboxKind.REJECT,
+            InboxKind.PAUSE,
+            InboxKind.RESUME,
+        ):
+            return frozenset()
+        user = str(item.payload.get("user") or "")
+        approval = self.store.approval(int(item.payload.get("step_run_id") or 0))
+        if approval is None or not user or user in approval.approver_users:
+            return frozenset()
+        return frozenset(g for g in approval.approver_groups if self.member_of(user, g))
 
     def _handlers(self) -> Mapping[str, Callable[[_Context], tuple[InboxStatus, str]]]:
         return {
@@ -1058,7 +1074,9 @@ class Engine:
         self, c: _Context, incident: IncidentRow, approval: Approval, user: str, step_run: StepRun
     ) -> policy.Authorization:
         approvers = Approvers(approval.approver_users, approval.approver_groups)
-        who = policy.authorize(user, approvers, member_of=self.member_of, bot_users=self.bot_users)
+        who = policy.authorize(
+            user, approvers, member_of=lambda _u, g: g in c.groups, bot_users=self.bot_users
+        )
         if not who.allowed and user not in self.bot_users:
             metrics.approvals.labels(approval.action, "unauthorized").inc()
             c.u.event(
@@ -1290,6 +1308,7 @@ class _Context:
     item: InboxItem
     payload: dict[str, Any]
     jobs: list[tuple[str, Job]]
+    groups: frozenset[str] = frozenset()  # approver groups the deciding user is in
 
 
 def _steps(runbook: Runbook | None, phase: Phase) -> tuple[Step, ...]:

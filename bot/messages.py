@@ -6,28 +6,42 @@ Never put a raw exception or a stack trace in these: people read them mid-incide
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bot.chat.base import IncidentView, StepView
+from bot.states import Refusal, StepStatus
 
-STATE_LABELS = {
-    "awaiting_approval": "⏳ awaiting approval",
-    "approved": "👍 approved",
-    "pending": "▶️ about to run",
-    "running": "⚙️ running",
-    "success": "✅ succeeded",
-    "allowed_failure": "☑️ allowed failure",
-    "failed": "❌ failed",
-    "timeout": "⌛ timed out",
-    "error": "💥 could not run",
-    "blocked": "⛔ blocked",
-    "rejected": "🚫 rejected",
-    "expired": "⌛ approval expired",
-    "skipped": "⏭️ skipped",
-    "interrupted": "⚠️ interrupted",
-    "cancelled": "✖️ cancelled",
-    "dry_run": "🧪 would run (dry run)",
+# Every step status, as the thread shows it (a test checks none is missing).
+STATE_LABELS: Mapping[StepStatus, str] = {
+    StepStatus.AWAITING_APPROVAL: "⏳ awaiting approval",
+    StepStatus.APPROVED: "👍 approved",
+    StepStatus.RUNNING: "⚙️ running",
+    StepStatus.SUCCESS: "✅ succeeded",
+    StepStatus.ALLOWED_FAILURE: "☑️ allowed failure",
+    StepStatus.FAILED: "❌ failed",
+    StepStatus.TIMEOUT: "⌛ timed out",
+    StepStatus.ERROR: "💥 could not run",
+    StepStatus.BLOCKED: "⛔ blocked",
+    StepStatus.REJECTED: "🚫 rejected",
+    StepStatus.EXPIRED: "⌛ approval expired",
+    StepStatus.SKIPPED: "⏭️ skipped",
+    StepStatus.INTERRUPTED: "⚠️ interrupted",
+    StepStatus.CANCELLED: "✖️ cancelled",
+    StepStatus.DRY_RUN: "🧪 would run (dry run)",
+    StepStatus.SUPERSEDED: "🔁 superseded",
 }
+# States whose status line reports a command's result (with its duration).
+_RESULT_STATES = frozenset(
+    {
+        StepStatus.SUCCESS,
+        StepStatus.ALLOWED_FAILURE,
+        StepStatus.FAILED,
+        StepStatus.TIMEOUT,
+        StepStatus.ERROR,
+        StepStatus.DRY_RUN,
+    }
+)
 
 # How the policy's decision on a step (bot.policy.DecisionKind) reads in the thread.
 DECISION_LABELS = {
@@ -106,6 +120,14 @@ def expect_text(view: StepView) -> str:
     return ", ".join(parts)
 
 
+def state_label(state: str) -> str:
+    """How a step status reads in the thread (an unknown one as it is)."""
+    try:
+        return STATE_LABELS[StepStatus(state)]
+    except (ValueError, KeyError):
+        return state
+
+
 def decision_text(view: StepView) -> str:
     """What the policy decided when the step was offered, and why.
 
@@ -113,7 +135,7 @@ def decision_text(view: StepView) -> str:
     line says why) and for a view without a decision.
     """
     label = DECISION_LABELS.get(view.decision)
-    if label is None or view.state == "skipped":
+    if label is None or view.state == StepStatus.SKIPPED:
         return ""
     if view.decision == "blocked":
         return f"{label}: {view.reason}" if view.reason else label
@@ -121,8 +143,8 @@ def decision_text(view: StepView) -> str:
 
 
 def status_line(view: StepView, reactions: ReactionNames) -> str:
-    label = STATE_LABELS.get(view.state, view.state)
-    if view.state == "awaiting_approval":
+    label = state_label(view.state)
+    if view.state == StepStatus.AWAITING_APPROVAL:
         extra = f" — {approvers_text(view)} may approve until {when_text(view.expires_at)}"
         if view.paused_by:
             extra = f" — paused by <@{view.paused_by}>; the deadline waits"
@@ -130,19 +152,19 @@ def status_line(view: StepView, reactions: ReactionNames) -> str:
             f"{label}{extra}. React :{reactions.approve}: to approve, "
             f":{reactions.reject}: to reject, :{reactions.pause}: to pause."
         )
-    if view.state in ("approved", "running") and view.actor:
+    if view.state in (StepStatus.APPROVED, StepStatus.RUNNING) and view.actor:
         return f"{label} (approved by <@{view.actor}>)"
-    if view.state in ("rejected",) and view.actor:
+    if view.state == StepStatus.REJECTED and view.actor:
         return f"{label} by <@{view.actor}>"
-    if view.state == "blocked":
+    if view.state == StepStatus.BLOCKED:
         # Blocked when offered: the decision line gives the reason. Blocked by the last
         # check before running (a reloaded catalog took the scope away): the check's
         # reason is in `detail`, and `reason` still explains the earlier decision.
         why = view.detail or ("" if decision_text(view) else view.reason)
         return f"{label}: {why}" if why else label
-    if view.state == "skipped":
+    if view.state == StepStatus.SKIPPED:
         return f"{label}: {view.reason}"
-    if view.state in ("success", "allowed_failure", "failed", "timeout", "error", "dry_run"):
+    if view.state in _RESULT_STATES:
         took = f" in {view.duration:.2f}s" if view.duration else ""
         by = f", approved by <@{view.actor}>" if view.actor else ""
         return f"{label}{took}{by}: {view.detail}"
@@ -189,22 +211,22 @@ SUPERSEDED_DETAIL = (
     "a new request follows"
 )
 
-_REFUSALS = {
-    "not_a_step": "this message is not a step of a runbook",
-    "already_decided": "this step was already decided ({status})",
-    "expired": "this approval request has expired",
-    "incident_closed": "the incident is no longer open",
-    "unauthorized": "{reason}",
-    "paused": "paused by <@{by}>; remove :double_vertical_bar: first",
-    "not_paused": "it is not paused",
-    "already_paused": "already paused by <@{by}>",
-    "not_pending": "there is no pending approval to pause or resume",
+_REFUSALS: Mapping[Refusal, str] = {
+    Refusal.NOT_A_STEP: "this message is not a step of a runbook",
+    Refusal.ALREADY_DECIDED: "this step was already decided ({status})",
+    Refusal.EXPIRED: "this approval request has expired",
+    Refusal.INCIDENT_CLOSED: "the incident is no longer open",
+    Refusal.UNAUTHORIZED: "{reason}",
+    Refusal.PAUSED: "paused by <@{by}>; remove :double_vertical_bar: first",
+    Refusal.NOT_PAUSED: "it is not paused",
+    Refusal.ALREADY_PAUSED: "already paused by <@{by}>",
+    Refusal.NOT_PENDING: "there is no pending approval to pause or resume",
 }
 
 
-def refusal_text(refusal: str, **details: object) -> str:
+def refusal_text(refusal: Refusal | str, **details: object) -> str:
     """Why a decision changed nothing, for the person who sent it."""
-    return _REFUSALS[str(refusal)].format(**{"status": "", "reason": "", "by": "", **details})
+    return _REFUSALS[Refusal(refusal)].format(**{"status": "", "reason": "", "by": "", **details})
 
 
 # Written to PagerDuty (incident notes, plain text); the sender appends where the thread is.

@@ -41,6 +41,8 @@ STEP_RESULTS = ("success", "allowed_failure", "failed", "timeout", "error")
 APPROVAL_DECISIONS = ("approved", "rejected", "expired", "unauthorized")
 WEBHOOK_SOURCES = ("pagerduty", "slack")
 WEBHOOK_OUTCOMES = ("accepted", "duplicate", "rejected")
+OUTBOX_RESULTS = ("sent", "retry", "failed")
+INBOX_SOURCES = ("pagerduty", "slack", "timer", "executor", "bot")
 
 Kind = Literal["counter", "histogram", "gauge", "info"]
 
@@ -154,8 +156,8 @@ pending_approvals = _gauge(
 )
 inbox_failures = _counter(
     "runbook_inbox_failures",
-    "Inbox items whose application raised (retried, then kept as failed for a human), "
-    "by source: pagerduty, slack, timer, executor.",
+    "Failed attempts to apply an inbox item (each is retried; after the third the item is "
+    "kept as failed for a human), by source: pagerduty, slack, timer, executor.",
     ("source",),
 )
 outbox_sends = _counter(

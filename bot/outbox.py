@@ -117,24 +117,30 @@ class Budgets:
             buckets = [b for b in (self._bucket(n, at) for n in names) if b is not None]
             wait = 0.0
             for b in buckets:
+                wait = max(wait, b.blocked_until - at)
+                if b.rate == float("inf"):
+                    continue  # a hold only (no rule): nothing to spend
                 b.tokens = min(b.burst, b.tokens + (at - b.at) * b.rate)
                 b.at = at
-                wait = max(wait, b.blocked_until - at)
                 if b.tokens < 1.0:
                     wait = max(wait, (1.0 - b.tokens) / b.rate if b.rate > 0 else 3600.0)
             if wait > 0:
                 return wait
             for b in buckets:
-                b.tokens -= 1.0
+                if b.rate != float("inf"):
+                    b.tokens -= 1.0
             return 0.0
 
     def hold(self, names: tuple[str, ...], until: float) -> None:
-        """Spend nothing from these budgets before `until` (the other side said so)."""
+        """Spend nothing from these budgets before `until` (the other side said so), even
+        from a budget without a rule (a 429 holds its method when pacing is off too)."""
         with self._lock:
             for name in names:
                 bucket = self._bucket(name, until)
-                if bucket is not None:
-                    bucket.blocked_until = max(bucket.blocked_until, until)
+                if bucket is None:
+                    bucket = self._buckets[name] = _Bucket(float("inf"), 1.0, 1.0, until)
+                bucket.blocked_until = max(bucket.blocked_until, until)
+                if bucket.rate != float("inf"):
                     bucket.tokens = min(bucket.tokens, 0.0)
 
 
@@ -253,7 +259,9 @@ class OutboxSender:
             # Heads wait for their message; one only comes here once it failed for good.
             self.store.outbox_failed(item, "its message was never posted")
             return
-        maybe_sent = item.id in self._uncertain
+        # Uncertain: its call may have reached the other side (a timeout, a 5xx) in this
+        # process, or in an earlier one (any earlier attempt, or a lane head at start).
+        maybe_sent = item.id in self._uncertain or item.attempts > 0
         try:
             sent = transport.deliver(item, maybe_sent=maybe_sent)
         except Retry as retry:

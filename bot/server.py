@@ -14,8 +14,9 @@ what the changes said to Slack and PagerDuty (``bot.outbox``), and a timer puts 
 approval deadlines in the inbox.
 
 Start order: open the database (migrations run), repair what the last run left (steps
-it left running: result, interruption, or not started), start serving (``/healthz``
-answers), then resume work.
+it left running: their result or interruption goes to the inbox), start serving
+(``/healthz`` answers), then resume work (steps that provably never started are started
+then, nothing runs before the bot serves).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot import __version__, metrics
 from bot.catalog import load_catalog
+from bot.catalog.model import Catalog
 from bot.config import Config
 from bot.engine import Engine
 from bot.errors import ConfigError
@@ -58,6 +60,14 @@ READY_PROBE_SECONDS = 1.0  # /readyz writes to the database at most this often
 # then read by the route). Above it waitress answers 413 and no route sees the request.
 MAX_REQUEST_BODY_BYTES = 1024 * 1024
 SINK_RETRY_SECONDS = 1.0
+
+
+def approver_groups(catalog: Catalog) -> set[str]:
+    """Every Slack user group the catalog names as approvers (fetched ahead at start)."""
+    declared = [catalog.settings.approvers]
+    declared += [r.approvers for r in catalog.runbooks if r.approvers is not None]
+    declared += [a.safety.approvers for a in catalog.actions.values() if a.safety.approvers]
+    return {group for approvers in declared for group in approvers.groups}
 
 
 def state_dir_for(config: Config) -> Path:
@@ -128,6 +138,7 @@ class BotApp:
             details=self.pagerduty.details if self.pagerduty.api is not None else None,
         )
         self._stopping = threading.Event()
+        self._never_started: list[StepRun] = []  # found by repair(), started by start()
         self._timer: threading.Thread | None = None
         self._ready: tuple[float, str] = (0.0, "")
         self._ready_lock = threading.Lock()
@@ -153,11 +164,20 @@ class BotApp:
     # --- lifecycle -----------------------------------------------------------------------
 
     def repair(self) -> dict[str, int]:
-        """What the last run left running: results, interruptions, steps never started."""
+        """What the last run left running: results, interruptions, steps never started.
+
+        Runs nothing: results and interruptions go into the inbox, and steps that never
+        started are started by `start()`, once the bot serves (start order).
+        """
         self.executor.open()
-        found = self.executor.recover(
-            self.store.running_steps(), self.engine.job_for, self._restart
-        )
+        # A step whose end is already in the inbox is settled (its supervisor's files are
+        # gone once the end is stored): only the others are looked at.
+        left = [
+            step
+            for step in self.store.running_steps()
+            if not self.store.has_item(f"step:{step.id}:{step.attempt}:end")
+        ]
+        found = self.executor.recover(left, self.engine.job_for, self._restart)
         counts = {"results": 0, "interrupted": 0, "restarted": 0, "still_running": 0}
         for recovery in found:
             step = recovery.step
@@ -166,7 +186,7 @@ class BotApp:
                 continue
             if recovery.not_started:
                 counts["restarted"] += 1
-                self._restart(step)
+                self._never_started.append(step)
                 continue
             job = self.engine.job_for(step)
             if job is None:
@@ -196,11 +216,15 @@ class BotApp:
         self.engine.restart(step)
 
     def start(self) -> None:
-        """Resume work: the inbox, the outbox, the timers, Slack's Socket Mode."""
+        """Resume work: steps `repair` found never started, the inbox, the outbox, the
+        timers, Slack's Socket Mode."""
+        never_started, self._never_started = self._never_started, []
+        for step in never_started:
+            self._restart(step)
         self.inbox.start()
         self.outbox.start()
         if self.slack is not None:
-            self.slack.start()
+            self.slack.start(approver_groups(self.catalog))
         self._timer = threading.Thread(
             target=self._housekeeping_loop, name="housekeeping", daemon=True
         )

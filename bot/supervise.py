@@ -41,6 +41,9 @@ def _write(path: Path, data: dict[str, object]) -> None:
 
 def main(argv: list[str]) -> int:
     state_dir, token = Path(argv[0]), argv[1]
+    # Imported while warm, before `ready`: not on the way from a job to its command.
+    from bot import executor
+
     lock = open(state_dir / f"{token}.lock", "a+b")  # noqa: SIM115 - held until exit
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     try:
@@ -55,8 +58,6 @@ def main(argv: list[str]) -> int:
         state_dir / f"{token}.started",
         {"step_run_id": job["step_run_id"], "attempt": job["attempt"], "pid": os.getpid()},
     )
-    from bot import executor
-
     spec = job["spec"]
     try:
         result = executor.run(

@@ -543,6 +543,9 @@ def run_world(
         if result.broken and world.log.exists():
             tail = world.log.read_text(errors="replace").splitlines()[-15:]
             result.unfinished.append("bot log: " + " | ".join(tail))
+            keep = os.environ.get("RUNBOOK_FAULT_KEEP")
+            if keep:  # for a post-mortem: the database, the log, the marks
+                shutil.copytree(root, Path(keep) / root.name, dirs_exist_ok=True)
         return result
     finally:
         world.close()

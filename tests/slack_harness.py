@@ -2,12 +2,22 @@
 
 Requests to it are signed like Slack signs them (v0 HMAC of timestamp and body with the
 signing secret, checked by bolt); the bot's Web API calls go through the real slack_sdk
-client to the stand-in. Used by tests/test_slack.py and tests/test_server.py.
+client to the stand-in. The bot is started the way `runbook-bot` starts it: repair what
+a previous life left, serve HTTP, then resume work. Used by tests/test_slack.py,
+tests/test_server.py and the benchmark.
+
+Nothing here reaches into the engine: incidents enter through the inbox as an intake
+puts them, reactions through /slack/events, and what the tests look at is what Slack
+shows (the stand-in), what ran (the commands' own marker files) and the database rows.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,14 +30,17 @@ import httpx
 from fakes import FakeSlack
 from slack_sdk.signature import SignatureVerifier
 
+from bot import effects
 from bot.chat.slack import SlackTuning
 from bot.config import Config, Secret
-from bot.engine import Incident
+from bot.engine import Incident, incident_item
 from bot.server import BotApp, HttpServer
+from bot.store import InboxItem, StepRun
 
 TOKEN = "xoxb-test-token"
 SIGNING_SECRET = "test-signing-secret"
 CHANNEL = "CINC"
+OTHER_CHANNEL = "COTHER"
 APPROVER = "UAPPROVER"  # listed by user id in the catalog
 GROUP = "S0ONCALL"  # listed as a user group in the catalog
 GROUPIE = "UGROUPIE"  # member of GROUP (FakeSlack usergroups)
@@ -45,12 +58,20 @@ INCIDENT = Incident(
 
 # Pacing off unless a test is about pacing.
 FAST = SlackTuning(usergroup_ttl=60.0, budgets={})
+# Retries come quickly: a test waits for the outbox, never for production back-off.
+QUICK_BACKOFF = (0.05, 1.0)
 
 
 def write_catalog(
-    root: Path, *, approval_timeout: str = "30s", check_prints: str = "'checked'"
+    root: Path,
+    *,
+    approval_timeout: str = "30s",
+    check_prints: str = "'checked'",
+    channel: str = CHANNEL,
 ) -> None:
-    """A tiny catalog: `check` (automatic), `guarded` (needs approval), `after` (automatic).
+    """A tiny catalog: `check` (automatic), `guarded` (needs approval), `after`
+    (automatic) for service `api` in `channel` (an id, or a name such as ``#inc-api``);
+    `check` alone for service `db` in OTHER_CHANNEL.
 
     `guarded` appends a line to root/ran.log (so tests count runs), then waits for
     root/gate to exist (the `gate` file is there unless a test removes it).
@@ -66,7 +87,7 @@ def write_catalog(
         "  - name: prod\n"
         "    production: true\n"
         f"approvers:\n  users: [{APPROVER}]\n  groups: [{GROUP}]\n"
-        f"channel: {CHANNEL}\n"
+        f"channel: '{channel}'\n"
         "escalation:\n  mention: '<!subteam^S0LEADS>'\n  pagerduty: false\n"
         "defaults:\n  timeout: 20s\n  approval_timeout: 30s\n"
     )
@@ -106,7 +127,7 @@ def write_catalog(
         "id": "api-errors",
         "title": "API elevated errors",
         "match": {"services": ["api"], "symptoms": ["elevated errors"]},
-        "channel": CHANNEL,
+        "channel": channel,
         "steps": [
             {"action": "check"},
             {"action": "guarded", "on_failure": "continue"},
@@ -114,10 +135,19 @@ def write_catalog(
         ],
     }
     (root / "runbooks" / "api-errors.yaml").write_text(json.dumps(runbook))
+    other = {
+        "kind": "runbook",
+        "id": "db-errors",
+        "title": "Database errors",
+        "match": {"services": ["db"]},
+        "channel": OTHER_CHANNEL,
+        "steps": [{"action": "check"}],
+    }
+    (root / "runbooks" / "db-errors.yaml").write_text(json.dumps(other))
     (root / "gate").touch()
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
     """Poll `condition` until truthy; fail the test with `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -173,10 +203,20 @@ def reaction_event(
 
 
 class Bot:
-    """One bot process's worth of parts, in this process: BotApp + waitress in a thread."""
+    """One bot process's worth of parts, in this process: BotApp + waitress in a thread.
+
+    Started in the production order: `repair()`, serve, `start()`. A second `Bot` on the
+    same root is a restart (same catalog, same database, same step state directory).
+    """
 
     def __init__(
-        self, root: Path, slack: FakeSlack, *, tuning: SlackTuning = FAST, **config: Any
+        self,
+        root: Path,
+        slack: FakeSlack,
+        *,
+        tuning: SlackTuning = FAST,
+        backoff: tuple[float, float] = QUICK_BACKOFF,
+        **config: Any,
     ) -> None:
         self.root = root
         self.slack = slack
@@ -192,7 +232,8 @@ class Bot:
             **config,
         }
         self.config = Config(**settings)
-        self.app = BotApp(self.config, slack_tuning=tuning)
+        self.app = BotApp(self.config, slack_tuning=tuning, outbox_backoff=backoff)
+        self.repaired = self.app.repair()
         self.server = HttpServer(self.app.wsgi, "127.0.0.1", 0)
         self._thread = threading.Thread(target=self.server.serve, name="waitress", daemon=True)
         self._thread.start()
@@ -204,14 +245,14 @@ class Bot:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.port}"
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
         if self._stopped:
             return
         self._stopped = True
         self.http.close()
         self.server.stop()
         self._thread.join(10)
-        self.app.stop(grace=10)
+        self.app.stop(grace=grace)
         self.app.store.close()
 
     # -- what Slack would send ------------------------------------------------------------
@@ -231,32 +272,51 @@ class Bot:
         *,
         added: bool = True,
         event_id: str | None = None,
+        incident_id: str | None = None,
     ) -> httpx.Response:
-        step = self.step_run(step_id)
-        return self.signed(
-            reaction_event(
-                user, reaction, step["channel"], step["message_ts"], added=added, event_id=event_id
-            )
+        """`user` reacts on the step's message (waiting until that message is posted)."""
+        channel, ts = self.message_ref(step_id, incident_id)
+        event = reaction_event(user, reaction, channel, ts, added=added, event_id=event_id)
+        return self.signed(event)
+
+    # -- what PagerDuty (or any intake) would send ----------------------------------------------
+
+    def open_incident(self, incident: Incident = INCIDENT, *, settle: bool = True) -> str:
+        """Put the trigger in the inbox as an intake does; by default wait until the bot
+        has done everything it can do without a human, Slack included."""
+        self.app.inbox.put(**incident_item(incident))
+        if settle:
+            self.settle()
+        return incident.id
+
+    # -- the bot's side -------------------------------------------------------------------
+
+    def step_runs(self, step_id: str, incident_id: str | None = None) -> list[StepRun]:
+        """Every attempt of `step_id` (of one incident, or of all), oldest first."""
+        store = self.app.store
+        ids = [incident_id] if incident_id else [i.id for i in store.incidents()]
+        found = [s for i in ids for s in store.step_runs_of(i) if s.step_id == step_id]
+        return sorted(found, key=lambda s: s.id)
+
+    def step_run(self, step_id: str, incident_id: str | None = None) -> StepRun:
+        """The latest attempt of `step_id` (waiting for it to exist)."""
+        runs: list[StepRun] = wait_for(
+            lambda: self.step_runs(step_id, incident_id), what=f"a step run of {step_id}"
         )
+        return runs[-1]
 
-    # -- the engine's side ------------------------------------------------------------------
-
-    def open_incident(self, incident: Incident = INCIDENT) -> str:
-        return self.app.engine.open_incident(incident)
-
-    def step_run(self, step_id: str) -> dict[str, Any]:
-        row = self.app.store.query_one(
-            "SELECT * FROM step_runs WHERE step_id = ? ORDER BY id DESC LIMIT 1", (step_id,)
+    def message_ref(self, step_id: str, incident_id: str | None = None) -> tuple[str, str]:
+        """(channel, ts) of the step's message, once Slack has it."""
+        key = effects.step_key(self.step_run(step_id, incident_id).id)
+        ref: tuple[str, str] = wait_for(
+            lambda: self.app.store.message_ref(key), what=f"the message of {step_id} posted"
         )
-        assert row is not None, f"no step run for {step_id}"
-        return row
+        return ref
 
     def status(self, step_id: str) -> str:
         """The step's latest status, or "" before it started."""
-        row = self.app.store.query_one(
-            "SELECT status FROM step_runs WHERE step_id = ? ORDER BY id DESC LIMIT 1", (step_id,)
-        )
-        return str(row["status"]) if row else ""
+        runs = self.step_runs(step_id)
+        return str(runs[-1].status) if runs else ""
 
     def events(self) -> list[tuple[str, str | None, str | None]]:
         return [(e["status"], e["step_id"], e["actor"]) for e in self.app.store.events()]
@@ -265,22 +325,91 @@ class Bot:
         log = self.root / "ran.log"
         return log.read_text().splitlines() if log.exists() else []
 
-    def deliveries(self) -> list[dict[str, Any]]:
-        return self.app.store.query("SELECT * FROM deliveries WHERE source = 'slack'")
+    def deliveries(self) -> list[InboxItem]:
+        """Reactions recorded in the inbox."""
+        return self.app.store.inbox_items(source="slack")
 
-    def settle(self) -> None:
-        """Wait until every reaction received so far was handled, to its last effect."""
-        wait_for(
-            lambda: (
-                not self.app.store.query(
-                    "SELECT 1 FROM deliveries WHERE source = 'slack' "
-                    "AND status IN ('queued', 'processing')"
-                )
-            ),
-            what="the reactions to be handled",
+    def idle(self) -> bool:
+        """Nothing left to do without a human: no command running, no inbox item queued."""
+        # Order matters: a finishing command puts its result in the inbox before it stops
+        # counting as running, so "none running, then nothing queued" cannot miss one.
+        return self.app.executor.running() == 0 and self.app.inbox.idle()
+
+    def settle(self, timeout: float = 20.0) -> None:
+        """Wait until everything received so far was handled, to its last Slack effect."""
+        deadline = time.monotonic() + timeout
+        while True:
+            wait_for(self.idle, timeout=max(0.1, deadline - time.monotonic()), what="the bot idle")
+            self.flush(max(0.1, deadline - time.monotonic()))
+            if self.idle():
+                return
+
+    def flush(self, timeout: float = 20.0) -> None:
+        """Wait until every effect due was delivered."""
+        assert self.app.outbox.flush(timeout), "the outbox did not drain"
+
+
+class BotProcess:
+    """`runbook-bot` as a subprocess (the installed console script); its log is collected
+    and its port read from the log (start it with PORT=0)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        executable = Path(sys.executable).parent / "runbook-bot"
+        self.proc = subprocess.Popen(
+            [str(executable)],
+            env=dict(env),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        self.flush()
+        self.log: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        found = wait_for(self._port, timeout=30, what="runbook-bot to listen")
+        self.url = f"http://127.0.0.1:{found}"
 
-    def flush(self) -> None:
-        assert self.app.slack is not None
-        assert self.app.slack.chat.flush(10)
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def _port(self) -> int | None:
+        if self.proc.poll() is not None:
+            raise AssertionError("runbook-bot exited:\n" + "".join(self.log))
+        for line in list(self.log):
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if found:
+                return int(found.group(1))
+        return None
+
+    def _reap(self, code: int) -> int:
+        self._reader.join(5)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        return code
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self._reap(self.proc.wait(30))
+
+    def kill(self) -> None:
+        """kill -9: no shutdown at all."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self._reap(self.proc.wait(10))
+
+
+def process_env(root: Path, slack: FakeSlack, **extra: str) -> dict[str, str]:
+    """The environment of a `runbook-bot` process on root's catalog and database."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        "RUNBOOK_CATALOG": str(root),
+        "RUNBOOK_DB": str(root / "state.db"),
+        "RUNBOOK_ENV": "staging",
+        "SLACK_BOT_TOKEN": TOKEN,
+        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+        "SLACK_API_URL": slack.api_url,
+        **extra,
+    }

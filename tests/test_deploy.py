@@ -660,6 +660,8 @@ def test_slack_manifest_asks_for_what_the_bot_uses() -> None:
         "reactions:read",
         "reactions:write",
         "channels:history",
+        "channels:read",
+        "groups:read",
         "groups:history",
         "usergroups:read",
         "users:read",

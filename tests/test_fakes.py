@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pagerduty
 import pytest
@@ -91,6 +92,15 @@ def test_json_and_form_bodies_are_both_parsed(slack: FakeSlack, client: WebClien
     assert react.params == {"channel": "C1", "timestamp": ts, "name": "eyes"}
 
 
+def test_a_channel_name_is_resolved_to_its_id(slack: FakeSlack, client: WebClient) -> None:
+    posted = client.chat_postMessage(channel="#inc-payments", text="by name")
+    assert posted["channel"] == "C1"
+    assert [m["text"] for m in slack.messages("C1")] == ["by name"]
+    assert client.chat_postMessage(channel="#elsewhere", text="unknown")["channel"] == "#elsewhere"
+    listed = client.conversations_list()["channels"]
+    assert [(c["id"], c["name"]) for c in listed] == [("C1", "inc-payments")]
+
+
 def test_ephemeral_messages_are_not_in_the_channel(slack: FakeSlack, client: WebClient) -> None:
     response = client.chat_postEphemeral(channel="C1", user="U1", text="only you")
     assert response["message_ts"]
@@ -170,6 +180,75 @@ def test_wait_for_a_call_made_in_the_background(slack: FakeSlack, client: WebCli
         slack.wait_for_calls("chat.update", timeout=0.1)
 
 
+def test_a_lost_answer_took_effect_but_the_client_cannot_know(slack: FakeSlack) -> None:
+    impatient = WebClient(token=TOKEN, base_url=slack.api_url, timeout=1)
+    slack.lose_answer("chat.postMessage", delay=3)
+    with pytest.raises(TimeoutError):
+        impatient.chat_postMessage(channel="C1", text="posted, answer lost")
+    (call,) = slack.calls_to("chat.postMessage")
+    assert (call.status, call.answered) == (200, False)
+    assert [m["text"] for m in slack.messages("C1")] == ["posted, answer lost"]
+    assert impatient.chat_postMessage(channel="C1", text="next")["ok"]  # only one was lost
+
+
+def test_a_dropped_connection_loses_the_answer_too(slack: FakeSlack) -> None:
+    # No retry handlers: slack_sdk's default one would post "second" again by itself.
+    client = WebClient(token=TOKEN, base_url=slack.api_url, retry_handlers=[])
+    slack.lose_answer("chat.postMessage", match=lambda params: params.get("text") == "second")
+    client.chat_postMessage(channel="C1", text="first")  # does not match: answered
+    with pytest.raises(OSError):
+        client.chat_postMessage(channel="C1", text="second")
+    assert [m["text"] for m in slack.messages("C1")] == ["first", "second"]
+    assert [c.answered for c in slack.calls_to("chat.postMessage")] == [True, False]
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_an_outage_fails_every_call_until_it_ends(
+    slack: FakeSlack, client: WebClient, status: int
+) -> None:
+    slack.down(status)
+    for _ in range(2):
+        with pytest.raises(SlackApiError) as raised:
+            client.chat_postMessage(channel="C1", text="lost")
+        assert raised.value.response.status_code == status
+    slack.up()
+    assert client.chat_postMessage(channel="C1", text="back")["ok"]
+    assert [m["text"] for m in slack.messages("C1")] == ["back"]
+    assert [c.status for c in slack.calls_to("chat.postMessage")] == [status, status, 200]
+
+
+def test_a_hanging_outage_ends_each_call_by_the_clients_timeout(slack: FakeSlack) -> None:
+    impatient = WebClient(token=TOKEN, base_url=slack.api_url, timeout=1)
+    slack.down(0)
+    with pytest.raises(TimeoutError):
+        impatient.chat_postMessage(channel="C1", text="hangs")
+    slack.up()  # the hanging call is answered 503, long after its client gave up
+    slack.wait_until(lambda: slack.calls_to("chat.postMessage"))
+    assert slack.messages("C1") == []
+    assert impatient.auth_test()["ok"]
+
+
+def test_calls_note_when_they_were_answered(slack: FakeSlack, client: WebClient) -> None:
+    before = time.monotonic()
+    client.auth_test()
+    client.auth_test()
+    first, second = slack.calls
+    assert before <= first.at <= second.at <= time.monotonic()
+
+
+def test_metadata_is_read_back_only_when_asked_for(slack: FakeSlack, client: WebClient) -> None:
+    metadata = {"event_type": "runbook_bot_message", "event_payload": {"outbox_id": 7}}
+    root = client.chat_postMessage(channel="C1", text="root", metadata=metadata)
+    client.chat_postMessage(channel="C1", text="reply", thread_ts=root["ts"], metadata=metadata)
+    plain = client.conversations_history(channel="C1")["messages"]
+    assert [m.get("metadata") for m in plain] == [None]
+    history = client.conversations_history(channel="C1", include_all_metadata=True)
+    assert [m["metadata"] for m in history["messages"]] == [metadata]  # roots only
+    replies = client.conversations_replies(channel="C1", ts=root["ts"], include_all_metadata=True)
+    assert [m["text"] for m in replies["messages"]] == ["root", "reply"]
+    assert replies["messages"][1]["metadata"] == metadata
+
+
 def test_latency_delays_answers(slack: FakeSlack, client: WebClient) -> None:
     slack.set_latency(0.2, "auth.test")
     started = time.monotonic()
@@ -178,6 +257,16 @@ def test_latency_delays_answers(slack: FakeSlack, client: WebClient) -> None:
 
 
 # -- PagerDuty -----------------------------------------------------------------------------
+
+
+def _status(error: pagerduty.HttpError) -> int:
+    assert error.response is not None
+    return int(error.response.status_code)
+
+
+def _body(error: pagerduty.HttpError) -> Any:
+    assert error.response is not None
+    return error.response.json()
 
 
 @pytest.fixture
@@ -235,7 +324,7 @@ def test_put_incident_status(pd: FakePagerDuty, pd_client: pagerduty.RestApiV2Cl
     assert [u["changes"] for u in pd.updates] == [{"escalation_level": 2}, {"status": "resolved"}]
     with pytest.raises(pagerduty.HttpError) as raised:
         pd_client.rput("/incidents/P1", json=body)
-    assert raised.value.response.status_code == 400
+    assert _status(raised.value) == 400
 
 
 def test_bulk_put_incidents(pd: FakePagerDuty, pd_client: pagerduty.RestApiV2Client) -> None:
@@ -248,14 +337,14 @@ def test_escalation_policy_and_not_found(pd_client: pagerduty.RestApiV2Client) -
     assert pd_client.rget("/escalation_policies/PPOLICY")["name"] == "Payments on-call"
     with pytest.raises(pagerduty.HttpError) as raised:
         pd_client.rget("/incidents/P404")
-    assert raised.value.response.json() == {"error": {"message": "Not Found", "code": 2100}}
+    assert _body(raised.value) == {"error": {"message": "Not Found", "code": 2100}}
 
 
 def test_server_error_surfaces(pd: FakePagerDuty, pd_client: pagerduty.RestApiV2Client) -> None:
     pd.fail("POST /incidents/P1/notes")
     with pytest.raises(pagerduty.ServerHttpError) as raised:
         pd_client.rpost("/incidents/P1/notes", json={"content": "x"})
-    assert raised.value.response.status_code == 500
+    assert _status(raised.value) == 500
     assert pd.notes("P1") == []
 
 
@@ -271,15 +360,15 @@ def test_bad_api_key_is_401(key: str) -> None:
         client = pagerduty.RestApiV2Client(key, base_url=pd.url, verify=pd.client_ssl_context())
         with client, pytest.raises(pagerduty.HttpError) as raised:
             client.rget("/incidents/P1")
-    assert raised.value.response.status_code == 401
-    assert raised.value.response.json()["error"]["code"] == 2006
+    assert _status(raised.value) == 401
+    assert _body(raised.value)["error"]["code"] == 2006
 
 
 def test_writes_need_a_from_header(pd: FakePagerDuty) -> None:
     client = pagerduty.RestApiV2Client(PD_KEY, base_url=pd.url, verify=pd.client_ssl_context())
     with client, pytest.raises(pagerduty.HttpError) as raised:
         client.rpost("/incidents/P1/notes", json={"content": "x"})
-    assert raised.value.response.status_code == 400
+    assert _status(raised.value) == 400
 
 
 def test_trusted_through_ssl_cert_file(pd: FakePagerDuty, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,14 @@
 """Metrics read back from the real `GET /metrics` of the bot, after real runs.
 
-The bot app (`bot.server.BotApp`) is served by a real waitress server on loopback; steps
-are real subprocesses started by the engine the app built. The registry is module-global,
-so every assertion is on the change a test caused (a delta), never on absolute values.
+The bot app (`bot.server.BotApp`) is served by a real waitress server on loopback and
+started as `runbook-bot` starts it (repair, serve, resume work); incidents and decisions
+enter its inbox as the intakes put them, and steps are real subprocesses under the bot's
+step supervisors. The registry is module-global, so every assertion is on the change a
+test caused (a delta), never on absolute values (gauges read the database at scrape
+time: they are absolute, and each test has its own database).
+
+Slack, where a test needs it, is the stand-in of tests/fakes: a real HTTP server
+answering the Web API calls the bot makes, which can be taken down (every call 503).
 """
 
 from __future__ import annotations
@@ -21,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import FakeSlack
 from prometheus_client.parser import text_string_to_metric_families
 from waitress.server import create_server
 
 from bot import __version__, metrics
+from bot.chat.slack import SlackTuning
 from bot.config import Config, Secret
-from bot.engine import Incident
+from bot.engine import Incident, incident_item
 from bot.pagerduty import sign
 from bot.server import BotApp
+from bot.states import InboxKind
 
 REPO = Path(__file__).resolve().parent.parent
 APPROVER = "U0APPROVER"
@@ -129,16 +138,47 @@ class Served:
             with error:
                 return int(error.code)
 
-    def incident(self, service: str, env: str = "") -> str:
+    def idle(self) -> bool:
+        """No command running and no inbox item queued (in that order: a finishing
+        command puts its result in the inbox before it stops counting as running)."""
+        return self.app.executor.running() == 0 and self.app.inbox.idle()
+
+    def settle(self) -> None:
+        deadline = time.monotonic() + 30
+        while not self.idle():
+            assert time.monotonic() < deadline, "the bot did not settle"
+            time.sleep(0.005)
+
+    def open(self, service: str, env: str = "") -> str:
+        """Put a trigger in the inbox as the PagerDuty intake does (not waiting)."""
         incident_id = f"T-{uuid.uuid4().hex[:10]}"
-        self.app.engine.open_incident(
-            Incident(id=incident_id, title="metrics test", service=service, env=env)
-        )
+        incident = Incident(id=incident_id, title="metrics test", service=service, env=env)
+        self.app.inbox.put(**incident_item(incident))
+        return incident_id
+
+    def incident(self, service: str, env: str = "") -> str:
+        """Open an incident and wait until the bot has done all it can without a human."""
+        incident_id = self.open(service, env)
+        self.settle()
         return incident_id
 
     def step_run_id(self, incident_id: str) -> int:
         (step_run,) = self.app.store.step_runs_of(incident_id)
-        return int(step_run["id"])
+        return step_run.id
+
+    def status(self, incident_id: str) -> str:
+        return str(self.app.store.step_runs_of(incident_id)[0].status)
+
+    def decide(self, incident_id: str, user: str, kind: InboxKind) -> None:
+        """A reaction, as the Slack intake puts it in the inbox; waits until applied."""
+        self.app.inbox.put(
+            source="slack",
+            key=f"test:{uuid.uuid4().hex}",
+            incident_id=incident_id,
+            kind=kind,
+            payload={"step_run_id": self.step_run_id(incident_id), "user": user, "channel": ""},
+        )
+        self.settle()
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -177,21 +217,12 @@ def waited(before: Samples, after: Samples, name: str, decision: str) -> float:
     )
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    catalog = write_catalog(tmp_path / "catalog")
-    app = BotApp(
-        Config(
-            catalog=str(catalog),
-            db=str(tmp_path / "bot.db"),
-            env="staging",
-            workers=8,
-            pagerduty_webhook_secret=Secret(WEBHOOK_SECRET),
-        )
-    )
+def _serve(app: BotApp) -> Iterator[Served]:
+    app.repair()
     server = create_server(app.wsgi, host="127.0.0.1", port=0, threads=4)
     thread = threading.Thread(target=server.run, name="test-waitress", daemon=True)
     thread.start()
+    app.start()
     try:
         yield Served(app, f"http://127.0.0.1:{server.effective_port}")  # type: ignore[union-attr]
     finally:
@@ -203,6 +234,41 @@ def served(tmp_path: Path) -> Iterator[Served]:
         assert not thread.is_alive(), "the test server did not stop"
         app.stop(grace=10)
         app.store.close()
+
+
+def _config(tmp_path: Path, **extra: Any) -> Config:
+    return Config(
+        catalog=str(write_catalog(tmp_path / "catalog")),
+        db=str(tmp_path / "bot.db"),
+        env="staging",
+        workers=8,
+        pagerduty_webhook_secret=Secret(WEBHOOK_SECRET),
+        **extra,
+    )
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    yield from _serve(BotApp(_config(tmp_path)))
+
+
+@pytest.fixture
+def slack() -> Iterator[FakeSlack]:
+    # The catalog names no channel: the bot posts to its default, #incidents, by name.
+    with FakeSlack(channels={"CINCIDENTS": {"name": "incidents"}}) as fake:
+        yield fake
+
+
+@pytest.fixture
+def served_with_slack(tmp_path: Path, slack: FakeSlack) -> Iterator[Served]:
+    config = _config(
+        tmp_path,
+        slack_bot_token=Secret("xoxb-metrics"),
+        slack_signing_secret=Secret("metrics-signing-secret"),
+        slack_api_url=slack.api_url,
+    )
+    tuning = SlackTuning(budgets={})
+    yield from _serve(BotApp(config, slack_tuning=tuning, outbox_backoff=(0.05, 0.5)))
 
 
 # --- every step, whatever its result -------------------------------------------------------
@@ -269,7 +335,7 @@ def test_a_step_that_cannot_be_built_counts_as_an_error(served: Served, tmp_path
     before = served.scrape()
     incident_id = served.incident("svc-templated")
     after = served.scrape()
-    assert [s["status"] for s in served.app.store.step_runs_of(incident_id)] == ["error"]
+    assert served.status(incident_id) == "error"
     assert executed(before, after, "templated", "error") == 1
 
 
@@ -282,10 +348,11 @@ def test_approved_and_rejected_steps_and_the_pending_gauge(served: Served) -> No
     # nothing ran yet: a guarded step counts only once it is approved and run
     assert executed(before, waiting, "guarded", "success") == 0
 
-    outcome = served.app.engine.approve(served.step_run_id(approved), "U0STRANGER")
-    assert not outcome.ok
-    assert served.app.engine.approve(served.step_run_id(approved), APPROVER).ok
-    assert served.app.engine.reject(served.step_run_id(rejected), APPROVER).ok
+    served.decide(approved, "U0STRANGER", InboxKind.APPROVE)  # may not approve: ignored
+    assert served.status(approved) == "awaiting_approval"
+    served.decide(approved, APPROVER, InboxKind.APPROVE)
+    served.decide(rejected, APPROVER, InboxKind.REJECT)
+    assert (served.status(approved), served.status(rejected)) == ("success", "rejected")
     after = served.scrape()
 
     assert delta(before, after, "runbook_pending_approvals") == 0
@@ -301,10 +368,13 @@ def test_approved_and_rejected_steps_and_the_pending_gauge(served: Served) -> No
 def test_expired_approvals(served: Served) -> None:
     before = served.scrape()
     incident_id = served.incident("svc-expiring")
-    time.sleep(0.2)  # past the action's 100 ms approval timeout
-    assert served.app.engine.expire_due() == 1
+    # the action's approval timeout is 100 ms: the bot's expiry timer ends the request
+    deadline = time.monotonic() + 15
+    while served.status(incident_id) != "expired":
+        assert time.monotonic() < deadline, "the request did not expire"
+        time.sleep(0.01)
+    served.settle()
     after = served.scrape()
-    assert served.app.store.step_runs_of(incident_id)[0]["status"] == "expired"
     assert decided(before, after, "expiring", "expired") == 1
     assert waited(before, after, "expiring", "expired") == 1
     assert executed(before, after, "expiring", "success") == 0
@@ -314,7 +384,7 @@ def test_steps_blocked_by_scope(served: Served) -> None:
     before = served.scrape()
     incident_id = served.incident("svc-ok", env="prod")
     after = served.scrape()
-    assert served.app.store.step_runs_of(incident_id)[0]["status"] == "blocked"
+    assert served.status(incident_id) == "blocked"
     blocked = {"service": "svc-ok", "action": "m-ok", "env": "prod"}
     assert delta(before, after, "runbook_steps_blocked_total", **blocked) == 1
     assert executed(before, after, "ok", "success") == 0
@@ -355,17 +425,75 @@ def test_info_names_the_bot_version_and_catalog_commit(served: Served) -> None:
 
 @pytest.mark.slow
 def test_counts_are_exact_with_concurrent_workers(served: Served) -> None:
-    """Steps run on the bot's own worker pool, many at once: no increment is lost."""
+    """Many incidents at once, applied by the inbox's workers in parallel and their steps
+    run under as many supervisors: no increment is lost."""
     runs = 24
     before = served.scrape()
-    futures = [served.app.pool.submit(served.incident, "svc-ok") for _ in range(runs)]
-    for future in futures:
-        assert future is not None
-        assert future.result(timeout=60) is not None, "the incident failed (see the log)"
+    for _ in range(runs):
+        served.open("svc-ok")
+    served.settle()
     after = served.scrape()
     assert executed(before, after, "ok", "success") == runs
     assert delta(before, after, "runbook_step_duration_seconds_count", action="m-ok") == runs
     assert delta(before, after, "runbook_incidents_total", service="svc-ok", matched="yes") == runs
+
+
+# --- the inbox and the outbox ------------------------------------------------------------
+
+
+def test_the_queue_gauges_read_the_database_at_scrape(served: Served) -> None:
+    served.app.inbox.stop()  # nothing takes items: they wait, durably
+    for _ in range(3):
+        served.open("svc-ok")
+    samples = served.scrape()
+    assert value(samples, "runbook_inbox_queued") == 3
+    assert value(samples, "runbook_outbox_pending") == 0  # no Slack, no write-back here
+    served.app.inbox.start()
+    served.settle()
+    assert value(served.scrape(), "runbook_inbox_queued") == 0
+
+
+def test_outbox_sends_and_the_pending_gauge_follow_a_slack_outage(
+    served_with_slack: Served, slack: FakeSlack
+) -> None:
+    served = served_with_slack
+    before = served.scrape()
+    slack.down(503)
+    served.incident("svc-ok")  # root, the step (posted finished), "Runbook finished"
+    slack.wait_until(lambda: len(slack.calls) >= 4)  # auth.test, then tries that fail
+    during = served.scrape()
+    assert value(during, "runbook_outbox_pending") == 3
+    assert delta(before, during, "runbook_outbox_sends_total", target="slack", result="retry") >= 2
+    assert delta(before, during, "runbook_outbox_sends_total", target="slack", result="sent") == 0
+
+    slack.up()
+    assert served.app.outbox.flush(30)
+    after = served.scrape()
+    assert value(after, "runbook_outbox_pending") == 0
+    assert delta(before, after, "runbook_outbox_sends_total", target="slack", result="sent") == 3
+    assert delta(before, after, "runbook_outbox_sends_total", target="slack", result="failed") == 0
+
+
+def test_inbox_items_that_fail_to_apply_are_counted_by_source(served: Served) -> None:
+    before = served.scrape()
+    incident_id = served.incident("svc-guarded")
+    served.app.inbox.put(  # no step has that id: applying it raises, every attempt
+        source="slack",
+        key=f"test:{uuid.uuid4().hex}",
+        incident_id=incident_id,
+        kind=InboxKind.APPROVE,
+        payload={"step_run_id": "not-a-step", "user": APPROVER, "channel": ""},
+    )
+    deadline = time.monotonic() + 30
+    while [i.status for i in served.app.store.inbox_items(incident_id, source="slack")] != [
+        "failed"
+    ]:
+        assert time.monotonic() < deadline, "the item was not given up"
+        time.sleep(0.02)
+    after = served.scrape()
+    attempts = served.app.inbox.max_attempts
+    assert delta(before, after, "runbook_inbox_failures_total", source="slack") == attempts
+    assert delta(before, after, "runbook_inbox_failures_total", source="pagerduty") == 0
 
 
 # --- naming rules ------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Graceful shutdown of the real `runbook-bot` process on SIGTERM.
+"""Graceful shutdown of the real `runbook-bot` process on SIGTERM, and the next start.
 
 On SIGTERM the bot stops taking new work, lets running steps finish up to its grace
 period (RUNBOOK_SHUTDOWN_GRACE) and leaves everything else pending in the database for
-the next start.
+the next start. A step still running after the grace period goes on under its step
+supervisor (its own process session); the next start finds it, still running or
+finished, and records its real result.
 """
 
 from __future__ import annotations
@@ -51,13 +53,16 @@ def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
         return conn.execute(sql).fetchall()
 
 
-def _catalog(root: Path, marks: Path, seconds: float) -> Path:
-    """One runbook whose only step is safe for automation and takes `seconds`."""
+def _catalog(root: Path, marks: Path, gate: Path) -> Path:
+    """One runbook whose only step is safe for automation and runs until `gate` exists.
+
+    The command notes its pid, then `start`, waits for the gate, then notes `end`.
+    """
     code = (
         "import os, sys, time; open(sys.argv[1] + '.pids', 'a').write(f'{os.getpid()}\\n'); "
-        "marks = open(sys.argv[1], 'a'); "
-        "marks.write('start\\n'); marks.flush(); time.sleep(float(sys.argv[2])); "
-        "marks.write('end\\n'); print('done')"
+        "marks = open(sys.argv[1], 'a'); marks.write('start\\n'); marks.flush()\n"
+        "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
+        "marks.write('end\\n'); marks.flush(); print('done')"
     )
     (root / "actions").mkdir(parents=True)
     (root / "runbooks").mkdir()
@@ -68,7 +73,7 @@ def _catalog(root: Path, marks: Path, seconds: float) -> Path:
         json.dumps(
             {
                 "id": "slow-check",
-                "command": [sys.executable, "-c", code, str(marks), str(seconds)],
+                "command": [sys.executable, "-c", code, str(marks), str(gate)],
                 "timeout": 120,
                 "expect": [{"pattern": "done"}],
                 "safety": {"requires_approval": False, "scopes": ["staging"]},
@@ -174,12 +179,10 @@ class Bot:
             },
         )
 
-    def terminate(self) -> tuple[int, float]:
+    def terminate(self) -> int:
         assert self.proc is not None
-        began = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(60)
-        return code, time.monotonic() - began
+        return self.proc.wait(60)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -194,21 +197,41 @@ def bots(tmp_path: Path) -> Iterator[list[Bot]]:
     for bot in started:
         bot.kill()
     # A command left running past the grace period outlives the bot by design.
-    pids = tmp_path / "marks.txt.pids"
-    for pid in pids.read_text().split() if pids.exists() else []:
+    for pid in _pids(tmp_path / "marks.txt"):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
 
 def _marks(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+def _pids(marks: Path) -> list[int]:
+    pids = marks.with_name(marks.name + ".pids")
+    return [int(p) for p in pids.read_text().split()] if pids.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _steps(db: Path) -> list[tuple[Any, ...]]:
+    return _rows(db, "SELECT incident_id, step_id, status FROM step_runs ORDER BY id")
+
+
+def _audit(db: Path) -> list[str]:
+    return [s for (s,) in _rows(db, "SELECT status FROM automation_events ORDER BY id")]
+
+
 def test_sigterm_lets_the_running_step_finish_and_refuses_new_work(
     tmp_path: Path, bots: list[Bot]
 ) -> None:
-    marks = tmp_path / "marks.txt"
-    bot = Bot(tmp_path, _catalog(tmp_path / "catalog", marks, seconds=2.0), grace=30)
+    marks, gate = tmp_path / "marks.txt", tmp_path / "gate"
+    bot = Bot(tmp_path, _catalog(tmp_path / "catalog", marks, gate), grace=30)
     bots.append(bot)
     bot.start()
     assert bot.deliver("P1").status_code == 202
@@ -219,56 +242,80 @@ def test_sigterm_lets_the_running_step_finish_and_refuses_new_work(
     # No new work: the listening socket closes at once, while the step still runs.
     _wait(lambda: not _answers(bot.url), 5, "the bot to stop listening")
     assert _marks(marks) == ["start"]
+    gate.touch()  # the step ends within the grace period
     code = bot.proc.wait(30)
 
     assert code == 0, bot.log_path.read_text()
     assert _marks(marks) == ["start", "end"]
-    assert _rows(bot.db, "SELECT step_id, status FROM step_runs") == [("slow-check", "success")]
+    # Its result is recorded durably (applied at once, or queued in the inbox for the
+    # next start); either way the next start shows it as it was, without running it again.
+    again = Bot(tmp_path, tmp_path / "catalog", grace=30)
+    bots.append(again)
+    again.start()
+    _wait(lambda: _steps(again.db) == [("P1", "slow-check", "success")], 15, "the result")
+    assert _marks(marks) == ["start", "end"]
+    assert _audit(again.db).count("executed") == 1 and "interrupted" not in _audit(again.db)
 
 
-def test_past_the_grace_period_the_step_is_left_for_a_human_and_queued_work_waits(
+def test_past_the_grace_period_the_step_goes_on_and_the_next_start_takes_its_result(
     tmp_path: Path, bots: list[Bot]
 ) -> None:
-    marks = tmp_path / "marks.txt"
-    catalog = _catalog(tmp_path / "catalog", marks, seconds=30.0)
+    """The step outlives the bot under its supervisor; the next start, while the step
+    still runs, answers /healthz and /readyz at once, watches the step, and records its
+    real result when it ends: not "interrupted", not run again."""
+    marks, gate = tmp_path / "marks.txt", tmp_path / "gate"
+    catalog = _catalog(tmp_path / "catalog", marks, gate)
     bot = Bot(tmp_path, catalog, grace=1.0)
     bots.append(bot)
     bot.start()
     assert bot.deliver("P1").status_code == 202
-    _wait(lambda: _marks(marks) == ["start"], 15, "the first step to start")
-    # The only worker is busy: the second incident waits in the durable queue.
-    assert bot.deliver("P2").status_code == 202
+    _wait(lambda: _marks(marks) == ["start"], 15, "the step to start")
 
-    code, took = bot.terminate()
-    assert took < 15, f"shutdown took {took:.1f}s with a 1s grace period"
+    code = bot.terminate()  # returns although the step runs on: the grace is 1 s
     assert code == 0, bot.log_path.read_text()
-    # Left as it was: running in the database, not re-run, not marked done.
-    assert _rows(bot.db, "SELECT status FROM step_runs") == [("running",)]
-    assert _marks(marks) == ["start"]
-    assert ("P2",) not in _rows(bot.db, "SELECT id FROM incidents")
+    assert _steps(bot.db) == [("P1", "slow-check", "running")]
+    (pid,) = _pids(marks)
+    assert _alive(pid), "the command went on after the bot stopped"
 
-    # The next start surfaces the interrupted step without re-running it and takes up
-    # the queued incident.
-    (catalog / "actions" / "slow.yaml").write_text(
-        (catalog / "actions" / "slow.yaml").read_text().replace('"30.0"', '"0.1"')
-    )
-    again = Bot(tmp_path, catalog, grace=30)  # same database, new port
+    again = Bot(tmp_path, catalog, grace=30)
+    bots.append(again)
+    again.start()  # returns once /healthz answers: recovery did not hold serving back
+    assert httpx.get(again.url + "/readyz", timeout=5).status_code == 200
+    assert _marks(marks) == ["start"] and _alive(pid)  # still running, watched, not re-run
+
+    gate.touch()
+    _wait(lambda: _steps(again.db) == [("P1", "slow-check", "success")], 20, "its real result")
+    assert _marks(marks) == ["start", "end"]
+    audit = _audit(again.db)
+    assert audit.count("executed") == 1 and "succeeded" in audit and "interrupted" not in audit
+
+
+def test_a_step_that_ended_while_no_bot_ran_gets_its_result_at_the_next_start(
+    tmp_path: Path, bots: list[Bot]
+) -> None:
+    marks, gate = tmp_path / "marks.txt", tmp_path / "gate"
+    catalog = _catalog(tmp_path / "catalog", marks, gate)
+    bot = Bot(tmp_path, catalog, grace=0.5)
+    bots.append(bot)
+    bot.start()
+    assert bot.deliver("P1").status_code == 202
+    _wait(lambda: _marks(marks) == ["start"], 15, "the step to start")
+    code = bot.terminate()
+    assert code == 0, bot.log_path.read_text()
+
+    gate.touch()  # the command finishes with no bot around: its supervisor keeps the result
+    (pid,) = _pids(marks)
+    _wait(lambda: not _alive(pid) and _marks(marks) == ["start", "end"], 15, "the command's end")
+    assert _steps(bot.db) == [("P1", "slow-check", "running")]
+
+    again = Bot(tmp_path, catalog, grace=30)
     bots.append(again)
     again.start()
-    _wait(
-        lambda: (
-            sorted(_rows(again.db, "SELECT incident_id, status FROM step_runs"))
-            == [("P1", "interrupted"), ("P2", "success")]
-        ),
-        20,
-        "P1 interrupted and P2 processed",
-    )
-    assert _marks(marks) == ["start", "start", "end"]  # P1 once (interrupted), P2 once
-    statuses = [
-        s
-        for (s,) in _rows(again.db, "SELECT status FROM automation_events WHERE incident_id = 'P1'")
-    ]
-    assert "interrupted" in statuses and statuses.count("executed") == 1
+    _wait(lambda: _steps(again.db) == [("P1", "slow-check", "success")], 15, "its real result")
+    output = _rows(again.db, "SELECT output FROM step_runs")
+    assert output == [("done\n",)]
+    assert _marks(marks) == ["start", "end"]
+    assert "interrupted" not in _audit(again.db)
 
 
 def _answers(url: str) -> bool:

@@ -6,6 +6,7 @@ from typing import TextIO
 
 from bot import effects, messages
 from bot.outbox import Retry, Sent
+from bot.states import StepStatus
 from bot.store import OutboxItem
 
 
@@ -55,7 +56,7 @@ class ConsoleTransport:
                 self._last_state[item.key or ""] = view.state
                 status = messages.status_line(view, messages.DEFAULT_REACTIONS)
                 self._print(f"↻ {view.step_id}: {status}", "  │ ")
-                if view.output and view.state not in ("running", "approved"):
+                if view.output and view.state not in (StepStatus.RUNNING, StepStatus.APPROVED):
                     self._print(view.output.rstrip(), "  │   ")
             return Sent()
         if kind == effects.Kind.NOTE:

@@ -9,7 +9,9 @@ Thin parts, no business rules (those are in ``bot.engine`` and ``bot.policy``):
                    transport finds a message Slack did post instead of posting it again.
   ReactionIntake   ``reaction_added``/``reaction_removed`` -> inbox items (approve, reject,
                    pause, resume), deduplicated on Slack's event id.
-  SlackAdapter     wires a ``slack_sdk`` WebClient, a bolt ``App`` and the two above.
+  SlackAdapter     wires a ``slack_sdk`` WebClient, a bolt ``App`` and the two above. A
+                   token Slack refuses fails the start; a Slack that cannot answer at
+                   start (an outage) does not: the bot starts and asks again later.
 
 The path of a reaction:
 
@@ -98,6 +100,11 @@ _SETUP_ERRORS = frozenset(
      "account_inactive", "missing_scope", "team_access_not_granted"}
 )  # fmt: skip
 SETUP_RETRY_SECONDS = 60.0
+# auth.test errors that mean the token is wrong: the bot refuses to start.
+_AUTH_ERRORS = frozenset(
+    {"not_authed", "invalid_auth", "token_revoked", "token_expired", "account_inactive",
+     "not_allowed_token_type", "no_permission", "ekm_access_denied"}
+)  # fmt: skip
 _CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
 
 
@@ -238,7 +245,13 @@ def step_blocks(view: StepView, reactions: messages.ReactionNames) -> list[dict[
 
 
 class UserGroups:
-    """Members of Slack user groups (``usergroups.users.list``), cached for `ttl` seconds."""
+    """Members of Slack user groups (``usergroups.users.list``), cached for `ttl` seconds.
+
+    The engine asks while it decides a reaction, so an answer must not wait on Slack when
+    it can be helped: groups are fetched ahead (`warm`, at start), and an expired entry is
+    answered from the cache while a background refresh asks Slack. Only a group never
+    fetched is asked for on the spot.
+    """
 
     def __init__(
         self, client: WebClient, ttl: float, *, clock: Callable[[], float] = time.monotonic
@@ -247,27 +260,89 @@ class UserGroups:
         self.ttl = ttl
         self._clock = clock
         self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self._refreshing: set[str] = set()
         self._lock = threading.Lock()
 
     def members(self, group: str) -> frozenset[str]:
         with self._lock:
             cached = self._cache.get(group)
-        if cached is not None and self._clock() < cached[0]:
-            return cached[1]
+            stale = cached is not None and self._clock() >= cached[0]
+            refresh = stale and group not in self._refreshing
+            if refresh:
+                self._refreshing.add(group)
+        if cached is None:
+            return self._fetch(group)
+        if refresh:
+            threading.Thread(
+                target=self._fetch, args=(group,), name=f"usergroup-{group}", daemon=True
+            ).start()
+        return cached[1]
+
+    def warm(self, groups: Iterable[str]) -> None:
+        """Fetch these groups now (in the caller's thread), so decisions find them cached."""
+        for group in groups:
+            self._fetch(group)
+
+    def _fetch(self, group: str) -> frozenset[str]:
         try:
             response = self.client.usergroups_users_list(usergroup=group)
-        except SlackClientError as exc:
+        except (SlackClientError, OSError) as exc:
             # Keep the last known members rather than lock everyone out while Slack is
             # unwell; with none known, nobody is a member (deny).
             log.warning("usergroups.users.list %s failed: %s", group, _api_error(exc))
+            with self._lock:
+                self._refreshing.discard(group)
+                cached = self._cache.get(group)
             return cached[1] if cached is not None else frozenset()
         users = frozenset(str(u) for u in response.get("users") or ())
         with self._lock:
             self._cache[group] = (self._clock() + self.ttl, users)
+            self._refreshing.discard(group)
         return users
 
     def member_of(self, user: str, group: str) -> bool:
         return user in self.members(group)
+
+
+class BotIdentity:
+    """Who the bot is in Slack: its own reactions (the ✅ ❌ ⏸️ it adds) never count.
+
+    Known from ``auth.test`` at start. When Slack cannot answer then (an outage), the bot
+    starts anyway and asks again in the background; meanwhile every signed event names
+    the bot user it was delivered to (``authorizations``), which is learned as it comes.
+    """
+
+    def __init__(self) -> None:
+        self.team_id = ""
+        self.user_id = ""
+        self.bot_id = ""
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def learn(self, *, team_id: str = "", user_id: str = "", bot_id: str = "") -> None:
+        with self._lock:
+            self.team_id = self.team_id or team_id
+            self.user_id = self.user_id or user_id
+            self.bot_id = self.bot_id or bot_id
+            self._ids.update(i for i in (user_id, bot_id) if i)
+
+    def learn_from_event(self, body: Mapping[str, Any]) -> None:
+        for authorization in body.get("authorizations") or ():
+            if isinstance(authorization, dict) and authorization.get("is_bot"):
+                self.learn(user_id=str(authorization.get("user_id") or ""))
+
+    @property
+    def known(self) -> bool:
+        with self._lock:
+            return bool(self.user_id)
+
+    def ids(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._ids)
+
+    def __contains__(self, user: object) -> bool:
+        with self._lock:
+            return user in self._ids
 
 
 def _api_error(exc: Exception) -> str:
@@ -396,8 +471,9 @@ class SlackTransport:
                 self._react(item)
                 return Sent()
             if kind == effects.Kind.EPHEMERAL:
+                channel = str(payload["channel"])
                 self.client.chat_postEphemeral(
-                    channel=self._channel_id(str(payload["channel"])),
+                    channel=self._channel_id(channel) or channel,
                     user=str(payload["user"]),
                     text=str(payload["text"]),
                     thread_ts=item.thread_ts or None,
@@ -460,6 +536,12 @@ class SlackTransport:
     def _find(self, item: OutboxItem, channel: str, thread_ts: str | None) -> Sent | None:
         """The message this row posted before, if Slack has it (by its metadata)."""
         channel_id = self._channel_id(channel)
+        if channel_id is None:
+            # A channel the bot cannot see by name: nowhere to look. Posting again risks a
+            # copy; not posting would lose the message for good. (Slack most likely refused
+            # the first post for the same reason.)
+            log.warning("cannot look for outbox %s in %s: posting it again", item.id, channel)
+            return None
         cursor: str | None = None
         for _ in range(self.lookup_pages):
             args: dict[str, Any] = {
@@ -485,8 +567,9 @@ class SlackTransport:
                 break
         return None
 
-    def _channel_id(self, channel: str) -> str:
-        """A channel id for methods that need one (the catalog may name `#inc-payments`)."""
+    def _channel_id(self, channel: str) -> str | None:
+        """A channel id for methods that need one (the catalog may name `#inc-payments`);
+        None when no channel of that name is visible to the bot."""
         name = channel.lstrip("#")
         if _CHANNEL_ID.fullmatch(name):
             return name
@@ -507,7 +590,7 @@ class SlackTransport:
                     return str(found["id"])
             cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
             if not cursor:
-                raise Refused(f"no channel named {channel} is visible to the bot")
+                return None
 
     def _react(self, item: OutboxItem) -> None:
         assert item.target_ts is not None and item.target_channel is not None
@@ -581,41 +664,50 @@ class ReactionIntake:
         put: Put,
         find_message: FindMessage,
         reactions: Reactions,
-        bot_user_ids: frozenset[str],
+        identity: BotIdentity,
     ) -> None:
         self.put = put
         self.find_message = find_message
         self.reactions = reactions
-        self.bot_user_ids = bot_user_ids
+        self.identity = identity
 
     def receive(self, body: dict[str, Any], added: bool) -> None:
+        self.identity.learn_from_event(body)  # a signed event names the bot it reached
         event = body.get("event") or {}
         reaction = str(event.get("reaction") or "")
         verb = self.reactions.verb(reaction, added)
         user = str(event.get("user") or "")
         item = event.get("item") or {}
-        if verb is None or not user or user in self.bot_user_ids or item.get("type") != "message":
+        if verb is None or not user or user in self.identity or item.get("type") != "message":
             return  # not a decision, or the bot's own ✅ ❌ ⏸️: silently nothing
         channel, ts = str(item.get("channel") or ""), str(item.get("ts") or "")
         found = self.find_message(channel, ts)
-        if found is None or not found[0].startswith("step:"):
-            return  # a reaction on the root message, a note, or any other message
-        key, incident_id = found
+        if found is not None and not found[0].startswith("step:"):
+            return  # a reaction on the root message or a note
         event_id = str(body.get("event_id") or "") or (
             f"{event.get('type')}:{channel}:{ts}:{user}:{reaction}:{event.get('event_ts')}"
         )
-        fresh = self.put(
-            source=SOURCE,
-            key=f"{SOURCE}:event:{event_id}",
-            incident_id=incident_id,
-            kind=_VERB_KINDS[verb],
-            payload={
-                "step_run_id": int(key.removeprefix("step:")),
-                "user": user,
-                "channel": channel,
-                "reaction": reaction,
-            },
-        )
+        payload = {"user": user, "channel": channel, "ts": ts, "reaction": reaction}
+        if found is None:
+            # Not a message we know, or one of ours whose ts is not recorded yet (posted
+            # just before a crash, or an instant ago): it waits, parked, for that message.
+            fresh = self.put(
+                source=SOURCE,
+                key=f"{SOURCE}:event:{event_id}",
+                incident_id="",
+                kind=_VERB_KINDS[verb],
+                payload=payload,
+                waiting_for=(channel, ts),
+            )
+        else:
+            key, incident_id = found
+            fresh = self.put(
+                source=SOURCE,
+                key=f"{SOURCE}:event:{event_id}",
+                incident_id=incident_id,
+                kind=_VERB_KINDS[verb],
+                payload={"step_run_id": int(key.removeprefix("step:")), **payload},
+            )
         metrics.webhook_deliveries.labels(SOURCE, "accepted" if fresh else "duplicate").inc()
 
 
@@ -667,49 +759,73 @@ class SlackAdapter:
             timeout=self.tuning.timeout,
             retry_handlers=[],
         )
-        identity = self._auth_test()
-        self.team_id = str(identity.get("team_id") or "")
-        self.bot_user_id = str(identity.get("user_id") or "")
-        self.bot_id = str(identity.get("bot_id") or "")
-        self.bot_user_ids = frozenset(i for i in (self.bot_user_id, self.bot_id) if i)
+        self.identity = BotIdentity()
+        self._auth_test()
         self.reactions = Reactions.from_config(config)
         self.transport = SlackTransport(
             self.client, reactions=self.reactions.offered, lookup_pages=self.tuning.lookup_pages
         )
-        self.budgets = dict(
-            self.tuning.budgets if self.tuning.budgets is not None else SLACK_BUDGETS
-        )
+        if config.slack_pacing not in ("slack", "off"):
+            raise ConfigError(f"RUNBOOK_SLACK_PACING={config.slack_pacing!r}: use slack or off")
+        default = SLACK_BUDGETS if config.slack_pacing == "slack" else {}
+        self.budgets = dict(self.tuning.budgets if self.tuning.budgets is not None else default)
         self.usergroups = UserGroups(self.client, self.tuning.usergroup_ttl)
-        self.intake = ReactionIntake(put, find_message, self.reactions, self.bot_user_ids)
+        self.intake = ReactionIntake(put, find_message, self.reactions, self.identity)
         self.bolt = self._bolt_app()
         self._http = SlackRequestHandler(self.bolt, path="/slack/events")
         self._socket: Any = None  # a SocketModeHandler (its methods are untyped)
+        self._stopping = threading.Event()
+        self._background: threading.Thread | None = None
 
-    def _auth_test(self) -> dict[str, Any]:
-        """Who the bot is: its own reactions never count. Fails start-up on a bad token."""
+    def _auth_test(self) -> bool:
+        """Who the bot is (its own reactions never count). A token Slack refuses fails
+        the start with advice; a Slack that cannot answer now (an outage, a timeout) does
+        not: the bot starts, takes PagerDuty deliveries, and asks again later. True when
+        the identity is known."""
         try:
-            return dict(self.client.auth_test().data)  # type: ignore[arg-type]
+            data = self.client.auth_test().data
         except (SlackClientError, OSError) as exc:
-            raise ConfigError(
-                f"Slack auth.test failed ({_api_error(exc)}) at {self.config.slack_api_url}: "
-                "check SLACK_BOT_TOKEN (a bot token, xoxb-…) and SLACK_API_URL"
-            ) from None
+            error = _api_error(exc)
+            if isinstance(exc, SlackApiError) and error in _AUTH_ERRORS:
+                raise ConfigError(
+                    f"Slack auth.test failed ({error}) at {self.config.slack_api_url}: "
+                    "check SLACK_BOT_TOKEN (a bot token, xoxb-…) and SLACK_API_URL"
+                ) from None
+            log.warning(
+                "Slack auth.test failed (%s) at %s: starting anyway and asking again; "
+                "threads are posted once Slack answers",
+                error, self.config.slack_api_url,
+            )  # fmt: skip
+            return False
+        identity = data if isinstance(data, dict) else {}
+        self.identity.learn(
+            team_id=str(identity.get("team_id") or ""),
+            user_id=str(identity.get("user_id") or ""),
+            bot_id=str(identity.get("bot_id") or ""),
+        )
+        return True
+
+    @property
+    def bot_user_ids(self) -> frozenset[str]:
+        """The bot's own user and bot ids, as far as known now."""
+        return self.identity.ids()
 
     def _bolt_app(self) -> App:
         # bolt's own client carries no token: each request gets the bot token from
-        # `_authorize`, which answers from the auth.test above instead of calling Slack
+        # `_authorize`, which answers from what auth.test said instead of calling Slack
         # on the request path.
         bolt_client = WebClient(base_url=self.config.slack_api_url, timeout=self.tuning.timeout)
-        authorized = AuthorizeResult(
-            enterprise_id=None,
-            team_id=self.team_id or None,
-            bot_user_id=self.bot_user_id or None,
-            bot_id=self.bot_id or None,
-            bot_token=self.config.slack_bot_token.reveal(),
-        )
+        identity = self.identity
+        token = self.config.slack_bot_token.reveal()
 
         def _authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
-            return authorized
+            return AuthorizeResult(
+                enterprise_id=None,
+                team_id=identity.team_id or team_id,
+                bot_user_id=identity.user_id or None,
+                bot_id=identity.bot_id or None,
+                bot_token=token,
+            )
 
         bolt = App(
             name="runbook-bot",
@@ -751,14 +867,37 @@ class SlackAdapter:
 
         return SocketModeHandler(self.bolt, app_token=self.config.slack_app_token.reveal())
 
-    def start(self) -> None:
-        """Listen (Socket Mode); in HTTP mode the server routes /slack/events here."""
+    def start(self, approver_groups: Iterable[str] = ()) -> None:
+        """Listen (Socket Mode; in HTTP mode the server routes /slack/events here), and,
+        in the background, fetch the approvers' user groups and, if auth.test could not
+        be answered at start, ask until it is."""
+        self._stopping.clear()
+        groups = sorted(set(approver_groups))
+        self._background = threading.Thread(
+            target=self._prepare, args=(groups,), name="slack-prepare", daemon=True
+        )
+        self._background.start()
         if self.config.socket_mode:
             self._socket = self.socket_mode_handler()
             self._socket.connect()
             log.info("Slack Socket Mode connected")
 
+    def _prepare(self, groups: list[str]) -> None:
+        wait = 1.0
+        while not self.identity.known and not self._stopping.is_set():
+            try:
+                if self._auth_test():
+                    log.info("Slack answered auth.test: the bot is %s", self.identity.user_id)
+                    break
+            except ConfigError as exc:  # the token was revoked meanwhile: say so, loudly
+                log.error("%s", exc)
+            self._stopping.wait(wait)
+            wait = min(60.0, wait * 2)
+        if not self._stopping.is_set():
+            self.usergroups.warm(groups)
+
     def stop(self) -> None:
+        self._stopping.set()
         if self._socket is not None:
             self._socket.close()
             self._socket = None

@@ -70,6 +70,9 @@ __all__ = [
 # from a background thread instead, and this larger limit only bounds the WAL should that
 # thread fall behind.
 WAL_AUTOCHECKPOINT_PAGES = 10_000
+# Room the database must have to call itself ready: a delivery and what it causes.
+MIN_FREE_BYTES = 1024 * 1024
+MIN_FREE_PAGES = 64
 
 # Kinds of outbox effects whose later renderings replace earlier ones (same `key`).
 _MESSAGE_KINDS = ("post_step", "update_step")
@@ -756,7 +759,29 @@ class Store:
         return rows[0] if rows else None
 
     def probe_write(self) -> None:
-        """Raise unless the database can be written right now (for /readyz)."""
+        """Raise unless the database can take writes now (for /readyz).
+
+        Rewriting a small row needs no new page, so it succeeds on a full disk: the probe
+        also asks for room to grow (free space on the file system, and pages below
+        SQLite's own limit), which every new delivery needs.
+        """
+        if self.path != ":memory:":
+            stats = os.statvfs(Path(self.path).parent)
+            free = stats.f_bavail * stats.f_frsize
+            if free < MIN_FREE_BYTES:
+                raise StoreError(
+                    f"database or disk is full: only {free} bytes are free on the disk of "
+                    f"{self.path}"
+                )
+        with self._lock:
+            pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+            limit = self.conn.execute("PRAGMA max_page_count").fetchone()[0]
+            spare = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if limit - pages + spare < MIN_FREE_PAGES:
+            raise StoreError(
+                f"database or disk is full: {self.path} is at its size limit "
+                f"({pages} of {limit} pages)"
+            )
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', ?)",

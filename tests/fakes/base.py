@@ -3,7 +3,9 @@
 A subclass calls ``super().__init__`` first (nobody knows the URL before construction
 returns), then says how to name a request (`call_name`), how to answer it (`handle`) and
 what an error body looks like (`error_body`). This module does the rest: parsing, recording
-every call, waiting for calls, queued faults (429 with ``Retry-After``, 500, ...), latency.
+every call, waiting for calls, queued faults (429 with ``Retry-After``, 500, ...), outages
+(`down`: every call fails or hangs), answers lost after the call took effect
+(`lose_answer`), latency.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -54,6 +57,8 @@ class Call:
     headers: dict[str, str]  # names lower-cased: call.headers["authorization"]
     status: int  # HTTP status the stand-in answered with
     response: Any  # JSON body the stand-in answered with
+    at: float = 0.0  # time.monotonic() when the stand-in decided its answer
+    answered: bool = True  # False: handled, but the answer never reached the client
 
 
 @dataclass
@@ -69,6 +74,14 @@ class _Fault:
     retry_after: int | None
 
 
+@dataclass(frozen=True)
+class _LostAnswer:
+    """Handle the call, then hold the answer `delay` seconds (None: drop the connection)."""
+
+    delay: float | None
+    match: Callable[[dict[str, Any]], bool] | None
+
+
 class FakeServer:
     """Base class: start on construction, stop with `stop()` or by leaving a ``with`` block."""
 
@@ -76,6 +89,7 @@ class FakeServer:
         self._cond = threading.Condition(threading.RLock())
         self._calls: list[Call] = []
         self._faults: defaultdict[str, deque[_Fault]] = defaultdict(deque)
+        self._lost: defaultdict[str, deque[_LostAnswer]] = defaultdict(deque)
         self._latency: dict[str, float] = {ANY: latency}
         self._down: int | None = None  # outage: every call answers this status (0: hangs)
         self._up = threading.Event()
@@ -108,7 +122,8 @@ class FakeServer:
     def url(self) -> str:
         """Server root without trailing slash: ``http://127.0.0.1:PORT`` (https if tls)."""
         host, port = self._httpd.server_address[:2]
-        return f"{'https' if self._tls else 'http'}://{host}:{port}"
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"{'https' if self._tls else 'http'}://{name}:{port}"
 
     @property
     def ca_file(self) -> str | None:
@@ -198,6 +213,24 @@ class FakeServer:
         with self._cond:
             self._faults[name].extend([_Fault(status, retry_after)] * times)
 
+    def lose_answer(
+        self,
+        name: str = ANY,
+        *,
+        delay: float | None = None,
+        times: int = 1,
+        match: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
+        """Let the next ``times`` calls to ``name`` take effect, and lose their answers.
+
+        The call is handled (a message is posted) and recorded, then the answer is held
+        for ``delay`` seconds, longer than the client waits, or, with ``delay=None``, the
+        connection is closed without an answer: the client cannot know what happened.
+        ``match`` (on the call's params) picks which calls qualify.
+        """
+        with self._cond:
+            self._lost[name].extend([_LostAnswer(delay, match)] * times)
+
     def down(self, status: int = 503) -> None:
         """An outage until `up()`: every call answers `status`, or hangs when `status` is 0
         (the client's own timeout ends it). Calls during an outage are recorded too."""
@@ -233,7 +266,10 @@ class FakeServer:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes) -> Reply:
+    def _dispatch(
+        self, method: str, target: str, headers: dict[str, str], raw: bytes
+    ) -> Reply | None:
+        """The answer to send, or None to close the connection without one."""
         request = _parse(method, target, headers, raw)
         name = self.call_name(request)
         with self._cond:
@@ -244,12 +280,14 @@ class FakeServer:
             down = 503
         if delay:
             time.sleep(delay)
+        lost: _LostAnswer | None = None
         with self._cond:
             fault = _Fault(down, None) if down is not None else self._pop_fault(name)
             if fault is not None:
                 extra = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
                 reply = Reply(fault.status, self.error_body(fault.status), extra)
             else:
+                lost = self._pop_lost(name, self.call_params(request))
                 try:
                     reply = self.handle(request)
                 except Exception as exc:  # a bug in the stand-in; make it loud
@@ -265,10 +303,25 @@ class FakeServer:
                     headers=request.headers,
                     status=reply.status,
                     response=reply.body,
+                    at=time.monotonic(),
+                    answered=lost is None,
                 )
             )
             self._cond.notify_all()
+        if lost is not None:
+            if lost.delay is None:
+                return None
+            time.sleep(lost.delay)
         return reply
+
+    def _pop_lost(self, name: str, params: dict[str, Any]) -> _LostAnswer | None:
+        for key in (name, ANY):
+            queue = self._lost[key]
+            for i, lost in enumerate(queue):
+                if lost.match is None or lost.match(params):
+                    del queue[i]
+                    return lost
+        return None
 
     def _pop_fault(self, name: str) -> _Fault | None:
         for key in (name, ANY):
@@ -309,14 +362,21 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         headers = {name.lower(): value for name, value in self.headers.items()}
         reply = self.server.fake._dispatch(self.command, self.path, headers, raw)
+        if reply is None:  # the answer is lost: close without one
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         data = json.dumps(reply.body).encode()
-        self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in reply.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up waiting (a lost answer, a hang)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 

@@ -39,7 +39,9 @@ class FakeSlack(FakeServer):
     request with none gets ``not_authed``.
     ``users``: user id -> fields merged over a default profile, for ``users.info``.
     ``channels``: channel id -> fields merged over a default channel, for
-    ``conversations.info``. ``chat.postMessage`` accepts any channel.
+    ``conversations.info`` and ``conversations.list``. ``chat.postMessage`` accepts any
+    channel; the name of a configured one (``#inc-payments``) is resolved to its id, and
+    the answer and the stored message carry the id, as Slack does.
     ``usergroups``: user group id -> member user ids, for ``usergroups.users.list``.
     """
 
@@ -160,8 +162,18 @@ class FakeSlack(FakeServer):
             "is_enterprise_install": False,
         }
 
-    def _post_message(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _channel(self, params: dict[str, Any]) -> str:
+        """The channel of a call; a configured channel's name (``#inc-payments`` or
+        ``inc-payments``) resolves to its id, as Slack resolves names in posts."""
         channel = _required(params, "channel")
+        name = channel.removeprefix("#")
+        for channel_id, fields in self.channels.items():
+            if channel in (channel_id, f"#{fields.get('name')}") or name == fields.get("name"):
+                return channel_id
+        return channel
+
+    def _post_message(self, params: dict[str, Any]) -> dict[str, Any]:
+        channel = self._channel(params)
         text = str(params.get("text") or "")
         blocks = _decoded(params.get("blocks"))
         attachments = _decoded(params.get("attachments"))
@@ -216,7 +228,7 @@ class FakeSlack(FakeServer):
         }
 
     def _post_ephemeral(self, params: dict[str, Any]) -> dict[str, Any]:
-        channel, user = _required(params, "channel"), _required(params, "user")
+        channel, user = self._channel(params), _required(params, "user")
         message: Message = {
             "type": "message",
             "channel": channel,
