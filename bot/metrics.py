@@ -41,6 +41,7 @@ STEP_RESULTS = ("success", "allowed_failure", "failed", "timeout", "error")
 APPROVAL_DECISIONS = ("approved", "rejected", "expired", "unauthorized")
 WEBHOOK_SOURCES = ("pagerduty", "slack")
 WEBHOOK_OUTCOMES = ("accepted", "duplicate", "rejected")
+CATALOG_RELOAD_RESULTS = ("success", "failed", "unchanged")
 
 Kind = Literal["counter", "histogram", "gauge", "info"]
 
@@ -147,6 +148,13 @@ webhook_deliveries = _counter(
     "Inbound webhook deliveries by source (pagerduty, slack) and outcome: accepted, "
     "duplicate (already seen, acknowledged and dropped), rejected (bad signature or body).",
     ("source", "outcome"),
+)
+catalog_reloads = _counter(
+    "runbook_catalog_reloads",
+    "Checks and reloads of the catalog directory by result: success (a new catalog is "
+    "served), failed (it has errors or could not be read; the last good one keeps "
+    "serving), unchanged (nothing new).",
+    ("result",),
 )
 pending_approvals = _gauge(
     "runbook_pending_approvals",
