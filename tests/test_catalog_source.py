@@ -745,3 +745,14 @@ def test_the_files_watched_are_the_files_lint_reads(tmp_path: Path) -> None:
     expected = [path.relative_to(root).as_posix() for path in discover_files(root)]
     assert list(CatalogSource(root).fingerprint().paths) == expected
     assert "dangling.yaml" in expected and "linked/check.yaml" not in expected
+
+
+def test_a_commit_on_a_branch_checked_out_since_is_seen(repo: Path) -> None:
+    source = CatalogSource(repo)
+    source.reload()
+    git(repo, "checkout", "-q", "-b", "hotfix")
+    assert source.check().outcome == "unchanged"  # HEAD moved, to the same commit
+    (repo / "NOTES.md").write_text("outside the catalog\n", "utf-8")
+    head = commit_all(repo, "notes on the hotfix branch")
+    assert source.check().outcome == "success"
+    assert source.current().commit == head

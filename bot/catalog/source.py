@@ -33,6 +33,7 @@ import gzip
 import hashlib
 import json
 import logging
+import operator
 import os
 import select
 import threading
@@ -41,6 +42,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any, Literal
 
 from bot import metrics
@@ -71,9 +73,14 @@ Outcome = Literal["success", "failed", "unchanged"]
 StatKey = tuple[int, int, int, int, int]
 
 
+_NO_STAT: StatKey = (0, 0, 0, 0, 0)
+_YAML = (".yaml", ".yml")
+_BY_NAME = operator.attrgetter("name")
+
+
 def _stat_key(st: os.stat_result | None) -> StatKey:
     if st is None:
-        return (0, 0, 0, 0, 0)
+        return _NO_STAT
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -82,12 +89,12 @@ class Fingerprint:
     """What `check()` compares: where the root points and the stat data below it."""
 
     resolved: str  # the root with every symlink followed ("" when it does not exist)
-    files: tuple[tuple[str, StatKey], ...]  # relative path (with /), stat data
+    files: tuple[tuple[str, str, StatKey], ...]  # relative path (with /), real path, stat
     git: tuple[StatKey, ...] = ()  # HEAD, the ref it names, packed-refs
 
     @property
     def paths(self) -> tuple[str, ...]:
-        return tuple(rel for rel, _ in self.files)
+        return tuple(rel for rel, _, _ in self.files)
 
 
 @dataclass(frozen=True)
@@ -363,7 +370,7 @@ class CatalogSource:
     def _fingerprint(self, resolved: str, files: list[tuple[str, str, StatKey]]) -> Fingerprint:
         return Fingerprint(
             resolved if os.path.exists(resolved) else "",
-            tuple((rel, key) for rel, _, key in files),
+            tuple(files),
             self._git_state(resolved),
         )
 
@@ -376,6 +383,7 @@ class CatalogSource:
         return tuple(_stat_key(_stat(path)) for path in cached[1])
 
     def _read_consistent(self) -> _Read:
+        self._git_paths = None  # HEAD may name another branch now: find its ref again
         for _ in range(READ_ATTEMPTS):
             resolved = os.path.realpath(self.root)  # followed once: all reads below it
             files = _scan(Path(resolved))
@@ -544,25 +552,46 @@ def _scan(root: Path) -> list[tuple[str, str, StatKey]]:
 def _walk(
     top: str, prefix: str, seen: set[tuple[int, int]], found: list[tuple[str, str, StatKey]]
 ) -> None:
+    # The hot loop of check(): one stat per catalog file, none for other entries whose
+    # type the directory listing tells (d_type), a C-level sort key.
     try:
         with os.scandir(top) as listing:
-            entries = sorted(listing, key=lambda e: e.name)
+            entries = sorted(listing, key=_BY_NAME)
     except OSError:
         return
-    folders: list[tuple[os.DirEntry[str], os.stat_result]] = []
+    folders: list[os.DirEntry[str]] = []
     for entry in entries:
         name = entry.name
-        st = _stat(entry)
-        if st is not None and entry.is_dir():
-            if not name.startswith("."):
-                folders.append((entry, st))
-        elif name.endswith((".yaml", ".yml")) and not name.startswith("."):
-            found.append((prefix + name, entry.path, _stat_key(st)))
-    for entry, st in folders:
-        key = (st.st_dev, st.st_ino)
-        if key not in seen:
-            seen.add(key)
+        if name.startswith("."):
+            continue  # hidden files and folders, as lint skips them
+        if name.endswith(_YAML):
+            try:
+                st = entry.stat()
+            except OSError:  # dangling link, link loop: lint reports it (RB001)
+                found.append((prefix + name, entry.path, _NO_STAT))
+                continue
+            if S_ISDIR(st.st_mode):
+                folders.append(entry)
+            else:
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                found.append((prefix + name, entry.path, key))
+        elif _is_dir(entry):
+            folders.append(entry)
+    for entry in folders:
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
             _walk(entry.path, f"{prefix}{entry.name}/", seen, found)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _stat(path: os.DirEntry[str] | Path) -> os.stat_result | None:
