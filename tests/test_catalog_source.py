@@ -588,6 +588,26 @@ def test_the_snapshot_round_trip_serves_the_same_catalog(repo: Path) -> None:
     assert word_of(restarted.current()) == "v2" and restarted.last_failure is None
 
 
+def test_start_falls_back_to_the_stored_catalog_else_refuses(repo: Path) -> None:
+    first = CatalogSource(repo)
+    assert first.start(None).outcome == "success"
+    stored = first.snapshot()
+    (repo / "actions/check.yaml").write_text("id: check\n", "utf-8")  # no command: RB010
+    commit_all(repo, "broken")
+
+    with_stored = CatalogSource(repo)
+    result = with_stored.start(stored)
+    assert result.outcome == "failed"  # what the directory holds, for the log and /readyz
+    assert with_stored.current() == first.current()
+
+    without = CatalogSource(repo)
+    with pytest.raises(CatalogUnavailable) as refused:
+        without.start(None)
+    assert "actions/check.yaml:1:1: error RB010" in str(refused.value)
+    with pytest.raises(CatalogUnavailable):
+        CatalogSource(repo).start(b"not a snapshot")
+
+
 def test_from_snapshot_and_a_directory_equal_to_it(repo: Path) -> None:
     source = CatalogSource(repo)
     source.reload()

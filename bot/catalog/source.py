@@ -356,6 +356,23 @@ class CatalogSource:
         )
         return catalog
 
+    def start(self, stored: bytes | None = None) -> ReloadResult:
+        """The first load, at the bot's start: the directory's catalog; when it has errors,
+        the `stored` snapshot of the last good one (the failure stays in `last_failure`).
+
+        Raises `CatalogUnavailable` with the directory's errors when neither is usable.
+        """
+        result = self.reload()
+        if result.ok:
+            return result
+        if stored is not None:
+            try:
+                self.restore(stored)
+                return result
+            except CatalogError as exc:
+                log.error("the stored catalog cannot be served either: %s", exc)
+        raise CatalogUnavailable(result.report(), result.diagnostics)
+
     @classmethod
     def from_snapshot(
         cls, data: bytes, root: str | os.PathLike[str], **kwargs: Any
