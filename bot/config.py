@@ -40,6 +40,9 @@ class Secret:
         return hash(self._value)
 
 
+LOG_FORMATS = ("text", "json")
+
+
 def _list(value: str) -> tuple[str, ...]:
     return tuple(v.strip().strip(":") for v in value.split(",") if v.strip())
 
@@ -57,6 +60,18 @@ class Config:
     """One field per environment variable; `ENV` in each field's metadata names it."""
 
     catalog: str = _setting("RUNBOOK_CATALOG", "./runbooks", "Catalog directory.")
+    catalog_commit: str = _setting(
+        "RUNBOOK_CATALOG_COMMIT",
+        "",
+        "The catalog's commit when it is not a Git checkout (a ConfigMap, a baked image); "
+        "shown in runbook_bot_info and every audit row.",
+    )
+    catalog_refresh: float = _setting(
+        "RUNBOOK_CATALOG_REFRESH",
+        10.0,
+        "Seconds between checks of the catalog for changes (0: no periodic checks; SIGHUP "
+        "reloads at once). A catalog with errors is never loaded.",
+    )
     db: str = _setting("RUNBOOK_DB", "./runbook-bot.db", "SQLite file for state and audit.")
     state_dir: str = _setting(
         "RUNBOOK_STATE_DIR",
@@ -123,6 +138,20 @@ class Config:
         "Reactions that pause the approval deadline (comma-separated).",
     )
     log_level: str = _setting("RUNBOOK_LOG_LEVEL", "INFO", "Logging level.")
+    log_format: str = _setting(
+        "RUNBOOK_LOG_FORMAT", "text", "Log format: text, or json (one object per line)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"RUNBOOK_LOG_FORMAT={self.log_format!r}: use one of {', '.join(LOG_FORMATS)}"
+            )
+        if self.catalog_refresh < 0:
+            raise ConfigError(
+                f"RUNBOOK_CATALOG_REFRESH={self.catalog_refresh!r}: use seconds >= 0 "
+                "(0 turns periodic checks off)"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:

@@ -5,6 +5,7 @@ the bot can catch one type and show its message (never a stack trace) to a perso
 
     RunbookBotError
      ├── CatalogError          the catalog cannot be loaded (carries the diagnostics)
+ │    └── CatalogUnavailable  no good catalog to serve yet, or an unreadable snapshot of one
      ├── ConfigError           a setting from the environment or flags is unusable
      ├── PolicyViolation       a guarded step or function may not run here/now/for this user
      │    └── ApprovalDenied   a human rejected it or the request expired
@@ -37,6 +38,12 @@ class CatalogError(RunbookBotError):
             f"the catalog has {len(errors)} error(s); run `runbookctl lint` for details\n"
             f"{head}{more}"
         )
+
+
+class CatalogUnavailable(CatalogError):
+    def __init__(self, message: str, diagnostics: Sequence[Diagnostic] = ()) -> None:
+        self.diagnostics = list(diagnostics)
+        RunbookBotError.__init__(self, message)
 
 
 class ConfigError(RunbookBotError):

@@ -9,6 +9,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from bot.catalog.model import Catalog
 from bot.chat.base import IncidentView, StepView
 from bot.states import Refusal, StepStatus
 
@@ -239,3 +240,48 @@ def writeback_note(*, runbook: str, phase: str, status: str, summary: str) -> st
         f"runbook-bot: runbook {runbook} ({_WRITEBACK_PHASES.get(str(phase), 'steps')}) "
         f"{_WRITEBACK_STATUS.get(str(status), str(status))}. {summary}"
     )
+
+
+
+
+# Logged once at start, at WARNING, when incidents of some services would get no
+# environment (DESIGN.md section 3: the bot never guesses one; it says so, loudly).
+UNMAPPED_SERVICES_WARNING = (
+    "NO ENVIRONMENT for {count} service(s) of the catalog: {services}. RUNBOOK_ENV is not "
+    "set and the catalog's `services:` mapping does not name them, so every step of their "
+    "incidents will be BLOCKED and the incident escalated. Fix: map each one under "
+    "`services:` in the catalog settings (e.g. `{example}: staging`), or set RUNBOOK_ENV."
+)
+CATCH_ALL_NO_ENVIRONMENT_WARNING = (
+    'NO ENVIRONMENT for services only a catch-all runbook (`services: ["*"]`) matches: '
+    "{runbooks}. RUNBOOK_ENV is not set, so incidents of any service not under `services:` "
+    "will have every step BLOCKED. Fix: set RUNBOOK_ENV, or map those services under "
+    "`services:`."
+)
+
+
+def environment_warnings(catalog: Catalog, default_env: str | None) -> list[str]:
+    """The start-up warnings about services whose incidents would get no environment."""
+    from bot.catalog.environment import catch_all_runbooks, unmapped_services
+
+    if default_env:
+        return []
+    found: list[str] = []
+    missing = unmapped_services(catalog, default_env)
+    if missing:
+        found.append(
+            UNMAPPED_SERVICES_WARNING.format(
+                count=len(missing), services=", ".join(missing), example=missing[0]
+            )
+        )
+    catch_all = catch_all_runbooks(catalog)
+    if catch_all:
+        found.append(CATCH_ALL_NO_ENVIRONMENT_WARNING.format(runbooks=", ".join(catch_all)))
+    return found
+
+
+# `runbookctl simulate` without --env, a mapping or RUNBOOK_ENV.
+SIMULATE_NO_ENVIRONMENT = (
+    "Environment: unknown — {detail}. To simulate it, map {service!r} under `services:` in "
+    "the catalog settings, or pass --env ENV (or set RUNBOOK_ENV)."
+)

@@ -43,6 +43,7 @@ WEBHOOK_SOURCES = ("pagerduty", "slack")
 WEBHOOK_OUTCOMES = ("accepted", "duplicate", "rejected")
 OUTBOX_RESULTS = ("sent", "retry", "failed")
 INBOX_SOURCES = ("pagerduty", "slack", "timer", "executor", "bot")
+CATALOG_RELOAD_RESULTS = ("success", "failed", "unchanged")
 
 Kind = Literal["counter", "histogram", "gauge", "info"]
 
@@ -149,6 +150,13 @@ webhook_deliveries = _counter(
     "Inbound webhook deliveries by source (pagerduty, slack) and outcome: accepted, "
     "duplicate (already seen, acknowledged and dropped), rejected (bad signature or body).",
     ("source", "outcome"),
+)
+catalog_reloads = _counter(
+    "runbook_catalog_reloads",
+    "Checks and reloads of the catalog directory by result: success (a new catalog is "
+    "served), failed (it has errors or could not be read; the last good one keeps "
+    "serving), unchanged (nothing new).",
+    ("result",),
 )
 pending_approvals = _gauge(
     "runbook_pending_approvals",

@@ -8,6 +8,11 @@ writes), and a missing file is an error rather than a new empty database.
   actions     outcomes of executed commands per action, with the success rate
   approvals   approval requests per action: how each ended and how long people took
   events      recent audit rows, filtered by incident, action, status and time
+
+and one report over the catalog rather than the audit log:
+
+  environments  the environment incidents of each service would act in, and why
+                (``bot.catalog.environment``: the rule the bot and simulate use)
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bot.catalog.model import Catalog
 from bot.errors import ConfigError, StoreError
 from bot.states import ApprovalStatus, Event
 
@@ -243,6 +249,42 @@ def _iso(ts: float | None) -> str:
     if ts is None:
         return ""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def environments(catalog: Catalog, default_env: str | None = "") -> Report:
+    """Every service the runbooks or the `services` mapping name, with its environment.
+
+    A last row stands for services only a catch-all (``*``) runbook matches: they get
+    RUNBOOK_ENV or nothing.
+    """
+    from bot.catalog.environment import catch_all_runbooks, resolve_environment
+    from bot.catalog.matcher import ANY_SERVICE, service_key
+
+    named: dict[str, tuple[str, list[str]]] = {}  # key -> (service as first written, runbooks)
+    for runbook in catalog.runbooks:
+        for service in runbook.match.services:
+            if service_key(service) != ANY_SERVICE:
+                named.setdefault(service_key(service), (service, []))[1].append(runbook.id)
+    for service in catalog.settings.services:
+        named.setdefault(service_key(service), (service, []))
+    rows: list[tuple[Any, ...]] = []
+    for key in sorted(named):
+        service, runbook_ids = named[key]
+        choice = resolve_environment(catalog, service, default_env=default_env)
+        rows.append(
+            (service, choice.env or "unknown", choice.source, ", ".join(runbook_ids) or "-")
+        )
+    catch_all = catch_all_runbooks(catalog)
+    if catch_all:
+        other = "(any other service)"
+        env = default_env or "unknown"
+        source = "RUNBOOK_ENV" if default_env else "none"
+        rows.append((other, env, source, ", ".join(catch_all)))
+    return Report(
+        "Environment of each service's incidents (services mapping, else RUNBOOK_ENV)",
+        ("service", "environment", "source", "runbooks"),
+        rows,
+    )
 
 
 # --- output --------------------------------------------------------------------------------

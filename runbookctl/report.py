@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from runbookctl.common import default_db, user_errors
+from runbookctl.common import catalog_option, default_db, user_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,7 +60,10 @@ def _since(text: str | None) -> float | None:
 
 @click.group()
 def report() -> None:
-    """Read the audit log: overrides, success rates, approval waits, recent events."""
+    """Read the audit log: overrides, success rates, approval waits, recent events.
+
+    `environments` reads the catalog instead: where each service's incidents would act.
+    """
 
 
 @report.command()
@@ -120,3 +123,37 @@ def events(
         since=_since(since),
         limit=limit,
     )
+
+
+@report.command()
+@click.option(
+    "--env",
+    "default_env",
+    default=None,
+    help="The bot's RUNBOOK_ENV, for services the catalog does not map. Default: $RUNBOOK_ENV.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@catalog_option
+def environments(default_env: str | None, fmt: str, catalog_dir: str) -> None:
+    """The environment each service's incidents act in (services mapping, else RUNBOOK_ENV).
+
+    "unknown" means every step of those incidents is blocked: map the service under
+    `services:` in the catalog settings, or set RUNBOOK_ENV.
+    """
+    import os
+
+    from bot.catalog import load_catalog
+    from bot.report import environments as build
+    from bot.report import render
+
+    with user_errors():
+        catalog = load_catalog(catalog_dir, with_git=False)
+        env = os.environ.get("RUNBOOK_ENV") if default_env is None else default_env
+        click.echo(render(build(catalog, env), fmt), nl=False)

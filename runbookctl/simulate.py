@@ -32,8 +32,9 @@ def _parse_details(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--env",
     default=None,
-    help="Environment of the incident. Default: $RUNBOOK_ENV, the catalog's service "
-    "mapping, else the last non-production environment of the catalog.",
+    help="Environment of the incident. Default: the catalog's `services` mapping for the "
+    "service, else $RUNBOOK_ENV; with neither it is unknown and every step is blocked, "
+    "as in the bot.",
 )
 @click.option(
     "--detail",
@@ -83,22 +84,21 @@ def simulate(
     Exits 1 when no runbook matches or the runbook stops (failure, rejection, block).
     """
     from bot.catalog import load_catalog
+    from bot.catalog.environment import resolve_environment
     from bot.chat.console import ConsoleTransport
     from bot.engine import Incident
     from bot.local import LocalRuntime
+    from bot.messages import SIMULATE_NO_ENVIRONMENT
     from bot.states import RunStatus
     from bot.store import Store
 
     mode = approve or ("ask" if execute else "all")
     with user_errors():
         catalog = load_catalog(catalog_dir)
-    lower = catalog.settings.lower_environments
-    env = (
-        env
-        or os.environ.get("RUNBOOK_ENV")
-        or catalog.environment_for_service(service)
-        or (lower[-1] if lower else "")
-    )
+    # The bot's rule (bot.catalog.environment); --env stands for an incident that says.
+    choice = resolve_environment(catalog, service, default_env=os.environ.get("RUNBOOK_ENV"))
+    why = "--env" if env else choice.detail
+    env = env or choice.env or ""
     alert = Incident(
         id=f"SIM-{uuid.uuid4().hex[:8].upper()}",
         title=symptom,
@@ -108,7 +108,10 @@ def simulate(
         details=_parse_details(details),
     )
     header = "EXECUTING commands for real" if execute else "dry run: nothing is executed"
-    click.echo(f"runbookctl simulate — {header}; approvals: {mode}; environment: {env}\n")
+    click.echo(
+        f"runbookctl simulate — {header}; approvals: {mode}; "
+        f"environment: {env or 'unknown'} ({why})\n"
+    )
     with tempfile.TemporaryDirectory(prefix="runbookctl-") as scratch:
         with user_errors():
             store = Store(db or os.path.join(scratch, "simulate.db"))
@@ -137,6 +140,8 @@ def simulate(
             f"no runbook matches service {service!r} with symptom {symptom!r}"
         )
     click.echo(f"\nrunbook {incident.runbook_id}: {run.status if run else 'none'}")
+    if not env:
+        click.echo(SIMULATE_NO_ENVIRONMENT.format(detail=choice.detail, service=service))
     if run is None or run.status not in (RunStatus.COMPLETED, RunStatus.CANCELLED):
         click.get_current_context().exit(1)
 

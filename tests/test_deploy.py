@@ -383,6 +383,32 @@ def test_service_monitor_scrapes_metrics_through_the_service(helm: Any) -> None:
     assert port["targetPort"] in {p["name"] for p in rendered.bot["ports"]}
 
 
+def test_catalog_refresh_commit_and_log_format_reach_the_bot(helm: Any) -> None:
+    def config(values: dict[str, Any] | None) -> Config:
+        env = render(helm, values).env()
+        return Config.from_env({name: e["value"] for name, e in env.items() if "value" in e})
+
+    defaults = config(None)
+    assert (defaults.catalog_refresh, defaults.catalog_commit) == (10.0, "")
+    assert defaults.log_format == "text"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    configmap = config(
+        {
+            "catalog": {
+                "source": "configMap",
+                "configMap": {"name": "runbook-catalog"},
+                "commit": commit,
+                "refreshSeconds": 0,
+            },
+            "logFormat": "json",
+        }
+    )
+    assert (configmap.catalog_refresh, configmap.catalog_commit) == (0.0, commit)
+    assert configmap.log_format == "json"
+    # git-sync: no fixed commit; the bot reads it from the synced checkout's directory
+    assert "RUNBOOK_CATALOG_COMMIT" not in render(helm, FULL_VALUES).env()
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -399,8 +425,23 @@ def test_service_monitor_scrapes_metrics_through_the_service(helm: Any) -> None:
             },
             "must be a plain YAML file name",
         ),
+        (
+            {"catalog": {"source": "gitSync", "gitSync": {"repo": GIT_REPO}, "commit": "abc"}},
+            "catalog.commit is for image and configMap catalogs",
+        ),
+        ({"catalog": {"refreshSeconds": -1}}, "catalog.refreshSeconds must be 0"),
+        ({"logFormat": "xml"}, "logFormat must be text or json"),
     ],
-    ids=["unknown-source", "git-without-repo", "configmap-without-files", "no-secret", "folder"],
+    ids=[
+        "unknown-source",
+        "git-without-repo",
+        "configmap-without-files",
+        "no-secret",
+        "folder",
+        "git-with-fixed-commit",
+        "negative-refresh",
+        "log-format",
+    ],
 )
 def test_values_that_cannot_work_are_refused(
     helm: Any, values: dict[str, Any], message: str
@@ -491,7 +532,13 @@ def test_image_layout_matches_the_interface() -> None:
     assert env["RUNBOOK_CATALOG"] == "/app/runbooks"
     assert env["PORT"] == "3000"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
-    assert env.keys() & KNOWN_ENV <= {"RUNBOOK_DB", "RUNBOOK_CATALOG", "PORT"}
+    assert env["RUNBOOK_CATALOG_COMMIT"] == "${CATALOG_COMMIT}"  # the build argument
+    assert env.keys() & KNOWN_ENV <= {
+        "RUNBOOK_DB",
+        "RUNBOOK_CATALOG",
+        "RUNBOOK_CATALOG_COMMIT",
+        "PORT",
+    }
 
     single = {i.name: i.args for i in stage if i.name not in ("ENV", "RUN", "ARG", "COPY")}
     assert single["WORKDIR"] == "/app"

@@ -64,3 +64,16 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (REPO / ".ci" / "run").read_text("utf-8")
     assert "python -m pytest" in README and "python -m pytest" in ci
     assert "runbookctl simulate" in README.split("## Run the tests")[0]
+
+
+def test_runbook_bot_help_names_every_setting() -> None:
+    from bot.__main__ import main
+
+    result = CliRunner().invoke(main, ["--help"], terminal_width=200)
+    assert result.exit_code == 0
+    flat = " ".join(result.output.split())
+    for name, _, _ in env_vars():
+        if name.endswith("_REACTIONS"):
+            continue  # lists: environment only
+        assert f"[env {name}]" in flat, f"runbook-bot --help does not show {name}"
+    assert "--catalog-commit" in flat and "--catalog-refresh" in flat and "--log-format" in flat

@@ -97,6 +97,14 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     assert [(d.code, d.line) for d in diagnostics] == [("RB001", 1)]
 
 
+def test_a_symlink_loop_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "catalog.yaml").write_text("kind: catalog\nenvironments: [{name: dev}]\n")
+    (tmp_path / "loop.yaml").symlink_to("loop.yaml")
+    diagnostics = parse_catalog(tmp_path).diagnostics
+    assert [(Path(d.file).name, d.code) for d in diagnostics] == [("loop.yaml", "RB001")]
+    assert "Too many levels of symbolic links" in diagnostics[0].message
+
+
 def test_missing_catalog_path(tmp_path: Path) -> None:
     diagnostics = parse_catalog(tmp_path / "nowhere").diagnostics
     assert [d.code for d in diagnostics] == ["RB009"]

@@ -145,6 +145,7 @@ CATALOG = {
 kind: catalog
 environments: [{name: dev}, {name: staging}, {name: prod, production: true}]
 approvers: {users: [U0ONCALL]}
+services: {orders: staging}
 """,
     "actions/write-marker.yaml": """
 kind: action

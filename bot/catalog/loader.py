@@ -17,6 +17,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -270,6 +271,8 @@ def load_catalog(
         commit = os.environ.get("RUNBOOK_CATALOG_COMMIT") or None
     if commit is None and with_git:
         commit, dirty = git_commit(Path(root))
+    if commit is None:
+        commit = commit_from_path(root)
     return build(parsed, commit=commit, dirty=dirty)
 
 
@@ -301,7 +304,7 @@ def git_commit(root: Path) -> tuple[str | None, bool]:
 def _display(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):  # outside cwd; a symlink loop (RB001 says so)
         return str(path)
 
 
@@ -657,3 +660,99 @@ def build(parsed: ParsedCatalog, *, commit: str | None = None, dirty: bool = Fal
         commit=commit,
         dirty=dirty,
     )
+
+
+# --- catalogs read in one go (bot.catalog.source) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileContent:
+    """One catalog file as read for a snapshot: its bytes, or why they were not read."""
+
+    path: Path  # under the root as configured: names files in messages, tells kinds apart
+    data: bytes = b""
+    size: int | None = None  # bytes on disk when `data` was left unread (over the limit)
+    error: str = ""  # why the file could not be read (strerror)
+
+
+def parse_contents(
+    root: str | os.PathLike[str], contents: Sequence[FileContent], *, run_rules: bool = True
+) -> ParsedCatalog:
+    """`parse_catalog` over files already read: the same documents, kinds and diagnostics.
+
+    Lets a reload lint exactly the bytes it read (never a file changed since). Keep the
+    two in step: tests/test_catalog_source.py checks they agree on every lint case.
+    """
+    from bot.catalog.yamlsource import decode_documents
+
+    root_path = Path(root)
+    parsed = ParsedCatalog(root=str(root_path))
+    seen_steps: dict[str, bool] = {}
+    for content in contents:
+        parsed.files += 1
+        docs, diagnostics = decode_documents(
+            content.data, _display(content.path), size=content.size, error=content.error
+        )
+        parsed.diagnostics.extend(diagnostics)
+        for doc in docs:
+            doc.kind = _detect_kind(doc, content.path, root_path)
+            if not doc.kind:
+                parsed.diagnostics.append(
+                    doc.diagnostic(
+                        "RB010",
+                        "schema",
+                        "cannot tell whether this document is an action, a runbook or the "
+                        "catalog settings",
+                        "add `kind: action`, `kind: runbook` or `kind: catalog`",
+                    )
+                )
+                continue
+            errors = _schema_errors(doc, seen_steps)
+            parsed.diagnostics.extend(errors)
+            if not errors:
+                parsed.docs.append(doc)
+    if run_rules:
+        from bot.catalog import rules
+
+        parsed.diagnostics.extend(rules.check(parsed))
+    parsed.diagnostics.sort(key=lambda d: (d.file, d.line, d.col, d.code))
+    return parsed
+
+
+_COMMIT_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def commit_from_path(root: str | os.PathLike[str]) -> str | None:
+    """The commit a symlink on the way to `root` points at, by its target's name.
+
+    git-sync publishes each commit as ``<root>/.worktrees/<commit>`` and flips a link to
+    it (``/git/current``), so ``/git/current/runbooks`` names its commit without git,
+    which the bot's image lacks and which would refuse a checkout owned by git-sync's
+    user anyway. Only link targets count, not every hex-named folder on the way.
+    """
+    found: str | None = None
+    probe = Path(os.path.abspath(root))
+    for depth in range(1, len(probe.parts) + 1):
+        prefix = Path(*probe.parts[:depth])
+        if prefix.is_symlink():
+            name = Path(os.path.realpath(prefix)).name
+            if _COMMIT_NAME.fullmatch(name):
+                found = name
+    return found
+
+
+def catalog_commit(
+    root: str | os.PathLike[str], *, override: str | None = None, with_git: bool = True
+) -> tuple[str | None, bool]:
+    """Which commit a catalog directory holds, and whether it differs from it (dirty).
+
+    In order: `override` (RUNBOOK_CATALOG_COMMIT), Git (HEAD of the repository holding
+    root), the git-sync link (`commit_from_path`); else unknown (None).
+    """
+    if override:
+        return override, False
+    if with_git:
+        commit, dirty = git_commit(Path(root))
+        if commit:
+            return commit, dirty
+    return commit_from_path(root), False

@@ -22,15 +22,22 @@ from bot.catalog.model import Runbook
 
 Score = tuple[int, int, int, int]
 
+ANY_SERVICE = "*"
+
+
+def service_key(name: str) -> str:
+    """How service names and ids are compared, here and in the `services` mapping."""
+    return name.casefold()
+
 
 def score(
     runbook: Runbook, service: str, symptom: str, *, service_id: str = "", details: str = ""
 ) -> Score | None:
-    names = {service.casefold(), service_id.casefold()} - {""}
-    wanted = {s.casefold() for s in runbook.match.services}
+    names = {service_key(service), service_key(service_id)} - {""}
+    wanted = {service_key(s) for s in runbook.match.services}
     if names & wanted:
         named = 1
-    elif "*" in wanted:
+    elif ANY_SERVICE in wanted:
         named = 0
     else:
         return None

@@ -194,6 +194,20 @@ class Settings:
     def is_production(self, env: str) -> bool:
         return any(e.name == env and e.production for e in self.environments)
 
+    @functools.cached_property
+    def service_environments(self) -> Mapping[str, tuple[str, str]]:
+        """`services` keyed as the matcher compares services: key -> (name as written, env).
+
+        Two names that differ only in case are one service; the first one written wins
+        (lint reports the pair as RB039 when their environments differ).
+        """
+        from bot.catalog.matcher import service_key
+
+        index: dict[str, tuple[str, str]] = {}
+        for name, env in self.services.items():
+            index.setdefault(service_key(name), (name, env))
+        return index
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -236,8 +250,14 @@ class Catalog:
         return self.settings.escalation
 
     def environment_for_service(self, service: str, service_id: str = "") -> str | None:
-        services = self.settings.services
-        return services.get(service) or (services.get(service_id) if service_id else None)
+        """The environment the `services` mapping gives (name, then id; any case), or None.
+
+        Only the mapping: `bot.catalog.environment.resolve_environment` adds RUNBOOK_ENV.
+        """
+        from bot.catalog.environment import mapped_environment
+
+        found = mapped_environment(self.settings, service, service_id)
+        return found.env if found else None
 
     def match(
         self, service: str, symptom: str = "", *, service_id: str = "", details: str = ""

@@ -52,6 +52,11 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
                              code (``sh -c``, ``ssh``, ``eval``, ``su -c``, through ``sudo``,
                              ``env``, ``xargs``, ``kubectl exec``…): a warning; an error
                              without approval
+  RB038 W unmapped-service   the catalog has a ``services`` mapping, and a service a runbook
+                             matches is not in it (any case): its incidents get RUNBOOK_ENV,
+                             or no environment (every step blocked)
+  RB039 E conflicting-service-mapping  two ``services`` keys that differ only in case map
+                             to different environments
 """
 
 from __future__ import annotations
@@ -1263,3 +1268,58 @@ def _suggest(
 
     close = difflib.get_close_matches(value, list(known), n=1)
     return f"did you mean {prefix + close[0]!r}?" if close else fallback
+
+
+# --- environments of services ------------------------------------------------------------
+
+
+@rule
+def unmapped_services(ctx: Context) -> Iterator[Diagnostic]:
+    """RB038: with a `services` mapping, every service a runbook names should be in it."""
+    from bot.catalog.environment import resolve_environment
+    from bot.catalog.matcher import ANY_SERVICE, service_key
+
+    settings_docs = ctx.parsed.of_kind("catalog")
+    if not settings_docs or not ctx.settings.services:
+        return
+    settings_doc = settings_docs[0]
+    line, _ = settings_doc.where(("services",), key=True)
+    where = f"{settings_doc.file}:{line}"
+    for doc in ctx.runbooks:
+        for i, service in enumerate(doc.data["match"]["services"]):
+            if service_key(service) == ANY_SERVICE:
+                continue
+            if resolve_environment(ctx.settings, service).known:
+                continue
+            yield doc.diagnostic(
+                "RB038",
+                "unmapped-service",
+                f"service {service!r} is not under `services` ({where}): its incidents get "
+                "the bot's RUNBOOK_ENV, or no environment at all (every step blocked) where "
+                "RUNBOOK_ENV is not set",
+                f"map it under `services:` in {settings_doc.file} (e.g. `{service}: staging`)",
+                ("match", "services", i),
+                severity="warning",
+            )
+
+
+@rule
+def conflicting_service_mappings(ctx: Context) -> Iterator[Diagnostic]:
+    """RB039: two `services` keys that differ only in case name one service: one env."""
+    from bot.catalog.matcher import service_key
+
+    for doc in ctx.parsed.of_kind("catalog")[:1]:
+        first: dict[str, tuple[str, str]] = {}
+        for name, env in doc.data.get("services", {}).items():
+            other = first.setdefault(service_key(name), (name, env))
+            if other[0] == name or other[1] == env:
+                continue
+            yield doc.diagnostic(
+                "RB039",
+                "conflicting-service-mapping",
+                f"{name!r} maps to {env}, but {other[0]!r} maps to {other[1]}: services are "
+                "matched without regard to case, so both are one service",
+                f"keep one of them; {other[0]!r} (written first) is the one that counts now",
+                ("services", name),
+                key=True,
+            )

@@ -368,3 +368,37 @@ def _yaml_type(value: Any) -> str:
     if isinstance(value, str):
         return "string"
     return type(value).__name__
+
+
+def decode_documents(
+    raw: bytes, name: str, *, size: int | None = None, error: str = ""
+) -> tuple[list[SourceDoc], list[Diagnostic]]:
+    """`read_documents` for bytes already read (a consistent snapshot of a catalog).
+
+    `size` is the file's size on disk when `raw` was not read because it is over the
+    limit; `error` the reason it could not be read at all. Same diagnostics as reading.
+    """
+    diagnostics: list[Diagnostic] = []
+
+    def problem(code: str, rule: str, message: str, fix: str, line: int = 1) -> None:
+        diagnostics.append(Diagnostic(code, rule, "error", message, fix, name, line, 1))
+
+    if error:
+        problem("RB001", "yaml-syntax", f"cannot read file: {error}", "check the path")
+        return [], diagnostics
+    size = len(raw) if size is None else size
+    if size > MAX_FILE_BYTES:
+        problem(
+            "RB004",
+            "file-too-large",
+            f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit",
+            "split it into several files (one action or runbook per file)",
+        )
+        return [], diagnostics
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        problem("RB001", "yaml-syntax", "file is not valid UTF-8", "save the file as UTF-8", line)
+        return [], diagnostics
+    return parse_documents(text, name, diagnostics)

@@ -81,6 +81,15 @@ Refuse values that would deploy a bot that cannot start or cannot find its catal
 {{- if and (eq .Values.catalog.source "configMap") (not .Values.catalog.configMap.name) (not .Values.catalog.configMap.files) }}
 {{- fail "catalog.source=configMap needs catalog.configMap.name (an existing ConfigMap) or catalog.configMap.files" }}
 {{- end }}
+{{- if and (eq .Values.catalog.source "gitSync") .Values.catalog.commit }}
+{{- fail "catalog.commit is for image and configMap catalogs: with gitSync the bot reads each synced commit from the checkout, and a fixed value would go stale" }}
+{{- end }}
+{{- if lt (float64 .Values.catalog.refreshSeconds) 0.0 }}
+{{- fail "catalog.refreshSeconds must be 0 (no periodic checks) or more" }}
+{{- end }}
+{{- if not (has .Values.logFormat (list "text" "json")) }}
+{{- fail (printf "logFormat must be text or json (got %q)" .Values.logFormat) }}
+{{- end }}
 {{- if not .Values.secrets.existingSecret }}
 {{- fail "secrets.existingSecret must name the Secret holding the Slack and PagerDuty credentials (see deploy/README.md)" }}
 {{- end }}
