@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import fields
 from typing import Any
 
@@ -36,14 +35,12 @@ def main(**flags: Any) -> None:
     overrides it.
     """
     from bot.errors import RunbookBotError
+    from bot.logs import configure_logging
     from bot.server import serve
 
     try:
         config = Config.from_env(**flags)
-        logging.basicConfig(
-            level=config.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging(config)
         serve(config)
     except RunbookBotError as exc:
         raise click.ClickException(str(exc)) from None

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from bot import effects, executor, messages, metrics, policy
+from bot.catalog.environment import resolve_environment
 from bot.catalog.model import Action, Approvers, Catalog, Runbook, Step
 from bot.chat.base import IncidentView, StepView
 from bot.conditions import ConditionError, evaluate
@@ -148,8 +149,13 @@ class Engine:
         clock: Callable[[], float] = now,
         output_cap: int = 64_000,
         details: Callable[[str], Mapping[str, Any]] | None = None,
+        catalog_of: Callable[[str], Catalog | None] | None = None,
     ) -> None:
-        self.catalog = catalog
+        self.catalog = catalog  # new incidents use it; runs keep the one they started with
+        # Catalogs of older versions, for runs that started on them (loaded on demand from
+        # what the bot stored: `catalog_of(version)`).
+        self.catalog_of = catalog_of
+        self._catalogs: dict[str, Catalog] = {catalog.version: catalog}
         self.store = store
         self.executor = executor_
         self.default_env = default_env
@@ -162,7 +168,7 @@ class Engine:
         # Reads an incident's alert details when the trigger carried none (PagerDuty's
         # REST API); called before the transaction, never inside it.
         self.details = details
-        self._runbook_index: tuple[Catalog | None, dict[str, Runbook]] = (None, {})
+        self._runbooks: dict[int, dict[str, Runbook]] = {}  # id(catalog) -> runbooks by id
 
     # --- the one entry point ---------------------------------------------------------------
 
@@ -228,6 +234,7 @@ class Engine:
             InboxKind.FINISHED: self._finished,
             InboxKind.INTERRUPTED: self._interrupted,
             InboxKind.REPAIR: self._repair,
+            InboxKind.CATALOG_LOADED: self._catalog_loaded,
         }
 
     # --- PagerDuty (and simulated) incident events -----------------------------------------
@@ -258,11 +265,13 @@ class Engine:
         runbook = self.catalog.match(
             p["service"], p["title"], service_id=p.get("service_id", ""), details=details_text
         )
-        env = (
-            p.get("env")
-            or self.catalog.environment_for_service(p["service"], p.get("service_id", ""))
-            or self.default_env
-        )
+        if p.get("env"):
+            env, why = str(p["env"]), "the incident says so"
+        else:
+            choice = resolve_environment(
+                self.catalog, p["service"], p.get("service_id", ""), self.default_env
+            )
+            env, why = choice.env or "", choice.detail
         incident = c.u.create_incident(
             {
                 "id": c.item.incident_id,
@@ -282,6 +291,13 @@ class Engine:
         )
         if incident is None:
             return InboxStatus.IGNORED, "incident already open"
+        log.info(
+            "incident %s (%s): %s; environment %s (%s)",
+            incident.id, incident.service,
+            f"runbook {runbook.id}" if runbook else "no runbook matches",
+            env or "unknown", why,
+            extra={"incident": incident.id, "service": incident.service},
+        )  # fmt: skip
         metrics.incidents.labels(
             metrics.service_label(incident.service), "yes" if runbook else "no"
         ).inc()
@@ -386,7 +402,7 @@ class Engine:
                 return
             if run.phase is Phase.MAIN and not incident.open:
                 return  # resolving cancels the main run; nothing of it starts any more
-            runbook = self._runbook(run.runbook_id)
+            runbook = self._run_runbook(run)
             if runbook is None:
                 self._finish_run(c, incident, run, RunStatus.FAILED, "its runbook left the catalog")
                 return
@@ -436,7 +452,7 @@ class Engine:
         """A finished step: the run moved on (returned), or stopped (None)."""
         status = done.status
         if index >= ROLLBACK_INDEX_BASE:
-            original = _steps(self._runbook(run.runbook_id), run.phase)[run.cursor]
+            original = _steps(self._run_runbook(run), run.phase)[run.cursor]
             if status.moves_on and original.on_failure.then == "continue":
                 return c.u.move_cursor(run, run.cursor + 1)
             self._stop(
@@ -470,12 +486,15 @@ class Engine:
     def _stop(self, c: _Context, incident: IncidentRow, run: Run, reason: str) -> None:
         if not self._finish_run(c, incident, run, RunStatus.ESCALATED, reason):
             return
-        runbook = self._runbook(incident.runbook_id or "")
-        escalation = self.catalog.escalation_for(runbook)
+        cat = self._of(run)
+        escalation = cat.escalation_for(self._runbook(run.runbook_id, cat))
         c.u.event(incident, Event.ESCALATED, detail=reason)
         mention = f"{escalation.mention} " if escalation.mention else ""
         self._note(c, incident, f"{mention}Escalating: {reason}.")
-        log.info("incident %s escalated: %s", incident.id, reason)
+        log.info(
+            "incident %s escalated: %s", incident.id, reason,
+            extra={"incident": incident.id, "service": incident.service},
+        )  # fmt: skip
         if self.writeback and escalation.pagerduty:
             c.u.emit(effects.pagerduty(incident.id, Kind.PD_ESCALATE, {"reason": reason}))
 
@@ -502,7 +521,7 @@ class Engine:
                 summary=summary,
             )
             c.u.emit(effects.pagerduty(incident.id, Kind.PD_NOTE, {"text": note}))
-            runbook = self._runbook(run.runbook_id)
+            runbook = self._run_runbook(run)
             all_succeeded = all(
                 s.status in (StepStatus.SUCCESS, StepStatus.DRY_RUN) for s in results
             )
@@ -531,11 +550,12 @@ class Engine:
     ) -> StepRun:
         """Create the step's attempt with the policy's decision, and show it."""
         action = step.action
+        cat = self._of(run)
         skip_reason = self._skip_reason(c.u, incident, run, step)
-        decision = policy.decide(action, incident.env, self.catalog.settings)
+        decision = policy.decide(action, incident.env, cat.settings)
         render_error = ""
         try:
-            command = self._display_command(action, self._context(incident, step))
+            command = self._display_command(action, self._context(incident, step), cat)
         except (executor.TemplateError, ValueError) as exc:
             command, render_error = action.command_text, str(exc)
         values: dict[str, Any] = {
@@ -545,7 +565,7 @@ class Engine:
             "step_id": step.id,
             "action": action.id,
             "attempt": 1,
-            "catalog_commit": self.catalog.version,
+            "catalog_commit": cat.version,
             "command": command,
             "decision": decision.kind,
             "reason": decision.reason,
@@ -564,14 +584,14 @@ class Engine:
             values.update(status=StepStatus.BLOCKED, finished_at=c.u.at)
         elif decision.kind == "needs_approval":
             values["status"] = StepStatus.AWAITING_APPROVAL
-            approvers = self.catalog.approvers_for(runbook, action)
+            approvers = cat.approvers_for(runbook, action)
             approval = {
                 "incident_id": incident.id,
                 "action": action.id,
                 "approvers": {"users": list(approvers.users), "groups": list(approvers.groups)},
-                "expires_at": c.item.received_at + self.catalog.approval_timeout_for(action),
+                "expires_at": c.item.received_at + cat.approval_timeout_for(action),
                 "fingerprint": fingerprint(command),
-                "catalog_commit": self.catalog.version,
+                "catalog_commit": cat.version,
             }
         else:
             # Automatic: created claimed. The unique attempt row is the claim.
@@ -657,8 +677,9 @@ class Engine:
         changed since it was approved: that attempt is superseded and a new one asks again.
         """
         action = step.action
+        cat = self._of(run)
         approval = c.u.approval(approved.id)
-        decision = policy.decide(action, incident.env, self.catalog.settings)
+        decision = policy.decide(action, incident.env, cat.settings)
         check = policy.may_run(
             decision,
             approval=approval.status if approval else "none",  # type: ignore[arg-type]
@@ -678,7 +699,7 @@ class Engine:
                 self._show(c, incident, run, step, closed, len(steps), approval)
             return closed
         try:
-            command = self._display_command(action, self._context(incident, step))
+            command = self._display_command(action, self._context(incident, step), cat)
         except (executor.TemplateError, ValueError):
             command = ""
         if (
@@ -686,7 +707,7 @@ class Engine:
             and approval.fingerprint
             and fingerprint(command) != approval.fingerprint
         ):
-            self._supersede(c, incident, run, runbook, steps, step, approved, approval, command)
+            self._supersede(c, incident, run, cat, runbook, step, approved, approval, command)
             return None
         runner = self.executor.reserve()
         claimed = c.u.set_step(approved, StepStatus.RUNNING, runner=runner)
@@ -704,22 +725,26 @@ class Engine:
         c: _Context,
         incident: IncidentRow,
         run: Run,
+        cat: Catalog,
         runbook: Runbook,
-        steps: tuple[Step, ...],
         step: Step,
         old: StepRun,
         approval: Approval,
         command: str,
     ) -> None:
-        """What would run is not what was approved: void it, and ask again."""
+        """What would run is not what was approved: void it, and ask again (under `cat`,
+        which the run goes on with from here)."""
         detail = messages.SUPERSEDED_DETAIL
         gone = c.u.set_step(old, StepStatus.SUPERSEDED, detail=detail)
         if gone is None:
             return
         c.u.decide_approval(approval, ApprovalStatus.VOID, "", c.u.at)
         c.u.event(incident, Event.SUPERSEDED, step_id=step.id, action=step.action.id, detail=detail)
-        self._show(c, incident, run, step, gone, len(steps), approval)
-        approvers = self.catalog.approvers_for(runbook, step.action)
+        self._show(c, incident, run, step, gone, self._total(run), approval)
+        if cat.version != run.catalog_commit:
+            run = c.u.set_run_catalog(run, cat.version) or run
+        steps = _steps(runbook, run.phase)
+        approvers = cat.approvers_for(runbook, step.action)
         retry = c.u.create_step_run(
             {
                 "run_id": run.id,
@@ -728,7 +753,7 @@ class Engine:
                 "step_id": step.id,
                 "action": step.action.id,
                 "attempt": old.attempt + 1,
-                "catalog_commit": self.catalog.version,
+                "catalog_commit": cat.version,
                 "command": command,
                 "decision": "needs_approval",
                 "reason": old.reason,
@@ -738,9 +763,9 @@ class Engine:
                 "incident_id": incident.id,
                 "action": step.action.id,
                 "approvers": {"users": list(approvers.users), "groups": list(approvers.groups)},
-                "expires_at": c.u.at + self.catalog.approval_timeout_for(step.action),
+                "expires_at": c.u.at + cat.approval_timeout_for(step.action),
                 "fingerprint": fingerprint(command),
-                "catalog_commit": self.catalog.version,
+                "catalog_commit": cat.version,
             },
         )
         if retry is not None:
@@ -766,7 +791,7 @@ class Engine:
             ),
             context=self._context(incident, step),
             output_cap=self.output_cap,
-            secret_patterns=tuple(self.catalog.settings.secret_patterns),
+            secret_patterns=tuple(self._of(run).settings.secret_patterns),
         )
 
     def _finished(self, c: _Context) -> tuple[InboxStatus, str]:
@@ -827,7 +852,7 @@ class Engine:
         )  # fmt: skip
         if step is not None:
             approval = c.u.approval(done.id) if done.decision == "needs_approval" else None
-            total = len(_steps(self._runbook(run.runbook_id), run.phase))
+            total = self._total(run)
             self._show(c, incident, run, step, done, total, approval)
 
     def _repair(self, c: _Context) -> tuple[InboxStatus, str]:
@@ -876,6 +901,35 @@ class Engine:
                     run = c.u.set_run_status(run, RunStatus.RUNNING) or run
                 self._walk(c, incident, run)
         return InboxStatus.DONE, "repaired"
+
+    def _catalog_loaded(self, c: _Context) -> tuple[InboxStatus, str]:
+        """A new catalog is served: a request whose command it would render differently is
+        void, and asked again as the new catalog has it (its run goes on with it)."""
+        incident = c.u.incident(c.item.incident_id)
+        if incident is None:
+            return InboxStatus.IGNORED, "unknown incident"
+        cat = self.catalog
+        asked = 0
+        for run in c.u.runs_of(incident.id):
+            if not run.status.live or run.catalog_commit == cat.version:
+                continue
+            for approval, step_run in c.u.pending_approvals(run.id):
+                runbook = self._runbook(run.runbook_id, cat)
+                steps = _steps(runbook, run.phase)
+                index = step_run.step_index
+                if runbook is None or index >= len(steps) or steps[index].id != step_run.step_id:
+                    continue  # not in the new catalog as it was: it stays as it was shown
+                step = steps[index]
+                try:
+                    command = self._display_command(step.action, self._context(incident, step), cat)
+                except (executor.TemplateError, ValueError):
+                    continue
+                if fingerprint(command) != approval.fingerprint:
+                    self._supersede(
+                        c, incident, run, cat, runbook, step, step_run, approval, command
+                    )
+                    asked += 1
+        return InboxStatus.DONE, f"{asked} request(s) asked again under {cat.version}"
 
     # --- approvals -------------------------------------------------------------------------
 
@@ -1250,18 +1304,45 @@ class Engine:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _runbook(self, runbook_id: str) -> Runbook | None:
-        # Catalog.runbook scans every runbook; indexed per catalog object, so a reloaded
-        # catalog is seen.
-        if self._runbook_index[0] is not self.catalog:
-            self._runbook_index = (self.catalog, {r.id: r for r in self.catalog.runbooks})
-        return self._runbook_index[1].get(runbook_id)
+    def use_catalog(self, catalog: Catalog) -> None:
+        """Serve a newly loaded catalog to new incidents (runs keep theirs)."""
+        self._catalogs[catalog.version] = catalog
+        self.catalog = catalog
+
+    def _of(self, run: Run) -> Catalog:
+        """The catalog a run started with (or was moved to): it finishes on it."""
+        version = run.catalog_commit
+        found = self._catalogs.get(version)
+        if found is None and self.catalog_of is not None and version:
+            found = self.catalog_of(version)
+            if found is not None:
+                self._catalogs[version] = found
+        if found is None:
+            log.warning(
+                "catalog %s of run %s is not available: it goes on with %s",
+                version or "(unknown)", run.id, self.catalog.version,
+            )  # fmt: skip
+            found = self._catalogs[version] = self.catalog
+        return found
+
+    def _runbook(self, runbook_id: str, catalog: Catalog | None = None) -> Runbook | None:
+        # Catalog.runbook scans every runbook; indexed per catalog object.
+        cat = catalog or self.catalog
+        index = self._runbooks.get(id(cat))
+        if index is None:
+            if len(self._runbooks) > 64:
+                self._runbooks.clear()
+            index = self._runbooks[id(cat)] = {r.id: r for r in cat.runbooks}
+        return index.get(runbook_id)
+
+    def _run_runbook(self, run: Run) -> Runbook | None:
+        return self._runbook(run.runbook_id, self._of(run))
 
     def _total(self, run: Run) -> int:
-        return len(_steps(self._runbook(run.runbook_id), run.phase))
+        return len(_steps(self._run_runbook(run), run.phase))
 
     def _step_of(self, run: Run, step_run: StepRun) -> Step | None:
-        steps = _steps(self._runbook(run.runbook_id), run.phase)
+        steps = _steps(self._run_runbook(run), run.phase)
         index = step_run.step_index
         if index >= ROLLBACK_INDEX_BASE:
             original = index - ROLLBACK_INDEX_BASE
@@ -1288,12 +1369,12 @@ class Engine:
     def _context(self, incident: IncidentRow, step: Step) -> dict[str, Any]:
         return {"incident": _incident_context(incident), "params": step.resolved_params}
 
-    def _display_command(self, action: Action, context: Mapping[str, Any]) -> str:
+    def _display_command(self, action: Action, context: Mapping[str, Any], catalog: Catalog) -> str:
         spec = executor.CommandSpec(command=action.command, shell=action.shell)
         argv = executor.render_argv(spec, context)
         patterns: tuple[str | re.Pattern[str], ...] = (
             *executor.DEFAULT_SECRET_PATTERNS,
-            *self.catalog.settings.secret_patterns,
+            *catalog.settings.secret_patterns,
         )
         shown = argv[-1] if action.shell else shlex.join(argv)
         return executor.mask_secrets(shown, (), patterns)

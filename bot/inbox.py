@@ -103,8 +103,14 @@ class Inbox:
             catalog_commit=self.catalog_commit(),
             status=InboxStatus.QUEUED if waiting_for is None else InboxStatus.PARKED,
         )
-        if new and waiting_for is None:
-            self.wake()
+        if new:
+            log.info(
+                "incident %s: %s received from %s",
+                incident_id or "(not known yet)", kind, source,
+                extra={"incident": incident_id, "kind": str(kind), "source": source},
+            )  # fmt: skip
+            if waiting_for is None:
+                self.wake()
         return new
 
     def wake(self) -> None:

@@ -296,6 +296,11 @@ class OutboxSender:
         self._uncertain.discard(item.id)
         self.store.outbox_sent(item, ts=sent.ts, channel=sent.channel)
         metrics.outbox_sends.labels(item.target, "sent").inc()
+        if item.target == "pagerduty":
+            log.info(
+                "incident %s: write-back %s delivered to PagerDuty", item.incident_id, item.kind,
+                extra={"incident": item.incident_id, "kind": item.kind},
+            )  # fmt: skip
 
     def _backoff(self, attempts: int) -> float:
         base = min(self.backoff_max, self.backoff_first * 2.0 ** min(attempts, 16))

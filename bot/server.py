@@ -33,15 +33,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot import __version__, metrics
-from bot.catalog import load_catalog
 from bot.catalog.model import Catalog
+from bot.catalog.source import CatalogSource
 from bot.config import Config
 from bot.engine import Engine
 from bot.errors import ConfigError
 from bot.inbox import Inbox, database_unusable
 from bot.jobs import JobEnd, SupervisedExecutor, end_item
+from bot.messages import environment_warnings
 from bot.outbox import Budgets, OutboxSender, Transport
 from bot.pagerduty import PagerDutyIntake
+from bot.states import InboxKind
 from bot.store import StepRun, Store
 
 if TYPE_CHECKING:
@@ -94,8 +96,16 @@ class BotApp:
         outbox_backoff: tuple[float, float] | None = None,
     ) -> None:
         self.config = config
-        self.catalog = load_catalog(config.catalog)
         self.store = Store(config.db)
+        # The catalog lives in Git: checked every RUNBOOK_CATALOG_REFRESH seconds and on
+        # SIGHUP, linted before it is served, never served broken (bot.catalog.source).
+        self.source = CatalogSource(
+            config.catalog,
+            commit_override=config.catalog_commit or None,
+            on_loaded=self._catalog_loaded,
+            on_failed=self._catalog_failed,
+        )
+        self.source.start(self.store.catalog_snapshot())
         self.inbox = Inbox(
             self.store,
             self._apply,
@@ -127,7 +137,7 @@ class BotApp:
             backoff_max=most,
         )
         self.engine = Engine(
-            self.catalog,
+            self.source.current(),
             self.store,
             self.executor,
             default_env=config.env,
@@ -136,7 +146,9 @@ class BotApp:
             writeback=config.pagerduty_writeback,
             chat=self.slack is not None,
             details=self.pagerduty.details if self.pagerduty.api is not None else None,
+            catalog_of=self._stored_catalog,
         )
+        self._save_catalog(self.source.current())
         self._stopping = threading.Event()
         self._never_started: list[StepRun] = []  # found by repair(), started by start()
         self._timer: threading.Thread | None = None
@@ -144,8 +156,56 @@ class BotApp:
         self._ready_lock = threading.Lock()
         self.checkpoint_seconds = CHECKPOINT_SECONDS
         metrics.set_info(__version__, self.catalog.version)
+        for warning in environment_warnings(self.catalog, config.env):
+            log.warning("%s", warning)
         metrics.track_pending_approvals(lambda: float(self.store.count_pending_approvals()))
         metrics.track_queues(self.store.count_queued, self.store.count_outbox_pending)
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog new incidents get."""
+        return self.engine.catalog
+
+    # --- the catalog, reloaded -------------------------------------------------------------
+
+    def _catalog_loaded(self, catalog: Catalog, result: Any) -> None:
+        """A good new catalog: served to new incidents, remembered, announced; requests
+        waiting under an older one are checked against it (through each incident's inbox)."""
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return  # the first load, before the engine exists: __init__ takes it from here
+        engine.use_catalog(catalog)
+        self._save_catalog(catalog)
+        metrics.set_info(__version__, catalog.version)
+        log.info("catalog %s loaded (%d runbooks)", catalog.version, len(catalog.runbooks))
+        for incident_id in self.store.incidents_waiting_for_approval():
+            self.inbox.put(
+                source="bot",
+                key=f"catalog:{catalog.version}:{incident_id}",
+                incident_id=incident_id,
+                kind=InboxKind.CATALOG_LOADED,
+                payload={"version": catalog.version},
+            )
+
+    def _catalog_failed(self, result: Any) -> None:
+        log.error("the catalog in %s was not loaded:\n%s", self.config.catalog, result.report())
+
+    def _save_catalog(self, catalog: Catalog) -> None:
+        try:
+            self.store.save_catalog(catalog.version, self.source.snapshot())
+        except Exception as exc:  # the catalog is served anyway; a restart may not find it
+            log.warning("could not store catalog %s: %s", catalog.version, exc)
+
+    def _stored_catalog(self, version: str) -> Catalog | None:
+        """A catalog the bot served before (for a run that started on it)."""
+        snapshot = self.store.catalog_snapshot(version)
+        if snapshot is None:
+            return None
+        try:
+            return CatalogSource.from_snapshot(snapshot, self.config.catalog).current()
+        except Exception as exc:
+            log.warning("stored catalog %s cannot be served: %s", version, exc)
+            return None
 
     def _build_slack(self, tuning: SlackTuning | None) -> SlackAdapter | None:
         if not self.config.slack_enabled:
@@ -229,6 +289,13 @@ class BotApp:
             target=self._housekeeping_loop, name="housekeeping", daemon=True
         )
         self._timer.start()
+        self._reloader = threading.Thread(
+            target=self.source.run,
+            args=(self._stopping, self.config.catalog_refresh),
+            name="catalog",
+            daemon=True,
+        )
+        self._reloader.start()
 
     def stop(self, grace: float | None = None) -> bool:
         """Take no new work; let running steps finish up to the grace period.
@@ -239,6 +306,7 @@ class BotApp:
         grace = self.config.shutdown_grace if grace is None else grace
         deadline = time.monotonic() + grace
         self._stopping.set()
+        self.source.close()
         if self.slack is not None:
             self.slack.stop()
         self.inbox.stop(timeout=max(0.0, deadline - time.monotonic()))
@@ -349,6 +417,10 @@ class BotApp:
             "catalog": self.catalog.version,
             "inbox_queued": None,
         }
+        failure = self.source.last_failure
+        if failure is not None:
+            # Still ready: the last good catalog serves. The body says what is wrong.
+            body["catalog_not_loaded"] = failure.report()
         with contextlib.suppress(Exception):
             body["inbox_queued"] = self.store.count_queued()
         return _json(start_response, "503 Service Unavailable" if reason else "200 OK", body)
@@ -441,6 +513,8 @@ def serve(config: Config) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP: read the catalog again now (a storm of them costs at most one more reload).
+    signal.signal(signal.SIGHUP, lambda signum, frame: app.source.request_reload())
     log.info("runbook-bot %s listening on %s:%s", __version__, config.host, server.port)
     try:
         server.serve()

@@ -148,6 +148,7 @@ class InboxKind(StrEnum):
     FINISHED = "step.finished"  # an executor: the command's result
     INTERRUPTED = "step.interrupted"  # its outcome cannot be known
     REPAIR = "incident.repair"  # show what was never shown, settle what was left half-done
+    CATALOG_LOADED = "catalog.loaded"  # a new catalog: re-check what waits for approval
 
 
 class Refusal(StrEnum):

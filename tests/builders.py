@@ -120,13 +120,15 @@ def runbook(
     )
 
 
-def catalog(*runbooks: Runbook, settings: Settings = SETTINGS) -> Catalog:
+def catalog(
+    *runbooks: Runbook, settings: Settings = SETTINGS, commit: str = "c0ffee1234567"
+) -> Catalog:
     actions: dict[str, Action] = {}
     for rb in runbooks:
         for s in (*rb.steps, *rb.on_resolve):
             actions.setdefault(s.action.id, s.action)
     return Catalog(
-        settings=settings, actions=actions, runbooks=runbooks, root="test", commit="c0ffee1234567"
+        settings=settings, actions=actions, runbooks=runbooks, root="test", commit=commit
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 from builders import (
     APPROVER,
+    SETTINGS,
     Clock,
     RecordingTransport,
     action,
@@ -902,26 +904,61 @@ def test_a_result_recorded_while_the_bot_was_down_continues_the_runbook(h: Harne
 def test_an_approval_applies_to_the_command_shown_a_changed_command_asks_again(
     h: Harness,
 ) -> None:
+    """A reload changes what a waiting step would run: its request is void and asked
+    again, and only the new rendering, once approved, runs."""
     old = action("clear-cache", (*marking(h.marks, "old"), "db0"), approval=True)
     h.build(simple(step(old)))
     h.open()
     first = h.pending()
     assert h.chat.steps[0].fingerprint == first.fingerprint != ""
-    # The catalog changes what the step would run before anyone approves.
-    h.rt.engine.catalog = simple(
-        step(action("clear-cache", (*marking(h.marks, "new"), "db1"), approval=True))
+    new = action("clear-cache", (*marking(h.marks, "new"), "db1"), approval=True)
+    h.rt.engine.use_catalog(
+        catalog(runbook("payments-5xx", [step(new)], symptoms=("5xx",)), commit="beef00000001")
     )
-    assert h.approve(first.step_run_id)[0]
-    assert ran(h.marks) == []  # the approved rendering is not what would run now
+    h.rt.put(
+        source="bot",
+        key="catalog:beef00000001:P1",
+        incident_id="P1",
+        kind="catalog.loaded",
+        payload={"version": "beef00000001"},
+    )
+    h.rt.settle()
     voided = h.store.approval(first.step_run_id)
     assert voided is not None and voided.status == "void"
+    assert not h.approve(first.step_run_id)[0]  # the old rendering can no longer be approved
     second = h.pending()
     assert second.step_run_id != first.step_run_id and second.fingerprint != first.fingerprint
     assert [s.attempt for s in h.store.step_runs_of("P1")] == [1, 2]
     assert ("clear-cache", "superseded") in h.events()
     assert h.chat.latest("clear-cache").attempt == 2
+    assert h.store.run("P1") is not None and h.store.run("P1").catalog_commit == "beef00000001"  # type: ignore[union-attr]
     assert h.approve(second.step_run_id)[0]
     assert ran(h.marks) == ["new"]
+
+
+def test_a_run_finishes_on_the_catalog_it_started_with(h: Harness) -> None:
+    """A reload while a run is under way: its next steps come from its own catalog; the
+    next incident uses the new one."""
+    first = action("check", marking(h.marks, "old-check"))
+    second = action("verify", marking(h.marks, "old-verify"), approval=True)
+    h.build(simple(step(first), step(second)))
+    h.open()
+    assert h.statuses() == {"check": "success", "verify": "awaiting_approval"}
+    renamed = action("verify", marking(h.marks, "old-verify"), approval=True)
+    h.rt.engine.use_catalog(
+        catalog(
+            runbook(
+                "payments-5xx",
+                [step(action("check", marking(h.marks, "new-check"))), step(renamed)],
+                symptoms=("5xx",),
+            ),
+            commit="beef00000002",
+        )
+    )
+    assert h.approve(h.pending().step_run_id)[0]  # same rendering: still approved
+    h.open("P2")
+    assert ran(h.marks) == ["old-check", "old-verify", "new-check"]
+    assert {e["catalog_commit"] for e in h.store.events("P2")} == {"beef00000002"}
 
 
 # --- write-back decisions ----------------------------------------------------------------------
@@ -946,3 +983,46 @@ def test_no_write_back_when_it_is_not_configured(h: Harness) -> None:
     h.open()
     assert h.run_status() == "escalated"
     assert h.writeback() == []
+
+
+def test_a_service_mapped_to_production_is_production_whatever_its_case(h: Harness) -> None:
+    """`SVC-PROD` from PagerDuty finds `svc-prod: prod` as runbooks are matched (any case),
+    so RUNBOOK_ENV=staging never makes a production incident look like staging."""
+    settings = dataclasses.replace(SETTINGS, services={"svc-prod": "prod"})
+    restart = action("restart", marking(h.marks, "restart"), scopes=("prod",))
+    check = action("check", marking(h.marks, "check"), scopes=("staging",))
+    cat = catalog(
+        runbook("svc", [step(check), step(restart)], services=("svc-prod",)), settings=settings
+    )
+    h.build(cat, default_env="staging")
+    h.open(service="SVC-PROD", title="down")
+    incident = h.store.incident("P1")
+    assert incident is not None and incident.env == "prod"
+    assert h.statuses() == {"check": "blocked"}  # staging-only: not in production
+    assert "not allowed in prod" in h.step_runs()["check"].reason
+    assert ran(h.marks) == []
+
+
+def test_every_incident_event_is_one_info_line_naming_the_incident(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    guarded = action("clear-cache", marking(h.marks, "flush", code=1), approval=True)
+    h.build(simple(step(action("check", marking(h.marks, "check"))), step(guarded)))
+    h.open()
+    h.approve(h.pending().step_run_id)
+    lines = [r for r in caplog.records if getattr(r, "incident", None) == "P1"]
+    text = "\n".join(r.getMessage() for r in lines)
+    for expected in (
+        "incident.triggered received",
+        "runbook payments-5xx; environment staging",
+        "step check (check): running",
+        "step check (check): success",
+        "step clear-cache (clear-cache): awaiting_approval",
+        "step.approve received",
+        "clear-cache approved by U0APPROVER",
+        "step clear-cache (clear-cache): failed",
+        "escalated: clear-cache ended failed",
+    ):
+        assert expected in text, f"{expected!r} not in:\n{text}"
+    assert all(r.levelno == logging.INFO for r in lines)

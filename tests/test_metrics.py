@@ -331,7 +331,7 @@ def test_a_step_that_cannot_be_built_counts_as_an_error(served: Served, tmp_path
     )
     from bot.catalog import load_catalog
 
-    served.app.engine.catalog = load_catalog(root)
+    served.app.engine.use_catalog(load_catalog(root))
     before = served.scrape()
     incident_id = served.incident("svc-templated")
     after = served.scrape()

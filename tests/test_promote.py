@@ -594,7 +594,7 @@ def test_the_bot_runs_the_promoted_action_in_prod_only_after_reloading(repo: Rep
 
         # the running bot still has the catalog it loaded: nothing changes until a reload
         assert checkout_incident("prod") == "blocked"
-        runtime.engine.catalog = load_catalog(repo.catalog)  # what a reload does
+        runtime.engine.use_catalog(load_catalog(repo.catalog))  # what a reload does
         assert checkout_incident("prod") == "success"
     finally:
         store.close()

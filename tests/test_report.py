@@ -126,7 +126,7 @@ def test_a_request_voided_by_a_changed_command_is_counted_as_void(tmp_path: Path
     runtime.open(Incident(id="P1", title="5xx", service="payments"))
     (asked,) = store.pending_approvals("P1")
     after = action("clear-cache", py("print('OK, flushed')"), approval=True)
-    runtime.engine.catalog = catalog(runbook("payments", [step(after)]))  # a reload
+    runtime.engine.use_catalog(catalog(runbook("payments", [step(after)])))  # a reload
     clock.advance(20)
     runtime.decide(asked.step_run_id, APPROVER)
     store.close()

@@ -170,7 +170,7 @@ def pending(store: Store) -> list[OutboxItem]:
 
 def test_a_fresh_database_is_at_the_current_schema_in_wal_mode(db_path: Path) -> None:
     store = Store(db_path)
-    assert store.schema_version == SCHEMA_VERSION == 4
+    assert store.schema_version == SCHEMA_VERSION == 5
     assert store.query_one("PRAGMA journal_mode") == {"journal_mode": "wal"}
     store.close()
     assert {
@@ -215,7 +215,8 @@ def test_a_newer_schema_is_refused_with_a_clear_error(db_path: Path) -> None:
     Store(db_path).close()
     with sqlite3.connect(db_path) as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this bot \(4\)") as e:
+    expected = rf"schema version 99, newer than this bot \({SCHEMA_VERSION}\)"
+    with pytest.raises(StoreError, match=expected) as e:
         Store(db_path)
     assert "upgrade runbook-bot or use another RUNBOOK_DB" in str(e.value)
     with sqlite3.connect(db_path) as conn:  # refused, not touched
@@ -1637,7 +1638,7 @@ class Thread:
 
 def test_a_first_version_database_is_upgraded_with_nothing_lost(first_version: Scenario) -> None:
     store = Store(first_version.db)
-    assert store.schema_version == 4
+    assert store.schema_version == SCHEMA_VERSION
     store.close()
     assert "deliveries" not in tables(first_version.db)
     assert not {"message_ts", "channel", "claimed_by"} & columns(first_version.db, "step_runs")

@@ -190,6 +190,17 @@ class Unit:
         row = _one(self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)))
         return Run.from_row(row) if row else None
 
+    def set_run_catalog(self, run: Run, version: str) -> Run | None:
+        """The run goes on under another catalog (its pending step was asked again there)."""
+        row = _one(
+            self.conn.execute(
+                "UPDATE runs SET catalog_commit = ? WHERE id = ? AND status IN "
+                "('running', 'waiting') RETURNING *",
+                (version, run.id),
+            )
+        )
+        return Run.from_row(row) if row else None
+
     def runs_of(self, incident_id: str) -> list[Run]:
         return [
             Run.from_row(r)
@@ -888,6 +899,39 @@ class Store:
                 f"INSERT INTO automation_events ({columns}) VALUES ({marks})",
                 tuple(values.values()),
             )
+
+    # --- catalogs --------------------------------------------------------------------------
+
+    def save_catalog(self, version: str, snapshot: bytes, *, keep: int = 20) -> None:
+        """Remember a good catalog the bot serves; the oldest beyond `keep` are dropped,
+        except those a live run still uses."""
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO catalogs (version, snapshot, loaded_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (version) DO UPDATE SET loaded_at = excluded.loaded_at",
+                (version, snapshot, self.clock()),
+            )
+            conn.execute(
+                "DELETE FROM catalogs WHERE version NOT IN (SELECT version FROM catalogs "
+                "ORDER BY loaded_at DESC LIMIT ?) AND version NOT IN (SELECT catalog_commit "
+                "FROM runs WHERE status IN ('running', 'waiting'))",
+                (keep,),
+            )
+
+    def catalog_snapshot(self, version: str | None = None) -> bytes | None:
+        """The stored snapshot of `version`, or of the newest good catalog."""
+        if version is None:
+            row = self.query_one("SELECT snapshot FROM catalogs ORDER BY loaded_at DESC LIMIT 1")
+        else:
+            row = self.query_one("SELECT snapshot FROM catalogs WHERE version = ?", (version,))
+        return bytes(row["snapshot"]) if row else None
+
+    def incidents_waiting_for_approval(self) -> list[str]:
+        """Incidents with an approval request still open (a reload re-checks them)."""
+        rows = self.query(
+            "SELECT DISTINCT incident_id FROM approvals WHERE status = 'pending' ORDER BY 1"
+        )
+        return [str(r["incident_id"]) for r in rows]
 
     # --- the inbox -------------------------------------------------------------------------
 

@@ -10,8 +10,10 @@ Tables:
                      committed with the change and delivered by the senders
   automation_events  the audit log: one row per thing that happened to a step
 
+  catalogs           snapshots of the good catalogs the bot served, by version
+
 Migrations 1 to 3 built the first version's tables; 4 replaced its delivery queue and
-in-memory message bookkeeping with the inbox and the outbox.
+in-memory message bookkeeping with the inbox and the outbox; 5 keeps served catalogs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -406,9 +408,19 @@ def _deliveries_into_inbox(conn: sqlite3.Connection) -> None:
         )
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    # Good catalogs the bot served, by version: it starts from the newest when the
+    # directory has errors, and runs under way finish on the catalog they started with.
+    db.conn.execute(
+        "CREATE TABLE catalogs (version TEXT PRIMARY KEY, snapshot BLOB NOT NULL, "
+        "loaded_at REAL NOT NULL)"
+    )
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migration_1,
     2: _migration_2,
     3: _migration_3,
     4: _migration_4,
+    5: _migration_5,
 }
