@@ -242,8 +242,6 @@ def writeback_note(*, runbook: str, phase: str, status: str, summary: str) -> st
     )
 
 
-
-
 # Logged once at start, at WARNING, when incidents of some services would get no
 # environment (DESIGN.md section 3: the bot never guesses one; it says so, loudly).
 UNMAPPED_SERVICES_WARNING = (
