@@ -1,31 +1,40 @@
 """Alert storm: 1,000 PagerDuty deliveries in 10 seconds against the running bot.
 
-    python bench/bench_storm.py [--deliveries 1000] [--seconds 10] [--duplicates 0.2]
-                                [--services 50] [--workers 8] [--rate-limit-every 25]
+    python bench/bench_storm.py [--runs 3] [--deliveries 1000] [--seconds 10]
+                                [--duplicates 0.2] [--services 50] [--workers 8]
+                                [--rate-limit-every 25] [--drain last|all|none]
 
 The bot is the real `runbook-bot` process with a generated catalog (one runbook per
 service, its own channel; step 1 a safe-for-automation `echo`, step 2 a guarded one that
-waits for approval), talking to the local Slack and PagerDuty stand-ins of tests/fakes.
-The stand-in Slack answers every Nth ``chat.postMessage`` with 429 ``Retry-After: 1``.
+waits for approval, so its ✅ ❌ ⏸️ are offered), talking to the local Slack and PagerDuty
+stand-ins of tests/fakes. Of the deliveries, `--duplicates` are PagerDuty retrying one
+(same X-Webhook-Id) or replaying it (same event id, new X-Webhook-Id). The stand-in Slack
+answers every Nth new ``chat.postMessage`` with 429 ``Retry-After: 1``.
 
-The reference, in the same run and on the same schedule: a minimal waitress app that
-only verifies the signature and answers 202 (a separate process, like the bot).
+The reference, in the same run and on the same schedule: a minimal waitress app (its own
+process, like the bot) that only verifies the signature and answers 202.
 
-Reported:
-  * acknowledgement latency p50 / p99 / max of both, and how many answers took over 5 s
-    (PagerDuty's limit);
-  * deliveries lost: events acknowledged with a 202 whose delivery the bot did not
-    process (must be 0); duplicates recognised;
+Reported, per run and over the runs:
+  * acknowledgement latency p50 / p99 / max of both, answers over 5 s (PagerDuty's
+    limit), and the bot/minimal p99 ratio (median and range over the runs; aim: <= 2);
+  * deliveries lost: events acknowledged with a 202 that the bot's inbox did not apply
+    (must be 0); duplicates recognised;
   * threads per incident: root messages per incident in the stand-in Slack (must be 1);
-  * Slack 429s: how many were served, and how many of the retried posts waited at
-    least the ``Retry-After`` the stand-in asked for;
-  * how long the bot took to work through the storm (paced to about one post per
-    second per channel, as Slack asks).
+  * Slack calls per method, counted by the stand-in over sliding windows, beside Slack's
+    documented limits: ``chat.postMessage`` about 1 per second per channel (short bursts
+    allowed), Tier 3 methods (``chat.update``, ``reactions.add``, ``conversations.history``,
+    ``conversations.replies``, ``conversations.info``) 50 a minute, Tier 2
+    (``conversations.list``) 20, Tier 4 (``chat.postEphemeral``) 100; and whether every
+    post retried after a 429 waited its ``Retry-After``;
+  * drain: when every delivery was applied (inbox), and when everything they caused was
+    delivered to Slack (outbox; paced by Slack's limits, so minutes). `--drain` says in
+    which runs to wait for the outbox (default: the last one).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import hashlib
 import hmac
@@ -33,8 +42,6 @@ import json
 import os
 import random
 import re
-import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -42,7 +49,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,12 +62,30 @@ sys.path.insert(0, str(REPO / "tests"))
 import httpx  # noqa: E402
 from fakes import FakePagerDuty, FakeSlack, make_alert  # noqa: E402
 from fakes.base import Reply, Request  # noqa: E402
+from pagerduty_harness import OUTSTANDING, free_port, query, runbook_bot  # noqa: E402
 
 SECRET = "bench-webhook-secret"
 PD_TOKEN = "bench-pd-token"
 PD_FROM = "runbook-bot@example.com"
 ACK_LIMIT = 5.0  # seconds PagerDuty waits for an answer
 RETRY_AFTER = 1
+
+# Slack's documented limits (https://api.slack.com/docs/rate-limits): calls per window,
+# per channel or per workspace. Tiers allow "occasional bursts" above their rate.
+TIER_2, TIER_3, TIER_4 = 20, 50, 100
+WORKSPACE_LIMITS: dict[str, int] = {
+    "chat.update": TIER_3,
+    "reactions.add": TIER_3,
+    "reactions.remove": TIER_3,
+    "conversations.history": TIER_3,
+    "conversations.replies": TIER_3,
+    "conversations.info": TIER_3,
+    "conversations.list": TIER_2,
+    "usergroups.users.list": TIER_2,
+    "chat.postEphemeral": TIER_4,
+    "users.info": TIER_4,
+}
+POST_PER_CHANNEL_PER_MINUTE = 60  # "1 message per second per channel, short bursts"
 
 
 # --- the minimal reference handler -----------------------------------------------------------
@@ -87,8 +112,9 @@ def serve_minimal(port: int) -> None:
 # --- stand-ins ------------------------------------------------------------------------------
 
 
-class RateLimitingSlack(FakeSlack):
-    """FakeSlack answering every `every`-th new post with 429, and timing the retries."""
+class CountingSlack(FakeSlack):
+    """FakeSlack that times every call (for rates over sliding windows), answers every
+    `every`-th new post with 429, and times the retries of those posts."""
 
     def __init__(self, every: int) -> None:
         super().__init__()
@@ -97,11 +123,15 @@ class RateLimitingSlack(FakeSlack):
         self.served = 0  # 429s answered
         self.limited: dict[str, float] = {}  # post key -> when it got its 429
         self.retry_waits: list[float] = []  # seconds from a 429 to the retry of that post
+        self.timeline: list[tuple[float, str, str]] = []  # (monotonic, method, channel)
 
     def handle(self, request: Request) -> Reply:
-        if self.call_name(request) == "chat.postMessage" and self.every > 0:
-            key = json.dumps(self.call_params(request), sort_keys=True, default=str)
-            now = time.monotonic()
+        name = self.call_name(request)
+        params = self.call_params(request)
+        now = time.monotonic()
+        self.timeline.append((now, name, str(params.get("channel") or "")))
+        if name == "chat.postMessage" and self.every > 0:
+            key = json.dumps(params, sort_keys=True, default=str)
             if key in self.limited:
                 self.retry_waits.append(now - self.limited.pop(key))
             else:
@@ -111,6 +141,68 @@ class RateLimitingSlack(FakeSlack):
                     self.served += 1
                     return Reply(429, self.error_body(429), {"Retry-After": str(RETRY_AFTER)})
         return super().handle(request)
+
+    def calls_timed(self) -> list[tuple[float, str, str]]:
+        with self._cond:  # `handle` appends under the stand-in's lock
+            return list(self.timeline)
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The most calls in any `window` seconds (sliding, starting at a call)."""
+    times = sorted(times)
+    return max((bisect.bisect_left(times, t + window) - i for i, t in enumerate(times)), default=0)
+
+
+@dataclass
+class Rate:
+    method: str
+    scope: str  # "workspace" or "per channel (worst)"
+    calls: int
+    max_1s: int
+    max_60s: int
+    limit_60s: int | None
+
+    @property
+    def within(self) -> str:
+        if self.limit_60s is None:
+            return "(no fixed limit)"
+        ratio = self.max_60s / self.limit_60s
+        return f"{ratio:.2f}x {'ok' if ratio <= 1.0 else 'OVER'}"
+
+
+def slack_rates(slack: CountingSlack) -> list[Rate]:
+    timeline = slack.calls_timed()
+    by_method: defaultdict[str, list[float]] = defaultdict(list)
+    by_channel: defaultdict[str, list[float]] = defaultdict(list)
+    for at, method, channel in timeline:
+        by_method[method].append(at)
+        if method == "chat.postMessage":
+            by_channel[channel].append(at)
+    rates = []
+    for method, times in sorted(by_method.items()):
+        if method == "chat.postMessage":
+            worst = max(by_channel.values(), key=lambda t: max_in_window(t, 60.0))
+            rates.append(
+                Rate(
+                    method,
+                    "per channel (worst)",
+                    len(worst),
+                    max(max_in_window(t, 1.0) for t in by_channel.values()),
+                    max_in_window(worst, 60.0),
+                    POST_PER_CHANNEL_PER_MINUTE,
+                )
+            )
+        rates.append(
+            Rate(
+                method,
+                "workspace",
+                len(times),
+                max_in_window(times, 1.0),
+                max_in_window(times, 60.0),
+                WORKSPACE_LIMITS.get(method),
+            )
+        )
+    return rates
 
 
 # --- the storm -----------------------------------------------------------------------------
@@ -126,7 +218,7 @@ class Send:
 
 
 @dataclass
-class Result:
+class Fired:
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     answers: Counter[str] = field(default_factory=Counter)  # accepted / duplicate
@@ -136,6 +228,10 @@ class Result:
 
 def incident_id(n: int) -> str:
     return f"Q{n:04d}"
+
+
+def channel_of(service: int) -> str:
+    return f"CSVC{service:02d}"  # a channel id, as Slack answers with
 
 
 def storm_schedule(
@@ -195,8 +291,8 @@ def storm_schedule(
     return sorted(sends, key=lambda s: s.at)
 
 
-def fire(url: str, schedule: list[Send], senders: int = 64) -> Result:
-    result = Result()
+def fire(url: str, schedule: list[Send], senders: int = 64) -> Fired:
+    result = Fired()
     lock = threading.Lock()
     limits = httpx.Limits(max_connections=senders, max_keepalive_connections=senders)
     with httpx.Client(timeout=30, limits=limits) as client:
@@ -242,13 +338,13 @@ def write_catalog(root: Path, services: int) -> None:
         "kind: catalog\n"
         "environments: [{name: dev}, {name: staging}, {name: prod, production: true}]\n"
         "approvers: {groups: [S0ONCALL]}\n"
-        'channel: "#incidents"\n'
+        "channel: CINCIDENTS\n"
     )
     for n in range(services):
         service = f"svc-{n:02d}"
         (root / "runbooks" / f"{service}.yaml").write_text(
             f"kind: runbook\nid: {service}-errors\nmatch: {{services: [{service}]}}\n"
-            f'channel: "#inc-{service}"\n'
+            f"channel: {channel_of(n)}\n"
             "steps:\n"
             "  - id: check\n"
             '    command: ["echo", "checked {{ incident.service }}"]\n'
@@ -257,14 +353,11 @@ def write_catalog(root: Path, services: int) -> None:
             "  - id: restart\n"
             '    command: ["echo", "restarted"]\n'
             '    expect: [{pattern: "restarted"}]\n'
-            "    safety: {requires_approval: true, scopes: [dev, staging]}\n"
+            # Nobody approves in the storm: a deadline beyond the drain keeps expiries
+            # (their notes, updates and escalations) out of what is measured.
+            "    safety: {requires_approval: true, scopes: [dev, staging], "
+            "approval_timeout: 2h}\n"
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -295,15 +388,10 @@ def process(argv: list[str], env: dict[str, str], health: str, log: Path) -> Ite
                 proc.wait()
 
 
-def query(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        return conn.execute(sql).fetchall()
-
-
 def roots_per_incident(slack: FakeSlack, services: int) -> Counter[str]:
     found: Counter[str] = Counter()
     for n in range(services):
-        for message in slack.messages(f"#inc-svc-{n:02d}"):
+        for message in slack.messages(channel_of(n)):
             is_root = message.get("thread_ts") in (None, message["ts"])
             match = re.search(r"\[(Q\d{4})\]", message.get("text", ""))
             if is_root and match:
@@ -311,58 +399,33 @@ def roots_per_incident(slack: FakeSlack, services: int) -> Counter[str]:
     return found
 
 
-# --- report ---------------------------------------------------------------------------------
+# --- one run -------------------------------------------------------------------------------
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
+@dataclass
+class Run:
+    minimal: Fired
+    bot: Fired
+    lost: int
+    applied: int
+    opened: int
+    threads: Counter[int]  # roots per incident: how many incidents
+    inbox_drained: float  # seconds after the first delivery
+    outbox_drained: float | None  # None: not waited for
+    rates: list[Rate]
+    retry_waits: list[float]
+    served_429: int
+
+    @property
+    def p99_ratio(self) -> float:
+        return percentile(self.bot.latencies, 0.99) / percentile(self.minimal.latencies, 0.99)
 
 
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
-
-
-def latency_row(name: str, result: Result) -> str:
-    lat = result.latencies
-    over = sum(1 for v in lat if v > ACK_LIMIT)
-    return (
-        f"  {name:<16} p50 {ms(statistics.median(lat)):>9}   p99 {ms(percentile(lat, 0.99)):>9}"
-        f"   max {ms(max(lat)):>9}   over {ACK_LIMIT:.0f} s: {over}   "
-        f"answers {dict(sorted(result.statuses.items()))}   errors {result.errors}"
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--deliveries", type=int, default=1000)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--duplicates", type=float, default=0.2)
-    parser.add_argument("--services", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=8, help="RUNBOOK_WORKERS of the bot")
-    parser.add_argument(
-        "--rate-limit-every",
-        type=int,
-        default=25,
-        metavar="N",
-        help="the stand-in Slack answers every Nth post with 429",
-    )
-    parser.add_argument("--drain-timeout", type=float, default=600.0)
-    parser.add_argument("--minimal-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.minimal_server:
-        serve_minimal(args.minimal_server)
-        return
-
-    schedule = storm_schedule(args.deliveries, args.seconds, args.duplicates, args.services)
+def run_once(args: argparse.Namespace, schedule: list[Send], drain: bool) -> Run:
     incidents = {json.loads(s.body)["event"]["data"]["id"] for s in schedule}
-    print(
-        f"storm: {len(schedule)} deliveries in {args.seconds:.0f} s, "
-        f"{sum(s.duplicate for s in schedule)} duplicates, {len(incidents)} incidents, "
-        f"{args.services} services; Slack 429 on every {args.rate_limit_every}th post"
-    )
     with (
         tempfile.TemporaryDirectory(prefix="bench-storm-") as tmp,
-        RateLimitingSlack(args.rate_limit_every) as slack,
+        CountingSlack(args.rate_limit_every) as slack,
         FakePagerDuty(token=PD_TOKEN) as pd,
     ):
         work = Path(tmp)
@@ -407,60 +470,167 @@ def main() -> None:
             "PAGERDUTY_API_URL": pd.url,
             "SSL_CERT_FILE": str(pd.ca_file),
         }
-        bot_bin = str(Path(sys.executable).with_name("runbook-bot"))
-        with process([bot_bin], env, f"http://127.0.0.1:{port}/healthz", work / "bot.log"):
+        outbox_drained: float | None = None
+        with process([runbook_bot()], env, f"http://127.0.0.1:{port}/healthz", work / "bot.log"):
             started = time.monotonic()
             bot = fire(f"http://127.0.0.1:{port}/pagerduty/webhook", schedule)
-            fired = time.monotonic() - started
             deadline = started + args.drain_timeout
-            while time.monotonic() < deadline:
-                busy = query(
-                    db,
-                    "SELECT count(*) FROM deliveries WHERE source = 'pagerduty' "
-                    "AND status IN ('queued', 'processing')",
-                )[0][0]
-                if not busy:
-                    break
-                time.sleep(0.5)
-            drained = time.monotonic() - started
-            done = {
-                row[0]
+            queued = "SELECT count(*) FROM inbox WHERE source = 'pagerduty' AND status = 'queued'"
+            while query(db, queued)[0][0] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            inbox_drained = time.monotonic() - started
+            if drain:
+                while query(db, OUTSTANDING)[0][0] and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                outbox_drained = time.monotonic() - started
+            applied = {
+                str(row[0])
                 for row in query(
                     db,
-                    "SELECT event_id FROM deliveries WHERE source = 'pagerduty' "
-                    "AND status = 'done'",
+                    "SELECT json_extract(payload, '$.event_id') FROM inbox "
+                    "WHERE source = 'pagerduty' AND status IN ('done', 'ignored')",
                 )
             }
-            opened = query(db, "SELECT count(*) FROM incidents")[0][0]
+            opened = int(query(db, "SELECT count(*) FROM incidents")[0][0])
             roots = roots_per_incident(slack, args.services)
         if (work / "bot.log").stat().st_size:
             tail = (work / "bot.log").read_text(errors="replace").splitlines()[-5:]
-            print("bot log (last lines):", *tail, sep="\n  ")
+            print("  bot log (last lines):", *tail, sep="\n    ")
+        return Run(
+            minimal=minimal,
+            bot=bot,
+            lost=len(bot.acked_events - applied),
+            applied=len(applied),
+            opened=opened,
+            threads=Counter(roots.get(i, 0) for i in incidents),
+            inbox_drained=inbox_drained,
+            outbox_drained=outbox_drained,
+            rates=slack_rates(slack),
+            retry_waits=list(slack.retry_waits),
+            served_429=slack.served,
+        )
 
-    lost = bot.acked_events - done
-    threads = Counter(roots.get(i, 0) for i in incidents)
-    waits = slack.retry_waits
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
+
+
+def latency_row(name: str, result: Fired) -> str:
+    lat = result.latencies
+    over = sum(1 for v in lat if v > ACK_LIMIT)
+    return (
+        f"    {name:<16} p50 {ms(statistics.median(lat)):>9}   p99 {ms(percentile(lat, 0.99)):>9}"
+        f"   max {ms(max(lat)):>9}   over {ACK_LIMIT:.0f} s: {over}   "
+        f"answers {dict(sorted(result.statuses.items()))}   errors {result.errors}"
+    )
+
+
+def report_run(n: int, run: Run, schedule: list[Send]) -> None:
+    print(f"\nrun {n}:")
+    print(latency_row("minimal handler", run.minimal))
+    print(latency_row("runbook-bot", run.bot))
+    print(f"    ratio bot/minimal p99: {run.p99_ratio:.2f}x")
+    duplicates = sum(s.duplicate for s in schedule)
+    print(
+        f"    answers {dict(run.bot.answers)} (duplicates sent {duplicates}); lost {run.lost} "
+        f"(acknowledged {len(run.bot.acked_events)}, applied {run.applied}); "
+        f"incidents opened {run.opened}"
+    )
+    print(f"    threads per incident {{roots: incidents}}: {dict(sorted(run.threads.items()))}")
+    drained = f"{run.outbox_drained:.1f} s" if run.outbox_drained is not None else "not waited for"
+    print(f"    drained: inbox {run.inbox_drained:.1f} s, outbox (Slack, PagerDuty) {drained}")
+
+
+def report_rates(run: Run) -> None:
+    print("\nSlack calls counted by the stand-in (sliding windows) beside Slack's limits:")
+    print(
+        f"    {'method':<24}{'scope':<22}{'calls':>7}{'max/1s':>8}{'max/60s':>9}"
+        f"{'limit/60s':>11}  observed/limit"
+    )
+    for r in run.rates:
+        limit = str(r.limit_60s) if r.limit_60s is not None else "-"
+        print(
+            f"    {r.method:<24}{r.scope:<22}{r.calls:>7}{r.max_1s:>8}{r.max_60s:>9}"
+            f"{limit:>11}  {r.within}"
+        )
+    waits = run.retry_waits
     honoured = sum(1 for w in waits if w >= RETRY_AFTER)
-    print("\nacknowledgement latency (send to answer, loopback):")
-    print(latency_row("minimal handler", minimal))
-    print(latency_row("runbook-bot", bot))
-    p50 = statistics.median(bot.latencies) / statistics.median(minimal.latencies)
-    p99 = percentile(bot.latencies, 0.99) / percentile(minimal.latencies, 0.99)
-    print(f"  ratio bot/minimal: p50 {p50:.2f}x   p99 {p99:.2f}x")
-    print("\nrunbook-bot:")
-    print(f"  answers: {dict(bot.answers)} (duplicates sent: {sum(s.duplicate for s in schedule)})")
     print(
-        f"  deliveries lost: {len(lost)} (acknowledged events {len(bot.acked_events)}, "
-        f"processed {len(done)}; incidents opened {opened} of {len(incidents)})"
+        f"    429s served {run.served_429}; posts retried {len(waits)}, after >= Retry-After "
+        f"({RETRY_AFTER} s): {honoured}" + (f", shortest wait {min(waits):.2f} s" if waits else "")
     )
-    print(f"  threads per incident: {dict(sorted(threads.items()))}  (roots per incident: count)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--deliveries", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--duplicates", type=float, default=0.2)
+    parser.add_argument("--services", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=8, help="RUNBOOK_WORKERS of the bot")
+    parser.add_argument(
+        "--rate-limit-every",
+        type=int,
+        default=25,
+        metavar="N",
+        help="the stand-in Slack answers every Nth post with 429",
+    )
+    parser.add_argument(
+        "--drain",
+        choices=("last", "all", "none"),
+        default="last",
+        help="runs that wait until everything is delivered to Slack (paced: minutes)",
+    )
+    parser.add_argument("--drain-timeout", type=float, default=3600.0)
+    parser.add_argument("--minimal-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.minimal_server:
+        serve_minimal(args.minimal_server)
+        return
+
+    schedule = storm_schedule(args.deliveries, args.seconds, args.duplicates, args.services)
+    incidents = {json.loads(s.body)["event"]["data"]["id"] for s in schedule}
     print(
-        f"  Slack 429s served: {slack.served}; retried posts "
-        f"{len(waits)}, after >= Retry-After ({RETRY_AFTER} s): {honoured}"
-        + (f", shortest wait {min(waits):.2f} s" if waits else "")
+        f"storm: {len(schedule)} deliveries in {args.seconds:.0f} s, "
+        f"{sum(s.duplicate for s in schedule)} duplicates, {len(incidents)} incidents, "
+        f"{args.services} services; Slack 429 on every {args.rate_limit_every}th post; "
+        f"{args.runs} runs"
     )
-    print(f"  storm sent in {fired:.1f} s; queue drained {drained:.1f} s after the first delivery")
-    ok = not lost and set(threads) == {1} and honoured == len(waits) and not bot.errors
+    runs: list[Run] = []
+    for n in range(1, args.runs + 1):
+        drain = args.drain == "all" or (args.drain == "last" and n == args.runs)
+        runs.append(run_once(args, schedule, drain))
+        report_run(n, runs[-1], schedule)
+
+    ratios = [r.p99_ratio for r in runs]
+    drained = [r for r in runs if r.outbox_drained is not None]
+    print(
+        f"\nack p99 bot/minimal over {len(runs)} runs: median {statistics.median(ratios):.2f}x, "
+        f"range {min(ratios):.2f}x to {max(ratios):.2f}x (aim: <= 2x); "
+        f"over {ACK_LIMIT:.0f} s: {sum(1 for r in runs for v in r.bot.latencies if v > ACK_LIMIT)}"
+    )
+    print(f"lost: {[r.lost for r in runs]}")
+    if drained:
+        report_rates(drained[-1])
+    rates_ok = all(
+        r.limit_60s is None or r.max_60s <= r.limit_60s for run in drained for r in run.rates
+    )
+    ok = (
+        all(r.lost == 0 and not r.bot.errors for r in runs)
+        and all(set(r.threads) == {1} for r in drained)
+        and all(max(r.threads) <= 1 for r in runs)
+        and all(all(w >= RETRY_AFTER for w in r.retry_waits) for r in runs)
+        and statistics.median(ratios) <= 2.0
+        and rates_ok
+    )
     print("\nOK" if ok else "\nFAILED: see above")
     sys.exit(0 if ok else 1)
 

@@ -8,7 +8,8 @@
 Errors: `PayloadError` (a `bot.errors.RunbookBotError`) is the one error a webhook body
 can cause; it becomes a 400 with its reason. REST failures are the client's own
 `pagerduty.Error` tree, which the write-back transport maps to the outbox's retry or
-refusal.
+refusal; `intake.DetailsUnavailable` says alert details were not even asked for, because
+PagerDuty did not answer a moment ago (the incident opens without them).
 """
 
 from bot.pagerduty.intake import MAX_BODY_BYTES, PagerDutyIntake

@@ -1,8 +1,14 @@
 """The PagerDuty REST API, through the `pagerduty` client (successor of `pdpyras`).
 
-The client retries 429 and 5xx answers itself, sleeping `sleep_timer` and doubling it
-each time (it does not read ``Retry-After``); we bound how many times, so a PagerDuty
-outage ends in a logged failure instead of a thread stuck forever.
+The client can retry by itself: it sleeps `sleep_timer`, doubling it each time, and does
+not read ``Retry-After``. How often is ours to bound, per use:
+
+  * 5xx: `retries` times (0 for write-back, whose outbox retries instead and looks
+    before posting again; a blind retry of a POST that did reach PagerDuty writes a
+    second note);
+  * 429: at least once (the client reads 0 as "retry forever" for 429), then the
+    caller gets the 429 and waits its ``Retry-After``;
+  * no answer (a timeout, a refused connection): `network_attempts` more tries.
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ from bot.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-RETRIED_STATUSES = (429, 500, 502, 503, 504)
+SERVER_ERRORS = (500, 502, 503, 504)
 
 
 def rest_client(
-    config: Config, *, retries: int, timeout: int, sleep_timer: float
+    config: Config,
+    *,
+    retries: int,
+    timeout: float,
+    sleep_timer: float,
+    network_attempts: int = 0,
 ) -> pagerduty.RestApiV2Client:
     """A REST client for `config`'s token, From address and base URL (PAGERDUTY_API_URL)."""
     try:
@@ -34,14 +45,27 @@ def rest_client(
         )
     except pagerduty.UrlError as exc:
         raise ConfigError(f"PAGERDUTY_API_URL: {exc}") from None
-    client.retry = dict.fromkeys(RETRIED_STATUSES, retries)
-    client.timeout = timeout  # seconds per request (the client's default is 60)
+    client.retry = {**dict.fromkeys(SERVER_ERRORS, retries), 429: max(1, retries)}
+    client.max_network_attempts = network_attempts
+    set_timeout(client, timeout)
     client.sleep_timer = sleep_timer
     return client
 
 
+def set_timeout(client: pagerduty.RestApiV2Client, seconds: float) -> None:
+    """Seconds a request may take (the client's default is 60)."""
+    # httpx takes float seconds; the client's attribute is typed after its int default.
+    client.timeout = seconds  # type: ignore[assignment]
+
+
 def incident_path(incident_id: str) -> str:
     return f"/incidents/{quote(incident_id, safe='')}"
+
+
+def no_answer(exc: pagerduty.Error) -> bool:
+    """PagerDuty did not answer, or answered with a server error (it may be down)."""
+    response = getattr(exc, "response", None)
+    return response is None or response.status_code >= 500
 
 
 def first_alert_details(client: pagerduty.RestApiV2Client, incident_id: str) -> dict[str, Any]:

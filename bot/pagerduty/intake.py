@@ -19,13 +19,18 @@ PagerDuty retries: never a 202 for something not stored).
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import pagerduty
+
 from bot import metrics
 from bot.config import Config
-from bot.pagerduty.api import first_alert_details, rest_client
+from bot.errors import RunbookBotError
+from bot.pagerduty.api import first_alert_details, no_answer, rest_client
 from bot.pagerduty.webhook import (
     MAX_ID_CHARS,
     PayloadError,
@@ -38,9 +43,19 @@ log = logging.getLogger(__name__)
 
 SOURCE = "pagerduty"
 MAX_BODY_BYTES = 256 * 1024  # PagerDuty's V3 payloads are a few kB
-DETAILS_SLEEP_TIMER = 0.5  # back-off before the one retry of reading alert details
+# Reading alert details holds up the incident's first Slack post: one retry of a 5xx
+# after DETAILS_SLEEP_TIMER * 2 seconds, no retry of a request PagerDuty did not answer.
+DETAILS_TIMEOUT = 3.0
+DETAILS_SLEEP_TIMER = 0.5
+# After PagerDuty did not answer, incidents open without details for this long instead
+# of each waiting for a timeout (an outage would otherwise slow every new incident).
+DETAILS_PAUSE = 30.0
 
 Put = Callable[..., bool]
+
+
+class DetailsUnavailable(RunbookBotError):
+    """Alert details were not read: PagerDuty did not answer a moment ago."""
 
 
 class PagerDutyIntake:
@@ -56,12 +71,12 @@ class PagerDutyIntake:
                 "neither PAGERDUTY_WEBHOOK_SECRET nor PAGERDUTY_WEBHOOK_TOKEN is set: "
                 "every PagerDuty webhook will be refused with 401"
             )
-        # Reading alert details sits on the way to the first Slack post: few retries.
         self.api = (
-            rest_client(config, retries=1, timeout=5, sleep_timer=DETAILS_SLEEP_TIMER)
+            rest_client(config, retries=1, timeout=DETAILS_TIMEOUT, sleep_timer=DETAILS_SLEEP_TIMER)
             if config.pagerduty_api_token
             else None
         )
+        self._details_paused_until = 0.0  # monotonic
 
     def close(self) -> None:
         if self.api is not None:
@@ -71,7 +86,16 @@ class PagerDutyIntake:
         """The first alert's custom details (for matching and templating), or {}."""
         if self.api is None:
             return {}
-        return first_alert_details(self.api, incident_id)
+        if time.monotonic() < self._details_paused_until:
+            raise DetailsUnavailable(
+                "PagerDuty did not answer a moment ago; opening the incident without them"
+            )
+        try:
+            return first_alert_details(self.api, incident_id)
+        except pagerduty.Error as exc:
+            if no_answer(exc):
+                self._details_paused_until = time.monotonic() + DETAILS_PAUSE
+            raise
 
     # --- HTTP ------------------------------------------------------------------------------
 
@@ -158,8 +182,6 @@ def _too_large() -> str:
 
 
 def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any]) -> list[bytes]:
-    import json
-
     data = json.dumps(body).encode()
     start_response(
         status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]

@@ -7,9 +7,16 @@ outbox with the change that caused it. This transport delivers one effect at a t
 order per incident (a note before its resolve), retried by the outbox until PagerDuty
 takes it: an outage or a restart delays write-back, it never loses it.
 
-Doing it once: a note whose first attempt may have reached PagerDuty (a timeout, a
-5xx) is looked for among the incident's notes before it is posted again; an escalation
-remembers the level it asked for before asking, so a retry asks for the same level.
+Doing it once: the client never repeats a call by itself after a 5xx or a timeout (the
+call may have reached PagerDuty); the outbox retries it, and the sender knows the first
+attempt may have been applied (``maybe_sent``):
+
+  * a note's text is fixed before its first attempt (remembered in the outbox row), and
+    a retry after an unknown outcome looks for that text among the incident's notes
+    before posting it again;
+  * an escalation remembers the level it asks for before asking, so a retry asks for the
+    same level (never one more), and does not ask when PagerDuty is already there;
+  * a resolve is idempotent: PagerDuty answers 400 "already resolved", which is success.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from bot.store import OutboxItem
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 10
+TIMEOUT = 10.0  # seconds per request
 MAX_NOTE_CHARS = 25_000  # PagerDuty refuses longer notes
 # PagerDuty's REST API allows 960 requests a minute per token.
 PAGERDUTY_BUDGETS: Mapping[str, tuple[float, float]] = {"pagerduty": (900 / 60, 30.0)}
@@ -78,11 +85,12 @@ class PagerDutyTransport:
         config: Config,
         remember: Callable[[OutboxItem, Mapping[str, Any]], None],
         *,
-        timeout: int = TIMEOUT,
+        timeout: float = TIMEOUT,
     ) -> None:
-        # The outbox retries, paced; the client only tries once more on 429 and 5xx.
-        self.client = rest_client(config, retries=1, timeout=timeout, sleep_timer=0.25)
-        self.client.max_network_attempts = 0
+        # The outbox retries, paced, and looks before repeating a call that may have
+        # reached PagerDuty: the client itself only repeats a 429 (once, then the outbox
+        # waits for its Retry-After).
+        self.client = rest_client(config, retries=0, timeout=timeout, sleep_timer=0.25)
         self.remember = remember
 
     def close(self) -> None:
@@ -97,8 +105,7 @@ class PagerDutyTransport:
     def deliver(self, item: OutboxItem, *, maybe_sent: bool) -> Sent:
         try:
             if item.kind == "pd_note":
-                text = f"{item.payload['text']}\n{thread_link(item.thread_channel, item.thread_ts)}"
-                self._note(item.incident_id, text[:MAX_NOTE_CHARS], maybe_sent)
+                self._note(item.incident_id, self._content(item), maybe_sent)
             elif item.kind == "pd_resolve":
                 self._resolve(item.incident_id)
             elif item.kind == "pd_escalate":
@@ -108,6 +115,17 @@ class PagerDutyTransport:
         except pagerduty.Error as exc:
             raise classify(exc, maybe_sent=item.kind != "pd_resolve") from None
         return Sent()
+
+    def _content(self, item: OutboxItem) -> str:
+        """The note's text, fixed at its first attempt: the thread link may appear between
+        two attempts, and a retry must look for what the first one sent."""
+        content = item.payload.get("content")
+        if isinstance(content, str):
+            return content
+        text = f"{item.payload['text']}\n{thread_link(item.thread_channel, item.thread_ts)}"
+        content = text[:MAX_NOTE_CHARS]
+        self.remember(item, {**item.payload, "content": content})
+        return content
 
     def _note(self, incident_id: str, text: str, maybe_sent: bool) -> None:
         path = f"{incident_path(incident_id)}/notes"
@@ -137,19 +155,25 @@ class PagerDutyTransport:
         path = incident_path(item.incident_id)
         current = self.client.rget(path)
         current = current if isinstance(current, dict) else {}
+        level = current.get("escalation_level")
+        resolved = current.get("status") == "resolved"
         target = item.payload.get("level")
-        if target is None:
-            if current.get("status") == "resolved":
+        content = item.payload.get("content")
+        if not isinstance(target, int) or not isinstance(content, str):
+            if resolved:
                 log.info("incident %s is resolved in PagerDuty: not escalating", item.incident_id)
                 return
-            level = current.get("escalation_level")
             target = (level if isinstance(level, int) else 1) + 1
-            self.remember(item, {**item.payload, "level": target})  # a retry asks the same
-        if current.get("escalation_level") != target:
+            content = NOTE_ESCALATED.format(
+                level=target,
+                reason=item.payload.get("reason", ""),
+                thread=thread_link(item.thread_channel, item.thread_ts),
+            )[:MAX_NOTE_CHARS]
+            # Before asking: a retry after an unknown outcome asks for this same level.
+            self.remember(item, {**item.payload, "level": target, "content": content})
+        if not isinstance(level, int) or level < target:
+            if resolved:
+                log.info("incident %s is resolved in PagerDuty: not escalating", item.incident_id)
+                return
             self.client.rput(path, json={"type": "incident_reference", "escalation_level": target})
-        text = NOTE_ESCALATED.format(
-            level=target,
-            reason=item.payload.get("reason", ""),
-            thread=thread_link(item.thread_channel, item.thread_ts),
-        )
-        self._note(item.incident_id, text[:MAX_NOTE_CHARS], maybe_sent=True)
+        self._note(item.incident_id, content, maybe_sent)

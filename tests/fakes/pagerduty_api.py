@@ -13,14 +13,21 @@ or, as a bot process would be started, through the environment:
 
 Errors use PagerDuty's shape ``{"error": {"message": ..., "code": ...}}``; the messages
 are the stand-in's own approximation. Queued faults answer 429 (with ``Retry-After``)
-or 5xx. Note the client sleeps ``sleep_timer`` (1.5 s) doubling per 429 and ignores
-``Retry-After``: lower ``client.sleep_timer`` in tests.
+or 5xx without doing anything. Calls that take effect but whose answer is lost: the
+base's `lose_answer` (held back until the client gives up, or the connection dropped),
+and `fail_after_applying` here (a 5xx from a gateway after PagerDuty stored the note).
+Note the client sleeps
+``sleep_timer`` (1.5 s) doubling per 429 and ignores ``Retry-After``: lower
+``client.sleep_timer`` in tests.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import socketserver
+import ssl
+import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -108,12 +115,15 @@ class FakePagerDuty(FakeServer):
         tls: bool = True,
     ) -> None:
         super().__init__(latency=latency, tls=tls)
+        self._httpd.handle_error = self._handle_error  # type: ignore[method-assign]
         self.token = token
         self.require_from = require_from
         self._incidents: dict[str, Json] = {}
         self._alerts: dict[str, list[Json]] = {}
         self._notes: dict[str, list[Json]] = {}
         self._updates: list[Json] = []
+        self._fail_after: dict[str, list[int]] = {}
+        self.applied_then_failed: list[str] = []  # calls done, answered with a 5xx
         self._policies = {pid: dict(fields) for pid, fields in (escalation_policies or {}).items()}
         for incident_id, fields in (incidents or {}).items():
             self.add_incident(incident_id, **fields)
@@ -142,6 +152,12 @@ class FakePagerDuty(FakeServer):
                 filled = make_alert(str(alert.get("id", f"A{incident_id}{n}")), incident_id)
                 target.append({**filled, **alert})
 
+    def fail_after_applying(self, name: str, *, status: int = 502, times: int = 1) -> None:
+        """Do the next ``times`` calls to ``name``, then answer ``status`` anyway (a
+        gateway's error after PagerDuty stored the change): the caller cannot know."""
+        with self._cond:
+            self._fail_after.setdefault(name, []).extend([status] * times)
+
     def incident(self, incident_id: str) -> Json:
         """The incident as it is now (status, escalation_level after updates)."""
         with self._cond:
@@ -157,6 +173,14 @@ class FakePagerDuty(FakeServer):
         """Every accepted incident change: ``{"id", "changes", "from"}``, in order."""
         with self._cond:
             return copy.deepcopy(self._updates)
+
+    def _handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up before its answer (a timeout during an outage or a held
+        answer) is part of the scenario, not a bug worth a traceback (over TLS, writing to
+        it raises SSL errors, which the base does not expect)."""
+        if isinstance(sys.exc_info()[1], BrokenPipeError | ConnectionError | ssl.SSLError):
+            return
+        socketserver.BaseServer.handle_error(self._httpd, request, client_address)
 
     # -- FakeServer hooks -----------------------------------------------------------------
 
@@ -179,8 +203,17 @@ class FakePagerDuty(FakeServer):
         for method, pattern, route in self._routes:
             match = pattern.fullmatch(request.path)
             if method == request.method and match:
-                return route(request, *match.groups())
+                return self._maybe_failed(request, route(request, *match.groups()))
         return _not_found()
+
+    def _maybe_failed(self, request: Request, reply: Reply) -> Reply:
+        name = self.call_name(request)
+        queued = self._fail_after.get(name)
+        if not queued or reply.status >= 400:
+            return reply
+        self.applied_then_failed.append(name)
+        status = queued.pop(0)
+        return Reply(status, self.error_body(status))
 
     # -- routes ---------------------------------------------------------------------------
 
