@@ -536,6 +536,32 @@ def test_random_yamlish_text_never_crashes(text: str) -> None:
     lint_texts({"actions/random.yaml": text, "random.yml": text})
 
 
+@SLOW
+@given(st.lists(YAML_BITS | st.text(max_size=5), max_size=60).map("".join))
+def test_the_plain_reading_gives_what_the_careful_one_gives(text: str) -> None:
+    """Files without anchors skip the careful conversion; both must make the same data."""
+    from bot.catalog import yamlsource
+
+    try:
+        nodes = list(yamlsource._compose_all(text))
+    except (yaml.YAMLError, RecursionError):
+        return
+    for index, node in enumerate(nodes):
+        if node is None or "&" in text:
+            continue
+        careful = yamlsource._Converter(yamlsource.SourceDoc("x.yaml", index, None))
+        try:
+            expected = careful.convert(node, (), frozenset())
+        except yamlsource._Unsafe:
+            expected = "refused"
+        try:
+            plain = yamlsource._plain(node)
+        except yamlsource._NeedsCare:
+            continue  # the careful path reads it
+        assert not careful.errors
+        assert repr(plain) == repr(expected)  # repr: a .nan equals itself
+
+
 KEYS = st.sampled_from(
     [
         "kind",
