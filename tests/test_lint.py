@@ -737,9 +737,105 @@ def test_fast_schema_check_agrees_with_the_full_schema(
     from bot.catalog.loader import quick_is_valid
 
     data = tweak(doc, key, value, where) if change else doc
-    seen: dict[str, bool] = {}
-    assert quick_is_valid(kind, data, seen) == full_is_valid(kind, data)
-    assert quick_is_valid(kind, data, seen) == full_is_valid(kind, data)  # cached steps
+    assert quick_is_valid(kind, data) == full_is_valid(kind, data)
+
+
+CATALOG_DOC = st.fixed_dictionaries(
+    {
+        "kind": st.just("catalog"),
+        "environments": st.lists(
+            st.fixed_dictionaries(
+                {"name": st.sampled_from(["dev", "prod", "a b", ""]) | NESTED},
+                optional={"production": st.booleans() | NESTED},
+            ),
+            max_size=3,
+        ),
+    },
+    optional={
+        "approvers": st.fixed_dictionaries(
+            {},
+            optional={
+                "users": st.lists(st.sampled_from(["U1", "W2", "@alice", "U1"]) | NESTED),
+                "groups": st.lists(st.sampled_from(["S1", "s1", "S1"])),
+            },
+        ),
+        "defaults": st.fixed_dictionaries(
+            {},
+            optional={
+                "timeout": st.sampled_from([0, -1, 1.5, 30, "10m", "10min", "1.5h", True, None]),
+                "approval_timeout": NESTED,
+            },
+        ),
+        "promotion": st.fixed_dictionaries(
+            {},
+            optional={
+                "min_successful_runs": st.sampled_from([0, -1, 2.0, 2.5, True, "3"]),
+                "window": st.sampled_from([1, "1h", "h"]),
+            },
+        ),
+        "services": st.dictionaries(st.text(max_size=3), st.sampled_from(["dev", "x y", 1])),
+        "escalation": st.fixed_dictionaries({}, optional={"mention": NESTED, "pagerduty": NESTED}),
+    },
+)
+
+
+@SLOW
+@given(st.sampled_from(["action", "runbook", "catalog"]), CATALOG_DOC | NESTED)
+def test_fast_schema_check_agrees_on_settings_and_on_anything(kind: str, data: object) -> None:
+    from bot.catalog.loader import quick_is_valid
+
+    assert quick_is_valid(kind, data) == full_is_valid(kind, data)
+
+
+def lint_case_documents() -> list[object]:
+    return [
+        doc
+        for path in sorted(CASES.rglob("*.y*ml"))
+        for doc in _safe_documents(path.read_text("utf-8"))
+        if isinstance(doc, dict)
+    ]
+
+
+def _safe_documents(text: str) -> list[object]:
+    try:
+        return list(yaml.safe_load_all(text))
+    except yaml.YAMLError:
+        return []
+
+
+def test_fast_schema_check_agrees_on_every_lint_case_document() -> None:
+    from bot.catalog.loader import quick_is_valid
+
+    documents = lint_case_documents()
+    assert len(documents) > 50
+    for doc in documents:
+        for kind in ("action", "runbook", "catalog"):
+            assert quick_is_valid(kind, doc) == full_is_valid(kind, doc), (kind, doc)
+
+
+def test_the_schema_compiles_without_falling_back_to_jsonschema() -> None:
+    from bot.catalog.loader import _fast_validators
+
+    assert _fast_validators() is not None
+
+
+@pytest.mark.parametrize(
+    "subschema",
+    [
+        {"maxLength": 3},
+        {"patternProperties": {"^x": {}}},
+        {"enum": [1, True]},
+        {"type": "array", "items": {"type": "object"}, "uniqueItems": True},
+        {"$ref": "https://example.com/other.json"},
+        {"unevaluatedProperties": False, "if": {"required": ["a"]}},
+    ],
+    ids=repr,
+)
+def test_the_generator_refuses_what_it_cannot_translate_exactly(subschema: object) -> None:
+    from bot.catalog.fastschema import Unsupported, generate
+
+    with pytest.raises(Unsupported):
+        generate({"doc": subschema}, ("doc",))
 
 
 def test_benchmark_catalog_is_valid_and_lint_clean(tmp_path: Path) -> None:

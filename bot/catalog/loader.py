@@ -68,112 +68,24 @@ def _validator(kind: str) -> Any:
     return Draft202012Validator({"$ref": f"#/$defs/{kind}", "$defs": full["$defs"]})
 
 
-# --- fast schema check -----------------------------------------------------------------
-# Almost every document is valid, so the verdict comes from a faster, equivalent form of
-# the schema; only invalid documents go through the full validator, whose errors name
-# the keywords as written. Two rewrites, each applied only where it keeps the verdict:
-#   * `unevaluatedProperties: false` beside `properties` and `allOf: [{$ref}]` becomes
-#     `additionalProperties: false` over the union of those properties (jsonschema
-#     re-validates every subschema to collect evaluated keys: its slowest keyword);
-#   * a runbook's steps are checked one by one, and identical steps (same JSON) once.
-# tests/test_lint.py checks that both forms agree on generated documents.
-
-_ANNOTATING = frozenset(
-    {
-        "properties",
-        "patternProperties",
-        "additionalProperties",
-        "unevaluatedProperties",
-        "allOf",
-        "anyOf",
-        "oneOf",
-        "$ref",
-        "$dynamicRef",
-        "if",
-        "dependentSchemas",
-    }
-)
-_STEP_LISTS = ("steps", "on_resolve")
-_STEP_ITEMS = {"$ref": "#/$defs/step"}
-
-
-def _annotates(subschema: Any) -> bool:
-    """Whether `subschema` can mark properties as evaluated (`not` never does)."""
-    return isinstance(subschema, dict) and bool(_ANNOTATING & subschema.keys())
-
-
-def _closed_equivalent(sub: Any, defs: dict[str, Any]) -> dict[str, Any] | None:
-    """`sub` with `unevaluatedProperties: false` as `additionalProperties`, if equivalent."""
-    if not isinstance(sub, dict) or sub.get("unevaluatedProperties") is not False:
-        return None
-    if _annotates(
-        {
-            k: v
-            for k, v in sub.items()
-            if k not in ("properties", "allOf", "oneOf", "anyOf", "unevaluatedProperties")
-        }
-    ):
-        return None
-    if any(_annotates(branch) for key in ("oneOf", "anyOf") for branch in sub.get(key, ())):
-        return None
-    names: dict[str, Any] = dict(sub.get("properties", {}))
-    for part in sub.get("allOf", ()):
-        ref = part.get("$ref", "") if isinstance(part, dict) else ""
-        if set(part) != {"$ref"} or not ref.startswith("#/$defs/"):
-            return None
-        target = defs.get(ref.removeprefix("#/$defs/"))
-        if not isinstance(target, dict):
-            return None
-        if _annotates({k: v for k, v in target.items() if k != "properties"}):
-            return None
-        for name in target.get("properties", {}):
-            names.setdefault(name, True)  # its value is checked by the allOf already
-    closed = {k: v for k, v in sub.items() if k != "unevaluatedProperties"}
-    closed["properties"] = names
-    closed["additionalProperties"] = False
-    return closed
-
-
 @cache
-def _quick_validators(kind: str) -> tuple[Any, Any | None]:
-    """A validator for the document, and one for a single runbook step (or None)."""
-    from jsonschema import Draft202012Validator
+def _fast_validators() -> dict[str, Any] | None:
+    """kind -> the verdict of the schema, generated from it (None: jsonschema only)."""
+    from bot.catalog.fastschema import Unsupported, compiled
 
-    original: dict[str, Any] = schema()["$defs"]
-    defs = {name: _closed_equivalent(sub, original) or sub for name, sub in original.items()}
-    root = kind
-    step_validator = None
-    properties = defs.get("runbook", {}).get("properties", {})
-    if kind == "runbook" and all(
-        properties.get(key, {}).get("items") == _STEP_ITEMS for key in _STEP_LISTS
-    ):
-        shell_properties = {
-            **properties,
-            **{key: {**properties[key], "items": True} for key in _STEP_LISTS},
-        }
-        defs["runbook (steps apart)"] = {**defs["runbook"], "properties": shell_properties}
-        root = "runbook (steps apart)"
-        step_validator = Draft202012Validator({**_STEP_ITEMS, "$defs": defs})
-    return Draft202012Validator({"$ref": f"#/$defs/{root}", "$defs": defs}), step_validator
+    text = resources.files("bot.catalog").joinpath(SCHEMA_FILE).read_text("utf-8")
+    try:
+        return compiled(text, KINDS)
+    except Unsupported:  # a keyword the generator does not know: slower, never wrong
+        return None
 
 
-def quick_is_valid(kind: str, data: Any, seen_steps: dict[str, bool] | None = None) -> bool:
-    """Same verdict as the full schema of `kind`, faster. `seen_steps` caches steps."""
-    validator, step_validator = _quick_validators(kind)
-    if not validator.is_valid(data):
-        return False
-    if step_validator is None:
-        return True
-    seen = {} if seen_steps is None else seen_steps
-    for key in _STEP_LISTS:
-        for step in data.get(key, ()):
-            fingerprint = json.dumps(step, sort_keys=True)
-            valid = seen.get(fingerprint)
-            if valid is None:
-                valid = seen[fingerprint] = step_validator.is_valid(step)
-            if not valid:
-                return False
-    return True
+def quick_is_valid(kind: str, data: Any) -> bool:
+    """The verdict of the schema of `kind` on `data`, from the generated validator."""
+    validators = _fast_validators()
+    if validators is None:
+        return bool(_validator(kind).is_valid(data))
+    return bool(validators[kind](data))
 
 
 @dataclass
@@ -228,7 +140,6 @@ def parse_catalog(root: str | os.PathLike[str], *, run_rules: bool = True) -> Pa
             )
         )
         return parsed
-    seen_steps: dict[str, bool] = {}  # step JSON -> valid, shared by all runbooks
     for path in discover_files(root_path):
         parsed.files += 1
         docs, diagnostics = read_documents(path, _display(path))
@@ -246,7 +157,7 @@ def parse_catalog(root: str | os.PathLike[str], *, run_rules: bool = True) -> Pa
                     )
                 )
                 continue
-            errors = _schema_errors(doc, seen_steps)
+            errors = _schema_errors(doc)
             parsed.diagnostics.extend(errors)
             if not errors:
                 parsed.docs.append(doc)
@@ -329,13 +240,13 @@ def _detect_kind(doc: SourceDoc, path: Path, root: Path) -> str:
 _MAX_SCHEMA_ERRORS = 10
 
 
-def _schema_errors(doc: SourceDoc, seen_steps: dict[str, bool] | None = None) -> list[Diagnostic]:
+def _schema_errors(doc: SourceDoc) -> list[Diagnostic]:
     data = doc.data
     if doc.kind == "runbook" and "kind" not in data:
         data = {**data, "kind": "runbook"}
     elif doc.kind == "catalog" and "kind" not in data:
         data = {**data, "kind": "catalog"}
-    if quick_is_valid(doc.kind, data, seen_steps):
+    if quick_is_valid(doc.kind, data):
         return []
     validator = _validator(doc.kind)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path)))
