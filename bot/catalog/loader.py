@@ -17,6 +17,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -140,9 +141,10 @@ def parse_catalog(root: str | os.PathLike[str], *, run_rules: bool = True) -> Pa
             )
         )
         return parsed
+    display = _displayer(root_path)
     for path in discover_files(root_path):
         parsed.files += 1
-        docs, diagnostics = read_documents(path, _display(path))
+        docs, diagnostics = read_documents(path, display(path))
         parsed.diagnostics.extend(diagnostics)
         for doc in docs:
             doc.kind = _detect_kind(doc, path, root_path)
@@ -214,6 +216,18 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def _displayer(root: Path) -> Callable[[Path], str]:
+    """How files under `root` are named in diagnostics: relative to the working directory.
+
+    The root is resolved once; a file keeps its path below the root as found (a ConfigMap
+    mount's `..data` links are not followed into the hidden folder they point at).
+    """
+    if root.is_file():
+        return lambda path: _display(path)
+    base = Path(_display(root))
+    return lambda path: str(base / path.relative_to(root))
 
 
 def _detect_kind(doc: SourceDoc, path: Path, root: Path) -> str:

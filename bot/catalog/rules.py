@@ -57,6 +57,7 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import shlex
 import warnings
@@ -106,14 +107,53 @@ class Usage:
     step: Step
 
 
+@dataclass(frozen=True)
+class Condition:
+    """What the rules need of a `when`, worked out once per distinct text."""
+
+    error: str | None  # why the evaluator refuses it; None when it parses
+    # (name, key) of every `name.key` / `name['key']` lookup, in `ast.walk` order
+    reads: tuple[tuple[str, str], ...] = ()
+    # names also read whole or by a computed key (`params`, `params[x]`)
+    whole: frozenset[str] = frozenset()
+
+
+def _condition(when: str) -> Condition:
+    try:
+        tree = parse_condition(when)
+    except (ConditionError, ValueError, RecursionError, MemoryError) as exc:
+        return Condition(error=str(exc))
+    reads: list[tuple[str, str]] = []
+    names: dict[str, int] = {}
+    keyed: dict[str, int] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names[node.id] = names.get(node.id, 0) + 1
+        elif isinstance(node, ast.Attribute | ast.Subscript) and isinstance(node.value, ast.Name):
+            key = node.attr if isinstance(node, ast.Attribute) else _constant_key(node)
+            if key is not None:
+                reads.append((node.value.id, key))
+                keyed[node.value.id] = keyed.get(node.value.id, 0) + 1
+    whole = frozenset(name for name, count in names.items() if count > keyed.get(name, 0))
+    return Condition(error=None, reads=tuple(reads), whole=whole)
+
+
 @dataclass
 class Context:
     parsed: ParsedCatalog
     settings: Settings
     actions: dict[str, SourceDoc] = field(default_factory=dict)  # first definition wins
     usages: dict[str, list[Usage]] = field(default_factory=dict)  # action id -> users
+    # Catalogs repeat their conditions: each distinct text is parsed once.
+    conditions: dict[str, Condition] = field(default_factory=dict)
 
-    @property
+    def condition(self, when: str) -> Condition:
+        found = self.conditions.get(when)
+        if found is None:
+            found = self.conditions[when] = _condition(when)
+        return found
+
+    @functools.cached_property
     def runbooks(self) -> list[SourceDoc]:
         return self.parsed.of_kind("runbook")
 
@@ -1027,25 +1067,12 @@ def _params_read(data: dict[str, Any]) -> set[str]:
     return read
 
 
-def _params_in_condition(when: str) -> set[str]:
+def _params_in_condition(condition: Condition) -> set[str]:
     """The params a `when` condition reads (all of them when it reads `params` whole)."""
-    try:
-        tree = parse_condition(when)
-    except (ConditionError, ValueError, RecursionError, MemoryError):
+    if condition.error is not None:
         return {_EVERY_PARAM}  # RB029 reports it; do not guess what it meant to read
-    read: set[str] = set()
-    names = keyed = 0
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id == "params":
-            names += 1
-        elif isinstance(node, ast.Attribute | ast.Subscript) and (
-            isinstance(node.value, ast.Name) and node.value.id == "params"
-        ):
-            key = node.attr if isinstance(node, ast.Attribute) else _constant_key(node)
-            if key is not None:
-                read.add(key)
-                keyed += 1
-    return read | {_EVERY_PARAM} if names > keyed else read
+    read = {key for name, key in condition.reads if name == "params"}
+    return read | {_EVERY_PARAM} if "params" in condition.whole else read
 
 
 @rule
@@ -1066,7 +1093,7 @@ def unknown_params(ctx: Context) -> Iterator[Diagnostic]:
                 continue  # RB021 reports the unknown action; its params are unknowable
             read = set().union(*(read_by[user] for user in users))
             if isinstance(step.get("when"), str):
-                read |= _params_in_condition(step["when"])
+                read |= _params_in_condition(ctx.condition(step["when"]))
             if _EVERY_PARAM in read:
                 continue
             step_id = str(step.get("id", action_id))
@@ -1108,7 +1135,14 @@ def invalid_conditions(ctx: Context) -> Iterator[Diagnostic]:
                 when = step.get("when")
                 if isinstance(when, str):
                     yield from _check_condition(
-                        doc, (key, i, "when"), when, earlier, all_ids, other_ids, other_key
+                        doc,
+                        (key, i, "when"),
+                        when,
+                        ctx.condition(when),
+                        earlier,
+                        all_ids,
+                        other_ids,
+                        other_key,
                     )
                 step_id = str(step.get("id", step.get("action")))
                 earlier.add(step_id)
@@ -1120,32 +1154,24 @@ def _check_condition(
     doc: SourceDoc,
     path: JsonPath,
     when: str,
+    condition: Condition,
     earlier: set[str],
     same_list: set[str],
     other_list: set[str],
     other_key: str,
 ) -> Iterator[Diagnostic]:
-    try:
-        tree = parse_condition(when)
-    except (ConditionError, ValueError, RecursionError, MemoryError) as exc:
+    if condition.error is not None:
         yield doc.diagnostic(
             "RB029",
             "invalid-when",
-            f"condition {when!r} is refused: {exc}",
+            f"condition {when!r} is refused: {condition.error}",
             "write a comparison over incident, steps and params, e.g. "
             "\"steps['check'].status == 'success'\" or \"incident.urgency == 'high'\"",
             path,
         )
         return
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Attribute | ast.Subscript):
-            continue
-        if not (isinstance(node.value, ast.Name)):
-            continue
-        key = node.attr if isinstance(node, ast.Attribute) else _constant_key(node)
-        if key is None:
-            continue
-        if node.value.id == "incident" and key not in INCIDENT_FIELDS:
+    for name, key in condition.reads:
+        if name == "incident" and key not in INCIDENT_FIELDS:
             yield doc.diagnostic(
                 "RB029",
                 "invalid-when",
@@ -1159,7 +1185,7 @@ def _check_condition(
                 ),
                 path,
             )
-        elif node.value.id == "steps" and key not in earlier:
+        elif name == "steps" and key not in earlier:
             if key in same_list:
                 why = "it runs later in this runbook, so it has no result yet"
             elif key in other_list:
