@@ -1,6 +1,6 @@
 """Benchmark: `runbookctl lint` against the YAML parse floor and check-jsonschema.
 
-    python bench/bench_lint.py [--sizes 200,2000,8000] [--runs 5]
+    python bench/bench_lint.py [--sizes 200,2000,8000] [--runs 5] [--jobs N] [--cache]
 
 For each size N, generates a catalog of N runbook files (10 steps each) and N/10 actions
 (bench/gen_catalog.py) into a temporary directory, then times, as subprocesses, wall
@@ -15,7 +15,8 @@ Lint and check-jsonschema must succeed on the generated catalog (it is valid and
 lint-clean), or the numbers would compare an early exit. The figures that matter are
 the ratios, each taken within one round and summarised over the rounds as the median
 and the range: lint / floor (target: at most 3) and lint / check-jsonschema (target:
-below 1).
+below 1). ``--jobs`` is passed to lint (default: lint decides); ``--cache`` adds lint
+with a warm ``--cache DIR`` (what CI sees when few files changed).
 """
 
 from __future__ import annotations
@@ -78,18 +79,24 @@ def spread(values: list[float], unit: str = "") -> str:
     return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f}{unit})"
 
 
-def bench_size(runbooks: int, runs: int) -> None:
+def bench_size(runbooks: int, runs: int, jobs: int | None, cache: bool) -> None:
     actions = max(20, runbooks // 10)
     with tempfile.TemporaryDirectory(prefix="bench-lint-") as tmp:
         root = Path(tmp) / "catalog"
         files = generate(root, runbooks, runbooks * 10, actions)
         paths = sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml"))
         lint_argv = [*tool("runbookctl"), "lint", "--strict", "."]
+        if jobs is not None:
+            lint_argv[-1:-1] = ["--jobs", str(jobs)]
         commands = {
             "lint": lint_argv,
             "floor": [sys.executable, "-c", FLOOR, "."],
             "check-jsonschema": [*tool("check-jsonschema"), "--schemafile", str(SCHEMA), *paths],
         }
+        if cache:
+            warm = [*lint_argv[:-1], "--cache", str(Path(tmp) / "lint-cache"), "."]
+            timed(warm, root)  # fill it
+            commands["lint --cache (warm)"] = warm
         times: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(runs):
             for name, argv in commands.items():
@@ -116,9 +123,11 @@ def main() -> None:
         help="runbook files per catalog, comma-separated (default: 200,2000,8000)",
     )
     parser.add_argument("--runs", type=int, default=5, help="rounds per size (default: 5)")
+    parser.add_argument("--jobs", type=int, default=None, help="passed to runbookctl lint")
+    parser.add_argument("--cache", action="store_true", help="also time lint --cache, warm")
     args = parser.parse_args()
     for size in (int(s) for s in args.sizes.split(",")):
-        bench_size(size, args.runs)
+        bench_size(size, args.runs, args.jobs, args.cache)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from bot.catalog import parse_catalog, rules
 from bot.catalog.diagnostics import Diagnostic
-from bot.catalog.loader import schema
+from bot.catalog.schemacheck import schema
 from bot.catalog.yamlsource import MAX_FILE_BYTES
 from runbookctl.lint import format_github, lint
 
@@ -371,6 +371,144 @@ def test_default_path_missing_is_a_usage_error(
     result = CliRunner().invoke(lint, [])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+# --- linting files in the context of their catalog -------------------------------------
+
+
+def write_catalog(root: Path, texts: dict[str, str]) -> Path:
+    for name, text in {"catalog.yaml": SETTINGS, **texts}.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, "utf-8")
+    return root
+
+
+RESTART = "id: restart\ncommand: systemctl restart app\nexpect: [{pattern: '^$'}]\n"
+
+
+def test_a_file_is_linted_in_its_catalog_and_only_its_problems_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_catalog(
+        tmp_path,
+        {
+            "actions/restart.yaml": RESTART,
+            "actions/broken.yaml": "id: broken\ncommand: x\ntimout: 1s\n",
+            "runbooks/web.yaml": runbook_with_step("{action: restart}"),
+            "runbooks/typo.yaml": runbook_with_step("{action: restrat}").replace("api", "db"),
+        },
+    )
+    monkeypatch.chdir(tmp_path)
+    clean = CliRunner().invoke(lint, ["runbooks/web.yaml"])
+    assert (clean.exit_code, clean.output) == (0, "0 errors, 0 warnings in 1 file\n")
+    typo = CliRunner().invoke(lint, ["runbooks/web.yaml", "runbooks/typo.yaml"])
+    assert typo.exit_code == 1
+    assert "runbooks/typo.yaml:5:" in typo.output and "did you mean 'restart'?" in typo.output
+    assert "broken.yaml" not in typo.output
+    assert typo.output.endswith("1 error, 0 warnings in 2 files\n")
+    # from a folder inside the catalog, and with the catalog named
+    monkeypatch.chdir(tmp_path / "runbooks")
+    assert CliRunner().invoke(lint, ["web.yaml"]).exit_code == 0
+    named = CliRunner().invoke(lint, ["--catalog", str(tmp_path), "typo.yaml"])
+    assert named.exit_code == 1 and "typo.yaml:5:" in named.output
+
+
+def test_a_file_outside_any_catalog_is_a_usage_error(tmp_path: Path) -> None:
+    lone = tmp_path / "lone.yaml"
+    lone.write_text(RESTART, "utf-8")
+    result = CliRunner().invoke(lint, [str(lone)])
+    assert result.exit_code == 2
+    assert "no catalog.yaml in the folders above" in result.output
+    assert "--catalog" in result.output
+
+
+def test_a_file_from_elsewhere_can_be_linted_against_a_named_catalog(tmp_path: Path) -> None:
+    catalog = write_catalog(tmp_path / "catalog", {"actions/restart.yaml": RESTART})
+    draft = tmp_path / "drafts" / "web.yaml"
+    draft.parent.mkdir()
+    draft.write_text(runbook_with_step("{action: restart}"), "utf-8")
+    result = CliRunner().invoke(lint, ["--catalog", str(catalog), str(draft)])
+    assert (result.exit_code, result.output) == (0, "0 errors, 0 warnings in 1 file\n")
+    both = CliRunner().invoke(lint, ["--catalog", str(catalog), str(catalog)])
+    assert both.exit_code == 2
+
+
+# --- reading in parallel and from a cache -----------------------------------------------
+
+
+def test_files_read_by_worker_processes_give_what_one_process_gives(tmp_path: Path) -> None:
+    from bot.catalog import reader
+    from bot.catalog.loader import _displayer, discover_files
+
+    if not reader._can_fork():
+        pytest.skip("worker processes are forked only where fork exists and no thread runs")
+    write_catalog(
+        tmp_path,
+        {
+            **{f"actions/a{i}.yaml": RESTART.replace("restart", f"a{i}") for i in range(7)},
+            "actions/bad.yaml": "id: Bad\ncommand: [x]\n",
+            "actions/syntax.yaml": "id: x\ncommand: echo: hi\n",
+            "runbooks/web.yaml": runbook_with_step("{action: a1, when: 'incident.x'}"),
+        },
+    )
+    paths = discover_files(tmp_path)
+    display = _displayer(tmp_path)
+    alone = [reader.read_file(path, tmp_path, display) for path in paths]
+
+    def seen(results: list[reader.FileResult]) -> list[object]:
+        return [
+            (r.diagnostics, [(d.file, d.index, d.kind, d.data) for d in r.docs]) for r in results
+        ]
+
+    for jobs in (2, 3):
+        assert seen(reader._read_in_parallel(paths, tmp_path, display, jobs)) == seen(alone)
+    assert CliRunner().invoke(lint, ["--jobs", "2", str(tmp_path)]).output == (
+        CliRunner().invoke(lint, ["--jobs", "1", str(tmp_path)]).output
+    )
+
+
+def test_the_cache_remembers_files_by_content(tmp_path: Path) -> None:
+    catalog = write_catalog(
+        tmp_path / "catalog",
+        {
+            "actions/restart.yaml": RESTART,
+            "runbooks/web.yaml": runbook_with_step("{action: restart}"),
+        },
+    )
+    cache = tmp_path / "cache"
+    first = CliRunner().invoke(lint, ["--cache", str(cache), str(catalog)])
+    assert first.output == "0 errors, 0 warnings in 3 files\n"
+    entries = sorted(cache.glob("*.json"))
+    assert len(entries) == 3
+    again = CliRunner().invoke(lint, ["--cache", str(cache), str(catalog)])
+    assert again.output == first.output
+    assert sorted(cache.glob("*.json")) == entries  # nothing new: every file was a hit
+    # A changed file is a new key, read afresh; the old entry is simply not used.
+    (catalog / "actions/restart.yaml").write_text(RESTART + "timout: 1s\n", "utf-8")
+    changed = CliRunner().invoke(lint, ["--cache", str(cache), str(catalog)])
+    assert changed.exit_code == 1 and "timout" in changed.output
+    assert len(list(cache.glob("*.json"))) == 4
+    # An entry that cannot be read is a miss, never a crash.
+    for entry in cache.glob("*.json"):
+        entry.write_text("{not json", "utf-8")
+    assert CliRunner().invoke(lint, ["--cache", str(cache), str(catalog)]).output == changed.output
+
+
+def test_a_cached_entry_is_used_instead_of_reading_the_file(tmp_path: Path) -> None:
+    """What proves the cache is read: an entry edited by hand shows in the output."""
+    catalog = write_catalog(tmp_path / "catalog", {"actions/restart.yaml": RESTART})
+    cache = tmp_path / "cache"
+    CliRunner().invoke(lint, ["--cache", str(cache), str(catalog)])
+    for entry in cache.glob("*.json"):
+        plain = json.loads(entry.read_text("utf-8"))
+        for doc in plain[0]:
+            if doc[1] == "action":
+                doc[2]["command"] = "rm -rf /var/lib/app"
+                doc[2]["safety"] = {"requires_approval": False}
+        entry.write_text(json.dumps(plain), "utf-8")
+    result = CliRunner().invoke(lint, ["--cache", str(cache), str(catalog)])
+    assert "RB026" in result.output
 
 
 def test_text_format() -> None:
@@ -734,7 +872,7 @@ def tweak(doc: dict[str, object], key: str, value: object, where: int) -> dict[s
 def test_fast_schema_check_agrees_with_the_full_schema(
     kind: str, doc: dict[str, object], key: str, value: object, where: int, change: bool
 ) -> None:
-    from bot.catalog.loader import quick_is_valid
+    from bot.catalog.schemacheck import quick_is_valid
 
     data = tweak(doc, key, value, where) if change else doc
     assert quick_is_valid(kind, data) == full_is_valid(kind, data)
@@ -782,7 +920,7 @@ CATALOG_DOC = st.fixed_dictionaries(
 @SLOW
 @given(st.sampled_from(["action", "runbook", "catalog"]), CATALOG_DOC | NESTED)
 def test_fast_schema_check_agrees_on_settings_and_on_anything(kind: str, data: object) -> None:
-    from bot.catalog.loader import quick_is_valid
+    from bot.catalog.schemacheck import quick_is_valid
 
     assert quick_is_valid(kind, data) == full_is_valid(kind, data)
 
@@ -804,7 +942,7 @@ def _safe_documents(text: str) -> list[object]:
 
 
 def test_fast_schema_check_agrees_on_every_lint_case_document() -> None:
-    from bot.catalog.loader import quick_is_valid
+    from bot.catalog.schemacheck import quick_is_valid
 
     documents = lint_case_documents()
     assert len(documents) > 50
@@ -814,7 +952,7 @@ def test_fast_schema_check_agrees_on_every_lint_case_document() -> None:
 
 
 def test_the_schema_compiles_without_falling_back_to_jsonschema() -> None:
-    from bot.catalog.loader import _fast_validators
+    from bot.catalog.schemacheck import _fast_validators
 
     assert _fast_validators() is not None
 

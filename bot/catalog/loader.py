@@ -13,14 +13,11 @@ else an action has ``command``, a runbook has ``steps``, settings have ``environ
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,50 +40,8 @@ from bot.catalog.model import (
     Settings,
     Step,
 )
-from bot.catalog.yamlsource import JsonPath, SourceDoc, read_documents
+from bot.catalog.yamlsource import SourceDoc
 from bot.errors import CatalogError
-
-SCHEMA_FILE = "schema.json"
-KINDS = ("catalog", "action", "runbook")
-
-
-@cache
-def schema() -> dict[str, Any]:
-    text = resources.files("bot.catalog").joinpath(SCHEMA_FILE).read_text("utf-8")
-    loaded: dict[str, Any] = json.loads(text)
-    return loaded
-
-
-def schema_path() -> Path:
-    return Path(str(resources.files("bot.catalog").joinpath(SCHEMA_FILE)))
-
-
-@cache
-def _validator(kind: str) -> Any:
-    from jsonschema import Draft202012Validator
-
-    full = schema()
-    return Draft202012Validator({"$ref": f"#/$defs/{kind}", "$defs": full["$defs"]})
-
-
-@cache
-def _fast_validators() -> dict[str, Any] | None:
-    """kind -> the verdict of the schema, generated from it (None: jsonschema only)."""
-    from bot.catalog.fastschema import Unsupported, compiled
-
-    text = resources.files("bot.catalog").joinpath(SCHEMA_FILE).read_text("utf-8")
-    try:
-        return compiled(text, KINDS)
-    except Unsupported:  # a keyword the generator does not know: slower, never wrong
-        return None
-
-
-def quick_is_valid(kind: str, data: Any) -> bool:
-    """The verdict of the schema of `kind` on `data`, from the generated validator."""
-    validators = _fast_validators()
-    if validators is None:
-        return bool(_validator(kind).is_valid(data))
-    return bool(validators[kind](data))
 
 
 @dataclass
@@ -125,8 +80,36 @@ def discover_files(root: Path) -> list[Path]:
     return found
 
 
-def parse_catalog(root: str | os.PathLike[str], *, run_rules: bool = True) -> ParsedCatalog:
-    """Parse and check a catalog without building models (what `runbookctl lint` runs)."""
+CATALOG_MARKERS = ("catalog.yaml", "catalog.yml")
+
+
+def find_catalog_root(path: str | os.PathLike[str]) -> Path | None:
+    """The catalog a file belongs to: the nearest folder above it with a catalog.yaml."""
+    folder = Path(path).absolute().parent
+    for candidate in (folder, *folder.parents):
+        if any((candidate / marker).is_file() for marker in CATALOG_MARKERS):
+            return candidate
+    return None
+
+
+def parse_catalog(
+    root: str | os.PathLike[str],
+    *,
+    run_rules: bool = True,
+    jobs: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    only: Sequence[str | os.PathLike[str]] | None = None,
+) -> ParsedCatalog:
+    """Parse and check a catalog without building models (what `runbookctl lint` runs).
+
+    `jobs`: processes reading files (default: the CPUs this process may use, up to 4;
+    1 reads in this process only). `cache_dir`: remember what each file gave, keyed by
+    its content (see `bot.catalog.reader`). `only`: files to report on; the whole
+    catalog is still read and checked (a runbook needs its actions), and these files
+    too if they lie outside it; `files` then counts them alone.
+    """
+    from bot.catalog.reader import read_files
+
     root_path = Path(root)
     parsed = ParsedCatalog(root=str(root_path))
     if not root_path.exists():
@@ -141,32 +124,23 @@ def parse_catalog(root: str | os.PathLike[str], *, run_rules: bool = True) -> Pa
             )
         )
         return parsed
-    display = _displayer(root_path)
-    for path in discover_files(root_path):
-        parsed.files += 1
-        docs, diagnostics = read_documents(path, display(path))
-        parsed.diagnostics.extend(diagnostics)
-        for doc in docs:
-            doc.kind = _detect_kind(doc, path, root_path)
-            if not doc.kind:
-                parsed.diagnostics.append(
-                    doc.diagnostic(
-                        "RB010",
-                        "schema",
-                        "cannot tell whether this document is an action, a runbook or the "
-                        "catalog settings",
-                        "add `kind: action`, `kind: runbook` or `kind: catalog`",
-                    )
-                )
-                continue
-            errors = _schema_errors(doc)
-            parsed.diagnostics.extend(errors)
-            if not errors:
-                parsed.docs.append(doc)
+    paths = discover_files(root_path)
+    wanted: set[Path] | None = None
+    if only is not None:
+        wanted = {Path(p).resolve() for p in only}
+        known = {p.resolve() for p in paths}
+        paths.extend(Path(p) for p in only if Path(p).resolve() not in known)
+    parsed.files = len(paths) if wanted is None else len(wanted)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    for result in read_files(paths, root_path, _displayer(root_path), jobs=jobs, cache_dir=cache):
+        parsed.docs.extend(result.docs)
+        parsed.diagnostics.extend(result.diagnostics)
     if run_rules:
         from bot.catalog import rules
 
         parsed.diagnostics.extend(rules.check(parsed))
+    if wanted is not None:
+        parsed.diagnostics = [d for d in parsed.diagnostics if Path(d.file).resolve() in wanted]
     parsed.diagnostics.sort(key=lambda d: (d.file, d.line, d.col, d.code))
     return parsed
 
@@ -227,171 +201,14 @@ def _displayer(root: Path) -> Callable[[Path], str]:
     if root.is_file():
         return lambda path: _display(path)
     base = Path(_display(root))
-    return lambda path: str(base / path.relative_to(root))
 
+    def display(path: Path) -> str:
+        try:
+            return str(base / path.relative_to(root))
+        except ValueError:  # a file linted in the catalog's context from elsewhere
+            return _display(path)
 
-def _detect_kind(doc: SourceDoc, path: Path, root: Path) -> str:
-    data = doc.data
-    kind = data.get("kind")
-    if isinstance(kind, str) and kind in KINDS:
-        return kind
-    if kind is not None:
-        return ""
-    parts = path.relative_to(root).parts[:-1] if root.is_dir() else ()
-    if "actions" in parts:
-        return "action"
-    if "runbooks" in parts and "steps" in data:
-        return "runbook"
-    if "command" in data and "steps" not in data:
-        return "action"
-    if "steps" in data:
-        return "runbook"
-    if "environments" in data:
-        return "catalog"
-    return ""
-
-
-_MAX_SCHEMA_ERRORS = 10
-
-
-def _schema_errors(doc: SourceDoc) -> list[Diagnostic]:
-    data = doc.data
-    if doc.kind == "runbook" and "kind" not in data:
-        data = {**data, "kind": "runbook"}
-    elif doc.kind == "catalog" and "kind" not in data:
-        data = {**data, "kind": "catalog"}
-    if quick_is_valid(doc.kind, data):
-        return []
-    validator = _validator(doc.kind)
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path)))
-    # A failing `allOf` branch leaves its keys "unevaluated", so unevaluatedProperties
-    # would blame every valid key too: report it only when nothing else is wrong.
-    if any(e.validator != "unevaluatedProperties" for e in errors):
-        errors = [e for e in errors if e.validator != "unevaluatedProperties"]
-    found: list[Diagnostic] = []
-    for error in errors:
-        if error.context:
-            error = _closest(error)
-        path: JsonPath = tuple(error.absolute_path)
-        if (
-            _is_step(path)
-            and error.validator in ("required", "not")
-            and isinstance(error.instance, dict)
-        ):
-            found.extend(_step_shape_errors(doc, error, path))
-            continue
-        key_names = _offending_keys(error)
-        message = _shorten(error.message)
-        fix = _fix_for(error, doc.kind)
-        if key_names:
-            for name in key_names:
-                found.append(
-                    doc.diagnostic("RB010", "schema", message, fix, (*path, name), key=True)
-                )
-        else:
-            found.append(doc.diagnostic("RB010", "schema", message, fix, path))
-        if len(found) >= _MAX_SCHEMA_ERRORS:
-            break
-    return found
-
-
-def _is_step(path: JsonPath) -> bool:
-    return len(path) == 2 and path[0] in ("steps", "on_resolve") and isinstance(path[1], int)
-
-
-def _closest(error: Any) -> Any:
-    """The sub-error of a `oneOf`/`anyOf` that best explains what the author meant.
-
-    For a step, that is the branch its keys point at: `action:` means a reference,
-    anything else an inline step; jsonschema alone would often blame the other branch.
-    """
-    from jsonschema.exceptions import best_match
-
-    context = error.context
-    step = error.instance
-    if (
-        error.validator == "oneOf"
-        and _is_step(tuple(error.absolute_path))
-        and isinstance(step, dict)
-    ):
-        branch = 0 if "action" in step else 1
-        chosen = [e for e in context if e.relative_schema_path[0] == branch]
-        context = chosen or context
-    return best_match(context)
-
-
-_STEP_OVERRIDES = ("command", "shell", "safety", "expect", "env", "secrets")
-
-
-def _step_shape_errors(doc: SourceDoc, error: Any, step_path: JsonPath) -> list[Diagnostic]:
-    step = error.instance
-    if "action" not in step and "command" in step and "id" not in step:
-        return [
-            doc.diagnostic(
-                "RB033",
-                "inline-step-id",
-                "an inline step (one with `command`) needs an `id`",
-                "add `id: <name>` (lower-case, unique in the runbook), or move the command "
-                "into an action and reference it with `action: <id>`",
-                step_path,
-            )
-        ]
-    if error.validator == "not" and "action" in step:
-        return [
-            doc.diagnostic(
-                "RB010",
-                "schema",
-                f"a step that references an action cannot set `{key}`",
-                _fix_for(error, doc.kind),
-                (*step_path, key),
-                key=True,
-            )
-            for key in _STEP_OVERRIDES
-            if key in step
-        ]
-    return [
-        doc.diagnostic(
-            "RB010", "schema", _shorten(error.message), _fix_for(error, doc.kind), step_path
-        )
-    ]
-
-
-def _offending_keys(error: Any) -> list[str]:
-    if error.validator in ("additionalProperties", "unevaluatedProperties"):
-        return re.findall(r"'([^']+)'", error.message.split("(")[-1])
-    return []
-
-
-def _fix_for(error: Any, kind: str) -> str:
-    if error.validator in ("additionalProperties", "unevaluatedProperties"):
-        allowed = sorted(_allowed_keys(error.schema))
-        if allowed:
-            return f"remove or rename it; allowed keys here: {', '.join(allowed)}"
-        return "remove or rename it (see docs/catalog.md)"
-    if error.validator == "required":
-        return "add the missing key (see docs/catalog.md)"
-    if error.validator == "not" and kind == "runbook":
-        return (
-            "a step that references an action cannot change its command, expect or safety; "
-            "change the action itself, or write an inline step with its own id"
-        )
-    description = error.schema.get("description") if isinstance(error.schema, dict) else None
-    if description:
-        return str(description)
-    return f"see the {kind} format in docs/catalog.md"
-
-
-def _allowed_keys(subschema: dict[str, Any]) -> set[str]:
-    keys = set(subschema.get("properties", {}))
-    for part in subschema.get("allOf", ()):
-        ref = part.get("$ref", "")
-        if ref.startswith("#/$defs/"):
-            keys |= _allowed_keys(schema()["$defs"][ref.removeprefix("#/$defs/")])
-    return keys
-
-
-def _shorten(message: str, limit: int = 160) -> str:
-    return message if len(message) <= limit else message[: limit - 1] + "…"
+    return display
 
 
 # --- build ---------------------------------------------------------------------------
