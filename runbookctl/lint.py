@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from bot.catalog.diagnostics import Diagnostic
+from bot.catalog.diagnostics import Diagnostic, excerpt
 from bot.catalog.loader import find_catalog_root, parse_catalog
 from runbookctl.common import default_catalog
 
@@ -142,11 +142,14 @@ def _count(n: int, noun: str) -> str:
 
 
 def format_text(diagnostics: Sequence[Diagnostic]) -> list[str]:
+    """Each diagnostic, the source line with a caret under the column, and the fix."""
     lines: list[str] = []
+    read: dict[str, list[str] | None] = {}
     for d in diagnostics:
         lines.append(
             f"{d.file}:{d.line}:{d.col}: {d.severity} {d.code} [{d.rule}] {d.message} ({d.path})"
         )
+        lines.extend(excerpt(d.file, d.line, d.col, read))
         lines.append(f"    fix: {d.fix}")
     return lines
 

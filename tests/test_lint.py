@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from bot.catalog import parse_catalog, rules
 from bot.catalog.diagnostics import Diagnostic
-from bot.catalog.schemacheck import schema
+from bot.catalog.schemacheck import quick_is_valid, schema
 from bot.catalog.yamlsource import MAX_FILE_BYTES
 from runbookctl.lint import format_github, lint
 
@@ -520,7 +520,11 @@ def test_text_format() -> None:
         r"'restart-ngnix' \(\$\.steps\[0\]\.action\)",
         lines[0],
     )
-    assert lines[1].startswith("    fix: ")
+    assert lines[1:3] == [
+        "     6 |   - action: restart-ngnix  # expect: RB021",
+        "       |             ^",
+    ]
+    assert lines[3].startswith("    fix: ")
     assert lines[-1] == "1 error, 0 warnings in 2 files"
 
 
@@ -593,7 +597,7 @@ def test_entry_points_in_real_subprocesses() -> None:
     assert module.stdout.strip() == "0 errors, 0 warnings in 17 files"
     broken = _run(sys.executable, "-m", "runbookctl", "lint", str(CASES / "rb029-invalid-when"))
     assert broken.returncode == 1
-    assert broken.stdout.count("RB029") == 4
+    assert broken.stdout.count("error RB029") == 4
     usage = _run(sys.executable, "-m", "runbookctl", "lint", "no/such/dir")
     assert usage.returncode == 2
     script = Path(sys.executable).with_name("runbookctl")
@@ -872,10 +876,37 @@ def tweak(doc: dict[str, object], key: str, value: object, where: int) -> dict[s
 def test_fast_schema_check_agrees_with_the_full_schema(
     kind: str, doc: dict[str, object], key: str, value: object, where: int, change: bool
 ) -> None:
-    from bot.catalog.schemacheck import quick_is_valid
-
     data = tweak(doc, key, value, where) if change else doc
     assert quick_is_valid(kind, data) == full_is_valid(kind, data)
+
+
+@SLOW
+@given(
+    st.sampled_from(["action", "runbook"]),
+    ACTION | RUNBOOK,
+    KEYS | st.sampled_from(["timeout", "secrets", "bogus"]),
+    NESTED,
+    st.integers(0, 4),
+)
+def test_what_is_left_of_a_broken_document_passes_the_schema(
+    kind: str, doc: dict[str, object], key: str, value: object, where: int
+) -> None:
+    """The rules run on the valid rest of a document with schema errors: it must be valid."""
+    from bot.catalog import schemawords
+    from bot.catalog.schemacheck import schema_errors
+    from bot.catalog.yamlsource import SourceDoc
+
+    data = tweak(doc, key, value, where)
+    source = SourceDoc("x.yaml", 0, data, kind=kind, text=yaml.safe_dump(data))
+    errors, usable, dropped = schema_errors(source)
+    if not errors:
+        assert usable is data and dropped == ()
+        return
+    assert all(d.message and d.fix for d in errors)
+    if usable is not None:
+        with_kind = {**usable, "kind": kind} if kind == "runbook" else usable
+        assert quick_is_valid(kind, schemawords._stand_ins(with_kind))
+        assert dropped
 
 
 CATALOG_DOC = st.fixed_dictionaries(
@@ -920,8 +951,6 @@ CATALOG_DOC = st.fixed_dictionaries(
 @SLOW
 @given(st.sampled_from(["action", "runbook", "catalog"]), CATALOG_DOC | NESTED)
 def test_fast_schema_check_agrees_on_settings_and_on_anything(kind: str, data: object) -> None:
-    from bot.catalog.schemacheck import quick_is_valid
-
     assert quick_is_valid(kind, data) == full_is_valid(kind, data)
 
 
@@ -942,8 +971,6 @@ def _safe_documents(text: str) -> list[object]:
 
 
 def test_fast_schema_check_agrees_on_every_lint_case_document() -> None:
-    from bot.catalog.schemacheck import quick_is_valid
-
     documents = lint_case_documents()
     assert len(documents) > 50
     for doc in documents:

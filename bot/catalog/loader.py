@@ -50,6 +50,8 @@ class ParsedCatalog:
     docs: list[SourceDoc] = field(default_factory=list)
     diagnostics: list[Diagnostic] = field(default_factory=list)
     files: int = 0
+    # Definitions too broken to check, as (kind, id, "file:line"); kind "" when unknown.
+    broken: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def has_errors(self) -> bool:
@@ -132,9 +134,14 @@ def parse_catalog(
         paths.extend(Path(p) for p in only if Path(p).resolve() not in known)
     parsed.files = len(paths) if wanted is None else len(wanted)
     cache = Path(cache_dir) if cache_dir is not None else None
-    for result in read_files(paths, root_path, _displayer(root_path), jobs=jobs, cache_dir=cache):
+    display = _displayer(root_path)
+    results = read_files(paths, root_path, display, jobs=jobs, cache_dir=cache)
+    for path, result in zip(paths, results, strict=True):
         parsed.docs.extend(result.docs)
         parsed.diagnostics.extend(result.diagnostics)
+        parsed.broken.extend(
+            (kind, ident, f"{display(path)}:{line}") for kind, ident, line in result.broken
+        )
     if run_rules:
         from bot.catalog import rules
 

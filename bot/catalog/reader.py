@@ -22,6 +22,7 @@ import hashlib
 import json
 import marshal
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.catalog.diagnostics import Diagnostic
-from bot.catalog.schemacheck import detect_kind, folders, schema_errors, schema_text
+from bot.catalog.schemacheck import KINDS, detect_kind, folders, schema_errors, schema_text
 from bot.catalog.yamlsource import SourceDoc, read_documents
 
 # Below this many files a worker costs more (fork, sending results back) than it saves.
@@ -40,10 +41,16 @@ MAX_JOBS = 4  # the rules run in one process after reading: more workers gain li
 
 @dataclass
 class FileResult:
-    """One file: its documents that passed the schema, and what is wrong with it."""
+    """One file: its documents the rules can check, what is wrong, what could not be read.
+
+    A document with schema errors is kept with its valid rest (`SourceDoc.dropped` says
+    what was cut). `broken` lists definitions that could not be read at all, as
+    (kind, id, line): a runbook using such an action is told so, not "unknown action".
+    """
 
     docs: list[SourceDoc] = field(default_factory=list)
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    broken: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 Display = Callable[[Path], str]
@@ -52,24 +59,71 @@ Display = Callable[[Path], str]
 def read_file(path: Path, root: Path, display: Display) -> FileResult:
     docs, diagnostics = read_documents(path, display(path))
     result = FileResult(diagnostics=diagnostics)
+    if any(d.severity == "error" for d in diagnostics):
+        # YAML that cannot be read: remember the ids it seems to define
+        result.broken.extend(_ids_in_unreadable(path, root))
     for doc in docs:
         doc.kind = detect_kind(doc, path, root)
         if not doc.kind:
-            result.diagnostics.append(
-                doc.diagnostic(
-                    "RB010",
-                    "schema",
-                    "cannot tell whether this document is an action, a runbook or the "
-                    "catalog settings",
-                    "add `kind: action`, `kind: runbook` or `kind: catalog`",
-                )
-            )
+            result.diagnostics.append(_unknown_kind(doc))
+            result.broken.extend(_broken(doc, ""))
             continue
-        errors = schema_errors(doc)
+        errors, usable, dropped = schema_errors(doc)
         result.diagnostics.extend(errors)
-        if not errors:
-            result.docs.append(doc)
+        if usable is None:
+            result.broken.extend(_broken(doc, doc.kind))
+            continue
+        doc.data, doc.dropped = usable, dropped
+        result.docs.append(doc)
     return result
+
+
+def _unknown_kind(doc: SourceDoc) -> Diagnostic:
+    kind = doc.data.get("kind")
+    if kind is None:
+        return doc.diagnostic(
+            "RB010",
+            "schema",
+            "cannot tell whether this document is an action, a runbook or the catalog settings",
+            "add `kind: action`, `kind: runbook` or `kind: catalog`",
+        )
+    import difflib
+
+    close = difflib.get_close_matches(str(kind), list(KINDS), n=1)
+    hint = f"did you mean `kind: {close[0]}`? " if close else ""
+    return doc.diagnostic(
+        "RB010",
+        "schema",
+        f"`kind: {kind}` is not a kind of catalog document",
+        f"{hint}write `kind: action`, `kind: runbook` or `kind: catalog`",
+        ("kind",),
+    )
+
+
+def _broken(doc: SourceDoc, kind: str) -> list[tuple[str, str, int]]:
+    ident = doc.data.get("id") if isinstance(doc.data, dict) else None
+    if not isinstance(ident, str) or not ident:
+        return []
+    return [(kind, ident, doc.where(())[0])]
+
+
+_ID_LINE = re.compile(r"^id:[ \t]*[\"']?([A-Za-z0-9][A-Za-z0-9._-]*)", re.MULTILINE)
+
+
+def _ids_in_unreadable(path: Path, root: Path) -> list[tuple[str, str, int]]:
+    """Ids a file that is not valid YAML seems to define (`id:` lines at the top level)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    except OSError:
+        return []
+    kind = "action" if "actions" in folders(path, root) else ""
+    found = [
+        (kind, match.group(1), text.count("\n", 0, match.start()) + 1)
+        for match in _ID_LINE.finditer(text)
+    ]
+    if not found and kind == "action":  # actions/<id>.yaml is the usual layout
+        found.append((kind, path.stem, 1))
+    return found
 
 
 def default_jobs() -> int:
@@ -170,23 +224,32 @@ _DIAGNOSTIC_FIELDS = ("code", "rule", "severity", "message", "fix", "line", "col
 
 def _to_plain(result: FileResult) -> list[Any]:
     return [
-        [[doc.index, doc.kind, doc.data] for doc in result.docs],
+        [[doc.index, doc.kind, doc.data, [list(p) for p in doc.dropped]] for doc in result.docs],
         [[getattr(d, name) for name in _DIAGNOSTIC_FIELDS] for d in result.diagnostics],
+        [list(b) for b in result.broken],
     ]
 
 
 def _from_plain(plain: Any, name: str, path: Path) -> FileResult:
-    docs, diagnostics = plain
+    docs, diagnostics, broken = plain
     source = str(path.absolute())
     return FileResult(
         docs=[
-            SourceDoc(file=name, index=index, data=data, kind=kind, source=source)
-            for index, kind, data in docs
+            SourceDoc(
+                file=name,
+                index=index,
+                data=data,
+                kind=kind,
+                source=source,
+                dropped=tuple(tuple(p) for p in dropped),
+            )
+            for index, kind, data, dropped in docs
         ],
         diagnostics=[
             Diagnostic(file=name, **dict(zip(_DIAGNOSTIC_FIELDS, values, strict=True)))
             for values in diagnostics
         ],
+        broken=[(kind, ident, line) for kind, ident, line in broken],
     )
 
 

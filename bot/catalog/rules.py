@@ -14,7 +14,8 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
   RB004 E file-too-large     a file is over 1 MiB
   RB005 E unsafe-yaml        tags (``!!python/…``), alias bombs, recursive aliases
   RB009 E no-catalog         the catalog path does not exist
-  RB010 E schema             the document does not follow the JSON Schema
+  RB010 E schema             the document does not follow the JSON Schema (worded by
+                             ``schemawords``; the rules below still check the rest)
   RB033 E inline-step-id     an inline step (with ``command``) has no ``id``
 
   semantic rules (this module)
@@ -52,6 +53,8 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
                              code (``sh -c``, ``ssh``, ``eval``, ``su -c``, through ``sudo``,
                              ``env``, ``xargs``, ``kubectl exec``…): a warning; an error
                              without approval
+  RB038 W broken-action      a step uses an action whose file has errors that keep it
+                             from being checked (instead of a misleading unknown-action)
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ from typing import Any
 from bot.catalog.diagnostics import Diagnostic
 from bot.catalog.loader import ParsedCatalog, build_settings
 from bot.catalog.model import Settings
-from bot.catalog.yamlsource import JsonPath, SourceDoc
+from bot.catalog.schemawords import is_dropped_step
+from bot.catalog.yamlsource import JsonPath, SourceDoc, format_path
 from bot.conditions import ConditionError
 from bot.conditions import parse as parse_condition
 
@@ -158,10 +162,33 @@ class Context:
         return self.parsed.of_kind("runbook")
 
     def steps(self, doc: SourceDoc) -> Iterator[tuple[JsonPath, Step]]:
-        """Every step of a runbook document, with its path, main steps and follow-ups."""
+        """Every step of a runbook document, with its path, main steps and follow-ups.
+
+        A step dropped for its schema errors is left out; the others keep their numbers.
+        """
         for key in ("steps", "on_resolve"):
             for i, step in enumerate(doc.data.get(key, ())):
-                yield (key, i), step
+                if not is_dropped_step(step):
+                    yield (key, i), step
+
+    def dropped(self, doc: SourceDoc, *prefix: str | int) -> bool:
+        """Whether something at or under `prefix` was cut from `doc` for schema errors.
+
+        Rules that report what is *missing* ask first: the author wrote it, wrongly, and
+        the schema error already says so.
+        """
+        n = len(prefix)
+        return any(path[:n] == prefix for path in doc.dropped)
+
+    @functools.cached_property
+    def settings_broken(self) -> bool:
+        """The settings document could not be read: its environments are unknown."""
+        return any(kind == "catalog" for kind, _, _ in self.parsed.broken)
+
+    @functools.cached_property
+    def broken_definitions(self) -> dict[str, str]:
+        """id -> "file:line" of action (or unknown-kind) documents too broken to check."""
+        return {ident: where for kind, ident, where in self.parsed.broken if kind != "runbook"}
 
     def guarded(self) -> Iterator[tuple[SourceDoc, JsonPath, dict[str, Any], str]]:
         """Everything that carries its own command and safety: actions and inline steps.
@@ -209,7 +236,27 @@ def check(parsed: ParsedCatalog) -> list[Diagnostic]:
         warnings.simplefilter("ignore")
         for fn in RULES:
             found.extend(fn(context))
-    return found
+    return _without_dropped(found, parsed.docs)
+
+
+def _without_dropped(found: list[Diagnostic], docs: list[SourceDoc]) -> list[Diagnostic]:
+    """Leave out what rules say about parts cut for schema errors (already reported)."""
+    cut: dict[str, list[str]] = {}
+    for doc in docs:
+        for path in doc.dropped:
+            cut.setdefault(doc.file, []).append(format_path(path))
+    if not cut:
+        return found
+
+    def related(path: str, dropped: str) -> bool:
+        inner, outer = (path, dropped) if len(path) >= len(dropped) else (dropped, path)
+        return inner == outer or (inner.startswith(outer) and inner[len(outer)] in ".[")
+
+    return [
+        d
+        for d in found
+        if d.path == "$" or not any(related(d.path, p) for p in cut.get(d.file, ()))
+    ]
 
 
 def _safety(data: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +324,20 @@ def unknown_actions(ctx: Context) -> Iterator[Diagnostic]:
     for action_id, usages in ctx.usages.items():
         if action_id in ctx.actions:
             continue
+        broken = ctx.broken_definitions.get(action_id)
         for usage in usages:
+            if broken is not None:
+                yield usage.doc.diagnostic(
+                    "RB038",
+                    "broken-action",
+                    f"action {action_id!r} is defined at {broken}, which has errors, so this "
+                    "step cannot be checked against it",
+                    f"fix the errors reported for {broken.rpartition(':')[0]}; this step is "
+                    "checked again then",
+                    usage.path,
+                    severity="warning",
+                )
+                continue
             yield usage.doc.diagnostic(
                 "RB021",
                 "unknown-action",
@@ -290,6 +350,8 @@ def unknown_actions(ctx: Context) -> Iterator[Diagnostic]:
 @rule
 def unknown_environments(ctx: Context) -> Iterator[Diagnostic]:
     """RB022: scopes, promotions and service mappings name declared environments."""
+    if ctx.settings_broken:
+        return  # the environments are in the settings, which have errors of their own
     declared = ctx.settings.environment_names
     fix = f"use one of: {', '.join(declared)}, or declare it under `environments` in the catalog"
     for doc, base, data, _ in ctx.guarded():
@@ -372,7 +434,7 @@ def invalid_regexes(ctx: Context) -> Iterator[Diagnostic]:
 def missing_expect(ctx: Context) -> Iterator[Diagnostic]:
     """RB024: without `expect`, any output with exit code 0 counts as success."""
     for doc, base, data, ident in ctx.guarded():
-        if not data.get("expect"):
+        if not data.get("expect") and not ctx.dropped(doc, *base, "expect"):
             where = (*base, "expect") if "expect" in data else (*base, "command")
             yield doc.diagnostic(
                 "RB024",
@@ -388,7 +450,11 @@ def missing_expect(ctx: Context) -> Iterator[Diagnostic]:
 @rule
 def unpromoted_production_scopes(ctx: Context) -> Iterator[Diagnostic]:
     """RB025: a production scope needs a promotion record with its evidence."""
+    if ctx.settings_broken:
+        return  # which environments are production is in the settings, which have errors
     for doc, base, data, ident in ctx.guarded():
+        if ctx.dropped(doc, *base, "safety", "promotions"):
+            continue  # written, wrongly: the schema error says so
         safety = _safety(data)
         promoted = {
             p["env"]
@@ -652,8 +718,8 @@ def unknown_template_variables(ctx: Context) -> Iterator[Diagnostic]:
                     path,
                 )
                 continue
-            if declared.get(param) is not None:
-                continue
+            if declared.get(param) is not None or ctx.dropped(doc, *base, "params"):
+                continue  # declared, or declared wrongly (the schema error says so)
             if inline:
                 yield doc.diagnostic(
                     "RB028",
@@ -676,6 +742,8 @@ def unknown_template_variables(ctx: Context) -> Iterator[Diagnostic]:
             for usage in usages:
                 step_params = usage.step.get("params") or {}
                 if step_params.get(param) is not None or (id(usage), param) in reported:
+                    continue
+                if ctx.dropped(usage.doc, *usage.path[:2], "params"):
                     continue
                 reported.add((id(usage), param))
                 line, _ = doc.where(path)
@@ -1091,6 +1159,10 @@ def unknown_params(ctx: Context) -> Iterator[Diagnostic]:
             users = [action_id] if rollback is None else [action_id, rollback]
             if any(user not in read_by for user in users):
                 continue  # RB021 reports the unknown action; its params are unknowable
+            if ctx.dropped(doc, *path, "when") or any(
+                ctx.dropped(ctx.actions[user], "params") for user in users
+            ):
+                continue  # what is read was written wrongly: the schema error says so
             read = set().union(*(read_by[user] for user in users))
             if isinstance(step.get("when"), str):
                 read |= _params_in_condition(ctx.condition(step["when"]))
@@ -1270,7 +1342,7 @@ def catalog_settings(ctx: Context) -> Iterator[Diagnostic]:
             f"a second catalog settings document (the first is at {docs[0].file}:{line})",
             "merge them into one `kind: catalog` document",
         )
-    if not docs and ctx.parsed.docs:
+    if not docs and ctx.parsed.docs and not ctx.settings_broken:
         yield Diagnostic(
             "RB032",
             "missing-settings",

@@ -11,7 +11,6 @@ else an action has ``command``, a runbook has ``steps``, settings have ``environ
 from __future__ import annotations
 
 import json
-import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -97,144 +96,22 @@ def detect_kind(doc: SourceDoc, path: Path, root: Path) -> str:
     return ""
 
 
-_MAX_SCHEMA_ERRORS = 10
+def schema_errors(doc: SourceDoc) -> tuple[list[Diagnostic], Any, tuple[JsonPath, ...]]:
+    """What is wrong with `doc` against the schema of its kind, and what of it is usable.
 
-
-def schema_errors(doc: SourceDoc) -> list[Diagnostic]:
-    data = doc.data
-    if doc.kind == "runbook" and "kind" not in data:
-        data = {**data, "kind": "runbook"}
-    elif doc.kind == "catalog" and "kind" not in data:
-        data = {**data, "kind": "catalog"}
-    if quick_is_valid(doc.kind, data):
-        return []
-    validator = _validator(doc.kind)
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path)))
-    # A failing `allOf` branch leaves its keys "unevaluated", so unevaluatedProperties
-    # would blame every valid key too: report it only when nothing else is wrong.
-    if any(e.validator != "unevaluatedProperties" for e in errors):
-        errors = [e for e in errors if e.validator != "unevaluatedProperties"]
-    found: list[Diagnostic] = []
-    for error in errors:
-        if error.context:
-            error = _closest(error)
-        path: JsonPath = tuple(error.absolute_path)
-        if (
-            _is_step(path)
-            and error.validator in ("required", "not")
-            and isinstance(error.instance, dict)
-        ):
-            found.extend(_step_shape_errors(doc, error, path))
-            continue
-        key_names = _offending_keys(error)
-        message = _shorten(error.message)
-        fix = _fix_for(error, doc.kind)
-        if key_names:
-            for name in key_names:
-                found.append(
-                    doc.diagnostic("RB010", "schema", message, fix, (*path, name), key=True)
-                )
-        else:
-            found.append(doc.diagnostic("RB010", "schema", message, fix, path))
-        if len(found) >= _MAX_SCHEMA_ERRORS:
-            break
-    return found
-
-
-def _is_step(path: JsonPath) -> bool:
-    return len(path) == 2 and path[0] in ("steps", "on_resolve") and isinstance(path[1], int)
-
-
-def _closest(error: Any) -> Any:
-    """The sub-error of a `oneOf`/`anyOf` that best explains what the author meant.
-
-    For a step, that is the branch its keys point at: `action:` means a reference,
-    anything else an inline step; jsonschema alone would often blame the other branch.
+    Returns the diagnostics (none for a valid document), the data the semantic rules may
+    read (the document itself when valid, its valid rest when not, None when nothing of
+    it can be trusted), and the paths dropped from it (see `schemawords`).
     """
-    from jsonschema.exceptions import best_match
+    data = doc.data
+    added = doc.kind in ("runbook", "catalog") and "kind" not in data
+    if added:  # `kind` may be left out where the folder or the shape tells
+        data = {**data, "kind": doc.kind}
+    if quick_is_valid(doc.kind, data):
+        return [], doc.data, ()
+    from bot.catalog.schemawords import explain
 
-    context = error.context
-    step = error.instance
-    if (
-        error.validator == "oneOf"
-        and _is_step(tuple(error.absolute_path))
-        and isinstance(step, dict)
-    ):
-        branch = 0 if "action" in step else 1
-        chosen = [e for e in context if e.relative_schema_path[0] == branch]
-        context = chosen or context
-    return best_match(context)
-
-
-_STEP_OVERRIDES = ("command", "shell", "safety", "expect", "env", "secrets")
-
-
-def _step_shape_errors(doc: SourceDoc, error: Any, step_path: JsonPath) -> list[Diagnostic]:
-    step = error.instance
-    if "action" not in step and "command" in step and "id" not in step:
-        return [
-            doc.diagnostic(
-                "RB033",
-                "inline-step-id",
-                "an inline step (one with `command`) needs an `id`",
-                "add `id: <name>` (lower-case, unique in the runbook), or move the command "
-                "into an action and reference it with `action: <id>`",
-                step_path,
-            )
-        ]
-    if error.validator == "not" and "action" in step:
-        return [
-            doc.diagnostic(
-                "RB010",
-                "schema",
-                f"a step that references an action cannot set `{key}`",
-                _fix_for(error, doc.kind),
-                (*step_path, key),
-                key=True,
-            )
-            for key in _STEP_OVERRIDES
-            if key in step
-        ]
-    return [
-        doc.diagnostic(
-            "RB010", "schema", _shorten(error.message), _fix_for(error, doc.kind), step_path
-        )
-    ]
-
-
-def _offending_keys(error: Any) -> list[str]:
-    if error.validator in ("additionalProperties", "unevaluatedProperties"):
-        return re.findall(r"'([^']+)'", error.message.split("(")[-1])
-    return []
-
-
-def _fix_for(error: Any, kind: str) -> str:
-    if error.validator in ("additionalProperties", "unevaluatedProperties"):
-        allowed = sorted(_allowed_keys(error.schema))
-        if allowed:
-            return f"remove or rename it; allowed keys here: {', '.join(allowed)}"
-        return "remove or rename it (see docs/catalog.md)"
-    if error.validator == "required":
-        return "add the missing key (see docs/catalog.md)"
-    if error.validator == "not" and kind == "runbook":
-        return (
-            "a step that references an action cannot change its command, expect or safety; "
-            "change the action itself, or write an inline step with its own id"
-        )
-    description = error.schema.get("description") if isinstance(error.schema, dict) else None
-    if description:
-        return str(description)
-    return f"see the {kind} format in docs/catalog.md"
-
-
-def _allowed_keys(subschema: dict[str, Any]) -> set[str]:
-    keys = set(subschema.get("properties", {}))
-    for part in subschema.get("allOf", ()):
-        ref = part.get("$ref", "")
-        if ref.startswith("#/$defs/"):
-            keys |= _allowed_keys(schema()["$defs"][ref.removeprefix("#/$defs/")])
-    return keys
-
-
-def _shorten(message: str, limit: int = 160) -> str:
-    return message if len(message) <= limit else message[: limit - 1] + "…"
+    diagnostics, usable, dropped = explain(doc, data)
+    if added and isinstance(usable, dict):
+        usable.pop("kind", None)
+    return diagnostics, usable, dropped

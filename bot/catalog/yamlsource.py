@@ -84,6 +84,8 @@ class SourceDoc:
     data: Any
     kind: str = ""  # "action", "runbook" or "catalog" once known
     source: str | None = None
+    # Paths removed from `data` for schema errors: the rest is what the rules check.
+    dropped: tuple[JsonPath, ...] = ()
     text: str | None = field(default=None, repr=False, compare=False)
     _marks: Marks | None = field(default=None, repr=False, compare=False)
     _key_marks: Marks | None = field(default=None, repr=False, compare=False)
@@ -424,13 +426,16 @@ def parse_documents(
             try:
                 doc.data = converter.convert(node, (), frozenset())
             except _Unsafe as exc:
+                message, fix = exc.message, exc.fix
+                if _TEMPLATE_VALUE.search(_line(text, exc.mark.line)):
+                    message, fix = _unquoted_template(_line(text, exc.mark.line))
                 diagnostics.append(
                     Diagnostic(
                         exc.code,
                         exc.rule,
                         "error",
-                        exc.message,
-                        exc.fix,
+                        message,
+                        fix,
                         name,
                         exc.mark.line + 1,
                         exc.mark.column + 1,
@@ -452,20 +457,9 @@ def parse_documents(
             )
         )
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem_text = exc.problem or exc.context or "invalid YAML"
+        message, fix, line, col = _syntax_error(text, exc)
         diagnostics.append(
-            Diagnostic(
-                "RB001",
-                "yaml-syntax",
-                "error",
-                f"YAML syntax error: {problem_text}",
-                "fix the YAML at this position (indentation, quoting, or a missing ':')",
-                name,
-                line,
-                col,
-            )
+            Diagnostic("RB001", "yaml-syntax", "error", message, fix, name, line, col)
         )
     except yaml.YAMLError as exc:
         diagnostics.append(
@@ -479,6 +473,107 @@ def parse_documents(
             )
         )
     return docs, diagnostics
+
+
+# --- YAML syntax errors, with the fix for the usual causes ----------------------------
+
+# `- pattern: "x", allow_failure: true`: a second key after a value, on the same line
+_SECOND_KEY = re.compile(
+    r"^(?P<indent>\s*)(?P<dash>-\s+)?(?P<key>[A-Za-z_][\w-]*):\s*"
+    r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'(?:[^']|'')*'|[^,#\"'{\[]*?)\s*,\s*"
+    r"(?P<key2>[A-Za-z_][\w-]*)\s*:\s*(?P<value2>[^#]*?)\s*(?:#.*)?$"
+)
+# `command: echo: hello`: a plain value with `: ` in it
+_COLON_IN_VALUE = re.compile(
+    r"^\s*(?:-\s+)?(?P<key>[\w-]+):\s+(?P<value>[^'\"{\[#\s][^#]*?:\s[^#]*?)\s*(?:#.*)?$"
+)
+# `url: {{ incident.details.host }}/healthz`: a template at the start of a value
+_TEMPLATE_VALUE = re.compile(r"(?:^|:|-)\s*\{\{")
+_TEMPLATE_ENTRY = re.compile(
+    r"^\s*(?:-\s+)?(?:(?P<key>[\w-]+):\s*)?(?P<value>\{\{[^#]*?)\s*(?:#.*)?$"
+)
+
+
+def _unquoted_template(source: str) -> tuple[str, str]:
+    found = _TEMPLATE_ENTRY.match(source)
+    value = found.group("value") if found else "{{ incident.details.host }}/healthz"
+    key = f"{found.group('key')}: " if found and found.group("key") else ""
+    return (
+        "a value that starts with `{{` is not quoted, so YAML reads it as a mapping",
+        f'quote the whole value: `{key}"{value}"`',
+    )
+
+
+def _line(text: str, index: int) -> str:
+    """Line `index` (0-based) of `text`, or ""."""
+    lines = text.splitlines()
+    return lines[index] if 0 <= index < len(lines) else ""
+
+
+def _syntax_error(text: str, exc: yaml.MarkedYAMLError) -> tuple[str, str, int, int]:
+    """(message, fix, line, col) for a YAML syntax error, naming the likely cause."""
+    mark = exc.problem_mark or exc.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    problem = exc.problem or exc.context or "invalid YAML"
+    source = _line(text, line - 1)
+    for index in (line - 1, (exc.context_mark.line if exc.context_mark else -1)):
+        second = _SECOND_KEY.match(_line(text, index))
+        if second and index >= 0:
+            key, value = second.group("key"), second.group("value")
+            key2, value2 = second.group("key2"), second.group("value2") or "…"
+            dash = "- " if second.group("dash") else ""
+            return (
+                f"YAML syntax error: `{key2}:` follows the value of `{key}:` on the same line",
+                f"write `{dash}{{{key}: {value}, {key2}: {value2}}}` or put `{key2}:` on its own "
+                f"line, indented like `{key}:`",
+                index + 1,
+                _line(text, index).find(",", second.end("value")) + 1 or col,
+            )
+    if (
+        "\t" in problem
+        or (0 < col <= len(source) and source[col - 1] == "\t")
+        or ("\t" in source[: len(source) - len(source.lstrip())])
+    ):
+        tab = source.find("\t") + 1 or col
+        return (
+            "YAML syntax error: a tab character; YAML indents with spaces only",
+            f"replace the tab at line {line}, column {tab} with spaces",
+            line,
+            tab,
+        )
+    if _TEMPLATE_VALUE.search(source):
+        message, fix = _unquoted_template(source)
+        return f"YAML syntax error: {message}", fix, line, col
+    colon = _COLON_IN_VALUE.match(source)
+    if colon and "mapping values are not allowed" in problem:
+        key, value = colon.group("key"), colon.group("value")
+        return (
+            f"YAML syntax error: `: ` inside the value of `{key}:` starts another mapping",
+            f'quote the value: `{key}: "{value}"`',
+            line,
+            col,
+        )
+    if exc.context and "quoted scalar" in exc.context and exc.context_mark is not None:
+        opened = exc.context_mark.line + 1
+        return (
+            f"YAML syntax error: the quote opened on line {opened} is never closed",
+            f'close the quote on line {opened} (inside "…" write \\" for a quote, inside '
+            "'…' write '')",
+            opened,
+            exc.context_mark.column + 1,
+        )
+    if "could not find expected ':'" in problem:
+        fix = "write `key: value` on this line, or quote a value that goes on over several lines"
+    elif "undefined alias" in problem:
+        fix = "define the anchor (`&name`) before using it as `*name`, or write the value out"
+    elif "expected key" in problem or "expected '-'" in problem or "indentation" in problem:
+        fix = (
+            "line this up with the keys (or `-` items) it belongs with: the same number of "
+            "spaces before each key of one mapping"
+        )
+    else:
+        fix = "fix the YAML at this position (indentation, quoting, or a missing ':')"
+    return f"YAML syntax error: {problem}", fix, line, col
 
 
 def _check_mapping(doc: SourceDoc, diagnostics: list[Diagnostic], docs: list[SourceDoc]) -> None:
