@@ -33,7 +33,9 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
                              ``requires_approval: false``
   RB027 W/E shell            ``shell: true`` (a warning; an error without approval)
   RB028 E unknown-template-variable  ``{{ … }}`` the incident context does not provide,
-                             or a ``params`` value no step sets
+                             or a ``params`` value no step sets; in a param's value,
+                             also any ``{{ params.… }}`` (params are rendered from the
+                             incident alone)
   RB029 E invalid-when       a ``when`` condition that does not parse, uses what the
                              evaluator refuses, or reads a step that has not run yet
   RB030 W ambiguous-match    two runbooks match the same service at the same priority
@@ -46,7 +48,8 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
   RB035 E unknown-param      a step sets a param its action does not read (not declared,
                              not in a ``{{ params.X }}``), nor its rollback or ``when``:
                              usually a typo (``windw: 1m``)
-  RB036 E malformed-template  ``{{`` text about incident/params that is not a placeholder
+  RB036 E malformed-template  ``{{`` text about incident/params that is not a placeholder,
+                             in a command, an env value or a param value
                              (``{{ incident.title|upper }}``, ``{{ incident. title }}``, a
                              stray brace): it would run as literal text
   RB037 W/E reparsed-template  a ``{{ … }}`` in an argument a program parses as shell
@@ -756,6 +759,81 @@ def unknown_template_variables(ctx: Context) -> Iterator[Diagnostic]:
                     "to the action's params",
                     usage.path,
                 )
+
+
+def _param_values(ctx: Context) -> Iterator[tuple[SourceDoc, JsonPath, str, str]]:
+    """(doc, path, param name, text) of every param value with `{{` in it.
+
+    Action defaults and the values steps set: both are rendered from the incident
+    (`bot.executor.render_params`) before the command is built.
+    """
+    for doc in ctx.parsed.of_kind("action"):
+        for name, value in (doc.data.get("params") or {}).items():
+            if isinstance(value, str) and "{{" in value:
+                yield doc, ("params", name), name, value
+    for doc in ctx.runbooks:
+        for path, step in ctx.steps(doc):
+            for name, value in (step.get("params") or {}).items():
+                if isinstance(value, str) and "{{" in value:
+                    yield doc, (*path, "params", name), name, value
+
+
+@rule
+def param_templates(ctx: Context) -> Iterator[Diagnostic]:
+    """RB028/RB036 for params: what is rendered in a param value resolves from the incident."""
+    for doc, path, param, text in _param_values(ctx):
+        for name in template_variables(text):
+            head, _, rest = name.partition(".")
+            if head == "params":
+                yield doc.diagnostic(
+                    "RB028",
+                    "unknown-template-variable",
+                    f"param {param!r} uses {{{{ {name} }}}}: a param is rendered from the "
+                    "incident, and cannot use other params",
+                    "write the value out, or use {{ incident.… }}; the command can put params "
+                    "together itself, e.g. `--url=https://{{ params.host }}{{ params.path }}`",
+                    path,
+                )
+            elif head == "incident":
+                problem = _incident_problem(name)
+                if problem:
+                    yield doc.diagnostic(
+                        "RB028",
+                        "unknown-template-variable",
+                        f"param {param!r}: {{{{ {name} }}}}: {problem}",
+                        _suggest(
+                            rest.partition(".")[0],
+                            INCIDENT_FIELDS,
+                            _PARAM_VARIABLES_FIX,
+                            prefix="incident.",
+                        ),
+                        path,
+                    )
+            else:
+                yield doc.diagnostic(
+                    "RB028",
+                    "unknown-template-variable",
+                    f"param {param!r}: unknown template variable {{{{ {name} }}}}",
+                    _PARAM_VARIABLES_FIX,
+                    path,
+                )
+        for snippet, why, meant in malformed_templates(text):
+            fix = (
+                f"write {{{{ {meant} }}}}" if meant else "write {{ incident.<field> }}"
+            ) + ": a template is `{{ dotted.name }}` and nothing else"
+            yield doc.diagnostic(
+                "RB036",
+                "malformed-template",
+                f"param {param!r}: `{snippet}` is not a template the bot substitutes as "
+                f"written: {why}",
+                fix,
+                path,
+            )
+
+
+_PARAM_VARIABLES_FIX = (
+    "params read incident.{" + ",".join(INCIDENT_FIELDS[:-1]) + "} and incident.details.<key>"
+)
 
 
 @rule
