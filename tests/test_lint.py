@@ -97,6 +97,52 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     assert [(d.code, d.line) for d in diagnostics] == [("RB001", 1)]
 
 
+def test_an_empty_catalog_is_a_warning(tmp_path: Path) -> None:
+    empty = CliRunner().invoke(lint, [str(tmp_path)])
+    assert empty.exit_code == 0
+    assert "RB040" in empty.output and "no actions or runbooks found" in empty.output
+    assert empty.output.endswith("0 errors, 1 warning in 0 files\n")
+    assert CliRunner().invoke(lint, ["--strict", str(tmp_path)]).exit_code == 1
+
+
+@pytest.mark.parametrize(
+    "mention",
+    [
+        "",
+        "<!subteam^S0ONCALL>",
+        "<!subteam^S0ONCALL|@oncall>",
+        "<@U024BE7LH>",
+        "<@W0TEAM|amy>",
+        "<!here>",
+        "<!channel>",
+        "<@U1> <!subteam^S2>",
+        "<@U1>, <@U2>",
+    ],
+)
+def test_slack_mentions_that_notify(mention: str) -> None:
+    assert rules.mention_problem(mention) is None
+
+
+@pytest.mark.parametrize(
+    ("mention", "fix"),
+    [
+        ("@sre-leads", "<!subteam^S…>"),
+        ("@alice", "<@U…>"),
+        ("@here", "write `<!here>`"),
+        ("@channel", "write `<!channel>`"),
+        ("U024BE7LH", "write `<@U024BE7LH>`"),
+        ("@U024BE7LH", "write `<@U024BE7LH>`"),
+        ("S0ONCALL", "write `<!subteam^S0ONCALL>`"),
+        ("!subteam^S0ONCALL", "write `<!subteam^S0ONCALL>`"),
+        ("<!here> sre-leads", "<!subteam^S…>"),
+        ("<#C024BE7LR>", "<!subteam^S…>"),
+    ],
+)
+def test_slack_mentions_that_notify_nobody_say_the_fix(mention: str, fix: str) -> None:
+    problem = rules.mention_problem(mention)
+    assert problem is not None and fix in problem[1]
+
+
 def test_missing_catalog_path(tmp_path: Path) -> None:
     diagnostics = parse_catalog(tmp_path / "nowhere").diagnostics
     assert [d.code for d in diagnostics] == ["RB009"]

@@ -58,6 +58,10 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
                              without approval
   RB038 W broken-action      a step uses an action whose file has errors that keep it
                              from being checked (instead of a misleading unknown-action)
+  RB039 E slack-mention      ``escalation.mention`` that Slack would post as plain text
+                             (``@sre-leads``): it must be ``<!subteam^S…>``, ``<@U…>``,
+                             ``<!here>`` or ``<!channel>``
+  RB040 W empty-catalog      no action and no runbook in the catalog directory
 """
 
 from __future__ import annotations
@@ -1430,6 +1434,100 @@ def catalog_settings(ctx: Context) -> Iterator[Diagnostic]:
             "add a catalog.yaml with `kind: catalog` and `environments:`",
             ctx.parsed.root,
         )
+
+
+# --- Slack mentions --------------------------------------------------------------------
+
+# What Slack turns into a notification: <@U…>/<@W…> (a person), <!subteam^S…> (a user
+# group), <!here>, <!channel>, <!everyone>; each may carry a label after `|`.
+_MENTION = re.compile(
+    r"<@[UW][A-Z0-9]+(?:\|[^<>]*)?>|<!subteam\^S[A-Z0-9]+(?:\|[^<>]*)?>"
+    r"|<!(?:here|channel|everyone)(?:\|[^<>]*)?>"
+)
+_SEPARATORS = re.compile(r"[\s,]+")
+
+
+def mention_problem(text: str) -> tuple[str, str] | None:
+    """(what is wrong, the fix) for an escalation mention Slack would not notify, or None.
+
+    A mention is one or more of Slack's mention tokens, separated by spaces or commas;
+    empty means nobody.
+    """
+    for word in _SEPARATORS.split(text.strip()):
+        if not word or _MENTION.fullmatch(word):
+            continue
+        return _mention_fix(word)
+    return None
+
+
+def _mention_fix(word: str) -> tuple[str, str]:
+    bare = word.strip("<>")
+    if bare.lstrip("@!") in ("here", "channel", "everyone"):
+        special = bare.lstrip("@!")
+        return (
+            f"`{word}` is plain text to the Slack API and notifies nobody",
+            f"write `<!{special}>`",
+        )
+    if re.fullmatch(r"@?[UW][A-Z0-9]{2,}", bare):
+        user = bare.lstrip("@")
+        return (f"`{word}` is a user id without Slack's mention syntax", f"write `<@{user}>`")
+    if re.fullmatch(r"(@|!subteam\^)?S[A-Z0-9]{2,}", bare):
+        group = re.sub(r"^(@|!subteam\^)", "", bare)
+        return (
+            f"`{word}` is a user group id without Slack's mention syntax",
+            f"write `<!subteam^{group}>`",
+        )
+    if word.startswith("@"):
+        return (
+            f"`{word}` is plain text to the Slack API: it notifies nobody",
+            "mention a user group by its id, `<!subteam^S…>` (Slack › People › User groups › "
+            "the group › ⋮ › Copy group ID), or a person as `<@U…>` (profile › ⋮ › Copy "
+            "member ID); `<!here>` and `<!channel>` notify the channel",
+        )
+    return (
+        f"`{word}` is not a Slack mention",
+        "write `<!subteam^S…>` for a user group, `<@U…>` for a person, or `<!here>`",
+    )
+
+
+@rule
+def slack_mentions(ctx: Context) -> Iterator[Diagnostic]:
+    """RB039: an escalation mention Slack turns into a notification."""
+    for doc in [*ctx.runbooks, *ctx.parsed.of_kind("catalog")]:
+        escalation = doc.data.get("escalation")
+        mention = escalation.get("mention") if isinstance(escalation, dict) else None
+        if not isinstance(mention, str):
+            continue
+        problem = mention_problem(mention)
+        if problem is not None:
+            yield doc.diagnostic(
+                "RB039",
+                "slack-mention",
+                f"escalation mention {mention!r}: {problem[0]}",
+                problem[1],
+                ("escalation", "mention"),
+            )
+
+
+@rule
+def empty_catalog(ctx: Context) -> Iterator[Diagnostic]:
+    """RB040: a catalog without a single action or runbook matches no incident."""
+    parsed = ctx.parsed
+    if parsed.of_kind("action") or ctx.runbooks or parsed.broken:
+        return
+    if any(d.severity == "error" for d in parsed.diagnostics):
+        return  # the files that were meant to hold them have errors
+    yield Diagnostic(
+        "RB040",
+        "empty-catalog",
+        "warning",
+        f"no actions or runbooks found in {parsed.root} "
+        f"({parsed.files} YAML file{'' if parsed.files == 1 else 's'}): the bot would match "
+        "no incident",
+        "put actions under actions/ and runbooks under runbooks/ (docs/catalog.md), or "
+        "point lint at the catalog directory",
+        parsed.root,
+    )
 
 
 def _suggest(
