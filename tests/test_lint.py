@@ -750,6 +750,39 @@ def test_the_plain_reading_gives_what_the_careful_one_gives(text: str) -> None:
         assert repr(plain) == repr(expected)  # repr: a .nan equals itself
 
 
+SCALAR_TEXTS = st.sampled_from(
+    [
+        *("yes", "No", "on", "~", "null", "1_000", "0x1F", "0o17", "1:30", ".inf", ".nan"),
+        *("2026-10-02", "2026-10-02T09:14:00+00:00", "5m", "1e3", "+1", "-0", "010", "="),
+    ]
+) | st.text(alphabet="0123456789.:-+_eExXoObBtTrRuUfFaAlLsSnN~ ", max_size=8)
+
+
+@SLOW
+@given(st.lists(SCALAR_TEXTS, min_size=1, max_size=8))
+def test_remembered_scalar_types_are_the_ones_pyyaml_gives(texts: list[str]) -> None:
+    """The loader remembers which type a plain scalar's text is; PyYAML must agree."""
+    from bot.catalog import yamlsource
+
+    text = "".join(f"k{i}: {t}\n" for i, t in enumerate(texts))
+    text += "---\n" + "".join(f"- {t}\n" for t in texts)
+    for _ in range(2):  # the second time from what was remembered
+        try:
+            ours = list(yamlsource._compose_all(text))
+            theirs = list(yaml.compose_all(text, Loader=yaml.CSafeLoader))
+        except yaml.YAMLError:
+            return
+        assert [_tags(n) for n in ours] == [_tags(n) for n in theirs]
+
+
+def _tags(node: object) -> object:
+    if isinstance(node, yaml.MappingNode):
+        return [(_tags(k), _tags(v)) for k, v in node.value]
+    if isinstance(node, yaml.SequenceNode):
+        return [_tags(v) for v in node.value]
+    return (node.tag, node.value) if isinstance(node, yaml.ScalarNode) else None
+
+
 KEYS = st.sampled_from(
     [
         "kind",

@@ -207,11 +207,17 @@ def _displayer(root: Path) -> Callable[[Path], str]:
     """
     if root.is_file():
         return lambda path: _display(path)
-    base = Path(_display(root))
+    base = _display(root)
+    # Files come from discover_files as root/…: cutting the root off is enough.
+    prefix = "" if str(root) == "." else str(root).rstrip(os.sep) + os.sep
 
     def display(path: Path) -> str:
+        text = str(path)
+        if text.startswith(prefix) and not (prefix == "" and os.path.isabs(text)):
+            rest = text[len(prefix) :]
+            return rest if base == "." else os.path.join(base, rest)
         try:
-            return str(base / path.relative_to(root))
+            return str(Path(base) / path.relative_to(root))
         except ValueError:  # a file linted in the catalog's context from elsewhere
             return _display(path)
 

@@ -232,7 +232,7 @@ def _to_plain(result: FileResult) -> list[Any]:
 
 def _from_plain(plain: Any, name: str, path: Path) -> FileResult:
     docs, diagnostics, broken = plain
-    source = str(path.absolute())
+    source = os.path.abspath(path)
     return FileResult(
         docs=[
             SourceDoc(

@@ -157,6 +157,7 @@ class Context:
     usages: dict[str, list[Usage]] = field(default_factory=dict)  # action id -> users
     # Catalogs repeat their conditions: each distinct text is parsed once.
     conditions: dict[str, Condition] = field(default_factory=dict)
+    _steps: dict[int, list[tuple[JsonPath, Step]]] = field(default_factory=dict)
 
     def condition(self, when: str) -> Condition:
         found = self.conditions.get(when)
@@ -168,15 +169,21 @@ class Context:
     def runbooks(self) -> list[SourceDoc]:
         return self.parsed.of_kind("runbook")
 
-    def steps(self, doc: SourceDoc) -> Iterator[tuple[JsonPath, Step]]:
+    def steps(self, doc: SourceDoc) -> list[tuple[JsonPath, Step]]:
         """Every step of a runbook document, with its path, main steps and follow-ups.
 
         A step dropped for its schema errors is left out; the others keep their numbers.
+        Worked out once per document: every rule walks the steps.
         """
-        for key in ("steps", "on_resolve"):
-            for i, step in enumerate(doc.data.get(key, ())):
-                if not is_dropped_step(step):
-                    yield (key, i), step
+        found = self._steps.get(id(doc))
+        if found is None:
+            found = self._steps[id(doc)] = [
+                ((key, i), step)
+                for key in ("steps", "on_resolve")
+                for i, step in enumerate(doc.data.get(key, ()))
+                if not is_dropped_step(step)
+            ]
+        return found
 
     def dropped(self, doc: SourceDoc, *prefix: str | int) -> bool:
         """Whether something at or under `prefix` was cut from `doc` for schema errors.
@@ -197,18 +204,24 @@ class Context:
         """id -> "file:line" of action (or unknown-kind) documents too broken to check."""
         return {ident: where for kind, ident, where in self.parsed.broken if kind != "runbook"}
 
-    def guarded(self) -> Iterator[tuple[SourceDoc, JsonPath, dict[str, Any], str]]:
+    def guarded(self) -> list[tuple[SourceDoc, JsonPath, dict[str, Any], str]]:
         """Everything that carries its own command and safety: actions and inline steps.
 
-        Yields the document, the path of the action (``()`` for an action document),
-        its data and its id.
+        The document, the path of the action (``()`` for an action document), its data
+        and its id, for each.
         """
-        for doc in self.parsed.of_kind("action"):
-            yield doc, (), doc.data, doc.data["id"]
+        return self._guarded
+
+    @functools.cached_property
+    def _guarded(self) -> list[tuple[SourceDoc, JsonPath, dict[str, Any], str]]:
+        found: list[tuple[SourceDoc, JsonPath, dict[str, Any], str]] = [
+            (doc, (), doc.data, doc.data["id"]) for doc in self.parsed.of_kind("action")
+        ]
         for doc in self.runbooks:
             for path, step in self.steps(doc):
                 if "command" in step:
-                    yield doc, path, step, str(step.get("id", ""))
+                    found.append((doc, path, step, str(step.get("id", ""))))
+        return found
 
 
 Rule = Callable[[Context], Iterator[Diagnostic]]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,9 +32,29 @@ import yaml
 from bot.catalog.diagnostics import Diagnostic
 
 try:  # libyaml is an order of magnitude faster; fall back to pure Python when missing
-    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
+    _Base: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
 except AttributeError:  # pragma: no cover - depends on how PyYAML was built
-    _Loader = yaml.SafeLoader
+    _Base = yaml.SafeLoader
+
+# Which type a plain scalar is (`true`, `5m`, `0x1F`) depends on its text alone, and
+# catalogs repeat the same few hundred texts; libyaml asks for every scalar, and PyYAML
+# answers by trying its regexes one by one. Remembered here, bounded.
+_RESOLVED: dict[str, str] = {}
+_RESOLVED_MAX = 50_000
+
+
+class _Loader(_Base):  # type: ignore[valid-type,misc]
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0] and not self.yaml_path_resolvers:
+            tag = _RESOLVED.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(_RESOLVED) >= _RESOLVED_MAX:
+                    _RESOLVED.clear()
+                _RESOLVED[value] = tag
+            return tag
+        return super().resolve(kind, value, implicit)
+
 
 MAX_FILE_BYTES = 1024 * 1024
 # Values reached through aliases, per document. Real runbooks use a handful; an alias
@@ -389,7 +410,7 @@ def read_documents(
         line = raw[: exc.start].count(b"\n") + 1
         problem("RB001", "yaml-syntax", "file is not valid UTF-8", "save the file as UTF-8", line)
         return [], diagnostics
-    return parse_documents(text, name, diagnostics, source=str(path.absolute()))
+    return parse_documents(text, name, diagnostics, source=os.path.abspath(path))
 
 
 def parse_documents(
