@@ -15,6 +15,7 @@ import click
 
 from bot.catalog.diagnostics import Diagnostic, excerpt
 from bot.catalog.loader import find_catalog_root, parse_catalog
+from bot.catalog.reader import default_jobs
 from runbookctl.common import default_catalog
 
 FORMATS = ("text", "json", "github")
@@ -78,7 +79,7 @@ def lint(
     diagnostics: list[Diagnostic] = []
     files = 0
     for root, only in runs:
-        parsed = parse_catalog(root, only=only, jobs=jobs, cache_dir=cache_dir)
+        parsed = parse_catalog(root, only=only, jobs=jobs or default_jobs(), cache_dir=cache_dir)
         diagnostics.extend(parsed.diagnostics)
         files += parsed.files
     errors = sum(1 for d in diagnostics if d.severity == "error")

@@ -98,14 +98,15 @@ def parse_catalog(
     root: str | os.PathLike[str],
     *,
     run_rules: bool = True,
-    jobs: int | None = None,
+    jobs: int = 1,
     cache_dir: str | os.PathLike[str] | None = None,
     only: Sequence[str | os.PathLike[str]] | None = None,
 ) -> ParsedCatalog:
     """Parse and check a catalog without building models (what `runbookctl lint` runs).
 
-    `jobs`: processes reading files (default: the CPUs this process may use, up to 4;
-    1 reads in this process only). `cache_dir`: remember what each file gave, keyed by
+    `jobs`: processes reading files (1, the default, reads in this process only: the
+    bot never forks; `runbookctl lint` uses `reader.default_jobs()`; see
+    `bot.catalog.reader`). `cache_dir`: remember what each file gave, keyed by
     its content (see `bot.catalog.reader`). `only`: files to report on; the whole
     catalog is still read and checked (a runbook needs its actions), and these files
     too if they lie outside it; `files` then counts them alone.

@@ -139,7 +139,7 @@ def read_files(
     root: Path,
     display: Display,
     *,
-    jobs: int | None = None,
+    jobs: int = 1,
     cache_dir: Path | None = None,
 ) -> list[FileResult]:
     """The result of every file, in the order of `paths`."""
@@ -152,7 +152,6 @@ def read_files(
             todo.append(i)
         else:
             results[i] = found
-    jobs = default_jobs() if jobs is None else max(1, jobs)
     if jobs > 1 and len(todo) >= PARALLEL_MIN_FILES and _can_fork():
         fresh = _read_in_parallel([paths[i] for i in todo], root, display, jobs)
     else:
