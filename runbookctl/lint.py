@@ -22,7 +22,7 @@ FORMATS = ("text", "json", "github")
 
 
 @click.command()
-@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, type=click.Path(exists=True), metavar="[PATH | FILE...]")
 @click.option(
     "--catalog",
     "catalog_dir",
