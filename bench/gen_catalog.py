@@ -13,6 +13,7 @@ referenced actions with params, inline steps, ``when`` conditions, rollbacks, fo
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -111,26 +112,71 @@ def step_ids(steps: list[dict[str, Any]]) -> list[str]:
     return [str(s.get("id", s.get("action"))) for s in steps]
 
 
+WINDOWS = ["1m", "2m", "5m", "10m", "15m", "30m", "1h"]
+STEP_NAMES = [
+    "Error rate of {service}",
+    "Is {service} still failing?",
+    "Look at {service} before the remedy",
+    "Remedy for {service}",
+    "Verify {service} recovered",
+    "Second look at {service}",
+]
+UNITS = ["nginx", "app", "worker", "cron", "sidecar", "envoy"]
+CONDITIONS = [
+    "steps['{earlier}'].status in ('success', 'allowed_failure')",
+    "steps['{earlier}'].status == 'failed' and incident.urgency == 'high'",
+    "steps['{earlier}'].exit_code != 0 or incident.details.region == '{region}'",
+    "incident.details.namespace == '{namespace}'",
+    "not steps['{earlier}'].status == 'skipped'",
+    "incident.priority in ('P1', 'P2') and steps['{earlier}'].status != 'success'",
+]
+REGIONS = ["eu-west-1", "us-east-1", "ap-south-1"]
+
+
+def duplicate_share(root: Path) -> float:
+    """The share of runbook steps identical (as data) to an earlier step of the catalog."""
+    seen: set[str] = set()
+    total = repeated = 0
+    for path in sorted((root / "runbooks").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text("utf-8"))
+        for step in [*doc.get("steps", ()), *doc.get("on_resolve", ())]:
+            key = json.dumps(step, sort_keys=True)
+            total += 1
+            repeated += key in seen
+            seen.add(key)
+    return repeated / total if total else 0.0
+
+
 def runbook_doc(index: int, n_steps: int, actions: list[str], rng: random.Random) -> dict[str, Any]:
+    """A runbook whose steps vary as real ones do.
+
+    Real steps mostly carry something of their service (a name, a window, a namespace in
+    a condition); a few are the bare `- action: X` that many runbooks share. Keeping
+    that mix matters: a validator that remembers steps it has seen would otherwise look
+    faster on generated catalogs than on real ones.
+    """
     service = f"service-{index:05d}"
+    namespace = f"ns-{index % 97:02d}"
     steps: list[dict[str, Any]] = []
     for position in range(n_steps):
         ids = step_ids(steps)
         kind = position % 5
         if kind == 4:
+            unit = rng.choice(UNITS)
             step: dict[str, Any] = {
-                "id": f"inline-{position}",
-                "name": "Collect recent logs",
+                "id": f"{unit}-logs-{position}",
+                "name": f"Recent {unit} logs of {service}",
                 "command": [
                     "journalctl",
                     "--unit",
-                    "{{ incident.details.unit }}",
+                    f"{unit}@{{{{ incident.details.unit }}}}",
                     "--since",
                     "-{{ params.minutes }}m",
+                    f"--lines={rng.randint(20, 500)}",
                 ],
-                "params": {"minutes": rng.choice([5, 10, 30])},
-                "timeout": "30s",
-                "expect": [{"pattern": r"\S+"}],
+                "params": {"minutes": rng.randint(1, 60)},
+                "timeout": f"{rng.randint(5, 90)}s",
+                "expect": [{"pattern": rf"\S+|{unit}"}],
                 "safety": {"requires_approval": False, "scopes": ["dev", "staging"]},
             }
         else:
@@ -138,15 +184,24 @@ def runbook_doc(index: int, n_steps: int, actions: list[str], rng: random.Random
             step = {"action": action_id}
             if action_id in ids:
                 step["id"] = f"{action_id}-again-{position}"
-            if kind == 1:
-                step["params"] = {"window": "1m", "shard": rng.randint(0, 9)}
+            if rng.random() < 0.05:
+                steps.append(step)  # the bare reference real runbooks share
+                continue
+            if rng.random() < 0.6:
+                step["name"] = rng.choice(STEP_NAMES).format(service=service)
+            if kind in (0, 1) or rng.random() < 0.3:
+                step["params"] = {"window": rng.choice(WINDOWS), "shard": rng.randint(0, 31)}
+            if rng.random() < 0.2:
+                step["timeout"] = f"{rng.randint(10, 300)}s"
             if kind == 2 and ids:
-                step["when"] = (
-                    f"steps['{rng.choice(ids)}'].status in ('success', 'allowed_failure') "
-                    "and incident.urgency == 'high'"
+                step["when"] = rng.choice(CONDITIONS).format(
+                    earlier=rng.choice(ids), region=rng.choice(REGIONS), namespace=namespace
                 )
             if kind == 3:
-                step["on_failure"] = {"rollback": rng.choice(actions), "then": "stop"}
+                step["on_failure"] = {
+                    "rollback": rng.choice(actions),
+                    "then": rng.choice(["stop", "continue"]),
+                }
             elif position % 7 == 0:
                 step["on_failure"] = "continue"
         steps.append(step)
@@ -160,7 +215,13 @@ def runbook_doc(index: int, n_steps: int, actions: list[str], rng: random.Random
         "channel": f"#inc-{service}",
         "escalation": {"mention": "<!subteam^S0ONCALL>"},
         "steps": steps,
-        "on_resolve": [{"id": "final-check", "action": actions[index % len(actions)]}],
+        "on_resolve": [
+            {
+                "id": "final-check",
+                "action": actions[index % len(actions)],
+                "params": {"window": rng.choice(WINDOWS)},
+            }
+        ],
     }
 
 
@@ -197,7 +258,10 @@ def main() -> None:
     if args.runbooks < 1 or args.steps < args.runbooks or args.actions < 1:
         parser.error("need at least one runbook, one step per runbook and one action")
     files = generate(args.out, args.runbooks, args.steps, args.actions)
-    print(f"wrote {files} files ({args.runbooks} runbooks, {args.steps} steps) to {args.out}")
+    print(
+        f"wrote {files} files ({args.runbooks} runbooks, {args.steps} steps) to {args.out}; "
+        f"{duplicate_share(args.out):.0%} of the steps repeat an earlier one"
+    )
 
 
 if __name__ == "__main__":

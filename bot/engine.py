@@ -1354,20 +1354,23 @@ class Engine:
     def _skip_reason(self, u: Unit, incident: IncidentRow, run: Run, step: Step) -> str:
         if not step.when:
             return ""
-        names = {
-            "incident": _incident_context(incident),
-            "steps": _results(u.step_runs_of(incident.id), run.id),
-            "params": step.resolved_params,
-        }
         try:
+            names = {
+                **self._context(incident, step),
+                "steps": _results(u.step_runs_of(incident.id), run.id),
+            }
             if evaluate(step.when, names):
                 return ""
-        except ConditionError as exc:
+        except (ConditionError, executor.TemplateError) as exc:
             return f"condition could not be evaluated ({exc}): {step.when}"
         return f"condition is false: {step.when}"
 
     def _context(self, incident: IncidentRow, step: Step) -> dict[str, Any]:
-        return {"incident": _incident_context(incident), "params": step.resolved_params}
+        """What a step's templates see. Param values are rendered first, from the incident
+        only (they stay data: each becomes at most one argument); raises TemplateError."""
+        incident_context = _incident_context(incident)
+        params = executor.render_params(step.resolved_params, {"incident": incident_context})
+        return {"incident": incident_context, "params": params}
 
     def _display_command(self, action: Action, context: Mapping[str, Any], catalog: Catalog) -> str:
         spec = executor.CommandSpec(command=action.command, shell=action.shell)

@@ -32,7 +32,9 @@ No shell by default.
 
 Templates.
     Only ``{{ dotted.name }}``, looked up in nested mappings (``{{ incident.title }}``,
-    ``{{ params.window }}``, ``{{ incident.details.namespace }}``). There are no
+    ``{{ params.window }}``, ``{{ incident.details.namespace }}``). A step's params may
+    use the incident too (``render_params``); they are rendered first, and their values
+    then enter the command like any other value. There are no
     expressions or filters, so there is nothing to evaluate. An unknown name, a null
     value or a NUL character raises ``TemplateError``: a command is never run with a
     silently empty argument. Other ``{{...}}`` text (``docker inspect --format
@@ -189,6 +191,44 @@ class ExecutionResult:
 def template_variables(text: str) -> list[str]:
     """The variables a template refers to, in order of first use, without repeats."""
     return list(dict.fromkeys(m.group(1) for m in _PLACEHOLDER.finditer(text)))
+
+
+def render_params(params: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` with the ``{{ incident.… }}`` placeholders in their string values rendered.
+
+    A step's params (``url: "https://{{ incident.details.host }}/healthz"``) are rendered
+    once, from the incident, before the command is built; the command then places each
+    rendered value where it says ``{{ params.url }}``, as it places any value: inside a
+    single argument, never split or parsed again. Rendering follows the command's rules
+    (``_PLACEHOLDER`` and ``_resolve``): an unknown variable, a null value or a NUL
+    character raises `TemplateError`, and text that is not a placeholder stays as it is.
+    A param may not refer to ``params`` (no order between params, no loops): that raises
+    `TemplateError` too. Strings inside lists and mappings are rendered the same way;
+    keys and other values are returned unchanged, in a new dict.
+    """
+    return {name: _render_param(value, context, name) for name, value in params.items()}
+
+
+def _render_param(value: Any, context: Mapping[str, Any], name: str) -> Any:
+    if isinstance(value, str):
+        if "{{" not in value:
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            variable = match.group(1)
+            if variable == "params" or variable.startswith("params."):
+                raise TemplateError(
+                    f"param {name!r} refers to {{{{ {variable} }}}}: a param can use the "
+                    "incident ({{ incident.… }}), not other params"
+                )
+            return _resolve(variable, context)
+
+        return _PLACEHOLDER.sub(substitute, value)
+    if isinstance(value, Mapping):
+        return {key: _render_param(item, context, name) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_render_param(item, context, name) for item in value]
+    return value
 
 
 def render_argv(spec: CommandSpec, context: Mapping[str, Any]) -> list[str]:

@@ -9,22 +9,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
-from bot.catalog.diagnostics import Diagnostic
-from bot.catalog.loader import parse_catalog
+from bot.catalog.diagnostics import Diagnostic, excerpt
+from bot.catalog.loader import find_catalog_root, parse_catalog
+from bot.catalog.reader import default_jobs
 from runbookctl.common import default_catalog
 
 FORMATS = ("text", "json", "github")
 
 
 @click.command()
-@click.argument(
-    "path",
-    required=False,
-    type=click.Path(exists=True),
-    default=default_catalog,
+@click.argument("paths", nargs=-1, type=click.Path(exists=True), metavar="[PATH | FILE...]")
+@click.option(
+    "--catalog",
+    "catalog_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="The catalog the FILEs belong to (default: the nearest folder above each with a "
+    "catalog.yaml).",
 )
 @click.option(
     "--format",
@@ -40,28 +45,93 @@ FORMATS = ("text", "json", "github")
     show_default=True,
     help="Fail (exit 1) on warnings too, not only on errors.",
 )
-def lint(path: str, output_format: str, strict: bool) -> None:
-    """Check the catalog at PATH (default: $RUNBOOK_CATALOG or ./runbooks).
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes reading files in large catalogs (default: the CPUs available, up to 4).",
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Remember each file's parse and schema check here, keyed by its content, the "
+    "schema and the tool version (for CI; safe to delete).",
+)
+def lint(
+    paths: tuple[str, ...],
+    catalog_dir: str | None,
+    output_format: str,
+    strict: bool,
+    jobs: int | None,
+    cache_dir: str | None,
+) -> None:
+    """Check the catalog at PATH (default: $RUNBOOK_CATALOG or ./runbooks), or FILEs.
 
-    Every problem is reported with its file, line, column, rule code and how to fix it.
-    Exits 0 when clean, 1 when there are errors (or warnings with --strict).
+    A directory is checked as a whole catalog. A FILE is checked in the context of its
+    catalog (--catalog, or the nearest folder above it holding catalog.yaml), and only
+    its problems are reported. Every problem comes with its file, line, column, rule
+    code and how to fix it. Exits 0 when clean, 1 when there are errors (or warnings
+    with --strict), 2 on usage errors.
     """
-    parsed = parse_catalog(path)
-    diagnostics = parsed.diagnostics
+    runs = _what_to_lint(paths, catalog_dir)
+    diagnostics: list[Diagnostic] = []
+    files = 0
+    for root, only in runs:
+        parsed = parse_catalog(root, only=only, jobs=jobs or default_jobs(), cache_dir=cache_dir)
+        diagnostics.extend(parsed.diagnostics)
+        files += parsed.files
     errors = sum(1 for d in diagnostics if d.severity == "error")
     warnings = len(diagnostics) - errors
     if output_format == "json":
-        click.echo(format_json(diagnostics, errors, warnings, parsed.files))
+        click.echo(format_json(diagnostics, errors, warnings, files))
     elif output_format == "github":
         for line in format_github(diagnostics):
             click.echo(line)
-        click.echo(summary(errors, warnings, parsed.files))
+        click.echo(summary(errors, warnings, files))
     else:
         for line in format_text(diagnostics):
             click.echo(line)
-        click.echo(summary(errors, warnings, parsed.files))
+        click.echo(summary(errors, warnings, files))
     if errors or (strict and warnings):
         click.get_current_context().exit(1)
+
+
+def _what_to_lint(
+    paths: tuple[str, ...], catalog_dir: str | None
+) -> list[tuple[str, list[str] | None]]:
+    """(catalog root, files to report or None for all) for each catalog to check."""
+    directories = [p for p in paths if Path(p).is_dir()]
+    files = [p for p in paths if not Path(p).is_dir()]
+    if catalog_dir is not None and directories:
+        raise click.UsageError(
+            "--catalog goes with FILEs; to check a whole catalog, pass its directory alone"
+        )
+    if not paths:
+        root = catalog_dir or default_catalog()
+        if not Path(root).is_dir():
+            raise click.BadParameter(
+                f"catalog directory {root!r} does not exist", param_hint="'PATH'"
+            )
+        return [(root, None)]
+    runs: list[tuple[str, list[str] | None]] = [(d, None) for d in directories]
+    by_root: dict[str, list[str]] = {}
+    for file in files:
+        root = catalog_dir or _root_above(file)
+        by_root.setdefault(root, []).append(file)
+    runs.extend(by_root.items())
+    return runs
+
+
+def _root_above(file: str) -> str:
+    found = find_catalog_root(file)
+    if found is None:
+        raise click.BadParameter(
+            f"no catalog.yaml in the folders above {file}: pass the catalog with --catalog DIR",
+            param_hint="'FILE'",
+        )
+    return str(found)
 
 
 def summary(errors: int, warnings: int, files: int) -> str:
@@ -73,11 +143,14 @@ def _count(n: int, noun: str) -> str:
 
 
 def format_text(diagnostics: Sequence[Diagnostic]) -> list[str]:
+    """Each diagnostic, the source line with a caret under the column, and the fix."""
     lines: list[str] = []
+    read: dict[str, list[str] | None] = {}
     for d in diagnostics:
         lines.append(
             f"{d.file}:{d.line}:{d.col}: {d.severity} {d.code} [{d.rule}] {d.message} ({d.path})"
         )
+        lines.extend(excerpt(d.file, d.line, d.col, read))
         lines.append(f"    fix: {d.fix}")
     return lines
 

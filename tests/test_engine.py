@@ -1026,3 +1026,30 @@ def test_every_incident_event_is_one_info_line_naming_the_incident(
     ):
         assert expected in text, f"{expected!r} not in:\n{text}"
     assert all(r.levelno == logging.INFO for r in lines)
+
+
+def test_templates_in_params_are_rendered_from_the_incident_and_stay_one_argument(
+    h: Harness,
+) -> None:
+    got = h.tmp / "argv.json"
+    writer = f"import json, sys; json.dump(sys.argv[1:], open({str(got)!r}, 'w'))"
+    probe = action("probe", (*py(writer), "{{ params.url }}"))
+    hostile = "x; touch pwned $(id)"
+    h.build(
+        simple(
+            step(probe, params={"url": "https://{{ incident.details.host }}/healthz"}),
+        )
+    )
+    h.open(details={"host": hostile})
+    assert h.statuses() == {"probe": "success"}
+    assert json.loads(got.read_text()) == [f"https://{hostile}/healthz"]
+    assert not (h.tmp / "pwned").exists()
+
+
+def test_a_param_naming_a_missing_detail_is_an_error_before_anything_runs(h: Harness) -> None:
+    probe = action("probe", (*marking(h.marks, "probe"), "{{ params.url }}"))
+    h.build(simple(step(probe, params={"url": "https://{{ incident.details.host }}/"})))
+    h.open()
+    run = h.step_runs()["probe"]
+    assert run.status == "error" and "incident.details.host" in run.detail
+    assert ran(h.marks) == []

@@ -31,6 +31,7 @@ from bot.executor import (
     evaluate_expect,
     mask_secrets,
     render_argv,
+    render_params,
     run,
     template_variables,
 )
@@ -169,6 +170,114 @@ def test_any_text_survives_shell_quoting_through_a_real_shell(value: str) -> Non
     argv = render_argv(spec, {"params": {"v": value}})
     completed = subprocess.run(argv, capture_output=True, check=True, timeout=10)
     assert completed.stdout == f"{value}|d{value}|s{value}|".encode()
+
+
+# --- templates in params: rendered from the incident, then single arguments ---------------
+
+ALERT = {
+    "id": "Q1",
+    "title": "Payments API elevated 5xx",
+    "service": "payments",
+    "urgency": "high",
+    "details": {"host": "api-1.internal", "ports": [80, 443], "region": None},
+}
+
+
+def test_params_are_rendered_from_the_incident() -> None:
+    params = {
+        "url": "https://{{ incident.details.host }}/healthz",
+        "title": "{{incident.title}}",
+        "window": "5m",
+        "shard": 3,
+        "verbose": True,
+        "unset": None,
+        "hosts": ["{{ incident.details.host }}", 7],
+        "labels": {"service": "{{ incident.service }}", "n": 1},
+        "ports": "{{ incident.details.ports }}",
+    }
+    rendered = render_params(params, {"incident": ALERT})
+    assert rendered == {
+        "url": "https://api-1.internal/healthz",
+        "title": "Payments API elevated 5xx",
+        "window": "5m",
+        "shard": 3,
+        "verbose": True,
+        "unset": None,
+        "hosts": ["api-1.internal", 7],
+        "labels": {"service": "payments", "n": 1},
+        "ports": "[80,443]",
+    }
+    assert params["url"] == "https://{{ incident.details.host }}/healthz"  # not changed
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"url": "{{ incident.details.hostname }}"}, r"unknown template variable .*available:"),
+        ({"url": "{{ incident.details.region }}"}, r"has no value \(null\)"),
+        ({"url": "{{ params.window }}", "window": "5m"}, r"param 'url' refers to .*params"),
+        ({"all": "{{ params }}"}, r"not other params"),
+        ({"nested": ["{{ params.x }}"]}, r"param 'nested' refers to"),
+    ],
+    ids=repr,
+)
+def test_a_param_that_cannot_be_rendered_is_a_template_error(
+    params: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TemplateError, match=message):
+        render_params(params, {"incident": ALERT, "params": {"window": "1m", "x": 1}})
+
+
+def test_text_in_params_that_is_not_a_placeholder_stays_as_it_is() -> None:
+    params = {
+        "format": "{{.State.Status}}",
+        "json": '{"a": 1}',
+        "odd": "{{ incident.title|upper }}",
+    }
+    assert render_params(params, {"incident": ALERT}) == params
+
+
+def test_a_rendered_param_is_one_argument_of_the_command_that_uses_it() -> None:
+    incident = {**ALERT, "details": {"host": "h; reboot $(id) {{ params.other }}"}}
+    params = render_params({"url": "https://{{ incident.details.host }}/x"}, {"incident": incident})
+    spec = CommandSpec(f"{ARGV_PRINTER} --url {{{{ params.url }}}}")
+    result = run(spec, {"incident": incident, "params": {**params, "other": "EXPANDED"}})
+    assert printed_argv(result) == ["--url", "https://h; reboot $(id) {{ params.other }}/x"]
+
+
+@given(host=_NO_NUL_TEXT, title=_NO_NUL_TEXT)
+def test_hostile_incident_values_stay_one_argument_through_params(host: str, title: str) -> None:
+    incident = {**ALERT, "title": title, "details": {"host": host}}
+    params = render_params(
+        {"url": "https://{{ incident.details.host }}/healthz", "q": "{{ incident.title }}"},
+        {"incident": incident},
+    )
+    assert params == {"url": f"https://{host}/healthz", "q": title}
+    context = {"incident": incident, "params": params}
+    assert render_argv(CommandSpec("curl --fail {{ params.url }} -d {{ params.q }}"), context) == [
+        "curl",
+        "--fail",
+        f"https://{host}/healthz",
+        "-d",
+        title,
+    ]
+    assert render_argv(CommandSpec(["curl", "{{ params.url }}", "q={{ params.q }}"]), context) == [
+        "curl",
+        f"https://{host}/healthz",
+        f"q={title}",
+    ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(host=_NO_NUL_TEXT)
+def test_hostile_values_in_params_stay_inert_in_a_real_shell(host: str) -> None:
+    incident = {**ALERT, "details": {"host": host}}
+    params = render_params({"url": "https://{{ incident.details.host }}/x"}, {"incident": incident})
+    spec = CommandSpec("printf '%s|' {{ params.url }} \"{{ params.url }}\"", shell=True)
+    argv = render_argv(spec, {"incident": incident, "params": params})
+    completed = subprocess.run(argv, capture_output=True, check=True, timeout=10)
+    url = f"https://{host}/x"
+    assert completed.stdout == f"{url}|{url}|".encode()
 
 
 def test_a_nul_character_is_refused_with_a_clear_error(tmp_path: Path) -> None:

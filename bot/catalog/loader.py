@@ -13,14 +13,12 @@ else an action has ``command``, a runbook has ``steps``, settings have ``environ
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,138 +41,8 @@ from bot.catalog.model import (
     Settings,
     Step,
 )
-from bot.catalog.yamlsource import JsonPath, SourceDoc, read_documents
+from bot.catalog.yamlsource import SourceDoc
 from bot.errors import CatalogError
-
-SCHEMA_FILE = "schema.json"
-KINDS = ("catalog", "action", "runbook")
-
-
-@cache
-def schema() -> dict[str, Any]:
-    text = resources.files("bot.catalog").joinpath(SCHEMA_FILE).read_text("utf-8")
-    loaded: dict[str, Any] = json.loads(text)
-    return loaded
-
-
-def schema_path() -> Path:
-    return Path(str(resources.files("bot.catalog").joinpath(SCHEMA_FILE)))
-
-
-@cache
-def _validator(kind: str) -> Any:
-    from jsonschema import Draft202012Validator
-
-    full = schema()
-    return Draft202012Validator({"$ref": f"#/$defs/{kind}", "$defs": full["$defs"]})
-
-
-# --- fast schema check -----------------------------------------------------------------
-# Almost every document is valid, so the verdict comes from a faster, equivalent form of
-# the schema; only invalid documents go through the full validator, whose errors name
-# the keywords as written. Two rewrites, each applied only where it keeps the verdict:
-#   * `unevaluatedProperties: false` beside `properties` and `allOf: [{$ref}]` becomes
-#     `additionalProperties: false` over the union of those properties (jsonschema
-#     re-validates every subschema to collect evaluated keys: its slowest keyword);
-#   * a runbook's steps are checked one by one, and identical steps (same JSON) once.
-# tests/test_lint.py checks that both forms agree on generated documents.
-
-_ANNOTATING = frozenset(
-    {
-        "properties",
-        "patternProperties",
-        "additionalProperties",
-        "unevaluatedProperties",
-        "allOf",
-        "anyOf",
-        "oneOf",
-        "$ref",
-        "$dynamicRef",
-        "if",
-        "dependentSchemas",
-    }
-)
-_STEP_LISTS = ("steps", "on_resolve")
-_STEP_ITEMS = {"$ref": "#/$defs/step"}
-
-
-def _annotates(subschema: Any) -> bool:
-    """Whether `subschema` can mark properties as evaluated (`not` never does)."""
-    return isinstance(subschema, dict) and bool(_ANNOTATING & subschema.keys())
-
-
-def _closed_equivalent(sub: Any, defs: dict[str, Any]) -> dict[str, Any] | None:
-    """`sub` with `unevaluatedProperties: false` as `additionalProperties`, if equivalent."""
-    if not isinstance(sub, dict) or sub.get("unevaluatedProperties") is not False:
-        return None
-    if _annotates(
-        {
-            k: v
-            for k, v in sub.items()
-            if k not in ("properties", "allOf", "oneOf", "anyOf", "unevaluatedProperties")
-        }
-    ):
-        return None
-    if any(_annotates(branch) for key in ("oneOf", "anyOf") for branch in sub.get(key, ())):
-        return None
-    names: dict[str, Any] = dict(sub.get("properties", {}))
-    for part in sub.get("allOf", ()):
-        ref = part.get("$ref", "") if isinstance(part, dict) else ""
-        if set(part) != {"$ref"} or not ref.startswith("#/$defs/"):
-            return None
-        target = defs.get(ref.removeprefix("#/$defs/"))
-        if not isinstance(target, dict):
-            return None
-        if _annotates({k: v for k, v in target.items() if k != "properties"}):
-            return None
-        for name in target.get("properties", {}):
-            names.setdefault(name, True)  # its value is checked by the allOf already
-    closed = {k: v for k, v in sub.items() if k != "unevaluatedProperties"}
-    closed["properties"] = names
-    closed["additionalProperties"] = False
-    return closed
-
-
-@cache
-def _quick_validators(kind: str) -> tuple[Any, Any | None]:
-    """A validator for the document, and one for a single runbook step (or None)."""
-    from jsonschema import Draft202012Validator
-
-    original: dict[str, Any] = schema()["$defs"]
-    defs = {name: _closed_equivalent(sub, original) or sub for name, sub in original.items()}
-    root = kind
-    step_validator = None
-    properties = defs.get("runbook", {}).get("properties", {})
-    if kind == "runbook" and all(
-        properties.get(key, {}).get("items") == _STEP_ITEMS for key in _STEP_LISTS
-    ):
-        shell_properties = {
-            **properties,
-            **{key: {**properties[key], "items": True} for key in _STEP_LISTS},
-        }
-        defs["runbook (steps apart)"] = {**defs["runbook"], "properties": shell_properties}
-        root = "runbook (steps apart)"
-        step_validator = Draft202012Validator({**_STEP_ITEMS, "$defs": defs})
-    return Draft202012Validator({"$ref": f"#/$defs/{root}", "$defs": defs}), step_validator
-
-
-def quick_is_valid(kind: str, data: Any, seen_steps: dict[str, bool] | None = None) -> bool:
-    """Same verdict as the full schema of `kind`, faster. `seen_steps` caches steps."""
-    validator, step_validator = _quick_validators(kind)
-    if not validator.is_valid(data):
-        return False
-    if step_validator is None:
-        return True
-    seen = {} if seen_steps is None else seen_steps
-    for key in _STEP_LISTS:
-        for step in data.get(key, ()):
-            fingerprint = json.dumps(step, sort_keys=True)
-            valid = seen.get(fingerprint)
-            if valid is None:
-                valid = seen[fingerprint] = step_validator.is_valid(step)
-            if not valid:
-                return False
-    return True
 
 
 @dataclass
@@ -183,6 +51,8 @@ class ParsedCatalog:
     docs: list[SourceDoc] = field(default_factory=list)
     diagnostics: list[Diagnostic] = field(default_factory=list)
     files: int = 0
+    # Definitions too broken to check, as (kind, id, "file:line"); kind "" when unknown.
+    broken: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def has_errors(self) -> bool:
@@ -213,8 +83,37 @@ def discover_files(root: Path) -> list[Path]:
     return found
 
 
-def parse_catalog(root: str | os.PathLike[str], *, run_rules: bool = True) -> ParsedCatalog:
-    """Parse and check a catalog without building models (what `runbookctl lint` runs)."""
+CATALOG_MARKERS = ("catalog.yaml", "catalog.yml")
+
+
+def find_catalog_root(path: str | os.PathLike[str]) -> Path | None:
+    """The catalog a file belongs to: the nearest folder above it with a catalog.yaml."""
+    folder = Path(path).absolute().parent
+    for candidate in (folder, *folder.parents):
+        if any((candidate / marker).is_file() for marker in CATALOG_MARKERS):
+            return candidate
+    return None
+
+
+def parse_catalog(
+    root: str | os.PathLike[str],
+    *,
+    run_rules: bool = True,
+    jobs: int = 1,
+    cache_dir: str | os.PathLike[str] | None = None,
+    only: Sequence[str | os.PathLike[str]] | None = None,
+) -> ParsedCatalog:
+    """Parse and check a catalog without building models (what `runbookctl lint` runs).
+
+    `jobs`: processes reading files (1, the default, reads in this process only: the
+    bot never forks; `runbookctl lint` uses `reader.default_jobs()`; see
+    `bot.catalog.reader`). `cache_dir`: remember what each file gave, keyed by
+    its content (see `bot.catalog.reader`). `only`: files to report on; the whole
+    catalog is still read and checked (a runbook needs its actions), and these files
+    too if they lie outside it; `files` then counts them alone.
+    """
+    from bot.catalog.reader import read_files
+
     root_path = Path(root)
     parsed = ParsedCatalog(root=str(root_path))
     if not root_path.exists():
@@ -229,32 +128,28 @@ def parse_catalog(root: str | os.PathLike[str], *, run_rules: bool = True) -> Pa
             )
         )
         return parsed
-    seen_steps: dict[str, bool] = {}  # step JSON -> valid, shared by all runbooks
-    for path in discover_files(root_path):
-        parsed.files += 1
-        docs, diagnostics = read_documents(path, _display(path))
-        parsed.diagnostics.extend(diagnostics)
-        for doc in docs:
-            doc.kind = _detect_kind(doc, path, root_path)
-            if not doc.kind:
-                parsed.diagnostics.append(
-                    doc.diagnostic(
-                        "RB010",
-                        "schema",
-                        "cannot tell whether this document is an action, a runbook or the "
-                        "catalog settings",
-                        "add `kind: action`, `kind: runbook` or `kind: catalog`",
-                    )
-                )
-                continue
-            errors = _schema_errors(doc, seen_steps)
-            parsed.diagnostics.extend(errors)
-            if not errors:
-                parsed.docs.append(doc)
+    paths = discover_files(root_path)
+    wanted: set[Path] | None = None
+    if only is not None:
+        wanted = {Path(p).resolve() for p in only}
+        known = {p.resolve() for p in paths}
+        paths.extend(Path(p) for p in only if Path(p).resolve() not in known)
+    parsed.files = len(paths) if wanted is None else len(wanted)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    display = _displayer(root_path)
+    results = read_files(paths, root_path, display, jobs=jobs, cache_dir=cache)
+    for path, result in zip(paths, results, strict=True):
+        parsed.docs.extend(result.docs)
+        parsed.diagnostics.extend(result.diagnostics)
+        parsed.broken.extend(
+            (kind, ident, f"{display(path)}:{line}") for kind, ident, line in result.broken
+        )
     if run_rules:
         from bot.catalog import rules
 
         parsed.diagnostics.extend(rules.check(parsed))
+    if wanted is not None:
+        parsed.diagnostics = [d for d in parsed.diagnostics if Path(d.file).resolve() in wanted]
     parsed.diagnostics.sort(key=lambda d: (d.file, d.line, d.col, d.code))
     return parsed
 
@@ -308,168 +203,29 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _detect_kind(doc: SourceDoc, path: Path, root: Path) -> str:
-    data = doc.data
-    kind = data.get("kind")
-    if isinstance(kind, str) and kind in KINDS:
-        return kind
-    if kind is not None:
-        return ""
-    parts = path.relative_to(root).parts[:-1] if root.is_dir() else ()
-    if "actions" in parts:
-        return "action"
-    if "runbooks" in parts and "steps" in data:
-        return "runbook"
-    if "command" in data and "steps" not in data:
-        return "action"
-    if "steps" in data:
-        return "runbook"
-    if "environments" in data:
-        return "catalog"
-    return ""
+def _displayer(root: Path) -> Callable[[Path], str]:
+    """How files under `root` are named in diagnostics: relative to the working directory.
 
-
-_MAX_SCHEMA_ERRORS = 10
-
-
-def _schema_errors(doc: SourceDoc, seen_steps: dict[str, bool] | None = None) -> list[Diagnostic]:
-    data = doc.data
-    if doc.kind == "runbook" and "kind" not in data:
-        data = {**data, "kind": "runbook"}
-    elif doc.kind == "catalog" and "kind" not in data:
-        data = {**data, "kind": "catalog"}
-    if quick_is_valid(doc.kind, data, seen_steps):
-        return []
-    validator = _validator(doc.kind)
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path)))
-    # A failing `allOf` branch leaves its keys "unevaluated", so unevaluatedProperties
-    # would blame every valid key too: report it only when nothing else is wrong.
-    if any(e.validator != "unevaluatedProperties" for e in errors):
-        errors = [e for e in errors if e.validator != "unevaluatedProperties"]
-    found: list[Diagnostic] = []
-    for error in errors:
-        if error.context:
-            error = _closest(error)
-        path: JsonPath = tuple(error.absolute_path)
-        if (
-            _is_step(path)
-            and error.validator in ("required", "not")
-            and isinstance(error.instance, dict)
-        ):
-            found.extend(_step_shape_errors(doc, error, path))
-            continue
-        key_names = _offending_keys(error)
-        message = _shorten(error.message)
-        fix = _fix_for(error, doc.kind)
-        if key_names:
-            for name in key_names:
-                found.append(
-                    doc.diagnostic("RB010", "schema", message, fix, (*path, name), key=True)
-                )
-        else:
-            found.append(doc.diagnostic("RB010", "schema", message, fix, path))
-        if len(found) >= _MAX_SCHEMA_ERRORS:
-            break
-    return found
-
-
-def _is_step(path: JsonPath) -> bool:
-    return len(path) == 2 and path[0] in ("steps", "on_resolve") and isinstance(path[1], int)
-
-
-def _closest(error: Any) -> Any:
-    """The sub-error of a `oneOf`/`anyOf` that best explains what the author meant.
-
-    For a step, that is the branch its keys point at: `action:` means a reference,
-    anything else an inline step; jsonschema alone would often blame the other branch.
+    The root is resolved once; a file keeps its path below the root as found (a ConfigMap
+    mount's `..data` links are not followed into the hidden folder they point at).
     """
-    from jsonschema.exceptions import best_match
+    if root.is_file():
+        return lambda path: _display(path)
+    base = _display(root)
+    # Files come from discover_files as root/…: cutting the root off is enough.
+    prefix = "" if str(root) == "." else str(root).rstrip(os.sep) + os.sep
 
-    context = error.context
-    step = error.instance
-    if (
-        error.validator == "oneOf"
-        and _is_step(tuple(error.absolute_path))
-        and isinstance(step, dict)
-    ):
-        branch = 0 if "action" in step else 1
-        chosen = [e for e in context if e.relative_schema_path[0] == branch]
-        context = chosen or context
-    return best_match(context)
+    def display(path: Path) -> str:
+        text = str(path)
+        if text.startswith(prefix) and not (prefix == "" and os.path.isabs(text)):
+            rest = text[len(prefix) :]
+            return rest if base == "." else os.path.join(base, rest)
+        try:
+            return str(Path(base) / path.relative_to(root))
+        except ValueError:  # a file linted in the catalog's context from elsewhere
+            return _display(path)
 
-
-_STEP_OVERRIDES = ("command", "shell", "safety", "expect", "env", "secrets")
-
-
-def _step_shape_errors(doc: SourceDoc, error: Any, step_path: JsonPath) -> list[Diagnostic]:
-    step = error.instance
-    if "action" not in step and "command" in step and "id" not in step:
-        return [
-            doc.diagnostic(
-                "RB033",
-                "inline-step-id",
-                "an inline step (one with `command`) needs an `id`",
-                "add `id: <name>` (lower-case, unique in the runbook), or move the command "
-                "into an action and reference it with `action: <id>`",
-                step_path,
-            )
-        ]
-    if error.validator == "not" and "action" in step:
-        return [
-            doc.diagnostic(
-                "RB010",
-                "schema",
-                f"a step that references an action cannot set `{key}`",
-                _fix_for(error, doc.kind),
-                (*step_path, key),
-                key=True,
-            )
-            for key in _STEP_OVERRIDES
-            if key in step
-        ]
-    return [
-        doc.diagnostic(
-            "RB010", "schema", _shorten(error.message), _fix_for(error, doc.kind), step_path
-        )
-    ]
-
-
-def _offending_keys(error: Any) -> list[str]:
-    if error.validator in ("additionalProperties", "unevaluatedProperties"):
-        return re.findall(r"'([^']+)'", error.message.split("(")[-1])
-    return []
-
-
-def _fix_for(error: Any, kind: str) -> str:
-    if error.validator in ("additionalProperties", "unevaluatedProperties"):
-        allowed = sorted(_allowed_keys(error.schema))
-        if allowed:
-            return f"remove or rename it; allowed keys here: {', '.join(allowed)}"
-        return "remove or rename it (see docs/catalog.md)"
-    if error.validator == "required":
-        return "add the missing key (see docs/catalog.md)"
-    if error.validator == "not" and kind == "runbook":
-        return (
-            "a step that references an action cannot change its command, expect or safety; "
-            "change the action itself, or write an inline step with its own id"
-        )
-    description = error.schema.get("description") if isinstance(error.schema, dict) else None
-    if description:
-        return str(description)
-    return f"see the {kind} format in docs/catalog.md"
-
-
-def _allowed_keys(subschema: dict[str, Any]) -> set[str]:
-    keys = set(subschema.get("properties", {}))
-    for part in subschema.get("allOf", ()):
-        ref = part.get("$ref", "")
-        if ref.startswith("#/$defs/"):
-            keys |= _allowed_keys(schema()["$defs"][ref.removeprefix("#/$defs/")])
-    return keys
-
-
-def _shorten(message: str, limit: int = 160) -> str:
-    return message if len(message) <= limit else message[: limit - 1] + "…"
+    return display
 
 
 # --- build ---------------------------------------------------------------------------
@@ -683,34 +439,29 @@ def parse_contents(
     Lets a reload lint exactly the bytes it read (never a file changed since). Keep the
     two in step: tests/test_catalog_source.py checks they agree on every lint case.
     """
+    from bot.catalog.reader import file_result
     from bot.catalog.yamlsource import decode_documents
 
     root_path = Path(root)
     parsed = ParsedCatalog(root=str(root_path))
-    seen_steps: dict[str, bool] = {}
+    display = _displayer(root_path)
     for content in contents:
         parsed.files += 1
         docs, diagnostics = decode_documents(
-            content.data, _display(content.path), size=content.size, error=content.error
+            content.data, display(content.path), size=content.size, error=content.error
         )
-        parsed.diagnostics.extend(diagnostics)
-        for doc in docs:
-            doc.kind = _detect_kind(doc, content.path, root_path)
-            if not doc.kind:
-                parsed.diagnostics.append(
-                    doc.diagnostic(
-                        "RB010",
-                        "schema",
-                        "cannot tell whether this document is an action, a runbook or the "
-                        "catalog settings",
-                        "add `kind: action`, `kind: runbook` or `kind: catalog`",
-                    )
-                )
-                continue
-            errors = _schema_errors(doc, seen_steps)
-            parsed.diagnostics.extend(errors)
-            if not errors:
-                parsed.docs.append(doc)
+        result = file_result(
+            docs,
+            diagnostics,
+            content.path,
+            root_path,
+            functools.partial(content.data.decode, "utf-8-sig", errors="replace"),
+        )
+        parsed.docs.extend(result.docs)
+        parsed.diagnostics.extend(result.diagnostics)
+        parsed.broken.extend(
+            (kind, ident, f"{display(content.path)}:{line}") for kind, ident, line in result.broken
+        )
     if run_rules:
         from bot.catalog import rules
 

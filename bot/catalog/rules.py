@@ -14,7 +14,8 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
   RB004 E file-too-large     a file is over 1 MiB
   RB005 E unsafe-yaml        tags (``!!python/…``), alias bombs, recursive aliases
   RB009 E no-catalog         the catalog path does not exist
-  RB010 E schema             the document does not follow the JSON Schema
+  RB010 E schema             the document does not follow the JSON Schema (worded by
+                             ``schemawords``; the rules below still check the rest)
   RB033 E inline-step-id     an inline step (with ``command``) has no ``id``
 
   semantic rules (this module)
@@ -32,7 +33,9 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
                              ``requires_approval: false``
   RB027 W/E shell            ``shell: true`` (a warning; an error without approval)
   RB028 E unknown-template-variable  ``{{ … }}`` the incident context does not provide,
-                             or a ``params`` value no step sets
+                             or a ``params`` value no step sets; in a param's value,
+                             also any ``{{ params.… }}`` (params are rendered from the
+                             incident alone)
   RB029 E invalid-when       a ``when`` condition that does not parse, uses what the
                              evaluator refuses, or reads a step that has not run yet
   RB030 W ambiguous-match    two runbooks match the same service at the same priority
@@ -45,7 +48,8 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
   RB035 E unknown-param      a step sets a param its action does not read (not declared,
                              not in a ``{{ params.X }}``), nor its rollback or ``when``:
                              usually a typo (``windw: 1m``)
-  RB036 E malformed-template  ``{{`` text about incident/params that is not a placeholder
+  RB036 E malformed-template  ``{{`` text about incident/params that is not a placeholder,
+                             in a command, an env value or a param value
                              (``{{ incident.title|upper }}``, ``{{ incident. title }}``, a
                              stray brace): it would run as literal text
   RB037 W/E reparsed-template  a ``{{ … }}`` in an argument a program parses as shell
@@ -57,11 +61,18 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
                              or no environment (every step blocked)
   RB039 E conflicting-service-mapping  two ``services`` keys that differ only in case map
                              to different environments
+  RB040 W broken-action      a step uses an action whose file has errors that keep it
+                             from being checked (instead of a misleading unknown-action)
+  RB041 E slack-mention      ``escalation.mention`` that Slack would post as plain text
+                             (``@sre-leads``): it must be ``<!subteam^S…>``, ``<@U…>``,
+                             ``<!here>`` or ``<!channel>``
+  RB042 W empty-catalog      no action and no runbook in the catalog directory
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import shlex
 import warnings
@@ -72,7 +83,8 @@ from typing import Any
 from bot.catalog.diagnostics import Diagnostic
 from bot.catalog.loader import ParsedCatalog, build_settings
 from bot.catalog.model import Settings
-from bot.catalog.yamlsource import JsonPath, SourceDoc
+from bot.catalog.schemawords import is_dropped_step
+from bot.catalog.yamlsource import JsonPath, SourceDoc, format_path
 from bot.conditions import ConditionError
 from bot.conditions import parse as parse_condition
 
@@ -111,35 +123,110 @@ class Usage:
     step: Step
 
 
+@dataclass(frozen=True)
+class Condition:
+    """What the rules need of a `when`, worked out once per distinct text."""
+
+    error: str | None  # why the evaluator refuses it; None when it parses
+    # (name, key) of every `name.key` / `name['key']` lookup, in `ast.walk` order
+    reads: tuple[tuple[str, str], ...] = ()
+    # names also read whole or by a computed key (`params`, `params[x]`)
+    whole: frozenset[str] = frozenset()
+
+
+def _condition(when: str) -> Condition:
+    try:
+        tree = parse_condition(when)
+    except (ConditionError, ValueError, RecursionError, MemoryError) as exc:
+        return Condition(error=str(exc))
+    reads: list[tuple[str, str]] = []
+    names: dict[str, int] = {}
+    keyed: dict[str, int] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names[node.id] = names.get(node.id, 0) + 1
+        elif isinstance(node, ast.Attribute | ast.Subscript) and isinstance(node.value, ast.Name):
+            key = node.attr if isinstance(node, ast.Attribute) else _constant_key(node)
+            if key is not None:
+                reads.append((node.value.id, key))
+                keyed[node.value.id] = keyed.get(node.value.id, 0) + 1
+    whole = frozenset(name for name, count in names.items() if count > keyed.get(name, 0))
+    return Condition(error=None, reads=tuple(reads), whole=whole)
+
+
 @dataclass
 class Context:
     parsed: ParsedCatalog
     settings: Settings
     actions: dict[str, SourceDoc] = field(default_factory=dict)  # first definition wins
     usages: dict[str, list[Usage]] = field(default_factory=dict)  # action id -> users
+    # Catalogs repeat their conditions: each distinct text is parsed once.
+    conditions: dict[str, Condition] = field(default_factory=dict)
+    _steps: dict[int, list[tuple[JsonPath, Step]]] = field(default_factory=dict)
 
-    @property
+    def condition(self, when: str) -> Condition:
+        found = self.conditions.get(when)
+        if found is None:
+            found = self.conditions[when] = _condition(when)
+        return found
+
+    @functools.cached_property
     def runbooks(self) -> list[SourceDoc]:
         return self.parsed.of_kind("runbook")
 
-    def steps(self, doc: SourceDoc) -> Iterator[tuple[JsonPath, Step]]:
-        """Every step of a runbook document, with its path, main steps and follow-ups."""
-        for key in ("steps", "on_resolve"):
-            for i, step in enumerate(doc.data.get(key, ())):
-                yield (key, i), step
+    def steps(self, doc: SourceDoc) -> list[tuple[JsonPath, Step]]:
+        """Every step of a runbook document, with its path, main steps and follow-ups.
 
-    def guarded(self) -> Iterator[tuple[SourceDoc, JsonPath, dict[str, Any], str]]:
+        A step dropped for its schema errors is left out; the others keep their numbers.
+        Worked out once per document: every rule walks the steps.
+        """
+        found = self._steps.get(id(doc))
+        if found is None:
+            found = self._steps[id(doc)] = [
+                ((key, i), step)
+                for key in ("steps", "on_resolve")
+                for i, step in enumerate(doc.data.get(key, ()))
+                if not is_dropped_step(step)
+            ]
+        return found
+
+    def dropped(self, doc: SourceDoc, *prefix: str | int) -> bool:
+        """Whether something at or under `prefix` was cut from `doc` for schema errors.
+
+        Rules that report what is *missing* ask first: the author wrote it, wrongly, and
+        the schema error already says so.
+        """
+        n = len(prefix)
+        return any(path[:n] == prefix for path in doc.dropped)
+
+    @functools.cached_property
+    def settings_broken(self) -> bool:
+        """The settings document could not be read: its environments are unknown."""
+        return any(kind == "catalog" for kind, _, _ in self.parsed.broken)
+
+    @functools.cached_property
+    def broken_definitions(self) -> dict[str, str]:
+        """id -> "file:line" of action (or unknown-kind) documents too broken to check."""
+        return {ident: where for kind, ident, where in self.parsed.broken if kind != "runbook"}
+
+    def guarded(self) -> list[tuple[SourceDoc, JsonPath, dict[str, Any], str]]:
         """Everything that carries its own command and safety: actions and inline steps.
 
-        Yields the document, the path of the action (``()`` for an action document),
-        its data and its id.
+        The document, the path of the action (``()`` for an action document), its data
+        and its id, for each.
         """
-        for doc in self.parsed.of_kind("action"):
-            yield doc, (), doc.data, doc.data["id"]
+        return self._guarded
+
+    @functools.cached_property
+    def _guarded(self) -> list[tuple[SourceDoc, JsonPath, dict[str, Any], str]]:
+        found: list[tuple[SourceDoc, JsonPath, dict[str, Any], str]] = [
+            (doc, (), doc.data, doc.data["id"]) for doc in self.parsed.of_kind("action")
+        ]
         for doc in self.runbooks:
             for path, step in self.steps(doc):
                 if "command" in step:
-                    yield doc, path, step, str(step.get("id", ""))
+                    found.append((doc, path, step, str(step.get("id", ""))))
+        return found
 
 
 Rule = Callable[[Context], Iterator[Diagnostic]]
@@ -174,7 +261,27 @@ def check(parsed: ParsedCatalog) -> list[Diagnostic]:
         warnings.simplefilter("ignore")
         for fn in RULES:
             found.extend(fn(context))
-    return found
+    return _without_dropped(found, parsed.docs)
+
+
+def _without_dropped(found: list[Diagnostic], docs: list[SourceDoc]) -> list[Diagnostic]:
+    """Leave out what rules say about parts cut for schema errors (already reported)."""
+    cut: dict[str, list[str]] = {}
+    for doc in docs:
+        for path in doc.dropped:
+            cut.setdefault(doc.file, []).append(format_path(path))
+    if not cut:
+        return found
+
+    def related(path: str, dropped: str) -> bool:
+        inner, outer = (path, dropped) if len(path) >= len(dropped) else (dropped, path)
+        return inner == outer or (inner.startswith(outer) and inner[len(outer)] in ".[")
+
+    return [
+        d
+        for d in found
+        if d.path == "$" or not any(related(d.path, p) for p in cut.get(d.file, ()))
+    ]
 
 
 def _safety(data: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +349,20 @@ def unknown_actions(ctx: Context) -> Iterator[Diagnostic]:
     for action_id, usages in ctx.usages.items():
         if action_id in ctx.actions:
             continue
+        broken = ctx.broken_definitions.get(action_id)
         for usage in usages:
+            if broken is not None:
+                yield usage.doc.diagnostic(
+                    "RB040",
+                    "broken-action",
+                    f"action {action_id!r} is defined at {broken}, which has errors, so this "
+                    "step cannot be checked against it",
+                    f"fix the errors reported for {broken.rpartition(':')[0]}; this step is "
+                    "checked again then",
+                    usage.path,
+                    severity="warning",
+                )
+                continue
             yield usage.doc.diagnostic(
                 "RB021",
                 "unknown-action",
@@ -255,6 +375,8 @@ def unknown_actions(ctx: Context) -> Iterator[Diagnostic]:
 @rule
 def unknown_environments(ctx: Context) -> Iterator[Diagnostic]:
     """RB022: scopes, promotions and service mappings name declared environments."""
+    if ctx.settings_broken:
+        return  # the environments are in the settings, which have errors of their own
     declared = ctx.settings.environment_names
     fix = f"use one of: {', '.join(declared)}, or declare it under `environments` in the catalog"
     for doc, base, data, _ in ctx.guarded():
@@ -337,7 +459,7 @@ def invalid_regexes(ctx: Context) -> Iterator[Diagnostic]:
 def missing_expect(ctx: Context) -> Iterator[Diagnostic]:
     """RB024: without `expect`, any output with exit code 0 counts as success."""
     for doc, base, data, ident in ctx.guarded():
-        if not data.get("expect"):
+        if not data.get("expect") and not ctx.dropped(doc, *base, "expect"):
             where = (*base, "expect") if "expect" in data else (*base, "command")
             yield doc.diagnostic(
                 "RB024",
@@ -353,7 +475,11 @@ def missing_expect(ctx: Context) -> Iterator[Diagnostic]:
 @rule
 def unpromoted_production_scopes(ctx: Context) -> Iterator[Diagnostic]:
     """RB025: a production scope needs a promotion record with its evidence."""
+    if ctx.settings_broken:
+        return  # which environments are production is in the settings, which have errors
     for doc, base, data, ident in ctx.guarded():
+        if ctx.dropped(doc, *base, "safety", "promotions"):
+            continue  # written, wrongly: the schema error says so
         safety = _safety(data)
         promoted = {
             p["env"]
@@ -617,8 +743,8 @@ def unknown_template_variables(ctx: Context) -> Iterator[Diagnostic]:
                     path,
                 )
                 continue
-            if declared.get(param) is not None:
-                continue
+            if declared.get(param) is not None or ctx.dropped(doc, *base, "params"):
+                continue  # declared, or declared wrongly (the schema error says so)
             if inline:
                 yield doc.diagnostic(
                     "RB028",
@@ -642,6 +768,8 @@ def unknown_template_variables(ctx: Context) -> Iterator[Diagnostic]:
                 step_params = usage.step.get("params") or {}
                 if step_params.get(param) is not None or (id(usage), param) in reported:
                     continue
+                if ctx.dropped(usage.doc, *usage.path[:2], "params"):
+                    continue
                 reported.add((id(usage), param))
                 line, _ = doc.where(path)
                 yield usage.doc.diagnostic(
@@ -653,6 +781,81 @@ def unknown_template_variables(ctx: Context) -> Iterator[Diagnostic]:
                     "to the action's params",
                     usage.path,
                 )
+
+
+def _param_values(ctx: Context) -> Iterator[tuple[SourceDoc, JsonPath, str, str]]:
+    """(doc, path, param name, text) of every param value with `{{` in it.
+
+    Action defaults and the values steps set: both are rendered from the incident
+    (`bot.executor.render_params`) before the command is built.
+    """
+    for doc in ctx.parsed.of_kind("action"):
+        for name, value in (doc.data.get("params") or {}).items():
+            if isinstance(value, str) and "{{" in value:
+                yield doc, ("params", name), name, value
+    for doc in ctx.runbooks:
+        for path, step in ctx.steps(doc):
+            for name, value in (step.get("params") or {}).items():
+                if isinstance(value, str) and "{{" in value:
+                    yield doc, (*path, "params", name), name, value
+
+
+@rule
+def param_templates(ctx: Context) -> Iterator[Diagnostic]:
+    """RB028/RB036 for params: what is rendered in a param value resolves from the incident."""
+    for doc, path, param, text in _param_values(ctx):
+        for name in template_variables(text):
+            head, _, rest = name.partition(".")
+            if head == "params":
+                yield doc.diagnostic(
+                    "RB028",
+                    "unknown-template-variable",
+                    f"param {param!r} uses {{{{ {name} }}}}: a param is rendered from the "
+                    "incident, and cannot use other params",
+                    "write the value out, or use {{ incident.… }}; the command can put params "
+                    "together itself, e.g. `--url=https://{{ params.host }}{{ params.path }}`",
+                    path,
+                )
+            elif head == "incident":
+                problem = _incident_problem(name)
+                if problem:
+                    yield doc.diagnostic(
+                        "RB028",
+                        "unknown-template-variable",
+                        f"param {param!r}: {{{{ {name} }}}}: {problem}",
+                        _suggest(
+                            rest.partition(".")[0],
+                            INCIDENT_FIELDS,
+                            _PARAM_VARIABLES_FIX,
+                            prefix="incident.",
+                        ),
+                        path,
+                    )
+            else:
+                yield doc.diagnostic(
+                    "RB028",
+                    "unknown-template-variable",
+                    f"param {param!r}: unknown template variable {{{{ {name} }}}}",
+                    _PARAM_VARIABLES_FIX,
+                    path,
+                )
+        for snippet, why, meant in malformed_templates(text):
+            fix = (
+                f"write {{{{ {meant} }}}}" if meant else "write {{ incident.<field> }}"
+            ) + ": a template is `{{ dotted.name }}` and nothing else"
+            yield doc.diagnostic(
+                "RB036",
+                "malformed-template",
+                f"param {param!r}: `{snippet}` is not a template the bot substitutes as "
+                f"written: {why}",
+                fix,
+                path,
+            )
+
+
+_PARAM_VARIABLES_FIX = (
+    "params read incident.{" + ",".join(INCIDENT_FIELDS[:-1]) + "} and incident.details.<key>"
+)
 
 
 @rule
@@ -1032,25 +1235,12 @@ def _params_read(data: dict[str, Any]) -> set[str]:
     return read
 
 
-def _params_in_condition(when: str) -> set[str]:
+def _params_in_condition(condition: Condition) -> set[str]:
     """The params a `when` condition reads (all of them when it reads `params` whole)."""
-    try:
-        tree = parse_condition(when)
-    except (ConditionError, ValueError, RecursionError, MemoryError):
+    if condition.error is not None:
         return {_EVERY_PARAM}  # RB029 reports it; do not guess what it meant to read
-    read: set[str] = set()
-    names = keyed = 0
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id == "params":
-            names += 1
-        elif isinstance(node, ast.Attribute | ast.Subscript) and (
-            isinstance(node.value, ast.Name) and node.value.id == "params"
-        ):
-            key = node.attr if isinstance(node, ast.Attribute) else _constant_key(node)
-            if key is not None:
-                read.add(key)
-                keyed += 1
-    return read | {_EVERY_PARAM} if names > keyed else read
+    read = {key for name, key in condition.reads if name == "params"}
+    return read | {_EVERY_PARAM} if "params" in condition.whole else read
 
 
 @rule
@@ -1069,9 +1259,13 @@ def unknown_params(ctx: Context) -> Iterator[Diagnostic]:
             users = [action_id] if rollback is None else [action_id, rollback]
             if any(user not in read_by for user in users):
                 continue  # RB021 reports the unknown action; its params are unknowable
+            if ctx.dropped(doc, *path, "when") or any(
+                ctx.dropped(ctx.actions[user], "params") for user in users
+            ):
+                continue  # what is read was written wrongly: the schema error says so
             read = set().union(*(read_by[user] for user in users))
             if isinstance(step.get("when"), str):
-                read |= _params_in_condition(step["when"])
+                read |= _params_in_condition(ctx.condition(step["when"]))
             if _EVERY_PARAM in read:
                 continue
             step_id = str(step.get("id", action_id))
@@ -1113,7 +1307,14 @@ def invalid_conditions(ctx: Context) -> Iterator[Diagnostic]:
                 when = step.get("when")
                 if isinstance(when, str):
                     yield from _check_condition(
-                        doc, (key, i, "when"), when, earlier, all_ids, other_ids, other_key
+                        doc,
+                        (key, i, "when"),
+                        when,
+                        ctx.condition(when),
+                        earlier,
+                        all_ids,
+                        other_ids,
+                        other_key,
                     )
                 step_id = str(step.get("id", step.get("action")))
                 earlier.add(step_id)
@@ -1125,32 +1326,24 @@ def _check_condition(
     doc: SourceDoc,
     path: JsonPath,
     when: str,
+    condition: Condition,
     earlier: set[str],
     same_list: set[str],
     other_list: set[str],
     other_key: str,
 ) -> Iterator[Diagnostic]:
-    try:
-        tree = parse_condition(when)
-    except (ConditionError, ValueError, RecursionError, MemoryError) as exc:
+    if condition.error is not None:
         yield doc.diagnostic(
             "RB029",
             "invalid-when",
-            f"condition {when!r} is refused: {exc}",
+            f"condition {when!r} is refused: {condition.error}",
             "write a comparison over incident, steps and params, e.g. "
             "\"steps['check'].status == 'success'\" or \"incident.urgency == 'high'\"",
             path,
         )
         return
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Attribute | ast.Subscript):
-            continue
-        if not (isinstance(node.value, ast.Name)):
-            continue
-        key = node.attr if isinstance(node, ast.Attribute) else _constant_key(node)
-        if key is None:
-            continue
-        if node.value.id == "incident" and key not in INCIDENT_FIELDS:
+    for name, key in condition.reads:
+        if name == "incident" and key not in INCIDENT_FIELDS:
             yield doc.diagnostic(
                 "RB029",
                 "invalid-when",
@@ -1164,7 +1357,7 @@ def _check_condition(
                 ),
                 path,
             )
-        elif node.value.id == "steps" and key not in earlier:
+        elif name == "steps" and key not in earlier:
             if key in same_list:
                 why = "it runs later in this runbook, so it has no result yet"
             elif key in other_list:
@@ -1249,7 +1442,7 @@ def catalog_settings(ctx: Context) -> Iterator[Diagnostic]:
             f"a second catalog settings document (the first is at {docs[0].file}:{line})",
             "merge them into one `kind: catalog` document",
         )
-    if not docs and ctx.parsed.docs:
+    if not docs and ctx.parsed.docs and not ctx.settings_broken:
         yield Diagnostic(
             "RB032",
             "missing-settings",
@@ -1259,6 +1452,100 @@ def catalog_settings(ctx: Context) -> Iterator[Diagnostic]:
             "add a catalog.yaml with `kind: catalog` and `environments:`",
             ctx.parsed.root,
         )
+
+
+# --- Slack mentions --------------------------------------------------------------------
+
+# What Slack turns into a notification: <@U…>/<@W…> (a person), <!subteam^S…> (a user
+# group), <!here>, <!channel>, <!everyone>; each may carry a label after `|`.
+_MENTION = re.compile(
+    r"<@[UW][A-Z0-9]+(?:\|[^<>]*)?>|<!subteam\^S[A-Z0-9]+(?:\|[^<>]*)?>"
+    r"|<!(?:here|channel|everyone)(?:\|[^<>]*)?>"
+)
+_SEPARATORS = re.compile(r"[\s,]+")
+
+
+def mention_problem(text: str) -> tuple[str, str] | None:
+    """(what is wrong, the fix) for an escalation mention Slack would not notify, or None.
+
+    A mention is one or more of Slack's mention tokens, separated by spaces or commas;
+    empty means nobody.
+    """
+    for word in _SEPARATORS.split(text.strip()):
+        if not word or _MENTION.fullmatch(word):
+            continue
+        return _mention_fix(word)
+    return None
+
+
+def _mention_fix(word: str) -> tuple[str, str]:
+    bare = word.strip("<>")
+    if bare.lstrip("@!") in ("here", "channel", "everyone"):
+        special = bare.lstrip("@!")
+        return (
+            f"`{word}` is plain text to the Slack API and notifies nobody",
+            f"write `<!{special}>`",
+        )
+    if re.fullmatch(r"@?[UW][A-Z0-9]{2,}", bare):
+        user = bare.lstrip("@")
+        return (f"`{word}` is a user id without Slack's mention syntax", f"write `<@{user}>`")
+    if re.fullmatch(r"(@|!subteam\^)?S[A-Z0-9]{2,}", bare):
+        group = re.sub(r"^(@|!subteam\^)", "", bare)
+        return (
+            f"`{word}` is a user group id without Slack's mention syntax",
+            f"write `<!subteam^{group}>`",
+        )
+    if word.startswith("@"):
+        return (
+            f"`{word}` is plain text to the Slack API: it notifies nobody",
+            "mention a user group by its id, `<!subteam^S…>` (Slack › People › User groups › "
+            "the group › ⋮ › Copy group ID), or a person as `<@U…>` (profile › ⋮ › Copy "
+            "member ID); `<!here>` and `<!channel>` notify the channel",
+        )
+    return (
+        f"`{word}` is not a Slack mention",
+        "write `<!subteam^S…>` for a user group, `<@U…>` for a person, or `<!here>`",
+    )
+
+
+@rule
+def slack_mentions(ctx: Context) -> Iterator[Diagnostic]:
+    """RB041: an escalation mention Slack turns into a notification."""
+    for doc in [*ctx.runbooks, *ctx.parsed.of_kind("catalog")]:
+        escalation = doc.data.get("escalation")
+        mention = escalation.get("mention") if isinstance(escalation, dict) else None
+        if not isinstance(mention, str):
+            continue
+        problem = mention_problem(mention)
+        if problem is not None:
+            yield doc.diagnostic(
+                "RB041",
+                "slack-mention",
+                f"escalation mention {mention!r}: {problem[0]}",
+                problem[1],
+                ("escalation", "mention"),
+            )
+
+
+@rule
+def empty_catalog(ctx: Context) -> Iterator[Diagnostic]:
+    """RB042: a catalog without a single action or runbook matches no incident."""
+    parsed = ctx.parsed
+    if parsed.of_kind("action") or ctx.runbooks or parsed.broken:
+        return
+    if any(d.severity == "error" for d in parsed.diagnostics):
+        return  # the files that were meant to hold them have errors
+    yield Diagnostic(
+        "RB042",
+        "empty-catalog",
+        "warning",
+        f"no actions or runbooks found in {parsed.root} "
+        f"({parsed.files} YAML file{'' if parsed.files == 1 else 's'}): the bot would match "
+        "no incident",
+        "put actions under actions/ and runbooks under runbooks/ (docs/catalog.md), or "
+        "point lint at the catalog directory",
+        parsed.root,
+    )
 
 
 def _suggest(

@@ -6,11 +6,21 @@ ourselves so that we can
   * reject duplicate keys (PyYAML silently keeps the last one),
   * bound alias expansion, so a "billion laughs" document is an error, not an OOM,
   * refuse tags other than YAML's core types (no Python objects, ever).
+
+Positions are found lazily. Almost every document of a catalog is fine, so reading one
+turns nodes into data and nothing else (`_plain`, a tight loop close to the cost of
+PyYAML's own constructor); only when a diagnostic asks where a value is does its
+document get composed again and walked with positions (`_Converter`). A file with
+anchors (`&name`) takes the careful path at once: it bounds alias expansion and refuses
+recursive aliases, which the plain loop does not have to, since without an anchor no
+node can be reached twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,9 +32,29 @@ import yaml
 from bot.catalog.diagnostics import Diagnostic
 
 try:  # libyaml is an order of magnitude faster; fall back to pure Python when missing
-    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
+    _Base: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
 except AttributeError:  # pragma: no cover - depends on how PyYAML was built
-    _Loader = yaml.SafeLoader
+    _Base = yaml.SafeLoader
+
+# Which type a plain scalar is (`true`, `5m`, `0x1F`) depends on its text alone, and
+# catalogs repeat the same few hundred texts; libyaml asks for every scalar, and PyYAML
+# answers by trying its regexes one by one. Remembered here, bounded.
+_RESOLVED: dict[str, str] = {}
+_RESOLVED_MAX = 50_000
+
+
+class _Loader(_Base):  # type: ignore[valid-type,misc]
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0] and not self.yaml_path_resolvers:
+            tag = _RESOLVED.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(_RESOLVED) >= _RESOLVED_MAX:
+                    _RESOLVED.clear()
+                _RESOLVED[value] = tag
+            return tag
+        return super().resolve(kind, value, implicit)
+
 
 MAX_FILE_BYTES = 1024 * 1024
 # Values reached through aliases, per document. Real runbooks use a handful; an alias
@@ -59,16 +89,62 @@ def format_path(path: JsonPath) -> str:
     return out
 
 
+Marks = dict[JsonPath, tuple[int, int]]
+
+
 @dataclass
 class SourceDoc:
-    """One YAML document of a catalog file, as plain data, with positions."""
+    """One YAML document of a catalog file, as plain data; positions on demand.
+
+    `text` is the file's text when it is kept; otherwise `source` names the file to read
+    again when a position is first asked for.
+    """
 
     file: str
     index: int  # position of the document in its file (0-based)
     data: Any
-    marks: dict[JsonPath, tuple[int, int]] = field(default_factory=dict)
-    key_marks: dict[JsonPath, tuple[int, int]] = field(default_factory=dict)
     kind: str = ""  # "action", "runbook" or "catalog" once known
+    source: str | None = None
+    # Paths removed from `data` for schema errors: the rest is what the rules check.
+    dropped: tuple[JsonPath, ...] = ()
+    text: str | None = field(default=None, repr=False, compare=False)
+    _marks: Marks | None = field(default=None, repr=False, compare=False)
+    _key_marks: Marks | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def marks(self) -> Marks:
+        """Line and column (1-based) of every value, by path."""
+        if self._marks is None:
+            self._locate()
+        assert self._marks is not None
+        return self._marks
+
+    @property
+    def key_marks(self) -> Marks:
+        """Line and column (1-based) of every mapping key, by the path of its value."""
+        if self._key_marks is None:
+            self._locate()
+        assert self._key_marks is not None
+        return self._key_marks
+
+    def _locate(self) -> None:
+        self._marks, self._key_marks = {}, {}
+        text = self.text
+        if text is None and self.source is not None:
+            try:
+                text = Path(self.source).read_bytes().decode("utf-8-sig")
+            except (OSError, UnicodeDecodeError):
+                return  # changed since it was read: every position falls back to 1:1
+        if text is None:
+            return
+        try:
+            for index, node in enumerate(_compose_all(text)):
+                if index == self.index:
+                    if node is not None:
+                        _Converter(self).convert(node, (), frozenset())
+                    return
+        except (yaml.YAMLError, _Unsafe, RecursionError):
+            return
 
     def where(self, path: JsonPath, *, key: bool = False) -> tuple[int, int]:
         """Line and column (1-based) of the value at `path`, or of its key when `key`.
@@ -77,12 +153,13 @@ class SourceDoc:
         """
         if key and path in self.key_marks:
             return self.key_marks[path]
+        marks = self.marks
         probe = path
         while probe:
-            if probe in self.marks:
-                return self.marks[probe]
+            if probe in marks:
+                return marks[probe]
             probe = probe[:-1]
-        return self.marks.get((), (1, 1))
+        return marks.get((), (1, 1))
 
     def diagnostic(
         self,
@@ -116,8 +193,13 @@ class _Unsafe(Exception):
 
 
 class _Converter:
+    """Nodes to data with positions, bounding aliases: the careful path (and `where`)."""
+
     def __init__(self, doc: SourceDoc) -> None:
         self.doc = doc
+        self.marks: Marks = {}
+        self.key_marks: Marks = {}
+        doc._marks, doc._key_marks = self.marks, self.key_marks
         self.aliased = 0
         self.constructor = yaml.constructor.SafeConstructor()
         self.seen_nodes: set[int] = set()
@@ -147,7 +229,7 @@ class _Converter:
         else:
             self.seen_nodes.add(node_id)
         # setdefault: a merged (<<) mapping must not move the position of its target
-        self.doc.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        self.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
         if isinstance(node, yaml.ScalarNode):
             return self._scalar(node)
         if isinstance(node, yaml.SequenceNode):
@@ -207,7 +289,7 @@ class _Converter:
             child = (*path, key)
             mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             if key in result:
-                first = self.doc.key_marks.get(child, (0, 0))
+                first = self.key_marks.get(child, (0, 0))
                 self.errors.append(
                     Diagnostic(
                         code="RB002",
@@ -222,7 +304,7 @@ class _Converter:
                     )
                 )
                 continue
-            self.doc.key_marks[child] = mark
+            self.key_marks[child] = mark
             result[key] = self.convert(value_node, child, active)
         for value_node, merge_path in merges:
             sources = (
@@ -241,6 +323,61 @@ class _Converter:
                 for key, value in merged.items():
                     result.setdefault(key, value)
         return result
+
+
+class _NeedsCare(Exception):
+    """The plain loop met something only the careful path handles (it says what)."""
+
+
+_ScalarNode, _SequenceNode, _MappingNode = yaml.ScalarNode, yaml.SequenceNode, yaml.MappingNode
+
+
+@functools.cache
+def _scalar_constructors() -> dict[str, Any]:
+    constructor = yaml.constructor.SafeConstructor()
+    return {
+        "tag:yaml.org,2002:int": constructor.construct_yaml_int,
+        "tag:yaml.org,2002:float": constructor.construct_yaml_float,
+        "tag:yaml.org,2002:bool": constructor.construct_yaml_bool,
+        "tag:yaml.org,2002:null": constructor.construct_yaml_null,
+        "tag:yaml.org,2002:timestamp": (
+            lambda node: constructor.construct_yaml_timestamp(node).isoformat()
+        ),
+    }
+
+
+def _plain(node: yaml.Node) -> Any:
+    """The data of an anchor-free document's node, as the careful path would make it.
+
+    Raises `_NeedsCare` for anything but string keys, core scalar types, sequences and
+    mappings without repeated keys; the careful path then reports it with its position.
+    """
+    kind = node.__class__
+    if kind is _ScalarNode:
+        tag = node.tag
+        if tag == _STR:
+            return node.value
+        make = _scalar_constructors().get(tag)
+        if make is None:
+            raise _NeedsCare(tag)
+        return make(node)
+    if kind is _MappingNode:
+        if node.tag != _MAP:
+            raise _NeedsCare(node.tag)
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.__class__ is not _ScalarNode or key_node.tag != _STR:
+                raise _NeedsCare("key")
+            key = key_node.value
+            if key in result:
+                raise _NeedsCare("duplicate key")
+            result[key] = _plain(value_node)
+        return result
+    if kind is _SequenceNode:
+        if node.tag != _SEQ:
+            raise _NeedsCare(node.tag)
+        return [_plain(child) for child in node.value]
+    raise _NeedsCare("node")  # pragma: no cover - the composer only makes the three kinds
 
 
 def read_documents(
@@ -273,30 +410,53 @@ def read_documents(
         line = raw[: exc.start].count(b"\n") + 1
         problem("RB001", "yaml-syntax", "file is not valid UTF-8", "save the file as UTF-8", line)
         return [], diagnostics
-    return parse_documents(text, name, diagnostics)
+    return parse_documents(text, name, diagnostics, source=os.path.abspath(path))
 
 
 def parse_documents(
-    text: str, name: str, diagnostics: list[Diagnostic] | None = None
+    text: str,
+    name: str,
+    diagnostics: list[Diagnostic] | None = None,
+    *,
+    source: str | None = None,
 ) -> tuple[list[SourceDoc], list[Diagnostic]]:
+    """The documents of `text` (named `name` in diagnostics), and what is wrong with it.
+
+    With `source` (the file `text` was read from) positions are found by reading the
+    file again when asked for; without it the documents keep `text`.
+    """
     diagnostics = [] if diagnostics is None else diagnostics
     docs: list[SourceDoc] = []
+    plain = "&" not in text  # no anchor, no alias: no node is reached twice
+    kept = None if source else text
     try:
         for index, node in enumerate(_compose_all(text)):
             if node is None:
                 continue
-            doc = SourceDoc(file=name, index=index, data=None)
+            doc = SourceDoc(file=name, index=index, data=None, source=source, text=kept)
+            if plain:
+                try:
+                    doc.data = _plain(node)
+                except _NeedsCare:
+                    pass
+                else:
+                    if doc.data is not None:
+                        _check_mapping(doc, diagnostics, docs)
+                    continue
             converter = _Converter(doc)
             try:
                 doc.data = converter.convert(node, (), frozenset())
             except _Unsafe as exc:
+                message, fix = exc.message, exc.fix
+                if _TEMPLATE_VALUE.search(_line(text, exc.mark.line)):
+                    message, fix = _unquoted_template(_line(text, exc.mark.line))
                 diagnostics.append(
                     Diagnostic(
                         exc.code,
                         exc.rule,
                         "error",
-                        exc.message,
-                        exc.fix,
+                        message,
+                        fix,
                         name,
                         exc.mark.line + 1,
                         exc.mark.column + 1,
@@ -304,40 +464,23 @@ def parse_documents(
                 )
                 continue
             diagnostics.extend(converter.errors)
-            if doc.data is None:
-                continue
-            if not isinstance(doc.data, dict):
-                line, col = doc.where(())
-                diagnostics.append(
-                    Diagnostic(
-                        "RB003",
-                        "not-a-mapping",
-                        "error",
-                        f"document is a {_yaml_type(doc.data)}, not a mapping",
-                        "each document must be a mapping with an action, a runbook or the "
-                        "catalog settings",
-                        name,
-                        line,
-                        col,
-                    )
-                )
-                continue
-            docs.append(doc)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem_text = exc.problem or exc.context or "invalid YAML"
+            if doc.data is not None:
+                _check_mapping(doc, diagnostics, docs)
+    except RecursionError:
         diagnostics.append(
             Diagnostic(
-                "RB001",
-                "yaml-syntax",
+                "RB005",
+                "unsafe-yaml",
                 "error",
-                f"YAML syntax error: {problem_text}",
-                "fix the YAML at this position (indentation, quoting, or a missing ':')",
+                "values are nested too deeply to read",
+                "flatten the document; catalog documents need a few levels at most",
                 name,
-                line,
-                col,
             )
+        )
+    except yaml.MarkedYAMLError as exc:
+        message, fix, line, col = _syntax_error(text, exc)
+        diagnostics.append(
+            Diagnostic("RB001", "yaml-syntax", "error", message, fix, name, line, col)
         )
     except yaml.YAMLError as exc:
         diagnostics.append(
@@ -351,6 +494,127 @@ def parse_documents(
             )
         )
     return docs, diagnostics
+
+
+# --- YAML syntax errors, with the fix for the usual causes ----------------------------
+
+# `- pattern: "x", allow_failure: true`: a second key after a value, on the same line
+_SECOND_KEY = re.compile(
+    r"^(?P<indent>\s*)(?P<dash>-\s+)?(?P<key>[A-Za-z_][\w-]*):\s*"
+    r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'(?:[^']|'')*'|[^,#\"'{\[]*?)\s*,\s*"
+    r"(?P<key2>[A-Za-z_][\w-]*)\s*:\s*(?P<value2>[^#]*?)\s*(?:#.*)?$"
+)
+# `command: echo: hello`: a plain value with `: ` in it
+_COLON_IN_VALUE = re.compile(
+    r"^\s*(?:-\s+)?(?P<key>[\w-]+):\s+(?P<value>[^'\"{\[#\s][^#]*?:\s[^#]*?)\s*(?:#.*)?$"
+)
+# `url: {{ incident.details.host }}/healthz`: a template at the start of a value
+_TEMPLATE_VALUE = re.compile(r"(?:^|:|-)\s*\{\{")
+_TEMPLATE_ENTRY = re.compile(
+    r"^\s*(?:-\s+)?(?:(?P<key>[\w-]+):\s*)?(?P<value>\{\{[^#]*?)\s*(?:#.*)?$"
+)
+
+
+def _unquoted_template(source: str) -> tuple[str, str]:
+    found = _TEMPLATE_ENTRY.match(source)
+    value = found.group("value") if found else "{{ incident.details.host }}/healthz"
+    key = f"{found.group('key')}: " if found and found.group("key") else ""
+    return (
+        "a value that starts with `{{` is not quoted, so YAML reads it as a mapping",
+        f'quote the whole value: `{key}"{value}"`',
+    )
+
+
+def _line(text: str, index: int) -> str:
+    """Line `index` (0-based) of `text`, or ""."""
+    lines = text.splitlines()
+    return lines[index] if 0 <= index < len(lines) else ""
+
+
+def _syntax_error(text: str, exc: yaml.MarkedYAMLError) -> tuple[str, str, int, int]:
+    """(message, fix, line, col) for a YAML syntax error, naming the likely cause."""
+    mark = exc.problem_mark or exc.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    problem = exc.problem or exc.context or "invalid YAML"
+    source = _line(text, line - 1)
+    for index in (line - 1, (exc.context_mark.line if exc.context_mark else -1)):
+        second = _SECOND_KEY.match(_line(text, index))
+        if second and index >= 0:
+            key, value = second.group("key"), second.group("value")
+            key2, value2 = second.group("key2"), second.group("value2") or "…"
+            dash = "- " if second.group("dash") else ""
+            return (
+                f"YAML syntax error: `{key2}:` follows the value of `{key}:` on the same line",
+                f"write `{dash}{{{key}: {value}, {key2}: {value2}}}` or put `{key2}:` on its own "
+                f"line, indented like `{key}:`",
+                index + 1,
+                _line(text, index).find(",", second.end("value")) + 1 or col,
+            )
+    if (
+        "\t" in problem
+        or (0 < col <= len(source) and source[col - 1] == "\t")
+        or ("\t" in source[: len(source) - len(source.lstrip())])
+    ):
+        tab = source.find("\t") + 1 or col
+        return (
+            "YAML syntax error: a tab character; YAML indents with spaces only",
+            f"replace the tab at line {line}, column {tab} with spaces",
+            line,
+            tab,
+        )
+    if _TEMPLATE_VALUE.search(source):
+        message, fix = _unquoted_template(source)
+        return f"YAML syntax error: {message}", fix, line, col
+    colon = _COLON_IN_VALUE.match(source)
+    if colon and "mapping values are not allowed" in problem:
+        key, value = colon.group("key"), colon.group("value")
+        return (
+            f"YAML syntax error: `: ` inside the value of `{key}:` starts another mapping",
+            f'quote the value: `{key}: "{value}"`',
+            line,
+            col,
+        )
+    if exc.context and "quoted scalar" in exc.context and exc.context_mark is not None:
+        opened = exc.context_mark.line + 1
+        return (
+            f"YAML syntax error: the quote opened on line {opened} is never closed",
+            f'close the quote on line {opened} (inside "…" write \\" for a quote, inside '
+            "'…' write '')",
+            opened,
+            exc.context_mark.column + 1,
+        )
+    if "could not find expected ':'" in problem:
+        fix = "write `key: value` on this line, or quote a value that goes on over several lines"
+    elif "undefined alias" in problem:
+        fix = "define the anchor (`&name`) before using it as `*name`, or write the value out"
+    elif "expected key" in problem or "expected '-'" in problem or "indentation" in problem:
+        fix = (
+            "line this up with the keys (or `-` items) it belongs with: the same number of "
+            "spaces before each key of one mapping"
+        )
+    else:
+        fix = "fix the YAML at this position (indentation, quoting, or a missing ':')"
+    return f"YAML syntax error: {problem}", fix, line, col
+
+
+def _check_mapping(doc: SourceDoc, diagnostics: list[Diagnostic], docs: list[SourceDoc]) -> None:
+    """Keep `doc` if it is a mapping; otherwise say so."""
+    if isinstance(doc.data, dict):
+        docs.append(doc)
+        return
+    line, col = doc.where(())
+    diagnostics.append(
+        Diagnostic(
+            "RB003",
+            "not-a-mapping",
+            "error",
+            f"document is a {_yaml_type(doc.data)}, not a mapping",
+            "each document must be a mapping with an action, a runbook or the catalog settings",
+            doc.file,
+            line,
+            col,
+        )
+    )
 
 
 def _compose_all(text: str) -> Iterator[yaml.Node | None]:
