@@ -361,6 +361,8 @@ class Engine:
         if self._stale(incident, occurred):
             return InboxStatus.IGNORED, "stale: a later change of this incident was applied"
         if incident.open:
+            if occurred:  # an older resolve delivered after this must not close it
+                c.u.note_state_change(incident, occurred)
             return InboxStatus.IGNORED, "already open"
         reopened = c.u.set_incident_status(
             incident, IncidentStatus.OPEN, state_changed_at=occurred or None

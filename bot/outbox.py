@@ -112,23 +112,28 @@ class Budgets:
         return bucket
 
     def take(self, names: tuple[str, ...], at: float) -> float:
-        """Spend one call of each budget now (0.0), or say how long to wait (nothing spent)."""
+        """Spend one call per name (a name listed twice is two calls) now (0.0), or say
+        how long to wait (nothing spent)."""
         with self._lock:
-            buckets = [b for b in (self._bucket(n, at) for n in names) if b is not None]
+            needs: dict[str, int] = {}
+            for name in names:
+                needs[name] = needs.get(name, 0) + 1
+            spending = [(b, n) for name, n in needs.items() if (b := self._bucket(name, at))]
             wait = 0.0
-            for b in buckets:
+            for b, n in spending:
                 wait = max(wait, b.blocked_until - at)
                 if b.rate == float("inf"):
                     continue  # a hold only (no rule): nothing to spend
                 b.tokens = min(b.burst, b.tokens + (at - b.at) * b.rate)
                 b.at = at
-                if b.tokens < 1.0:
-                    wait = max(wait, (1.0 - b.tokens) / b.rate if b.rate > 0 else 3600.0)
+                need = min(float(n), b.burst)
+                if b.tokens < need:
+                    wait = max(wait, (need - b.tokens) / b.rate if b.rate > 0 else 3600.0)
             if wait > 0:
                 return wait
-            for b in buckets:
+            for b, n in spending:
                 if b.rate != float("inf"):
-                    b.tokens -= 1.0
+                    b.tokens -= n
             return 0.0
 
     def hold(self, names: tuple[str, ...], until: float) -> None:
@@ -169,7 +174,8 @@ class OutboxSender:
         self._lock = threading.Condition()
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # one per target: a PagerDuty
+        # outage never holds Slack posts behind its calls, nor the other way round
         self._thread: threading.Thread | None = None
 
     def wake(self) -> None:
@@ -177,7 +183,12 @@ class OutboxSender:
 
     def start(self) -> None:
         self._stopping.clear()
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="outbox")
+        self._pools = {
+            target: ThreadPoolExecutor(
+                max_workers=self.workers, thread_name_prefix=f"outbox-{target}"
+            )
+            for target in self.transports
+        }
         self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
         self._thread.start()
 
@@ -189,8 +200,8 @@ class OutboxSender:
             self._thread.join(timeout)
         with self._lock:
             idle = self._lock.wait_for(lambda: not self._busy, timeout)
-        if self._pool is not None:
-            self._pool.shutdown(wait=idle)
+        for pool in self._pools.values():
+            pool.shutdown(wait=idle)
         return idle
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -230,7 +241,6 @@ class OutboxSender:
             self._uncertain.update(item.id for item in heads)
             self._first_look = False
         wait = (later - at) if later is not None else 1.0
-        assert self._pool is not None
         for item in heads:
             transport = self.transports.get(item.target)
             if transport is None:
@@ -241,7 +251,7 @@ class OutboxSender:
                 continue
             with self._lock:
                 self._busy.add(item.lane)
-            self._pool.submit(self._send, item, transport)
+            self._pools[item.target].submit(self._send, item, transport)
         return wait
 
     def _send(self, item: OutboxItem, transport: Transport) -> None:
@@ -270,7 +280,11 @@ class OutboxSender:
             delay = retry.after if retry.after is not None else self._backoff(item.attempts)
             if retry.after is not None:
                 self.budgets.hold(transport.penalize(item, retry), self.clock() + retry.after)
-            self.store.outbox_retry(item, self.clock() + delay, retry.reason)
+            # Told to wait (a 429): the call did nothing, so it is not an attempt that may
+            # have been applied; anything else counts.
+            self.store.outbox_retry(
+                item, self.clock() + delay, retry.reason, attempted=retry.after is None
+            )
             metrics.outbox_sends.labels(item.target, "retry").inc()
             log.warning(
                 "%s %s of incident %s not delivered (%s); retrying in %.1fs",

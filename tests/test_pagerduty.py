@@ -375,12 +375,6 @@ def test_out_of_order_state_changes_and_unknown_event_types(bot: Bot, slack: Fak
     assert "reopened" in " ".join(thread_texts(slack, CHANNELS["inventory"])).lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/engine.py Engine._reopened: a reopen of an incident already open does not "
-    "record its occurred_at (_resolved does for an incident already resolved), so a resolve "
-    "older than that reopen, delivered after it, still closes the incident",
-)
 def test_a_late_resolve_does_not_close_an_incident_reopened_since(bot: Bot) -> None:
     # PagerDuty: triggered 10:00, resolved 10:10, reopened 10:20. Delivered: the trigger,
     # the reopen, and the resolve last (PagerDuty does not promise order).
@@ -759,12 +753,6 @@ def test_writeback_survives_a_restart(
     assert restarted.executed("P2") == ["quick-check"]  # nothing ran again
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/outbox.py OutboxSender: Slack and PagerDuty lanes share one worker pool, and "
-    "_send_due queues every due head into it, so Slack posts wait behind PagerDuty calls "
-    "hanging until their timeout",
-)
 def test_pagerduty_hanging_never_holds_up_the_slack_thread(
     start_bot: Callable[..., Bot], pd: FakePagerDuty, slack: FakeSlack
 ) -> None:

@@ -67,12 +67,15 @@ SECTION_MAX = 3000
 FIELD_MAX = 2000
 
 # Per second, burst. "name:*" applies to every "name:<channel>".
+# In any minute a budget allows at most burst + rate × 60 calls: Tier 3 methods 50, Tier 4
+# 100, chat.postMessage 300 per workspace, and about one a second per channel.
 SLACK_BUDGETS: Mapping[str, tuple[float, float]] = {
     "chat.postMessage:*": (1.0, 3.0),
-    "chat.postMessage": (300 / 60, 20.0),
-    "chat.update": (50 / 60, 10.0),
-    "reactions.add": (50 / 60, 10.0),
-    "chat.postEphemeral": (100 / 60, 10.0),
+    "chat.postMessage": (280 / 60, 20.0),
+    "chat.update": (40 / 60, 10.0),
+    "reactions.add": (40 / 60, 10.0),
+    "conversations": (40 / 60, 10.0),  # .history and .replies, looking for a lost post
+    "chat.postEphemeral": (90 / 60, 10.0),
 }
 
 # Slack errors that will not go away by retrying the same call.
@@ -411,11 +414,13 @@ class SlackTransport:
         kind = item.kind
         if kind in (effects.Kind.POST_INCIDENT, effects.Kind.POST_STEP, effects.Kind.NOTE):
             channel = item.lane.removeprefix("slack:")
-            return (f"chat.postMessage:{channel}", "chat.postMessage")
+            posting = (f"chat.postMessage:{channel}", "chat.postMessage")
+            # A retry may look for the post first (a timeout may hide a success).
+            return (*posting, "conversations") if item.attempts else posting
         if kind == effects.Kind.UPDATE_STEP:
             return ("chat.update",)
         if kind == effects.Kind.REACT:
-            return ("reactions.add",)
+            return ("reactions.add",) * 3  # ✅ ❌ ⏸️: three calls
         if kind == effects.Kind.EPHEMERAL:
             return ("chat.postEphemeral",)
         return ()

@@ -1147,12 +1147,16 @@ class Store:
                 self._unpark()
             return bool(changed)
 
-    def outbox_retry(self, item: OutboxItem, next_at: float, error: str) -> None:
+    def outbox_retry(
+        self, item: OutboxItem, next_at: float, error: str, *, attempted: bool = True
+    ) -> None:
+        """Deliver it again at `next_at`. `attempted`: the call may have reached the other
+        side (counted: a later try looks before posting again)."""
         with self._lock:
             self.conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_at = ?, error = ? "
+                "UPDATE outbox SET attempts = attempts + ?, next_at = ?, error = ? "
                 "WHERE id = ? AND status = 'pending'",
-                (next_at, error[:500], item.id),
+                (1 if attempted else 0, next_at, error[:500], item.id),
             )
 
     def outbox_failed(self, item: OutboxItem, error: str) -> None:

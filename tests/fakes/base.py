@@ -375,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True  # the client gave up waiting (a lost answer, a hang)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
