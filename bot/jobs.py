@@ -29,18 +29,20 @@ import json
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from bot import executor
 from bot.engine import Job
 from bot.states import InboxKind
 from bot.store import StepRun
+from bot.supervise import socket_address
 
 log = logging.getLogger(__name__)
 
@@ -190,33 +192,134 @@ class Recovery:
 
 
 class _Supervisor:
-    def __init__(self, process: subprocess.Popen[str], token: str) -> None:
-        self.process = process
+    """A supervisor that holds its lock and waits for its job on `conn`."""
+
+    def __init__(self, conn: socket.socket, token: str) -> None:
+        self.conn = conn
         self.token = token
+        self.reader = conn.makefile("rb")
 
-    def dismiss(self, timeout: float = 5.0) -> None:
-        """End of input: an idle supervisor exits having run nothing."""
+    def send(self, job: Job) -> None:
+        self.conn.sendall((json.dumps(_job_message(job)) + "\n").encode())
+
+    def result_line(self) -> str:
+        """The result it sends when the command ends ("" if it died first)."""
+        try:
+            return self.reader.readline().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def dismiss(self) -> None:
+        """End of the connection: an idle supervisor exits having run nothing."""
         with contextlib.suppress(OSError):
-            self.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout)
-        self.close_pipes()
+            self.reader.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
 
-    def close_pipes(self) -> None:
-        for pipe in (self.process.stdin, self.process.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
 
-    @property
-    def stdout(self) -> IO[str]:
-        assert self.process.stdout is not None
-        return self.process.stdout
+class _ForkServer:
+    """The process supervisors are forked from (``bot.supervise``), and the socket they
+    call back on. Forking a warm process costs a millisecond or two; starting Python
+    costs tens, which a storm of automatic steps would pay hundreds of times."""
 
-    @property
-    def stdin(self) -> IO[str]:
-        assert self.process.stdin is not None
-        return self.process.stdin
+    def __init__(self, state_dir: Path, python: str) -> None:
+        self.state_dir = state_dir
+        self.python = python
+        self.address = f"@runbook-bot-{os.getpid()}-{secrets.token_hex(6)}"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(socket_address(self.address))
+        self.listener.listen(64)
+        self._arrived: dict[str, socket.socket] = {}
+        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # one writer to the server's stdin
+        self._process: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        threading.Thread(target=self._accept, name="supervisor-calls", daemon=True).start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [
+                self.python,
+                "-I",
+                "-c",
+                _SUPERVISOR,
+                _PACKAGE_ROOT,
+                str(self.state_dir),
+                self.address,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,  # a signal to the bot's process group does not stop it
+        )
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != b"ready":
+            process.wait()
+            raise OSError(f"the step supervisor server exited (exit {process.returncode})")
+        return process
+
+    def spawn(self, token: str, timeout: float = 30.0) -> _Supervisor | None:
+        """Fork a supervisor and wait until it holds its lock and has called back."""
+        with self._lock:
+            for _ in range(2):  # the server died (killed, OOM): start another, once
+                try:
+                    if self._process is None or self._process.poll() is not None:
+                        self._process = self._start()
+                    assert self._process.stdin is not None
+                    self._process.stdin.write(token.encode("ascii") + b"\n")
+                    self._process.stdin.flush()
+                    break
+                except OSError as exc:
+                    log.error("the step supervisor server is not answering: %s", exc)
+                    self._process = None
+            else:
+                return None
+        with self._cond:
+            if not self._cond.wait_for(lambda: token in self._arrived, timeout):
+                log.error("a step supervisor did not call back within %.0fs", timeout)
+                return None
+            return _Supervisor(self._arrived.pop(token), token)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hello, args=(conn,), daemon=True).start()
+
+    def _hello(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        try:
+            line = b""
+            while not line.endswith(b"\n") and len(line) < 100:
+                chunk = conn.recv(1)
+                if not chunk:
+                    break
+                line += chunk
+        except OSError:
+            line = b""
+        conn.settimeout(None)
+        words = line.decode("ascii", "replace").split()
+        if len(words) != 2 or words[0] != "ready":
+            conn.close()
+            return
+        with self._cond:
+            self._arrived[words[1]] = conn
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        with self._lock:
+            process, self._process = self._process, None
+        if process is not None:
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()  # end of its input: it exits, its supervisors go on
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
 
 
 class SupervisedExecutor:
@@ -229,13 +332,14 @@ class SupervisedExecutor:
         state_dir: str | os.PathLike[str],
         sink: Sink,
         *,
-        warm: int = 1,
+        warm: int = 2,
         python: str = sys.executable,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.sink = sink
         self.warm = warm
         self.python = python
+        self._server: _ForkServer | None = None
         self._ready: list[_Supervisor] = []
         self._reserved: dict[str, _Supervisor] = {}
         self._lock = threading.Condition()
@@ -247,10 +351,11 @@ class SupervisedExecutor:
     # --- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the state directory and keep supervisors warm (the first one is ready
-        when this returns, so the first step after a start starts at once)."""
+        """Create the state directory, start the supervisors' server and keep supervisors
+        warm (one is ready when this returns: the first step after a start starts at once)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # results hold command output
+        self._server = _ForkServer(self.state_dir, self.python)
         if self.warm > 0:
             first = self._spawn(secrets.token_hex(8))
             if first is not None:
@@ -271,7 +376,10 @@ class SupervisedExecutor:
         for supervisor in idle:
             supervisor.dismiss()
         with self._lock:
-            return self._lock.wait_for(lambda: not self._running, grace)
+            idle_now = self._lock.wait_for(lambda: not self._running, grace)
+        if self._server is not None:
+            self._server.close()
+        return idle_now
 
     def running(self) -> int:
         with self._lock:
@@ -286,7 +394,7 @@ class SupervisedExecutor:
                 self._refill.set()
                 self._reserved[supervisor.token] = supervisor
                 return RUNNER_PREFIX + supervisor.token
-        # None warm: a cold one starts in `start`, after the claim commits.
+        # None warm: one is forked in `start`, after the claim commits.
         return RUNNER_PREFIX + secrets.token_hex(8)
 
     def release(self, runner: str) -> None:
@@ -316,24 +424,15 @@ class SupervisedExecutor:
     # --- a job's life ----------------------------------------------------------------------
 
     def _spawn(self, token: str) -> _Supervisor | None:
-        """Start a supervisor and wait until it holds its lock (it prints `ready`)."""
+        """A supervisor for `token`, holding its lock (None: none could be started)."""
+        if self._server is None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._server = _ForkServer(self.state_dir, self.python)
         try:
-            process = subprocess.Popen(
-                [self.python, "-I", "-c", _SUPERVISOR, _PACKAGE_ROOT, str(self.state_dir), token],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                start_new_session=True,  # a signal to the bot's process group does not stop it
-            )
+            return self._server.spawn(token)
         except OSError as exc:
             log.error("could not start a step supervisor: %s", exc)
             return None
-        supervisor = _Supervisor(process, token)
-        if supervisor.stdout.readline().strip() != "ready":
-            supervisor.dismiss()
-            log.error("a step supervisor exited before it was ready (exit %s)", process.returncode)
-            return None
-        return supervisor
 
     def _keep_warm(self) -> None:
         while True:
@@ -365,21 +464,22 @@ class SupervisedExecutor:
                 self._deliver(token, _end(job, _error("could not start: no step supervisor")))
                 return
             # Only now, with the supervisor holding its lock, may the job reach it.
-            try:
-                supervisor.stdin.write(json.dumps(_job_message(job)) + "\n")
-                supervisor.stdin.close()
-            except OSError:
-                pass  # it died: the files below say what happened
-            line = supervisor.stdout.readline()
-            supervisor.process.wait()
-            supervisor.close_pipes()
-            result = _parse(line)
+            with contextlib.suppress(OSError):  # it died: the files below say what happened
+                supervisor.send(job)
+            result = _parse(supervisor.result_line())
+            supervisor.dismiss()
             if result is None:
                 result = self._read(token, "result")
             if result is not None:
                 self._deliver(token, _end(job, result))
             elif self._read(token, "started") is not None:
-                self._deliver(token, _end(job, None, "its supervisor process died"))
+                if self._alive(token):  # still running: wait for its lock, then read
+                    self._wait_gone(token)
+                    result = self._read(token, "result")
+                if result is not None:
+                    self._deliver(token, _end(job, result))
+                else:
+                    self._deliver(token, _end(job, None, "its supervisor process died"))
             else:
                 self._deliver(
                     token,
@@ -389,6 +489,13 @@ class SupervisedExecutor:
             with self._lock:
                 self._running.pop(token, None)
                 self._lock.notify_all()
+
+    def _wait_gone(self, token: str) -> None:
+        fd = os.open(self.state_dir / f"{token}.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # returns when the supervisor is gone
+        finally:
+            os.close(fd)
 
     def _deliver(self, token: str, end: JobEnd) -> None:
         """Hand the end to the sink (which stores it durably), then forget the files."""

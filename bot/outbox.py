@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
+LOOK_SECONDS = 0.01
 _ABOUT_A_MESSAGE = frozenset({"update_step", "react"})
 
 
@@ -169,6 +170,7 @@ class OutboxSender:
         self.backoff_first = backoff_first
         self.backoff_max = backoff_max
         self._busy: set[str] = set()
+        self._paced: dict[str, float] = {}  # lane -> when its budget may allow it
         self._uncertain: set[int] = set()
         self._first_look = True
         self._lock = threading.Condition()
@@ -223,18 +225,25 @@ class OutboxSender:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
+            began = time.monotonic()
             try:
                 wait = self._send_due()
             except Exception as exc:
                 log.warning("could not read the outbox: %s", exc)
                 wait = 1.0
             self._wake.wait(max(0.005, min(wait, 1.0)))
+            # Look again at most every LOOK_SECONDS, however often effects arrive: each
+            # look reads the outbox, and intake must never queue behind a crowd of them.
+            self._stopping.wait(max(0.0, began + LOOK_SECONDS - time.monotonic()))
 
     def _send_due(self) -> float:
         at = self.clock()
         with self._lock:
             busy = set(self._busy)
-        heads, later = self.store.outbox_heads(at, 100, exclude=busy)
+        # Lanes waiting for a budget are not read again before it allows them.
+        paced = {lane for lane, until in self._paced.items() if until > at}
+        self._paced = {lane: self._paced[lane] for lane in paced}
+        heads, later = self.store.outbox_heads(at, 100, exclude=busy | paced)
         if self._first_look:
             # A lane is delivered one effect at a time, so only its head can have been on
             # its way when the last run stopped: those are looked for before re-posting.
@@ -248,6 +257,7 @@ class OutboxSender:
             pause = self.budgets.take(transport.budgets(item), at)
             if pause > 0:
                 wait = min(wait, pause)
+                self._paced[item.lane] = at + pause
                 continue
             with self._lock:
                 self._busy.add(item.lane)

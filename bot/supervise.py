@@ -1,24 +1,31 @@
-"""The step supervisor: one small process per command, so its result outlives the bot.
+"""Step supervisors: one small process per command, so its result outlives the bot.
 
-    python -m bot.supervise STATE_DIR TOKEN
+    python -I -c <bot.jobs._SUPERVISOR> ROOT STATE_DIR ADDRESS
 
-Started by ``bot.jobs.SupervisedExecutor`` in a session of its own (a signal to the
-bot's process group does not reach it), it:
+starts the **fork server** of ``bot.jobs.SupervisedExecutor``: a process in a session of
+its own (a signal to the bot's process group does not reach it) that imports the executor
+once, then forks one supervisor per token the bot writes to its stdin. Forking a warm
+process costs a millisecond or two, where starting Python costs tens. At the end of its
+input (the bot stopped or died) it exits; the supervisors it forked go on.
 
-  1. creates ``TOKEN.lock`` in STATE_DIR and holds an exclusive ``flock`` on it for as
-     long as it lives: whoever can take that lock knows this process is gone;
-  2. prints ``ready`` and waits for one job (a JSON line) on stdin; end of input means
-     the bot no longer needs it, and it exits having run nothing;
+Each supervisor:
+
+  1. starts a session of its own, and takes an exclusive ``flock`` on ``TOKEN.lock`` in
+     STATE_DIR, held for as long as it lives: whoever can take that lock knows this
+     process is gone;
+  2. connects to the bot's socket (ADDRESS) and says ``ready TOKEN``, then waits for one
+     job (a JSON line); the end of the connection means the bot no longer needs it, and
+     it exits having run nothing;
   3. writes ``TOKEN.started`` (the step it runs), then runs the command with
      ``bot.executor.run``: no shell, timeout that kills the process group, output capped
-     and masked, ``expect`` evaluated, exactly as before;
-  4. writes ``TOKEN.result`` (atomically: a temporary file renamed), then prints the
-     result as a JSON line for a bot that is still listening, and exits.
+     and masked, ``expect`` evaluated, exactly as in the bot;
+  4. writes ``TOKEN.result`` (atomically: a temporary file renamed), sends the result as
+     a JSON line to a bot that is still listening, and exits.
 
 A bot restarted after a crash reads the files: a result is used as if nothing happened;
 ``started`` without a result (this process was killed too) is an interruption; neither
-means the command never started. A job is only ever written to a supervisor that holds
-its lock, so "lock free and not started" proves the command will never start.
+means the command never started. A job is only ever sent to a supervisor that holds its
+lock, so "lock free and not started" proves the command will never start.
 """
 
 from __future__ import annotations
@@ -27,9 +34,12 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
+import socket
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 
 def _write(path: Path, data: dict[str, object]) -> None:
@@ -39,18 +49,57 @@ def _write(path: Path, data: dict[str, object]) -> None:
     os.replace(temporary, path)
 
 
-def main(argv: list[str]) -> int:
-    state_dir, token = Path(argv[0]), argv[1]
-    # Imported while warm, before `ready`: not on the way from a job to its command.
-    from bot import executor
+def socket_address(address: str) -> str:
+    """`@name` is Linux's abstract socket namespace (no file to clean up)."""
+    return "\0" + address[1:] if address.startswith("@") else address
 
-    lock = open(state_dir / f"{token}.lock", "a+b")  # noqa: SIM115 - held until exit
-    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+
+def main(argv: list[str]) -> int:
+    """The fork server: one supervisor forked per token read from stdin."""
+    state_dir, address = Path(argv[0]), argv[1]
+    # Imported once, here: every supervisor starts with it loaded.
+    from bot import executor  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, _reap)
     try:
         os.write(1, b"ready\n")  # unbuffered: nothing is left to flush at exit
     except BrokenPipeError:
+        return 0
+    while line := sys.stdin.buffer.readline():
+        token = line.strip().decode("ascii", "replace")
+        if not token:
+            continue
+        if os.fork() == 0:
+            code = 1
+            try:
+                code = _supervise(state_dir, address, token)
+            finally:
+                os._exit(code)
+    return 0  # the bot is gone: the supervisors go on without us
+
+
+def _reap(signum: int, frame: Any) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _supervise(state_dir: Path, address: str, token: str) -> int:
+    # Our command's exit status is Popen's to collect, not a fork server's handler's.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    quiet = os.open(os.devnull, os.O_RDWR)
+    os.dup2(quiet, 0)  # the fork server's pipes are the bot's business, not ours
+    os.dup2(quiet, 1)
+    lock = open(state_dir / f"{token}.lock", "a+b")  # noqa: SIM115 - held until exit
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    try:
+        bot = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bot.connect(socket_address(address))
+        bot.sendall(f"ready {token}\n".encode())
+        line = bot.makefile("rb").readline()
+    except OSError:
         return 0  # the bot is gone before it needed us
-    line = sys.stdin.readline()
     if not line.strip():
         return 0  # not needed after all
     job = json.loads(line)
@@ -58,13 +107,22 @@ def main(argv: list[str]) -> int:
         state_dir / f"{token}.started",
         {"step_run_id": job["step_run_id"], "attempt": job["attempt"], "pid": os.getpid()},
     )
+    outcome = _run(job)
+    _write(state_dir / f"{token}.result", outcome)
+    with contextlib.suppress(OSError):  # the bot is gone: it reads the file later
+        bot.sendall((json.dumps(outcome) + "\n").encode())
+    return 0
+
+
+def _run(job: dict[str, Any]) -> dict[str, Any]:
+    from bot import executor
+
     spec = job["spec"]
+    command = spec["command"]
     try:
         result = executor.run(
             executor.CommandSpec(
-                command=spec["command"]
-                if isinstance(spec["command"], str)
-                else tuple(spec["command"]),
+                command=command if isinstance(command, str) else tuple(command),
                 shell=spec["shell"],
                 timeout=spec["timeout"],
                 env=spec["env"],
@@ -75,7 +133,7 @@ def main(argv: list[str]) -> int:
             output_cap=job["output_cap"],
             secret_patterns=tuple(job["secret_patterns"]),
         )
-        outcome = asdict(result)
+        return asdict(result)
     except Exception as exc:
         # TemplateError and spec errors (ValueError) speak to people; anything else is a
         # bug, told without its text (it could hold a secret).
@@ -84,7 +142,7 @@ def main(argv: list[str]) -> int:
             if isinstance(exc, ValueError)
             else f"could not run: unexpected {type(exc).__name__} in the step supervisor"
         )
-        outcome = {
+        return {
             "status": "error",
             "exit_code": None,
             "output": "",
@@ -93,10 +151,6 @@ def main(argv: list[str]) -> int:
             "matched": None,
             "detail": detail,
         }
-    _write(state_dir / f"{token}.result", outcome)
-    with contextlib.suppress(BrokenPipeError):  # the bot is gone: it reads the file later
-        os.write(1, (json.dumps(outcome) + "\n").encode())
-    return 0
 
 
 if __name__ == "__main__":

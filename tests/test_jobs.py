@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ from builders import py
 
 from bot import executor
 from bot.engine import Job
-from bot.jobs import _PACKAGE_ROOT, _SUPERVISOR, JobEnd, SupervisedExecutor, _job_message
+from bot.jobs import JobEnd, SupervisedExecutor, _ForkServer, _Supervisor
 from bot.states import StepStatus
 from bot.store import StepRun
 
@@ -95,42 +94,28 @@ def supervised(state: Path, ends: Ends) -> Iterator[SupervisedExecutor]:
     executor_.close(grace=10)
 
 
-_SPAWNED: list[subprocess.Popen[str]] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_spawned() -> Iterator[None]:
-    yield
-    while _SPAWNED:
-        process = _SPAWNED.pop()
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        process.wait()
-        for pipe in (process.stdin, process.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-
-
-def spawn_supervisor(state: Path, token: str) -> subprocess.Popen[str]:
-    """A supervisor as the bot starts it, waited for until it holds its lock."""
+@pytest.fixture
+def server(state: Path) -> Iterator[_ForkServer]:
+    """The supervisors' fork server, as a bot runs it; closing it is the bot going away."""
     state.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        [sys.executable, "-I", "-c", _SUPERVISOR, _PACKAGE_ROOT, str(state), token],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    _SPAWNED.append(process)
-    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-    return process
+    forks = _ForkServer(state, sys.executable)
+    yield forks
+    forks.close()
 
 
-def give(process: subprocess.Popen[str], work: Job) -> None:
-    assert process.stdin is not None
-    process.stdin.write(json.dumps(_job_message(work)) + "\n")
-    process.stdin.close()
+def spawn_supervisor(server: _ForkServer, token: str) -> _Supervisor:
+    """A supervisor as the bot gets it: forked, holding its lock, called back."""
+    supervisor = server.spawn(token)
+    assert supervisor is not None
+    return supervisor
+
+
+def gone(state: Path, token: str, timeout: float = 30.0) -> None:
+    """Wait until the supervisor of `token` has exited (its lock is free)."""
+    deadline = time.monotonic() + timeout
+    while SupervisedExecutor(state, lambda end: None)._alive(token):
+        assert time.monotonic() < deadline, f"supervisor {token} still runs"
+        time.sleep(0.01)
 
 
 def test_a_step_runs_under_its_supervisor_and_its_result_comes_back(
@@ -170,10 +155,13 @@ def test_a_released_runner_runs_nothing(supervised: SupervisedExecutor, ends: En
     assert len(ends.wait()) == 1
 
 
-def test_a_result_written_while_the_bot_was_gone_is_recovered(state: Path, ends: Ends) -> None:
-    process = spawn_supervisor(state, "t1")
-    give(process, job(py("print('OK')")))
-    assert process.wait(30) == 0  # nobody read its stdout: the result is in its file
+def test_a_result_written_while_the_bot_was_gone_is_recovered(
+    state: Path, ends: Ends, server: _ForkServer
+) -> None:
+    supervisor = spawn_supervisor(server, "t1")
+    supervisor.send(job(py("print('OK')")))
+    supervisor.dismiss()  # the bot is gone: nobody reads the result it sends
+    gone(state, "t1")
     recovered = SupervisedExecutor(state, ends)
     (found,) = recovered.recover([running("t1")], lambda step: None, lambda step: None)
     assert found.result is not None and found.result["status"] == "success"
@@ -181,21 +169,23 @@ def test_a_result_written_while_the_bot_was_gone_is_recovered(state: Path, ends:
 
 
 def test_a_step_whose_supervisor_was_killed_mid_command_is_interrupted(
-    state: Path, ends: Ends, tmp_path: Path
+    state: Path, ends: Ends, tmp_path: Path, server: _ForkServer
 ) -> None:
     pidfile = tmp_path / "pid"
-    process = spawn_supervisor(state, "t2")
+    supervisor = spawn_supervisor(server, "t2")
     sleeper = py(
         f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpgrp())); "
         "time.sleep(60); print('OK')"
     )
-    give(process, job(sleeper))
+    supervisor.send(job(sleeper))
     deadline = time.monotonic() + 30
     while not pidfile.exists() or not pidfile.read_text():
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    started = json.loads((state / "t2.started").read_text())
+    os.kill(started["pid"], signal.SIGKILL)
+    supervisor.dismiss()
+    gone(state, "t2")
     with contextlib.suppress(ProcessLookupError):
         os.killpg(int(pidfile.read_text()), signal.SIGKILL)
     (found,) = SupervisedExecutor(state, ends).recover(
@@ -205,12 +195,11 @@ def test_a_step_whose_supervisor_was_killed_mid_command_is_interrupted(
 
 
 def test_a_supervisor_that_never_got_its_job_proves_the_step_never_started(
-    state: Path, ends: Ends
+    state: Path, ends: Ends, server: _ForkServer
 ) -> None:
-    process = spawn_supervisor(state, "t3")
-    assert process.stdin is not None
-    process.stdin.close()  # the bot died before handing over the job
-    assert process.wait(30) == 0
+    supervisor = spawn_supervisor(server, "t3")
+    supervisor.dismiss()  # the bot died before handing over the job
+    gone(state, "t3")
     executor_ = SupervisedExecutor(state, ends)
     found = executor_.recover(
         [running("t3"), running("never-spawned", step_run_id=2)], lambda s: None, lambda s: None
@@ -219,14 +208,15 @@ def test_a_supervisor_that_never_got_its_job_proves_the_step_never_started(
 
 
 def test_a_step_still_running_after_a_restart_is_watched_until_its_result(
-    state: Path, ends: Ends, tmp_path: Path
+    state: Path, ends: Ends, tmp_path: Path, server: _ForkServer
 ) -> None:
     gate = tmp_path / "gate"
-    process = spawn_supervisor(state, "t4")
+    supervisor = spawn_supervisor(server, "t4")
     waiting = py(
         f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)\nprint('OK')"
     )
-    give(process, job(waiting))
+    supervisor.send(job(waiting))
+    supervisor.dismiss()  # the bot that started it is gone
     executor_ = SupervisedExecutor(state, ends)
     restarted: list[int] = []
     (found,) = executor_.recover(
@@ -238,13 +228,15 @@ def test_a_step_still_running_after_a_restart_is_watched_until_its_result(
     (end,) = ends.wait()
     assert end.result is not None and end.result["status"] == "success"
     assert restarted == []
-    process.wait(30)
 
 
-def test_stale_files_of_finished_supervisors_are_swept(state: Path, ends: Ends) -> None:
-    process = spawn_supervisor(state, "orphan")
-    give(process, job(py("print('OK')")))
-    process.wait(30)
+def test_stale_files_of_finished_supervisors_are_swept(
+    state: Path, ends: Ends, server: _ForkServer
+) -> None:
+    supervisor = spawn_supervisor(server, "orphan")
+    supervisor.send(job(py("print('OK')")))
+    supervisor.dismiss()
+    gone(state, "orphan")
     assert (state / "orphan.result").exists()
     SupervisedExecutor(state, ends).recover([], lambda s: None, lambda s: None)
     assert list(state.glob("orphan.*")) == []

@@ -125,6 +125,59 @@ def _one(cursor: sqlite3.Cursor) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
+class _StoreLock:
+    """The store's re-entrant lock, with a fast lane.
+
+    Everything that uses the connection takes it. Intake (`inbox_put`: a PagerDuty or
+    Slack request waiting for its answer) takes it *urgently*: it goes before every
+    non-urgent thread waiting, so an acknowledgement waits at most for the one
+    transaction under way, however many inbox items and outbox deliveries queue behind.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._urgent = 0  # urgent threads waiting
+
+    def acquire(self, urgent: bool = False) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
+            if urgent:
+                self._urgent += 1
+            try:
+                while self._owner is not None or (not urgent and self._urgent):
+                    self._cond.wait()
+            finally:
+                if urgent:
+                    self._urgent -= 1
+            self._owner, self._depth = me, 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @contextmanager
+    def urgent(self) -> Iterator[None]:
+        self.acquire(urgent=True)
+        try:
+            yield
+        finally:
+            self.release()
+
+
 class Unit:
     """One transaction: reads, state changes, audit events and effects, committed at once.
 
@@ -675,7 +728,7 @@ class Store:
             raise StoreError(f"cannot open the database {self.path}: {exc}") from None
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
-        self._lock = threading.RLock()
+        self._lock = _StoreLock()
         self._parked = True  # may a parked inbox item exist? (checked at the first unpark)
         self._checkpointer: sqlite3.Connection | None = None  # its own, see checkpoint()
         self._checkpoint_lock = threading.Lock()
@@ -954,7 +1007,7 @@ class Store:
         Committed before the sender gets its answer, so an acknowledged item survives a
         crash. A unique constraint, not memory, makes a second delivery change nothing.
         """
-        with self._lock:
+        with self._lock.urgent():  # a sender waits for this answer
             cursor = self.conn.execute(
                 "INSERT INTO inbox (source, key, alt_key, incident_id, kind, payload, "
                 "received_at, status, detail, catalog_commit, processed_at) "
@@ -1077,43 +1130,70 @@ class Store:
 
         Effects of a lane are delivered strictly in order, so only a lane's head can have
         been on its way when a sender stopped: the others were never attempted.
+
+        Two steps, because this runs often while effects pile up (Slack paces them): the
+        heads alone (one index scan), then where their messages and threads are, for
+        the due heads of lanes not excluded only.
         """
         skip = set(exclude)
-        rows = self.query(
-            "SELECT o.*, "
-            "(SELECT t.ts FROM outbox t WHERE t.key = o.key AND t.ts IS NOT NULL LIMIT 1) "
-            "AS target_ts, "
-            "(SELECT t.posted_channel FROM outbox t WHERE t.key = o.key AND t.ts IS NOT NULL "
-            "LIMIT 1) AS target_channel, "
-            "(o.key IS NOT NULL AND (EXISTS (SELECT 1 FROM outbox t WHERE t.key = o.key "
-            "AND t.kind = 'post_step' "
-            "AND t.status IN ('failed', 'cancelled')) OR NOT EXISTS (SELECT 1 FROM outbox t "
-            "WHERE t.key = o.key AND (t.kind = 'post_step' OR t.ts IS NOT NULL)))) "
-            "AS target_failed, "
-            "(SELECT r.ts FROM outbox r WHERE r.key = 'root:' || o.incident_id "
-            "AND r.ts IS NOT NULL LIMIT 1) AS thread_ts, "
-            "(SELECT r.posted_channel FROM outbox r WHERE r.key = 'root:' || o.incident_id "
-            "AND r.ts IS NOT NULL LIMIT 1) AS thread_channel "
-            "FROM outbox o WHERE o.id IN (SELECT min(id) FROM outbox WHERE status = 'pending' "
-            "GROUP BY lane) ORDER BY o.next_at, o.id",
+        with self._lock:
+            heads = self.conn.execute(
+                "SELECT o.id, o.lane, o.next_at FROM outbox o WHERE o.id IN (SELECT min(id) "
+                "FROM outbox WHERE status = 'pending' GROUP BY lane) ORDER BY o.next_at, o.id"
+            ).fetchall()
+            candidates: list[int] = []
+            later: float | None = None
+            for head_id, lane, next_at in heads:
+                if lane in skip:
+                    continue
+                if next_at > at:
+                    later = next_at if later is None else min(later, next_at)
+                else:
+                    candidates.append(int(head_id))
+            # A head about a message still on its way cannot go, so `limit` counts the
+            # heads that can: details are read a chunk at a time until it is reached.
+            due: list[OutboxItem] = []
+            step = max(limit, 64)
+            for first in range(0, len(candidates), step):
+                chunk = candidates[first : first + step]
+                due.extend(self._outbox_ready(chunk))
+                if len(due) >= limit:
+                    break
+        return due[:limit], later
+
+    def _outbox_ready(self, ids: list[int]) -> list[OutboxItem]:
+        """Those of the outbox rows `ids` that can be sent now, with where their message
+        and thread are, in order."""
+        rows = _dict_rows(
+            self.conn.execute(
+                "SELECT o.*, "
+                "(SELECT t.ts FROM outbox t WHERE t.key = o.key AND t.ts IS NOT NULL "
+                "LIMIT 1) AS target_ts, "
+                "(SELECT t.posted_channel FROM outbox t WHERE t.key = o.key "
+                "AND t.ts IS NOT NULL LIMIT 1) AS target_channel, "
+                "(o.key IS NOT NULL AND (EXISTS (SELECT 1 FROM outbox t WHERE t.key = o.key "
+                "AND t.kind = 'post_step' AND t.status IN ('failed', 'cancelled')) "
+                "OR NOT EXISTS (SELECT 1 FROM outbox t WHERE t.key = o.key "
+                "AND (t.kind = 'post_step' OR t.ts IS NOT NULL)))) AS target_failed, "
+                "(SELECT r.ts FROM outbox r WHERE r.key = 'root:' || o.incident_id "
+                "AND r.ts IS NOT NULL LIMIT 1) AS thread_ts, "
+                "(SELECT r.posted_channel FROM outbox r WHERE r.key = 'root:' || o.incident_id "
+                "AND r.ts IS NOT NULL LIMIT 1) AS thread_channel "
+                f"FROM outbox o WHERE o.id IN ({', '.join('?' for _ in ids)}) "
+                "ORDER BY o.next_at, o.id",
+                ids,
+            )
         )
-        due: list[OutboxItem] = []
-        later: float | None = None
-        for row in rows:
-            if row["lane"] in skip:
-                continue
-            if (
+        return [
+            OutboxItem.from_row(row)
+            for row in rows
+            # an update or reaction whose message is still on its way: a send wakes us
+            if not (
                 row["kind"] in _ABOUT_A_MESSAGE
                 and row["target_ts"] is None
                 and not row["target_failed"]
-            ):
-                continue  # its message is still on its way: a send wakes the sender
-            if row["next_at"] > at:
-                later = row["next_at"] if later is None else min(later, row["next_at"])
-                continue
-            if len(due) < limit:
-                due.append(OutboxItem.from_row(row))
-        return due, later
+            )
+        ]
 
     def outbox_sent(
         self, item: OutboxItem, *, ts: str | None = None, channel: str | None = None
@@ -1197,12 +1277,16 @@ class Store:
         return int(row["pending"]) if row else 0
 
     def message_at(self, channel: str, ts: str) -> tuple[str, str] | None:
-        """(message key, incident id) of the bot's message at (channel, ts), if any."""
-        row = self.query_one(
-            "SELECT key, incident_id FROM outbox WHERE ts = ? AND key IS NOT NULL "
-            "AND (posted_channel = ? OR ? = '') ORDER BY id DESC LIMIT 1",
-            (ts, channel, channel),
-        )
+        """(message key, incident id) of the bot's message at (channel, ts), if any. On the
+        way to answering Slack: it takes the store's fast lane, as `inbox_put` does."""
+        with self._lock.urgent():
+            row = _one(
+                self.conn.execute(
+                    "SELECT key, incident_id FROM outbox WHERE ts = ? AND key IS NOT NULL "
+                    "AND (posted_channel = ? OR ? = '') ORDER BY id DESC LIMIT 1",
+                    (ts, channel, channel),
+                )
+            )
         return (str(row["key"]), str(row["incident_id"])) if row else None
 
     def message_ref(self, key: str) -> tuple[str, str] | None:
