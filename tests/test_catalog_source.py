@@ -757,6 +757,8 @@ def test_the_files_watched_are_the_files_lint_reads(tmp_path: Path) -> None:
             "actions/.swap.yaml": "x: 1\n",
             "notes.txt": "not yaml\n",
             "more/extra.yml": action("extra", "x"),
+            "tests/payments.yaml": "kind: test\nnot: a catalog document\n",
+            "more/tests/nested.yaml": action("nested", "x"),  # only the root's tests/
         },
     )
     (root / "linked").symlink_to("actions")  # the same folder twice: once
@@ -765,6 +767,20 @@ def test_the_files_watched_are_the_files_lint_reads(tmp_path: Path) -> None:
     expected = [path.relative_to(root).as_posix() for path in discover_files(root)]
     assert list(CatalogSource(root).fingerprint().paths) == expected
     assert "dangling.yaml" in expected and "linked/check.yaml" not in expected
+    assert "tests/payments.yaml" not in expected and "more/tests/nested.yaml" in expected
+
+
+def test_a_change_to_the_runbook_tests_reloads_nothing(repo: Path) -> None:
+    calls = Calls()
+    source = CatalogSource(repo, on_loaded=calls.on_loaded, on_failed=calls.on_failed)
+    source.reload()
+    # not even a broken one: runbook tests are not the catalog (runbookctl test reads them)
+    write(repo, {"tests/web.yaml": "kind: test\nsteps: [unclosed\n"})
+    assert source.check().outcome == "unchanged"
+    head = commit_all(repo, "a runbook test")
+    result = source.check()
+    assert (result.outcome, result.commit) == ("success", head)  # a new commit, same files
+    assert word_of(source.current()) == "v1" and not calls.failed
 
 
 def test_a_commit_on_a_branch_checked_out_since_is_seen(repo: Path) -> None:

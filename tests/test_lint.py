@@ -427,6 +427,45 @@ def test_default_path_missing_is_a_usage_error(
     assert "does not exist" in result.output
 
 
+# --- runbook tests beside the catalog ----------------------------------------------------
+
+
+def test_the_tests_folder_at_the_root_is_not_part_of_the_catalog(tmp_path: Path) -> None:
+    write_catalog(
+        tmp_path,
+        {
+            "actions/restart.yaml": RESTART,
+            "tests/web.yaml": "kind: test\nname: web down\nsteps: {restart: {exit_code: 0}}\n",
+            "tests/broken.yaml": "kind: test\n  steps: [\n",  # runbookctl test reports it
+        },
+    )
+    result = CliRunner().invoke(lint, ["--strict", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith("0 errors, 0 warnings in 2 files\n")
+
+
+def test_a_runbook_test_elsewhere_in_the_catalog_is_told_where_it_belongs(
+    tmp_path: Path,
+) -> None:
+    write_catalog(
+        tmp_path,
+        {
+            "actions/restart.yaml": RESTART,
+            "runbooks/web-test.yaml": "kind: test\nname: web down\n",
+            "actions/tests/check.yaml": "id: check\ncommand: x\nexpect: [{pattern: x}]\n",
+        },
+    )
+    result = CliRunner().invoke(lint, [str(tmp_path)])
+    assert result.exit_code == 1
+    assert (
+        f"{tmp_path}/runbooks/web-test.yaml:1:7: error RB010 [schema] a runbook test "
+        "(`kind: test`) is not a catalog document ($.kind)"
+    ) in result.output
+    assert "fix: move it to the `tests/` folder at the root of the catalog" in result.output
+    assert "actions/tests/check.yaml" not in result.output  # an action like any other
+    assert "1 error, 0 warnings in 4 files" in result.output
+
+
 # --- linting files in the context of their catalog -------------------------------------
 
 
