@@ -371,15 +371,19 @@ def test_a_reparsed_placeholder_is_an_error_without_approval() -> None:
 # --- the bundled catalog ---------------------------------------------------------------
 
 
+# The bundled catalog's files; its runbook tests (tests/) are checked by test_runbooktests.py.
+BUNDLED_FILES = sorted(
+    p for p in BUNDLED.rglob("*.yaml") if p.relative_to(BUNDLED).parts[0] != "tests"
+)
+
+
 def test_bundled_catalog_is_clean() -> None:
     parsed = parse_catalog(BUNDLED)
     assert parsed.diagnostics == []
-    assert parsed.files == len(list(BUNDLED.rglob("*.yaml")))
+    assert parsed.files == len(BUNDLED_FILES)
 
 
-@pytest.mark.parametrize(
-    "path", sorted(BUNDLED.rglob("*.yaml")), ids=lambda p: str(p.relative_to(BUNDLED))
-)
+@pytest.mark.parametrize("path", BUNDLED_FILES, ids=lambda p: str(p.relative_to(BUNDLED)))
 def test_bundled_file_is_valid_against_the_published_schema(path: Path) -> None:
     """What an editor (yaml-language-server) or check-jsonschema sees: the top-level oneOf."""
     from jsonschema import Draft202012Validator
@@ -945,18 +949,21 @@ def test_schema_shaped_documents_never_crash(actions: list[object], runbooks: li
 # --- pre-commit and CI examples --------------------------------------------------------
 
 
-def test_pre_commit_hook_definition() -> None:
-    (hook,) = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text("utf-8"))
-    assert hook["id"] == "runbookctl-lint"
-    assert hook["entry"] == "runbookctl lint"
-    assert hook["language"] == "python"
-    assert hook["pass_filenames"] is False
-    assert all(re.search(hook["files"], name) for name in ("a.yaml", "runbooks/b.yml"))
-    assert not re.search(hook["files"], "README.md")
+def test_pre_commit_hook_definitions() -> None:
+    hooks = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text("utf-8"))
+    assert [h["id"] for h in hooks] == ["runbookctl-lint", "runbookctl-test"]
+    assert [h["entry"] for h in hooks] == ["runbookctl lint", "runbookctl test"]
+    for hook in hooks:
+        assert hook["language"] == "python"
+        assert hook["pass_filenames"] is False
+        assert all(re.search(hook["files"], name) for name in ("a.yaml", "runbooks/b.yml"))
+        assert not re.search(hook["files"], "README.md")
 
 
-def test_github_actions_example_lints_with_annotations() -> None:
-    workflow = yaml.safe_load((ROOT / "deploy/ci/github-actions-lint.yml").read_text("utf-8"))
+def test_github_actions_example_lints_and_tests_with_annotations() -> None:
+    from runbookctl.cli import cli
+
+    workflow = yaml.safe_load((ROOT / "deploy/ci/github-actions-catalog.yml").read_text("utf-8"))
     steps = workflow["jobs"]["lint"]["steps"]
     uses = [s.get("uses", "") for s in steps]
     assert any(u.startswith("actions/checkout@") for u in uses)
@@ -964,9 +971,20 @@ def test_github_actions_example_lints_with_annotations() -> None:
     assert setup["with"]["python-version"] == "3.11"
     runs = [s["run"] for s in steps if "run" in s]
     assert any("pip install" in r for r in runs)
-    assert runs[-1] == "runbookctl lint --format github runbooks"
-    # the command the example runs works on this repository's own catalog
-    assert CliRunner().invoke(lint, ["--format", "github", str(BUNDLED)]).exit_code == 0
+    assert runs[-2:] == [
+        "runbookctl lint --format github runbooks",
+        "runbookctl test --format github runbooks",
+    ]
+    # the commands the example runs work on this repository's own catalog
+    for command in runs[-2:]:
+        args = [*command.split()[1:-1], str(BUNDLED)]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+
+
+def test_ci_runs_the_bundled_runbook_tests_after_lint() -> None:
+    ci = (ROOT / ".ci" / "run").read_text("utf-8").splitlines()
+    assert ci.index("runbookctl test runbooks") > ci.index("runbookctl lint --strict runbooks")
 
 
 # --- the loader's fast schema check agrees with the full schema ------------------------
