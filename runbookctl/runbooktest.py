@@ -137,42 +137,60 @@ def test(
 
 
 def _targets(paths: Sequence[str], catalog_dir: str | None) -> list[Target]:
+    """(catalog, test files) to run: a catalog directory runs its tests/ folder; a folder
+    inside a catalog's tests/ folder, or a file, runs against that catalog (--catalog, or
+    the nearest folder above holding catalog.yaml)."""
     from bot.catalog.loader import CATALOG_MARKERS, TESTS_FOLDER
     from bot.runbooktests import files as test_files
 
-    def is_catalog(folder: Path) -> bool:
-        return (
-            any((folder / m).is_file() for m in CATALOG_MARKERS) or (folder / TESTS_FOLDER).is_dir()
-        )
+    def has_settings(folder: Path) -> bool:
+        return any((folder / m).is_file() for m in CATALOG_MARKERS)
 
+    def catalog_holding(folder: Path) -> Path | None:
+        """The catalog whose tests/ folder is `folder` or holds it."""
+        for candidate in (folder.absolute(), *folder.absolute().parents):
+            if candidate.name == TESTS_FOLDER and has_settings(candidate.parent):
+                return candidate.parent
+        return None
+
+    chosen = Path(catalog_dir) if catalog_dir is not None else None
     if not paths:
-        root = Path(catalog_dir or default_catalog())
+        root = chosen or Path(default_catalog())
         if not root.is_dir():
             raise click.BadParameter(
                 f"catalog directory {str(root)!r} does not exist", param_hint="'PATH'"
             )
         paths = (str(root),)
     targets: dict[Path, Target] = {}
+
+    def add(root: Path, files: list[Path], whole: bool = False) -> None:
+        target = targets.setdefault(root.resolve(), Target(root))
+        target.whole_folder = target.whole_folder or whole
+        target.files.extend(files)
+
     for text in paths:
         path = Path(text)
-        if path.is_dir() and is_catalog(path):
-            if catalog_dir is not None and Path(catalog_dir).resolve() != path.resolve():
+        if path.is_dir():
+            if chosen is not None and path.resolve() == chosen.resolve():
+                add(path, test_files.yaml_files_under(test_files.catalog_tests_dir(path)), True)
+                continue
+            holder = chosen or catalog_holding(path)
+            if holder is None:  # a catalog directory: its own tests
+                add(path, test_files.yaml_files_under(test_files.catalog_tests_dir(path)), True)
+                continue
+            if chosen is not None and has_settings(path):
                 raise click.UsageError(
-                    "--catalog goes with test FILEs or folders; a catalog directory runs "
-                    "its own tests"
+                    f"{text} is a catalog of its own: run its tests without --catalog"
                 )
-            target = targets.setdefault(path.resolve(), Target(path))
-            target.whole_folder = True
-            target.files.extend(test_files.yaml_files_under(test_files.catalog_tests_dir(path)))
+            add(holder, test_files.yaml_files_under(path))
             continue
-        found = Path(catalog_dir) if catalog_dir else test_files.catalog_of(path)
+        found = chosen or test_files.catalog_of(path)
         if found is None:
             raise click.BadParameter(
                 f"no catalog.yaml in the folders above {text}: pass the catalog with --catalog DIR",
                 param_hint="'PATH'",
             )
-        target = targets.setdefault(found.resolve(), Target(found))
-        target.files.extend(test_files.yaml_files_under(path))
+        add(found, [path])
     for target in targets.values():
         target.files = list(dict.fromkeys(target.files))
     return list(targets.values())

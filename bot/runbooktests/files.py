@@ -153,6 +153,7 @@ def read(paths: Iterable[Path], display: Any = str) -> Suite:
                 continue
             names[test.name] = test.line
             out.tests.append(test)
+    out.diagnostics.sort(key=lambda d: (d.file, d.line, d.col, d.code))
     return out
 
 
@@ -382,6 +383,7 @@ _REQUIRED_FIXES = {
     "title": "add `title:`, the alert's title (runbooks match their symptoms against it)",
 }
 _TYPE_FIXES = {
+    "approval": f'write {_DECISIONS} (quoted if you like: `approval: "approved by U…"`)',
     "steps": "write `steps:` as a mapping of step id to outcome: `check: {exit_code: 0}`",
     "exit_code": "write a whole number, e.g. `exit_code: 0`",
     "output": 'quote the output: `output: "…"`',

@@ -263,9 +263,10 @@ def _show_list(items: Sequence[str]) -> str:
 # --- running ------------------------------------------------------------------------------
 
 
-def run_test(catalog: Catalog, test: RunbookTest) -> Verdict:
-    """Run one test on a fresh in-memory database; the verdict says how it went."""
-    store = Store(":memory:")
+def run_test(catalog: Catalog, test: RunbookTest, *, db: str = ":memory:") -> Verdict:
+    """Run one test on a fresh database (in memory unless `db` names a file, e.g. to
+    look at its audit rows); the verdict says how it went."""
+    store = Store(db)
     try:
         clock = Clock()
         thread = ThreadRecorder()
@@ -292,7 +293,7 @@ def run_test(catalog: Catalog, test: RunbookTest) -> Verdict:
     finally:
         store.close()
     # What the test expects first (the path leading), then what it left open or unused.
-    mismatches = sorted(_compare(test, observed), key=lambda m: m.what != "path")
+    mismatches = sorted(_compare(test, observed), key=lambda m: (m.what != "path", m.line))
     mismatches += [_problem(test, p) for p in runner.problems]
     mismatches += _unused(catalog, test, observed, runner, asked)
     return Verdict(test, observed, tuple(mismatches))
