@@ -10,7 +10,9 @@
    bot's own rows count (``origin = 'bot'``): runs of ``runbookctl simulate`` (even with
    ``--execute``) and of ``runbookctl test`` are real to nobody else. Too few runs, or a
    bar lowered below the catalog's (fewer runs, a longer window), refuse the promotion
-   unless it is forced with a reason, which the record keeps.
+   unless it is forced with a reason, which the record keeps. The runbook tests of the
+   runbooks using the action (``runbookctl test``) are run as further evidence: their
+   result is recorded, and a failing one refuses the promotion unless it is forced.
 2. **edit**: the catalog file, with the environment added to ``safety.scopes`` and a
    promotion record appended to ``safety.promotions``. ruamel.yaml's round trip keeps
    comments, quotes and layout; only the target document is re-emitted, and only after
@@ -260,6 +262,69 @@ def _with(evidence: Evidence, **changes: Any) -> Evidence:
     return replace(evidence, **changes)
 
 
+# --- runbook tests, as further evidence ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestEvidence:
+    """The runbook tests (``runbookctl test``) of the runbooks that use the action, run
+    on the catalog being promoted. They show the runbooks take the paths their authors
+    meant; only real runs count as runs."""
+
+    __test__ = False  # not a pytest class
+
+    runbooks: tuple[str, ...]  # the runbooks using the action
+    passed: int = 0
+    failures: tuple[str, ...] = ()  # "file:line 'name': what: expected …; got …"
+    files: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        if not self.runbooks:
+            return "no runbook uses it"
+        total = self.passed + len(self.failures)
+        if not total:
+            return f"no runbook test of {', '.join(self.runbooks)}"
+        return (
+            f"{self.passed} of {_plural(total, 'runbook test')} of {', '.join(self.runbooks)} "
+            f"passed ({', '.join(self.files)})"
+        )
+
+
+def runbook_test_evidence(catalog: Catalog, action_id: str) -> TestEvidence:
+    """Run the catalog's runbook tests whose incident matches a runbook using `action_id`
+    (as a step, a rollback or a follow-up on resolve). Invalid test files are left to
+    `runbookctl test`: they say nothing for or against this action."""
+    from bot.runbooktests import read, run_test
+    from bot.runbooktests.files import catalog_tests_dir, yaml_files_under
+
+    using = tuple(
+        r.id
+        for r in catalog.runbooks
+        if any(
+            action_id in (s.action.id, s.on_failure.rollback.id if s.on_failure.rollback else "")
+            for s in (*r.steps, *r.on_resolve)
+        )
+    )
+    folder = catalog_tests_dir(catalog.root)
+    if not using or not folder.is_dir():
+        return TestEvidence(using)
+    passed, failures, files = 0, [], []
+    for test in read(yaml_files_under(folder), _display).tests:
+        verdict = run_test(catalog, test)
+        if verdict.observed.runbook not in using:
+            continue
+        files.append(test.file)
+        if verdict.passed:
+            passed += 1
+        else:
+            first = verdict.mismatches[0]
+            failures.append(
+                f"{test.file}:{first.line} {test.name!r}: {first.what}: expected "
+                f"{first.expected}; got {first.actual}"
+            )
+    return TestEvidence(using, passed, tuple(failures), tuple(dict.fromkeys(files)))
+
+
 # --- the plan --------------------------------------------------------------------------------
 
 
@@ -277,6 +342,7 @@ class Plan:
     scopes_before: tuple[str, ...]
     scopes_after: tuple[str, ...]
     refusal: str = ""  # set when the evidence falls short and nothing forces it
+    tests: TestEvidence | None = None
 
     @property
     def display_path(self) -> str:
@@ -300,6 +366,7 @@ class Plan:
             f"{', '.join(self.scopes_after)}.",
             f"Evidence: {r.evidence_url}",
             f"Validated: {self.evidence.summary()} (audit log {self.evidence.db}).",
+            f"Runbook tests: {self.tests.summary() if self.tests else 'not run'}.",
             f"Catalog commit validated against: {self.record.get('catalog_commit', 'unknown')}.",
             f"Promoted by: {self.record['by']}.",
         ]
@@ -373,8 +440,9 @@ def plan_promotion(
     if request.force:
         record["forced"] = True
         record["reason"] = request.reason.strip()
+    tests = runbook_test_evidence(catalog, request.action_id)
     if not evidence.problem:
-        record["evidence"] = evidence.record()
+        record["evidence"] = {**evidence.record(), "runbook_tests": tests.summary()}
     path = Path(action.location.file)
     before = _read(path)
     scopes_before = action.safety.scopes
@@ -392,6 +460,13 @@ def plan_promotion(
         refusal = _lowered_refusal(request, lowered)
     elif not evidence.sufficient and not request.force:
         refusal = _shortfall(request, evidence)
+    elif tests.failures and not request.force:
+        refusal = (
+            f"refusing to promote {request.action_id} to {request.env}: runbook tests of "
+            f"the runbooks using it fail:\n"
+            + "\n".join(f"  {f}" for f in tests.failures)
+            + "\nFix them (runbookctl test), or pass --force --reason TEXT (recorded)."
+        )
     return Plan(
         request=request,
         catalog=catalog,
@@ -403,6 +478,7 @@ def plan_promotion(
         scopes_before=scopes_before,
         scopes_after=scopes_after,
         refusal=refusal,
+        tests=tests,
     )
 
 

@@ -116,6 +116,8 @@ def promote(
         plan = promotion.plan_promotion(catalog_dir, request, db=db)
         click.echo(f"Evidence for promoting {action_id} to {env} (audit log {plan.evidence.db}):")
         click.echo(f"  {plan.evidence.summary()}")
+        if plan.tests is not None:
+            click.echo(f"  runbook tests: {plan.tests.summary()}")
         if force:
             click.echo(f"  forced: {request.reason.strip()}")
         if dry_run:

@@ -490,6 +490,7 @@ def test_a_lowered_bar_with_force_is_recorded_as_such(repo: Repo) -> None:
         "incidents": 0,
         "window": "48h",
         "catalog_commits": [],
+        "runbook_tests": "no runbook uses it",
     }
     assert lint(repo.catalog).exit_code == 0
 
@@ -725,6 +726,7 @@ def test_the_record_says_how_many_runs_where_when_and_on_which_commits(repo: Rep
         "incidents": 4,
         "window": "48h",
         "catalog_commits": [head, "0a1b2c3d4e5f"],
+        "runbook_tests": "no runbook test of checkout-broken",
     }
     assert abs(datetime.fromisoformat(first).timestamp() - (time.time() - 40 * 3600)) < 120
     assert abs(datetime.fromisoformat(last).timestamp() - time.time()) < 120
@@ -742,6 +744,63 @@ def test_the_record_says_how_many_runs_where_when_and_on_which_commits(repo: Rep
     assert f"        catalog_commits: [{head}, 0a1b2c3d4e5f]\n" in text
     assert lint(repo.catalog).exit_code == 0
     assert load_catalog(repo.catalog).actions["auto-check"].safety.promotion_for("prod")
+
+
+CHECKOUT_TEST = """\
+kind: test
+name: auto-check runs, then the inline fix waits for approval
+incident: {service: checkout, title: checkout down, env: staging}
+steps:
+  auto-check: {exit_code: 0, output: OK}
+  inline-fix: {approval: pending}
+expect:
+  path: [auto-check: success, inline-fix: awaiting_approval]
+"""
+
+
+def test_passing_runbook_tests_are_recorded_and_failing_ones_refuse(repo: Repo) -> None:
+    tests = repo.catalog / "tests"
+    tests.mkdir()
+    (tests / "checkout.yaml").write_text(CHECKOUT_TEST)
+    (tests / "other.yaml").write_text(  # an incident no runbook using auto-check matches
+        "kind: test\nname: nothing\nincident: {service: web, title: down}\n"
+        "expect: {runbook: null}\n"
+    )
+    git(repo.root, "add", ".")
+    git(repo.root, "commit", "--quiet", "-m", "runbook tests")
+    repo.record_runs("auto-check", 3)
+    args = ("--action", "auto-check", "--env", "prod", "--evidence-url", EVIDENCE)
+
+    dry = repo.promote(*args, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert (
+        "  runbook tests: 1 of 1 runbook test of checkout-broken passed "
+        "(runbooks/tests/checkout.yaml)"
+    ) in dry.output.replace(str(repo.root) + "/", "")
+
+    broken = CHECKOUT_TEST.replace("inline-fix: awaiting_approval", "inline-fix: success")
+    (tests / "checkout.yaml").write_text(broken)
+    refused = repo.promote(*args)
+    assert refused.exit_code == 1
+    assert "refusing to promote auto-check to prod: runbook tests of the runbooks using it " in (
+        refused.output
+    )
+    assert (
+        "checkout.yaml:8 'auto-check runs, then the inline fix waits for approval': path: "
+        "expected auto-check success → inline-fix success; got auto-check success → inline-fix "
+        "awaiting_approval"
+    ) in refused.output
+    assert "Fix them (runbookctl test), or pass --force --reason TEXT" in refused.output
+
+    forced = repo.promote(*args, "--force", "--reason", "the test is being rewritten in #88")
+    assert forced.exit_code == 0, forced.output
+    (record,) = promotions_of(repo.file("auto-check.yaml"), "auto-check")
+    evidence = record["evidence"]
+    assert isinstance(evidence, dict)
+    assert str(evidence["runbook_tests"]).startswith(
+        "0 of 1 runbook test of checkout-broken passed ("
+    )
+    assert record["forced"] is True
 
 
 def test_a_database_the_bot_has_not_migrated_yet_is_read_by_the_same_rule(repo: Repo) -> None:
