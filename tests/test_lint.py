@@ -448,6 +448,31 @@ def test_the_tests_folder_at_the_root_is_not_part_of_the_catalog(tmp_path: Path)
     assert result.output.endswith("0 errors, 0 warnings in 2 files\n")
 
 
+def test_linting_a_runbook_test_file_checks_it_against_the_test_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = "kind: test\nname: ok\nincident: {service: web, title: down}\nexpect: {runbook: null}\n"
+    write_catalog(
+        tmp_path,
+        {
+            "actions/restart.yaml": RESTART,
+            "tests/good.yaml": good,
+            "tests/more/typo.yaml": good.replace("expect:", "expekt:"),
+        },
+    )
+    monkeypatch.chdir(tmp_path)
+    clean = CliRunner().invoke(lint, ["tests/good.yaml", "actions/restart.yaml"])
+    assert (clean.exit_code, clean.output) == (0, "0 errors, 0 warnings in 2 files\n")
+    folder = CliRunner().invoke(lint, ["tests"])
+    assert folder.exit_code == 1
+    assert folder.output.startswith(
+        "tests/more/typo.yaml:1:1: error RT010 [test-schema] the test has no `expect`"
+    )
+    assert "unknown key `expekt` in the test ($.expekt)" in folder.output
+    assert "fix: did you mean `expect`?" in folder.output
+    assert folder.output.endswith("2 errors, 0 warnings in 2 files\n")
+
+
 def test_a_runbook_test_elsewhere_in_the_catalog_is_told_where_it_belongs(
     tmp_path: Path,
 ) -> None:
