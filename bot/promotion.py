@@ -294,8 +294,8 @@ def runbook_test_evidence(catalog: Catalog, action_id: str) -> TestEvidence:
     """Run the catalog's runbook tests whose incident matches a runbook using `action_id`
     (as a step, a rollback or a follow-up on resolve). Invalid test files are left to
     `runbookctl test`: they say nothing for or against this action."""
-    from bot.runbooktests import read, run_test
-    from bot.runbooktests.files import catalog_tests_dir, yaml_files_under
+    from bot.runbooktests.files import catalog_tests_dir, read, yaml_files_under
+    from bot.runbooktests.runner import run_test
 
     using = tuple(
         r.id

@@ -23,7 +23,7 @@ from runbookctl.lint import format_github, format_text
 
 if TYPE_CHECKING:
     from bot.catalog.model import Catalog
-    from bot.runbooktests import Verdict
+    from bot.runbooktests.runner import Verdict
 
 FORMATS = ("text", "json", "github")
 

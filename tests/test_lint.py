@@ -731,12 +731,15 @@ FORBIDDEN = ("slack_bolt", "slack_sdk", "pagerduty", "prometheus_client", "httpx
 
 
 @pytest.mark.slow
-def test_lint_does_not_import_chat_pagerduty_http_or_metrics_code() -> None:
+@pytest.mark.parametrize(
+    "target", ["runbooks", "runbooks/tests/payments-elevated-5xx.yaml"], ids=["catalog", "test"]
+)
+def test_lint_does_not_import_chat_pagerduty_http_or_metrics_code(target: str) -> None:
     probe = (
         "import json, sys\n"
         "from runbookctl.cli import cli\n"
         "try:\n"
-        "    cli.main(args=['lint', 'runbooks'], prog_name='runbookctl')\n"
+        f"    cli.main(args=['lint', {target!r}], prog_name='runbookctl')\n"
         "except SystemExit as exc:\n"
         "    assert exc.code == 0, exc.code\n"
         "print(json.dumps(sorted(sys.modules)))\n"
@@ -744,8 +747,9 @@ def test_lint_does_not_import_chat_pagerduty_http_or_metrics_code() -> None:
     result = _run(sys.executable, "-c", probe)
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.splitlines()[-1])
-    assert "bot.catalog.rules" in modules
+    assert "bot.catalog.yamlsource" in modules
     assert [m for m in modules if m.split(".")[0] in FORBIDDEN] == []
+    assert "bot.engine" not in modules
 
 
 # --- the linter never crashes ----------------------------------------------------------

@@ -19,8 +19,8 @@ from click.testing import CliRunner, Result
 
 from bot.catalog import load_catalog
 from bot.promotion import find_evidence
-from bot.runbooktests import read, run_test
-from bot.runbooktests.files import schema, yaml_files_under
+from bot.runbooktests.files import read, schema, yaml_files_under
+from bot.runbooktests.runner import run_test
 from bot.store import Store
 from runbookctl.cli import cli
 

@@ -2,25 +2,10 @@
 the path the runbook must take, run through the bot's own engine with nothing executed.
 
   files    find test files beside the catalog (its ``tests/`` folder), read them with
-           positions, check them against their JSON Schema (``schema.json``)
+           positions, check them against their JSON Schema (``schema.json``); imports
+           only the catalog core, so `runbookctl lint` can check test files
   runner   run one test on ``bot.local.LocalRuntime`` with a scripted runner, and compare
-           what happened with what the test expects
+           what happened with what the test expects (imports the engine)
 
 The format is documented in docs/catalog.md ("Runbook tests").
 """
-
-from bot.runbooktests.files import Decision, Outcome, RunbookTest, Suite, read
-from bot.runbooktests.runner import Mismatch, Observed, Verdict, run_test, show_path
-
-__all__ = [
-    "Decision",
-    "Mismatch",
-    "Observed",
-    "Outcome",
-    "RunbookTest",
-    "Suite",
-    "Verdict",
-    "read",
-    "run_test",
-    "show_path",
-]
