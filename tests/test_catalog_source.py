@@ -792,3 +792,20 @@ def test_a_commit_on_a_branch_checked_out_since_is_seen(repo: Path) -> None:
     head = commit_all(repo, "notes on the hotfix branch")
     assert source.check().outcome == "success"
     assert source.current().commit == head
+
+
+def test_checking_the_commit_never_locks_the_index(repo: Path) -> None:
+    """The bot asks Git at every catalog check. A plain `git status` refreshes a stale
+    index under .git/index.lock, so a person's commit (or git-sync) in the same checkout
+    at that moment fails with "index.lock: File exists"; the bot's check writes nothing."""
+    from bot.catalog.loader import git_commit
+
+    check = repo / "actions" / "check.yaml"
+    os.utime(check, ns=(0, 0))  # same content, stale stat data in the index
+    index = repo / ".git" / "index"
+    before = index.stat()
+    assert git_commit(repo) == (git(repo, "rev-parse", "HEAD"), False)
+    after = index.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    git(repo, "status", "--porcelain")  # what a plain status does: the index is rewritten
+    assert index.stat().st_mtime_ns != before.st_mtime_ns or index.stat().st_ino != before.st_ino

@@ -196,8 +196,11 @@ def git_commit(root: Path) -> tuple[str | None, bool]:
         )
         if head.returncode != 0:
             return None, False
+        # --no-optional-locks: a plain `git status` refreshes the index under index.lock,
+        # and the bot asks at every catalog check, so a commit or a git-sync in the same
+        # checkout at that moment would fail with "index.lock: File exists".
         status = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--", "."],
+            ["git", "--no-optional-locks", "-C", str(where), "status", "--porcelain", "--", "."],
             capture_output=True,
             text=True,
             timeout=10,
