@@ -44,6 +44,7 @@ from bot.states import (
     InboxKind,
     InboxStatus,
     IncidentStatus,
+    Origin,
     Phase,
     Refusal,
     RunStatus,
@@ -150,6 +151,7 @@ class Engine:
         output_cap: int = 64_000,
         details: Callable[[str], Mapping[str, Any]] | None = None,
         catalog_of: Callable[[str], Catalog | None] | None = None,
+        origin: Origin = Origin.BOT,
     ) -> None:
         self.catalog = catalog  # new incidents use it; runs keep the one they started with
         # Catalogs of older versions, for runs that started on them (loaded on demand from
@@ -164,6 +166,9 @@ class Engine:
         self.writeback = writeback
         self.chat = chat
         self.clock = clock
+        # What the audit rows it writes come from: the bot, or simulate and runbook tests
+        # (whose rows never count as evidence for a promotion).
+        self.origin = origin
         self.output_cap = output_cap
         # Reads an incident's alert details when the trigger carried none (PagerDuty's
         # REST API); called before the transaction, never inside it.
@@ -186,7 +191,7 @@ class Engine:
         jobs: list[tuple[str, Job]] = []
         groups = self._groups_of(item)  # may ask Slack: never inside the transaction
         try:
-            with self.store.unit(at=self.clock()) as u:
+            with self.store.unit(at=self.clock(), origin=self.origin) as u:
                 if handler is None:
                     u.finish_item(item, InboxStatus.IGNORED, f"{item.kind} is not acted on")
                 else:
@@ -1170,7 +1175,7 @@ class Engine:
 
     def job_for(self, step_run: StepRun) -> Job | None:
         """The job of a step left running (to watch it, or start it again)."""
-        with self.store.unit() as u:
+        with self.store.unit(origin=self.origin) as u:
             incident = u.incident(step_run.incident_id)
             run = u.run_by_id(step_run.run_id)
         if incident is None or run is None:
@@ -1186,7 +1191,7 @@ class Engine:
             return
         runner = self.executor.reserve()
         try:
-            with self.store.unit() as u:
+            with self.store.unit(origin=self.origin) as u:
                 moved = u.reassign_runner(step_run, runner)
         except BaseException:
             self.executor.release(runner)

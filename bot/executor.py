@@ -592,6 +592,43 @@ def _describe_exit(exit_code: int | None) -> str:
 # --- running -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A command ready to start: everything `run` checks and renders before it starts a
+    process (also what `runbookctl test` uses, which starts none)."""
+
+    argv: list[str]
+    env: dict[str, str]  # the whole environment of the process
+    secrets: tuple[str, ...]  # values of `secret_env` variables, masked in what is shown
+    patterns: tuple[re.Pattern[str], ...]
+    shown_argv: tuple[str, ...]  # masked: what the audit log and chat show
+
+    def masked(self, text: str) -> str:
+        return mask_secrets(text, self.secrets, self.patterns)
+
+
+def prepare(
+    spec: CommandSpec,
+    context: Mapping[str, Any],
+    *,
+    output_cap: int = 64_000,
+    secret_patterns: Sequence[str | re.Pattern[str]] = (),
+) -> Prepared:
+    """Check ``spec`` and render it with ``context``; raises ``TemplateError`` /
+    ``ValueError`` for an unusable spec, as `run` does before starting anything."""
+    if output_cap <= 0:
+        raise ValueError(f"output_cap must be positive, not {output_cap}")
+    if spec.timeout <= 0:
+        raise ValueError(f"timeout must be positive, not {spec.timeout}")
+    patterns = tuple(_compile_secret_patterns([*DEFAULT_SECRET_PATTERNS, *secret_patterns]))
+    evaluate_expect(spec.expect, 0, "")  # invalid regexes fail now, not after the command ran
+    argv = render_argv(spec, context)
+    env = {**os.environ, **_render_env(spec.env, context)}
+    secrets = tuple(env[name] for name in spec.secret_env if env.get(name))
+    shown_argv = tuple(mask_secrets(arg, secrets, patterns) for arg in argv)
+    return Prepared(argv, env, secrets, patterns, shown_argv)
+
+
 def run(
     spec: CommandSpec,
     context: Mapping[str, Any],
@@ -606,20 +643,9 @@ def run(
     ``on_start`` receives the pid (which is also the process group id) once started.
     Raises ``TemplateError``/``ValueError`` for an unusable spec, before starting anything.
     """
-    if output_cap <= 0:
-        raise ValueError(f"output_cap must be positive, not {output_cap}")
-    if spec.timeout <= 0:
-        raise ValueError(f"timeout must be positive, not {spec.timeout}")
-    patterns = _compile_secret_patterns([*DEFAULT_SECRET_PATTERNS, *secret_patterns])
-    evaluate_expect(spec.expect, 0, "")  # invalid regexes fail now, not after the command ran
-    argv = render_argv(spec, context)
-    env = {**os.environ, **_render_env(spec.env, context)}
-    secrets = [env[name] for name in spec.secret_env if env.get(name)]
-
-    def masked(text: str) -> str:
-        return mask_secrets(text, secrets, patterns)
-
-    shown_argv = tuple(masked(arg) for arg in argv)
+    ready = prepare(spec, context, output_cap=output_cap, secret_patterns=secret_patterns)
+    argv, env, masked, shown_argv = ready.argv, ready.env, ready.masked, ready.shown_argv
+    secrets = ready.secrets
     _become_subreaper()
     started = time.monotonic()
     try:

@@ -6,8 +6,13 @@
    runbook cannot be promoted), the environment is declared and is a production one, the
    evidence URL is an ``https`` URL, the action is not promoted there yet, and the audit
    log (``automation_events`` in the bot's database) holds at least ``min_runs``
-   successful runs of the action in lower environments within ``window``. Too few runs
-   refuse the promotion unless it is forced with a reason, which the record keeps.
+   successful runs of the action in lower environments within ``window``. Only the
+   bot's own rows count (``origin = 'bot'``): runs of ``runbookctl simulate`` (even with
+   ``--execute``) and of ``runbookctl test`` are real to nobody else. Too few runs, or a
+   bar lowered below the catalog's (fewer runs, a longer window), refuse the promotion
+   unless it is forced with a reason, which the record keeps. The runbook tests of the
+   runbooks using the action (``runbookctl test``) are run as further evidence: their
+   result is recorded, and a failing one refuses the promotion unless it is forced.
 2. **edit**: the catalog file, with the environment added to ``safety.scopes`` and a
    promotion record appended to ``safety.promotions``. ruamel.yaml's round trip keeps
    comments, quotes and layout; only the target document is re-emitted, and only after
@@ -63,7 +68,11 @@ class PromotionRequest:
 
 @dataclass(frozen=True)
 class Evidence:
-    """Successful runs of one action in lower environments, from the audit log."""
+    """Successful runs of one action in lower environments, from the audit log.
+
+    Only rows the bot wrote count; successful runs that `runbookctl simulate` or
+    `runbookctl test` left in the same database are reported in `not_counted`.
+    """
 
     action_id: str
     environments: tuple[str, ...]  # the lower environments searched
@@ -73,7 +82,11 @@ class Evidence:
     db: str
     runs: Mapping[str, int] = field(default_factory=dict)  # env -> successful runs
     incidents: int = 0
+    first_run: float | None = None
     last_run: float | None = None
+    catalog_commits: tuple[str, ...] = ()  # of the counted runs, most recent first
+    not_counted: Mapping[str, int] = field(default_factory=dict)  # origin -> runs
+    catalog_required: int | None = None  # the catalog's bar, when the request changed it
     problem: str = ""  # why the audit log could not be read, if it could not
 
     @property
@@ -84,21 +97,93 @@ class Evidence:
     def sufficient(self) -> bool:
         return not self.problem and self.total >= self.required
 
+    def _required_text(self) -> str:
+        bar = f"{self.required} required"
+        if self.catalog_required is not None and self.catalog_required != self.required:
+            bar += f" (the catalog asks for {self.catalog_required})"
+        return bar
+
+    def _not_counted_text(self) -> str:
+        return ", ".join(
+            f"{_plural(n, 'run')} of runbookctl {origin}"
+            for origin, n in sorted(self.not_counted.items())
+            if n
+        )
+
     def summary(self) -> str:
-        """One line for the promotion record and the commit message."""
+        """One line for the promotion record and the commit message: how many runs, in
+        which environments, over what period, on which catalog commits."""
         if self.problem:
-            return f"no evidence read: {self.problem}; {self.required} required"
+            return f"no evidence read: {self.problem}; {self._required_text()}"
         where = ", ".join(f"{env}: {n}" for env, n in self.runs.items() if n)
         detail = ""
         if self.total:
             detail = (
                 f" ({where}; {_plural(self.incidents, 'incident')}, "
-                f"last {_when(self.last_run or 0)})"
+                f"{_when(self.first_run or 0)} to {_when(self.last_run or 0)}, "
+                f"{_commits_text(self.catalog_commits)})"
             )
+        ignored = self._not_counted_text()
+        if ignored:
+            detail += f" (not counted: {ignored})"
         return (
             f"{_plural(self.total, 'successful run')} in lower environments over the last "
-            f"{human_duration(self.window)}{detail}; {self.required} required"
+            f"{human_duration(self.window)}{detail}; {self._required_text()}"
         )
+
+    def record(self) -> dict[str, Any]:
+        """The structured part of the promotion record (`evidence:` in the catalog)."""
+        out: dict[str, Any] = {
+            "runs": self.total,
+            "required": self.required,
+            "environments": {env: n for env, n in self.runs.items() if n},
+            "incidents": self.incidents,
+        }
+        if self.first_run is not None and self.last_run is not None:
+            out["first_run"] = _iso(self.first_run)
+            out["last_run"] = _iso(self.last_run)
+        out["window"] = _duration_text(self.window)
+        out["catalog_commits"] = list(self.catalog_commits)
+        return out
+
+
+MAX_COMMITS_SHOWN = 5
+
+
+def _commits_text(commits: Sequence[str]) -> str:
+    if not commits:
+        return "no catalog commit recorded"
+    shown = ", ".join(commits[:MAX_COMMITS_SHOWN])
+    more = len(commits) - MAX_COMMITS_SHOWN
+    word = "catalog commit" if len(commits) == 1 else "catalog commits"
+    return f"{word} {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+# Which rows are the bot's own. A database the bot has not migrated to schema 6 yet has
+# no `origin` column: there, the rows of incidents simulate opened are told apart the way
+# the migration does it.
+_ORIGIN = "origin"
+_OLD_ORIGIN = "(CASE WHEN incident_id LIKE 'SIM-%'{inbox} THEN 'simulate' ELSE 'bot' END)"
+_SIMULATED_INBOX = " OR incident_id IN (SELECT incident_id FROM inbox WHERE source = 'simulate')"
+
+
+def _origin_column(conn: sqlite3.Connection) -> str:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(automation_events)")}
+    if "origin" in columns:
+        return _ORIGIN
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    return _OLD_ORIGIN.format(inbox=_SIMULATED_INBOX if "inbox" in tables else "")
 
 
 def find_evidence(
@@ -131,31 +216,113 @@ def find_evidence(
     if not environments:
         return evidence
     marks = ", ".join("?" for _ in environments)
-    sql = (
-        "SELECT env, COUNT(*) AS runs, COUNT(DISTINCT incident_id) AS incidents, "
-        "MAX(ts) AS last FROM automation_events "
-        f"WHERE action = ? AND status = ? AND ts >= ? AND env IN ({marks}) "
-        "GROUP BY env"
-    )
+    successes = f"action = ? AND status = ? AND ts >= ? AND env IN ({marks})"
+    params = (action_id, SUCCEEDED, since, *environments)
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
         try:
-            rows = conn.execute(sql, (action_id, SUCCEEDED, since, *environments)).fetchall()
+            origin = _origin_column(conn)
+            counted = f"{successes} AND {origin} = 'bot'"
+            rows = conn.execute(
+                "SELECT env, COUNT(*), COUNT(DISTINCT incident_id), MIN(ts), MAX(ts) "
+                f"FROM automation_events WHERE {counted} GROUP BY env",
+                params,
+            ).fetchall()
+            commits = conn.execute(
+                "SELECT coalesce(catalog_commit, 'unknown') AS commit_id, MAX(ts) AS last "
+                f"FROM automation_events WHERE {counted} GROUP BY commit_id "
+                "ORDER BY last DESC, commit_id",
+                params,
+            ).fetchall()
+            others = conn.execute(
+                f"SELECT {origin} AS o, COUNT(*) FROM automation_events "
+                f"WHERE {successes} AND {origin} != 'bot' GROUP BY o",
+                params,
+            ).fetchall()
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
         return _with(evidence, problem=f"{db} is not a readable runbook-bot database ({exc})")
-    found = {env: (int(runs), int(incidents), float(last)) for env, runs, incidents, last in rows}
+    found = {
+        str(env): (int(runs), int(incidents), float(first), float(last))
+        for env, runs, incidents, first, last in rows
+    }
     return _with(
         evidence,
         runs={env: found[env][0] for env in environments if env in found},
         incidents=sum(v[1] for v in found.values()),
-        last_run=max((v[2] for v in found.values()), default=None),
+        first_run=min((v[2] for v in found.values()), default=None),
+        last_run=max((v[3] for v in found.values()), default=None),
+        catalog_commits=tuple(str(c) for c, _last in commits),
+        not_counted={str(o): int(n) for o, n in others},
     )
 
 
 def _with(evidence: Evidence, **changes: Any) -> Evidence:
     return replace(evidence, **changes)
+
+
+# --- runbook tests, as further evidence ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestEvidence:
+    """The runbook tests (``runbookctl test``) of the runbooks that use the action, run
+    on the catalog being promoted. They show the runbooks take the paths their authors
+    meant; only real runs count as runs."""
+
+    __test__ = False  # not a pytest class
+
+    runbooks: tuple[str, ...]  # the runbooks using the action
+    passed: int = 0
+    failures: tuple[str, ...] = ()  # "file:line 'name': what: expected …; got …"
+    files: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        if not self.runbooks:
+            return "no runbook uses it"
+        total = self.passed + len(self.failures)
+        if not total:
+            return f"no runbook test of {', '.join(self.runbooks)}"
+        return (
+            f"{self.passed} of {_plural(total, 'runbook test')} of {', '.join(self.runbooks)} "
+            f"passed ({', '.join(self.files)})"
+        )
+
+
+def runbook_test_evidence(catalog: Catalog, action_id: str) -> TestEvidence:
+    """Run the catalog's runbook tests whose incident matches a runbook using `action_id`
+    (as a step, a rollback or a follow-up on resolve). Invalid test files are left to
+    `runbookctl test`: they say nothing for or against this action."""
+    from bot.runbooktests.files import catalog_tests_dir, read, yaml_files_under
+    from bot.runbooktests.runner import run_test
+
+    using = tuple(
+        r.id
+        for r in catalog.runbooks
+        if any(
+            action_id in (s.action.id, s.on_failure.rollback.id if s.on_failure.rollback else "")
+            for s in (*r.steps, *r.on_resolve)
+        )
+    )
+    folder = catalog_tests_dir(catalog.root)
+    if not using or not folder.is_dir():
+        return TestEvidence(using)
+    passed, failures, files = 0, [], []
+    for test in read(yaml_files_under(folder), _display).tests:
+        verdict = run_test(catalog, test)
+        if verdict.observed.runbook not in using:
+            continue
+        files.append(test.file)
+        if verdict.passed:
+            passed += 1
+        else:
+            first = verdict.mismatches[0]
+            failures.append(
+                f"{test.file}:{first.line} {test.name!r}: {first.what}: expected "
+                f"{first.expected}; got {first.actual}"
+            )
+    return TestEvidence(using, passed, tuple(failures), tuple(dict.fromkeys(files)))
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -175,6 +342,7 @@ class Plan:
     scopes_before: tuple[str, ...]
     scopes_after: tuple[str, ...]
     refusal: str = ""  # set when the evidence falls short and nothing forces it
+    tests: TestEvidence | None = None
 
     @property
     def display_path(self) -> str:
@@ -198,6 +366,7 @@ class Plan:
             f"{', '.join(self.scopes_after)}.",
             f"Evidence: {r.evidence_url}",
             f"Validated: {self.evidence.summary()} (audit log {self.evidence.db}).",
+            f"Runbook tests: {self.tests.summary() if self.tests else 'not run'}.",
             f"Catalog commit validated against: {self.record.get('catalog_commit', 'unknown')}.",
             f"Promoted by: {self.record['by']}.",
         ]
@@ -258,6 +427,8 @@ def plan_promotion(
         required=required,
         now=now,
     )
+    if required != settings.promotion_min_runs:
+        evidence = _with(evidence, catalog_required=settings.promotion_min_runs)
     record: dict[str, Any] = {
         "env": request.env,
         "evidence_url": request.evidence_url,
@@ -269,6 +440,9 @@ def plan_promotion(
     if request.force:
         record["forced"] = True
         record["reason"] = request.reason.strip()
+    tests = runbook_test_evidence(catalog, request.action_id)
+    if not evidence.problem:
+        record["evidence"] = {**evidence.record(), "runbook_tests": tests.summary()}
     path = Path(action.location.file)
     before = _read(path)
     scopes_before = action.safety.scopes
@@ -281,8 +455,18 @@ def plan_promotion(
         display=_display(path),
     )
     refusal = ""
-    if not evidence.sufficient and not request.force:
+    lowered = _lowered_bar(request, settings.promotion_min_runs, settings.promotion_window)
+    if lowered and not request.force:
+        refusal = _lowered_refusal(request, lowered)
+    elif not evidence.sufficient and not request.force:
         refusal = _shortfall(request, evidence)
+    elif tests.failures and not request.force:
+        refusal = (
+            f"refusing to promote {request.action_id} to {request.env}: runbook tests of "
+            f"the runbooks using it fail:\n"
+            + "\n".join(f"  {f}" for f in tests.failures)
+            + "\nFix them (runbookctl test), or pass --force --reason TEXT (recorded)."
+        )
     return Plan(
         request=request,
         catalog=catalog,
@@ -294,6 +478,7 @@ def plan_promotion(
         scopes_before=scopes_before,
         scopes_after=scopes_after,
         refusal=refusal,
+        tests=tests,
     )
 
 
@@ -406,6 +591,31 @@ def _check_url(url: str) -> None:
         )
 
 
+def _lowered_bar(request: PromotionRequest, min_runs: int, window: float) -> list[str]:
+    """The flags that ask for less evidence than the catalog does (an override)."""
+    lowered = []
+    if request.min_runs is not None and request.min_runs < min_runs:
+        lowered.append(
+            f"--min-runs {request.min_runs} is below the catalog's "
+            f"promotion.min_successful_runs ({min_runs})"
+        )
+    if request.window is not None and request.window > window:
+        lowered.append(
+            f"--window {_duration_text(request.window)} is longer than the catalog's "
+            f"promotion.window ({_duration_text(window)})"
+        )
+    return lowered
+
+
+def _lowered_refusal(request: PromotionRequest, lowered: list[str]) -> str:
+    return (
+        f"refusing to promote {request.action_id} to {request.env}: "
+        f"{' and '.join(lowered)}. Asking for less evidence than the catalog is an "
+        "override: pass --force --reason TEXT (the reason is recorded in the promotion for "
+        "reviewers), or change the catalog's `promotion:` settings through review."
+    )
+
+
 def _shortfall(request: PromotionRequest, evidence: Evidence) -> str:
     action, envs = request.action_id, ", ".join(evidence.environments) or "none"
     head = f"refusing to promote {action} to {request.env}: "
@@ -416,11 +626,17 @@ def _shortfall(request: PromotionRequest, evidence: Evidence) -> str:
         )
     else:
         where = ", ".join(f"{env}: {n}" for env, n in evidence.runs.items() if n)
+        ignored = evidence._not_counted_text()
+        ignored_text = (
+            f" Not counted: {ignored}, which are not runs by the bot on real incidents."
+            if ignored
+            else ""
+        )
         found = (
             f"found {_plural(evidence.total, 'successful run')} of {action} in lower "
             f"environments ({where or envs}) since {_when(evidence.since)} "
             f"(window {human_duration(evidence.window)}) in {evidence.db}; "
-            f"at least {evidence.required} are needed.\n"
+            f"at least {evidence.required} are needed.{ignored_text}\n"
             f"Let it prove itself in {envs} first, or change the bar with --min-runs and "
             "--window (or the catalog's `promotion:` settings)"
         )
@@ -612,14 +828,27 @@ def _styled_like(scopes: Any, value: str) -> Any:
     return value
 
 
+_TIMESTAMP_KEYS = frozenset({"at", "first_run", "last_run"})
+
+
 def _record_map(record: Mapping[str, Any]) -> Any:
-    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
     from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
     out = CommentedMap()
     for key, value in record.items():
-        # `at` must stay a string: unquoted, YAML would read it as a timestamp
-        out[key] = DoubleQuotedScalarString(value) if key == "at" else value
+        if key in _TIMESTAMP_KEYS:
+            # it must stay a string: unquoted, YAML would read it as a timestamp
+            out[key] = DoubleQuotedScalarString(value)
+        elif isinstance(value, Mapping) and key == "evidence":
+            out[key] = _record_map(value)
+        elif isinstance(value, Mapping | list):
+            # short values on one line: `environments: {staging: 3}`, `catalog_commits: [..]`
+            flow = CommentedMap(value) if isinstance(value, Mapping) else CommentedSeq(value)
+            flow.fa.set_flow_style()
+            out[key] = flow
+        else:
+            out[key] = value
     return out
 
 

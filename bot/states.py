@@ -195,6 +195,15 @@ class Event(StrEnum):
     DRY_RUN = "dry_run"
 
 
+class Origin(StrEnum):
+    """`automation_events.origin`: what produced an audit row. Only the bot's own rows are
+    real executions; `runbookctl promote` counts nothing else as evidence."""
+
+    BOT = "bot"  # the bot (and bot.guard's decorators) acting on a real incident
+    SIMULATE = "simulate"  # `runbookctl simulate`, with or without --execute
+    TEST = "test"  # `runbookctl test`: assumed outcomes, nothing executed
+
+
 # The audit event a step's final status is recorded as.
 RESULT_EVENTS: Mapping[StepStatus, Event] = {
     StepStatus.SUCCESS: Event.SUCCEEDED,

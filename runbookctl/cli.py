@@ -21,6 +21,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("runbookctl.simulate", "simulate"),
     "report": ("runbookctl.report", "report"),
     "promote": ("runbookctl.promote", "promote"),
+    "test": ("runbookctl.runbooktest", "test"),
 }
 
 
@@ -40,7 +41,8 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="runbookctl")
 def cli() -> None:
-    """Operate runbook-bot: lint the catalog, simulate incidents, promote actions, report."""
+    """Operate runbook-bot: lint and test the catalog, simulate incidents, promote actions,
+    report."""
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -8,13 +8,14 @@ This module imports only the catalog core: it runs on every commit and must star
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
 from bot.catalog.diagnostics import Diagnostic, excerpt
-from bot.catalog.loader import find_catalog_root, parse_catalog
+from bot.catalog.loader import TESTS_FOLDER, find_catalog_root, parse_catalog
 from bot.catalog.reader import default_jobs
 from runbookctl.common import default_catalog
 
@@ -75,13 +76,21 @@ def lint(
     code and how to fix it. Exits 0 when clean, 1 when there are errors (or warnings
     with --strict), 2 on usage errors.
     """
-    runs = _what_to_lint(paths, catalog_dir)
+    runs, runbook_tests = _what_to_lint(paths, catalog_dir)
     diagnostics: list[Diagnostic] = []
     files = 0
     for root, only in runs:
         parsed = parse_catalog(root, only=only, jobs=jobs or default_jobs(), cache_dir=cache_dir)
         diagnostics.extend(parsed.diagnostics)
         files += parsed.files
+    if runbook_tests:
+        # Runbook tests are not catalog documents: checked against their own schema
+        # (running them is `runbookctl test`).
+        from bot.runbooktests.files import read
+
+        suite = read(runbook_tests, _display_path)
+        diagnostics.extend(suite.diagnostics)
+        files += suite.files
     errors = sum(1 for d in diagnostics if d.severity == "error")
     warnings = len(diagnostics) - errors
     if output_format == "json":
@@ -100,8 +109,46 @@ def lint(
 
 def _what_to_lint(
     paths: tuple[str, ...], catalog_dir: str | None
+) -> tuple[list[tuple[str, list[str] | None]], list[Path]]:
+    """(catalog root, files to report or None for all) for each catalog to check, and
+    the runbook test files among the paths (in, or being, a catalog's tests/ folder)."""
+    tests = [p for p in paths if _in_tests_folder(Path(p), catalog_dir)]
+    paths = tuple(p for p in paths if p not in tests)
+    runbook_tests = [f for t in tests for f in _yaml_files(Path(t))]
+    if tests and not paths:
+        return [], runbook_tests
+    return _catalog_runs(paths, catalog_dir), runbook_tests
+
+
+def _in_tests_folder(path: Path, catalog_dir: str | None) -> bool:
+    root = (
+        Path(catalog_dir)
+        if catalog_dir
+        else find_catalog_root(path / "x" if path.is_dir() else path)
+    )
+    if root is None:
+        return False
+    try:
+        parts = path.resolve().relative_to(root.resolve()).parts
+    except ValueError:
+        return False
+    return bool(parts) and parts[0] == TESTS_FOLDER
+
+
+def _yaml_files(path: Path) -> list[Path]:
+    from bot.runbooktests.files import yaml_files_under
+
+    return yaml_files_under(path)
+
+
+def _display_path(path: Path) -> str:
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def _catalog_runs(
+    paths: tuple[str, ...], catalog_dir: str | None
 ) -> list[tuple[str, list[str] | None]]:
-    """(catalog root, files to report or None for all) for each catalog to check."""
     directories = [p for p in paths if Path(p).is_dir()]
     files = [p for p in paths if not Path(p).is_dir()]
     if catalog_dir is not None and directories:

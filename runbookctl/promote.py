@@ -37,14 +37,15 @@ def _window(value: str | None) -> float | None:
     type=click.IntRange(min=0),
     default=None,
     help="Successful runs in lower environments required. "
-    "Default: the catalog's promotion.min_successful_runs, else 3.",
+    "Default: the catalog's promotion.min_successful_runs, else 3. Fewer than the "
+    "catalog asks for needs --force --reason.",
 )
 @click.option(
     "--window",
     default=None,
     metavar="DURATION",
     help="How far back runs count, e.g. 720h. Default: the catalog's promotion.window, "
-    "else 720h (30 days).",
+    "else 720h (30 days). Longer than the catalog's needs --force --reason.",
 )
 @click.option(
     "--force/--no-force",
@@ -88,9 +89,10 @@ def promote(
 ) -> None:
     """Allow an action in a production environment, with evidence from the audit log.
 
-    Checks that the action has run successfully often enough in lower environments,
-    then writes the environment into the action's scopes, with a promotion record, in
-    its catalog file (comments and layout kept), and prints the diff for review.
+    Checks that the bot has run the action successfully often enough in lower
+    environments (runs of simulate and runbook tests never count), then writes the
+    environment into the action's scopes, with a promotion record, in its catalog file
+    (comments and layout kept), and prints the diff for review.
     Exits 1 when the promotion is refused, saying why.
     """
     from bot import promotion
@@ -114,6 +116,8 @@ def promote(
         plan = promotion.plan_promotion(catalog_dir, request, db=db)
         click.echo(f"Evidence for promoting {action_id} to {env} (audit log {plan.evidence.db}):")
         click.echo(f"  {plan.evidence.summary()}")
+        if plan.tests is not None:
+            click.echo(f"  runbook tests: {plan.tests.summary()}")
         if force:
             click.echo(f"  forced: {request.reason.strip()}")
         if dry_run:

@@ -89,7 +89,7 @@ def simulate(
     from bot.engine import Incident
     from bot.local import LocalRuntime
     from bot.messages import SIMULATE_NO_ENVIRONMENT
-    from bot.states import RunStatus
+    from bot.states import Origin, RunStatus
     from bot.store import Store
 
     mode = approve or ("ask" if execute else "all")
@@ -122,6 +122,8 @@ def simulate(
                 transports={"slack": ConsoleTransport(sys.stdout)},
                 dry_run=not execute,
                 default_env=env,
+                # Its audit rows are marked: never evidence for `runbookctl promote`.
+                origin=Origin.SIMULATE,
                 # The person at the terminal stands in for the responders.
                 member_of=lambda user, group: True,
             )

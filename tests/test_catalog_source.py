@@ -757,6 +757,8 @@ def test_the_files_watched_are_the_files_lint_reads(tmp_path: Path) -> None:
             "actions/.swap.yaml": "x: 1\n",
             "notes.txt": "not yaml\n",
             "more/extra.yml": action("extra", "x"),
+            "tests/payments.yaml": "kind: test\nnot: a catalog document\n",
+            "more/tests/nested.yaml": action("nested", "x"),  # only the root's tests/
         },
     )
     (root / "linked").symlink_to("actions")  # the same folder twice: once
@@ -765,6 +767,20 @@ def test_the_files_watched_are_the_files_lint_reads(tmp_path: Path) -> None:
     expected = [path.relative_to(root).as_posix() for path in discover_files(root)]
     assert list(CatalogSource(root).fingerprint().paths) == expected
     assert "dangling.yaml" in expected and "linked/check.yaml" not in expected
+    assert "tests/payments.yaml" not in expected and "more/tests/nested.yaml" in expected
+
+
+def test_a_change_to_the_runbook_tests_reloads_nothing(repo: Path) -> None:
+    calls = Calls()
+    source = CatalogSource(repo, on_loaded=calls.on_loaded, on_failed=calls.on_failed)
+    source.reload()
+    # not even a broken one: runbook tests are not the catalog (runbookctl test reads them)
+    write(repo, {"tests/web.yaml": "kind: test\nsteps: [unclosed\n"})
+    assert source.check().outcome == "unchanged"
+    head = commit_all(repo, "a runbook test")
+    result = source.check()
+    assert (result.outcome, result.commit) == ("success", head)  # a new commit, same files
+    assert word_of(source.current()) == "v1" and not calls.failed
 
 
 def test_a_commit_on_a_branch_checked_out_since_is_seen(repo: Path) -> None:
@@ -776,3 +792,20 @@ def test_a_commit_on_a_branch_checked_out_since_is_seen(repo: Path) -> None:
     head = commit_all(repo, "notes on the hotfix branch")
     assert source.check().outcome == "success"
     assert source.current().commit == head
+
+
+def test_checking_the_commit_never_locks_the_index(repo: Path) -> None:
+    """The bot asks Git at every catalog check. A plain `git status` refreshes a stale
+    index under .git/index.lock, so a person's commit (or git-sync) in the same checkout
+    at that moment fails with "index.lock: File exists"; the bot's check writes nothing."""
+    from bot.catalog.loader import git_commit
+
+    check = repo / "actions" / "check.yaml"
+    os.utime(check, ns=(0, 0))  # same content, stale stat data in the index
+    index = repo / ".git" / "index"
+    before = index.stat()
+    assert git_commit(repo) == (git(repo, "rev-parse", "HEAD"), False)
+    after = index.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    git(repo, "status", "--porcelain")  # what a plain status does: the index is rewritten
+    assert index.stat().st_mtime_ns != before.st_mtime_ns or index.stat().st_ino != before.st_ino

@@ -126,9 +126,12 @@ def render(helm: Any, values: dict[str, Any] | None = None) -> Rendered:
 
 
 def bundled_catalog_files() -> dict[str, str]:
-    """The bundled catalog, flattened to file name -> text, as a ConfigMap holds it."""
-    files = {p.name: p.read_text("utf-8") for p in sorted((REPO / "runbooks").rglob("*.yaml"))}
-    assert len(files) == len(list((REPO / "runbooks").rglob("*.yaml"))), "file names collide"
+    """The bundled catalog, flattened to file name -> text, as a ConfigMap holds it (its
+    runbook tests, in tests/, are not part of the catalog and stay out)."""
+    root = REPO / "runbooks"
+    paths = [p for p in sorted(root.rglob("*.yaml")) if p.relative_to(root).parts[0] != "tests"]
+    files = {p.name: p.read_text("utf-8") for p in paths}
+    assert len(files) == len(paths), "file names collide"
     return files
 
 

@@ -55,7 +55,7 @@ def test_every_runbookctl_command_is_documented() -> None:
     result = runner.invoke(cli, ["--help"])
     assert result.exit_code == 0
     commands = cli.list_commands(None)  # type: ignore[arg-type]
-    assert {"lint", "simulate", "promote", "report"} <= set(commands)
+    assert {"lint", "simulate", "promote", "report", "test"} <= set(commands)
     for name in commands:
         assert f"runbookctl {name}" in README, f"`runbookctl {name}` is not in the README"
 

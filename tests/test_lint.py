@@ -371,15 +371,19 @@ def test_a_reparsed_placeholder_is_an_error_without_approval() -> None:
 # --- the bundled catalog ---------------------------------------------------------------
 
 
+# The bundled catalog's files; its runbook tests (tests/) are checked by test_runbooktests.py.
+BUNDLED_FILES = sorted(
+    p for p in BUNDLED.rglob("*.yaml") if p.relative_to(BUNDLED).parts[0] != "tests"
+)
+
+
 def test_bundled_catalog_is_clean() -> None:
     parsed = parse_catalog(BUNDLED)
     assert parsed.diagnostics == []
-    assert parsed.files == len(list(BUNDLED.rglob("*.yaml")))
+    assert parsed.files == len(BUNDLED_FILES)
 
 
-@pytest.mark.parametrize(
-    "path", sorted(BUNDLED.rglob("*.yaml")), ids=lambda p: str(p.relative_to(BUNDLED))
-)
+@pytest.mark.parametrize("path", BUNDLED_FILES, ids=lambda p: str(p.relative_to(BUNDLED)))
 def test_bundled_file_is_valid_against_the_published_schema(path: Path) -> None:
     """What an editor (yaml-language-server) or check-jsonschema sees: the top-level oneOf."""
     from jsonschema import Draft202012Validator
@@ -425,6 +429,70 @@ def test_default_path_missing_is_a_usage_error(
     result = CliRunner().invoke(lint, [])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+# --- runbook tests beside the catalog ----------------------------------------------------
+
+
+def test_the_tests_folder_at_the_root_is_not_part_of_the_catalog(tmp_path: Path) -> None:
+    write_catalog(
+        tmp_path,
+        {
+            "actions/restart.yaml": RESTART,
+            "tests/web.yaml": "kind: test\nname: web down\nsteps: {restart: {exit_code: 0}}\n",
+            "tests/broken.yaml": "kind: test\n  steps: [\n",  # runbookctl test reports it
+        },
+    )
+    result = CliRunner().invoke(lint, ["--strict", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith("0 errors, 0 warnings in 2 files\n")
+
+
+def test_linting_a_runbook_test_file_checks_it_against_the_test_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = "kind: test\nname: ok\nincident: {service: web, title: down}\nexpect: {runbook: null}\n"
+    write_catalog(
+        tmp_path,
+        {
+            "actions/restart.yaml": RESTART,
+            "tests/good.yaml": good,
+            "tests/more/typo.yaml": good.replace("expect:", "expekt:"),
+        },
+    )
+    monkeypatch.chdir(tmp_path)
+    clean = CliRunner().invoke(lint, ["tests/good.yaml", "actions/restart.yaml"])
+    assert (clean.exit_code, clean.output) == (0, "0 errors, 0 warnings in 2 files\n")
+    folder = CliRunner().invoke(lint, ["tests"])
+    assert folder.exit_code == 1
+    assert folder.output.startswith(
+        "tests/more/typo.yaml:1:1: error RT010 [test-schema] the test has no `expect`"
+    )
+    assert "unknown key `expekt` in the test ($.expekt)" in folder.output
+    assert "fix: did you mean `expect`?" in folder.output
+    assert folder.output.endswith("2 errors, 0 warnings in 2 files\n")
+
+
+def test_a_runbook_test_elsewhere_in_the_catalog_is_told_where_it_belongs(
+    tmp_path: Path,
+) -> None:
+    write_catalog(
+        tmp_path,
+        {
+            "actions/restart.yaml": RESTART,
+            "runbooks/web-test.yaml": "kind: test\nname: web down\n",
+            "actions/tests/check.yaml": "id: check\ncommand: x\nexpect: [{pattern: x}]\n",
+        },
+    )
+    result = CliRunner().invoke(lint, [str(tmp_path)])
+    assert result.exit_code == 1
+    assert (
+        f"{tmp_path}/runbooks/web-test.yaml:1:7: error RB010 [schema] a runbook test "
+        "(`kind: test`) is not a catalog document ($.kind)"
+    ) in result.output
+    assert "fix: move it to the `tests/` folder at the root of the catalog" in result.output
+    assert "actions/tests/check.yaml" not in result.output  # an action like any other
+    assert "1 error, 0 warnings in 4 files" in result.output
 
 
 # --- linting files in the context of their catalog -------------------------------------
@@ -663,12 +731,15 @@ FORBIDDEN = ("slack_bolt", "slack_sdk", "pagerduty", "prometheus_client", "httpx
 
 
 @pytest.mark.slow
-def test_lint_does_not_import_chat_pagerduty_http_or_metrics_code() -> None:
+@pytest.mark.parametrize(
+    "target", ["runbooks", "runbooks/tests/payments-elevated-5xx.yaml"], ids=["catalog", "test"]
+)
+def test_lint_does_not_import_chat_pagerduty_http_or_metrics_code(target: str) -> None:
     probe = (
         "import json, sys\n"
         "from runbookctl.cli import cli\n"
         "try:\n"
-        "    cli.main(args=['lint', 'runbooks'], prog_name='runbookctl')\n"
+        f"    cli.main(args=['lint', {target!r}], prog_name='runbookctl')\n"
         "except SystemExit as exc:\n"
         "    assert exc.code == 0, exc.code\n"
         "print(json.dumps(sorted(sys.modules)))\n"
@@ -676,8 +747,9 @@ def test_lint_does_not_import_chat_pagerduty_http_or_metrics_code() -> None:
     result = _run(sys.executable, "-c", probe)
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.splitlines()[-1])
-    assert "bot.catalog.rules" in modules
+    assert "bot.catalog.yamlsource" in modules
     assert [m for m in modules if m.split(".")[0] in FORBIDDEN] == []
+    assert "bot.engine" not in modules
 
 
 # --- the linter never crashes ----------------------------------------------------------
@@ -906,18 +978,21 @@ def test_schema_shaped_documents_never_crash(actions: list[object], runbooks: li
 # --- pre-commit and CI examples --------------------------------------------------------
 
 
-def test_pre_commit_hook_definition() -> None:
-    (hook,) = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text("utf-8"))
-    assert hook["id"] == "runbookctl-lint"
-    assert hook["entry"] == "runbookctl lint"
-    assert hook["language"] == "python"
-    assert hook["pass_filenames"] is False
-    assert all(re.search(hook["files"], name) for name in ("a.yaml", "runbooks/b.yml"))
-    assert not re.search(hook["files"], "README.md")
+def test_pre_commit_hook_definitions() -> None:
+    hooks = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text("utf-8"))
+    assert [h["id"] for h in hooks] == ["runbookctl-lint", "runbookctl-test"]
+    assert [h["entry"] for h in hooks] == ["runbookctl lint", "runbookctl test"]
+    for hook in hooks:
+        assert hook["language"] == "python"
+        assert hook["pass_filenames"] is False
+        assert all(re.search(hook["files"], name) for name in ("a.yaml", "runbooks/b.yml"))
+        assert not re.search(hook["files"], "README.md")
 
 
-def test_github_actions_example_lints_with_annotations() -> None:
-    workflow = yaml.safe_load((ROOT / "deploy/ci/github-actions-lint.yml").read_text("utf-8"))
+def test_github_actions_example_lints_and_tests_with_annotations() -> None:
+    from runbookctl.cli import cli
+
+    workflow = yaml.safe_load((ROOT / "deploy/ci/github-actions-catalog.yml").read_text("utf-8"))
     steps = workflow["jobs"]["lint"]["steps"]
     uses = [s.get("uses", "") for s in steps]
     assert any(u.startswith("actions/checkout@") for u in uses)
@@ -925,9 +1000,20 @@ def test_github_actions_example_lints_with_annotations() -> None:
     assert setup["with"]["python-version"] == "3.11"
     runs = [s["run"] for s in steps if "run" in s]
     assert any("pip install" in r for r in runs)
-    assert runs[-1] == "runbookctl lint --format github runbooks"
-    # the command the example runs works on this repository's own catalog
-    assert CliRunner().invoke(lint, ["--format", "github", str(BUNDLED)]).exit_code == 0
+    assert runs[-2:] == [
+        "runbookctl lint --format github runbooks",
+        "runbookctl test --format github runbooks",
+    ]
+    # the commands the example runs work on this repository's own catalog
+    for command in runs[-2:]:
+        args = [*command.split()[1:-1], str(BUNDLED)]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+
+
+def test_ci_runs_the_bundled_runbook_tests_after_lint() -> None:
+    ci = (ROOT / ".ci" / "run").read_text("utf-8").splitlines()
+    assert ci.index("runbookctl test runbooks") > ci.index("runbookctl lint --strict runbooks")
 
 
 # --- the loader's fast schema check agrees with the full schema ------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -150,6 +151,7 @@ class Repo:
         env: str = "staging",
         status: str = "succeeded",
         age: float = 3600.0,
+        commit: str = "test",
     ) -> None:
         """Rows the engine writes when a step's command succeeds (or not)."""
         store = Store(self.db)
@@ -164,7 +166,7 @@ class Repo:
                     action=action,
                     env=env,
                     status=status,
-                    catalog_commit="test",
+                    catalog_commit=commit,
                 )
         finally:
             store.close()
@@ -426,18 +428,71 @@ def test_the_database_defaults_to_runbook_db(repo: Repo, monkeypatch: pytest.Mon
     assert f"(audit log {repo.db})" in result.output
 
 
-def test_flags_override_the_catalog_settings(repo: Repo) -> None:
-    repo.record_runs("restart-app", 2, age=3 * 3600)
-    # the catalog wants 3 runs in 48h
-    assert repo.promote_restart("--dry-run").exit_code == 1
-    # 2 runs are enough when asked for 2, but not when they fall outside a 1h window
-    refused = repo.promote_restart("--dry-run", "--min-runs", "2", "--window", "1h")
+def test_flags_may_raise_the_bar_without_force(repo: Repo) -> None:
+    repo.record_runs("restart-app", 4, age=3 * 3600)
+    # the catalog wants 3 runs in 48h: 4 runs within 1h are none
+    refused = repo.promote_restart("--dry-run", "--window", "1h")
     assert refused.exit_code == 1
     assert "found 0 successful runs" in refused.output and "window 1 hour" in refused.output
-    result = repo.promote_restart("--min-runs", "2", "--window", "4h")
+    assert "--force" not in refused.output.split("found 0")[0]  # a stricter bar is no override
+    assert repo.promote_restart("--dry-run", "--min-runs", "5").exit_code == 1
+    result = repo.promote_restart("--min-runs", "4", "--window", "4h")
     assert result.exit_code == 0, result.output
     (record,) = promotions_of(repo.file("restart-app.yaml"), "restart-app")
-    assert str(record["validated"]).endswith("; 2 required")
+    assert str(record["validated"]).endswith("; 4 required (the catalog asks for 3)")
+    assert "forced" not in record
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (
+            ("--min-runs", "0"),
+            "--min-runs 0 is below the catalog's promotion.min_successful_runs (3)",
+        ),
+        (
+            ("--min-runs", "2"),
+            "--min-runs 2 is below the catalog's promotion.min_successful_runs (3)",
+        ),
+        (
+            ("--window", "72h"),
+            "--window 72h is longer than the catalog's promotion.window (48h)",
+        ),
+    ],
+    ids=["min-runs-0", "min-runs-2", "longer-window"],
+)
+def test_asking_for_less_evidence_than_the_catalog_needs_force(
+    repo: Repo, flags: tuple[str, ...], says: str
+) -> None:
+    repo.record_runs("restart-app", 10)  # plenty: the bar itself is the override
+    for extra in ((), ("--dry-run",)):
+        refused = repo.promote_restart(*flags, *extra)
+        assert refused.exit_code == 1
+        assert f"refusing to promote restart-app to prod: {says}." in refused.output
+        assert "pass --force --reason TEXT" in refused.output
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+def test_a_lowered_bar_with_force_is_recorded_as_such(repo: Repo) -> None:
+    Store(repo.db).close()  # the bot's database, with no run of the action
+    result = repo.promote_restart("--min-runs", "0", "--force", "--reason", "CAB-17: vendor fix")
+    assert result.exit_code == 0, result.output
+    (record,) = promotions_of(repo.file("restart-app.yaml"), "restart-app")
+    assert record["forced"] is True and record["reason"] == "CAB-17: vendor fix"
+    assert str(record["validated"]) == (
+        "0 successful runs in lower environments over the last 2 days; "
+        "0 required (the catalog asks for 3)"
+    )
+    assert record["evidence"] == {
+        "runs": 0,
+        "required": 0,
+        "environments": {},
+        "incidents": 0,
+        "window": "48h",
+        "catalog_commits": [],
+        "runbook_tests": "no runbook uses it",
+    }
+    assert lint(repo.catalog).exit_code == 0
 
 
 # --- refusals, each with a message that says what to do ------------------------------------
@@ -598,6 +653,191 @@ def test_the_bot_runs_the_promoted_action_in_prod_only_after_reloading(repo: Rep
         assert checkout_incident("prod") == "success"
     finally:
         store.close()
+
+
+# --- only real runs by the bot are evidence ---------------------------------------------------
+
+
+def simulate_checkout(repo: Repo, *args: str) -> Result:
+    return CliRunner().invoke(
+        cli,
+        [
+            "simulate",
+            "--catalog",
+            str(repo.catalog),
+            "--db",
+            str(repo.db),
+            "--service",
+            "checkout",
+            "--symptom",
+            "checkout down",
+            "--env",
+            "staging",
+            *args,
+        ],
+        catch_exceptions=False,
+    )
+
+
+def test_runs_of_simulate_never_count_even_executed(repo: Repo) -> None:
+    for _ in range(3):  # auto-check really runs (prints OK); the guarded inline step is refused
+        ran = simulate_checkout(repo, "--execute", "--approve", "none")
+        assert "✅ succeeded" in ran.output, ran.output
+    store = Store(repo.db)
+    succeeded = [e for e in store.events() if e["status"] == "succeeded"]
+    store.close()
+    assert len(succeeded) == 3 and {e["origin"] for e in succeeded} == {"simulate"}
+
+    result = repo.promote("--action", "auto-check", "--env", "prod", "--evidence-url", EVIDENCE)
+
+    assert result.exit_code == 1
+    assert "found 0 successful runs of auto-check" in result.output
+    assert (
+        "Not counted: 3 runs of runbookctl simulate, which are not runs by the bot on real "
+        "incidents."
+    ) in result.output
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+def test_the_record_says_how_many_runs_where_when_and_on_which_commits(repo: Repo) -> None:
+    head = git(repo.root, "rev-parse", "HEAD")[:12]
+    store = Store(repo.db)
+    # the bot's real runs (LocalRuntime with the bot's origin), on the catalog at HEAD
+    runtime = LocalRuntime(load_catalog(repo.catalog), store)
+    try:
+        for n, env in enumerate(["staging", "staging", "dev"]):
+            runtime.open(Incident(id=f"P{n}", title="checkout down", service="checkout", env=env))
+    finally:
+        store.close()
+    repo.record_runs("auto-check", 1, age=40 * 3600, commit="0a1b2c3d4e5f")  # an older catalog
+    simulate_checkout(repo, "--execute", "--approve", "none")  # does not count
+
+    result = repo.promote("--action", "auto-check", "--env", "prod", "--evidence-url", EVIDENCE)
+
+    assert result.exit_code == 0, result.output
+    (record,) = promotions_of(repo.file("auto-check.yaml"), "auto-check")
+    evidence = record["evidence"]
+    assert isinstance(evidence, dict)
+    first, last = str(evidence.pop("first_run")), str(evidence.pop("last_run"))
+    assert evidence == {
+        "runs": 4,
+        "required": 3,
+        "environments": {"dev": 1, "staging": 3},
+        "incidents": 4,
+        "window": "48h",
+        "catalog_commits": [head, "0a1b2c3d4e5f"],
+        "runbook_tests": "no runbook test of checkout-broken",
+    }
+    assert abs(datetime.fromisoformat(first).timestamp() - (time.time() - 40 * 3600)) < 120
+    assert abs(datetime.fromisoformat(last).timestamp() - time.time()) < 120
+    validated = str(record["validated"])
+    assert validated.startswith(
+        "4 successful runs in lower environments over the last 2 days (dev: 1, staging: 3; "
+        "4 incidents, "
+    )
+    assert f"catalog commits {head}, 0a1b2c3d4e5f)" in validated
+    assert validated.endswith("(not counted: 1 run of runbookctl simulate); 3 required")
+    text = repo.file("auto-check.yaml").read_text()
+    assert "      evidence:\n        runs: 4\n        required: 3\n" in text
+    assert "        environments: {dev: 1, staging: 3}\n" in text
+    assert f'        first_run: "{first}"\n' in text
+    assert f"        catalog_commits: [{head}, 0a1b2c3d4e5f]\n" in text
+    assert lint(repo.catalog).exit_code == 0
+    assert load_catalog(repo.catalog).actions["auto-check"].safety.promotion_for("prod")
+
+
+CHECKOUT_TEST = """\
+kind: test
+name: auto-check runs, then the inline fix waits for approval
+incident: {service: checkout, title: checkout down, env: staging}
+steps:
+  auto-check: {exit_code: 0, output: OK}
+  inline-fix: {approval: pending}
+expect:
+  path: [auto-check: success, inline-fix: awaiting_approval]
+"""
+
+
+def test_passing_runbook_tests_are_recorded_and_failing_ones_refuse(repo: Repo) -> None:
+    tests = repo.catalog / "tests"
+    tests.mkdir()
+    (tests / "checkout.yaml").write_text(CHECKOUT_TEST)
+    (tests / "other.yaml").write_text(  # an incident no runbook using auto-check matches
+        "kind: test\nname: nothing\nincident: {service: web, title: down}\n"
+        "expect: {runbook: null}\n"
+    )
+    git(repo.root, "add", ".")
+    git(repo.root, "commit", "--quiet", "-m", "runbook tests")
+    repo.record_runs("auto-check", 3)
+    args = ("--action", "auto-check", "--env", "prod", "--evidence-url", EVIDENCE)
+
+    dry = repo.promote(*args, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert (
+        "  runbook tests: 1 of 1 runbook test of checkout-broken passed "
+        "(runbooks/tests/checkout.yaml)"
+    ) in dry.output.replace(str(repo.root) + "/", "")
+
+    broken = CHECKOUT_TEST.replace("inline-fix: awaiting_approval", "inline-fix: success")
+    (tests / "checkout.yaml").write_text(broken)
+    refused = repo.promote(*args)
+    assert refused.exit_code == 1
+    assert "refusing to promote auto-check to prod: runbook tests of the runbooks using it " in (
+        refused.output
+    )
+    assert (
+        "checkout.yaml:8 'auto-check runs, then the inline fix waits for approval': path: "
+        "expected auto-check success → inline-fix success; got auto-check success → inline-fix "
+        "awaiting_approval"
+    ) in refused.output
+    assert "Fix them (runbookctl test), or pass --force --reason TEXT" in refused.output
+
+    forced = repo.promote(*args, "--force", "--reason", "the test is being rewritten in #88")
+    assert forced.exit_code == 0, forced.output
+    (record,) = promotions_of(repo.file("auto-check.yaml"), "auto-check")
+    evidence = record["evidence"]
+    assert isinstance(evidence, dict)
+    assert str(evidence["runbook_tests"]).startswith(
+        "0 of 1 runbook test of checkout-broken passed ("
+    )
+    assert record["forced"] is True
+
+
+def test_a_database_the_bot_has_not_migrated_yet_is_read_by_the_same_rule(repo: Repo) -> None:
+    """A bot of the previous version (schema 5) has no origin column: the incidents
+    simulate opened are told apart as the migration does it."""
+    import sqlite_utils
+
+    from bot.store.schema import MIGRATIONS
+
+    conn = sqlite3.connect(repo.db)
+    db = sqlite_utils.Database(conn)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    for version in range(1, 6):
+        MIGRATIONS[version](db)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '5')")
+    rows = [("PABC123", "staging"), ("SIM-1A2B3C4D", "staging"), ("P-BY-SIM", "staging")]
+    for incident_id, env in rows:
+        conn.execute(
+            "INSERT INTO automation_events (ts, incident_id, action, env, status, "
+            "catalog_commit) VALUES (?, ?, 'restart-app', ?, 'succeeded', 'abc')",
+            (time.time() - 60, incident_id, env),
+        )
+    conn.execute(
+        "INSERT INTO inbox (source, key, incident_id, kind, payload, received_at, status) "
+        "VALUES ('simulate', 'simulate:open:P-BY-SIM', 'P-BY-SIM', 'incident.triggered', "
+        "'{}', 0, 'done')"
+    )
+    conn.commit()
+    conn.close()
+
+    result = repo.promote_restart("--dry-run")
+
+    assert result.exit_code == 1
+    assert "found 1 successful run of restart-app" in result.output
+    assert "Not counted: 2 runs of runbookctl simulate" in result.output
+    with sqlite3.connect(repo.db) as check:  # read-only: not migrated behind the bot's back
+        assert check.execute("SELECT value FROM meta").fetchone() == ("5",)
 
 
 # --- the edit on every bundled action -----------------------------------------------------

@@ -133,7 +133,9 @@ def test_the_audit_can_be_kept_with_db(tmp_path: Path) -> None:
     assert result.exit_code == 0
     store = Store(db)
     statuses = [e["status"] for e in store.events()]
+    origins = {e["origin"] for e in store.events()}
     store.close()
+    assert origins == {"simulate"}  # never evidence for a promotion
     assert statuses.count("dry_run") == 4
     assert "requires_manual" in statuses and "approved" in statuses
     assert "executed" not in statuses  # a dry run executes nothing

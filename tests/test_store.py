@@ -170,7 +170,7 @@ def pending(store: Store) -> list[OutboxItem]:
 
 def test_a_fresh_database_is_at_the_current_schema_in_wal_mode(db_path: Path) -> None:
     store = Store(db_path)
-    assert store.schema_version == SCHEMA_VERSION == 5
+    assert store.schema_version == SCHEMA_VERSION == 6
     assert store.query_one("PRAGMA journal_mode") == {"journal_mode": "wal"}
     store.close()
     assert {
@@ -196,6 +196,7 @@ def test_a_fresh_database_is_at_the_current_schema_in_wal_mode(db_path: Path) ->
         "actor",
         "detail",
         "catalog_commit",
+        "origin",
     } <= columns(db_path, "automation_events")
     for table in ("incidents", "runs", "step_runs", "approvals", "inbox", "automation_events"):
         assert "catalog_commit" in columns(db_path, table), table
@@ -244,6 +245,52 @@ def test_the_users_dashboard_query_works_as_written(store: Store) -> None:
         {"action": "vacuum", "overrides": 2},
         {"action": "restart", "overrides": 1},
     ]
+
+
+def test_audit_rows_say_where_they_come_from(store: Store) -> None:
+    store.record_event(incident_id="P1", status="executed")
+    store.record_event(incident_id="SIM-1", status="executed", origin="simulate")
+    with pytest.raises(ValueError, match="'laptop' is not a valid Origin"):
+        store.record_event(incident_id="P1", status="executed", origin="laptop")
+    assert [(e["incident_id"], e["origin"]) for e in store.events()] == [
+        ("P1", "bot"),
+        ("SIM-1", "simulate"),
+    ]
+
+
+def test_schema_6_marks_the_rows_simulate_left_in_an_older_database(db_path: Path) -> None:
+    """Before schema 6, `runbookctl simulate --execute --db` wrote rows like the bot's.
+    The migration tells them apart by the incidents simulate opened."""
+    old = FirstVersion(db_path, version=5)
+    for incident_id in ("PXYZ123", "SIM-0A1B2C3D", "PLAIN-SIM"):
+        old.insert(
+            "automation_events",
+            {"ts": T0, "incident_id": incident_id, "action": "check", "status": "succeeded"},
+        )
+    # an incident simulate opened under an id of its own choosing
+    old.insert(
+        "inbox",
+        {
+            "source": "simulate",
+            "key": "simulate:open:PLAIN-SIM",
+            "incident_id": "PLAIN-SIM",
+            "kind": "incident.triggered",
+            "payload": "{}",
+            "received_at": T0,
+            "status": "done",
+        },
+    )
+    old.close()
+    store = Store(db_path)
+    assert store.schema_version == 6
+    assert {e["incident_id"]: e["origin"] for e in store.events()} == {
+        "PXYZ123": "bot",
+        "SIM-0A1B2C3D": "simulate",
+        "PLAIN-SIM": "simulate",
+    }
+    # the users' dashboard query reads the migrated table as it always did
+    assert store.query(OVERRIDES_QUERY) == []
+    store.close()
 
 
 def test_audit_statuses_are_the_event_vocabulary(store: Store) -> None:

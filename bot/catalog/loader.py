@@ -9,6 +9,9 @@ Three phases:
 
 Which kind a document is: its ``kind`` key; else ``actions/`` or ``runbooks/`` folders;
 else an action has ``command``, a runbook has ``steps``, settings have ``environments``.
+
+The ``tests/`` folder at the root of a catalog holds runbook tests (``runbookctl test``,
+``bot.runbooktests``), not catalog documents: it is never read as part of the catalog.
 """
 
 from __future__ import annotations
@@ -62,7 +65,13 @@ class ParsedCatalog:
         return [d for d in self.docs if d.kind == kind]
 
 
+# Runbook tests live here, beside the catalog's documents but not among them.
+TESTS_FOLDER = "tests"
+
+
 def discover_files(root: Path) -> list[Path]:
+    """The catalog's YAML files: hidden files and folders, and the `tests/` folder at the
+    root (runbook tests), left out."""
     if root.is_file():
         return [root]
     found: list[Path] = []
@@ -74,7 +83,10 @@ def discover_files(root: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        at_root = dirpath == str(root)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not (at_root and d == TESTS_FOLDER)
+        )
         found.extend(
             Path(dirpath, f)
             for f in sorted(filenames)
@@ -184,8 +196,11 @@ def git_commit(root: Path) -> tuple[str | None, bool]:
         )
         if head.returncode != 0:
             return None, False
+        # --no-optional-locks: a plain `git status` refreshes the index under index.lock,
+        # and the bot asks at every catalog check, so a commit or a git-sync in the same
+        # checkout at that moment would fail with "index.lock: File exists".
         status = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--", "."],
+            ["git", "--no-optional-locks", "-C", str(where), "status", "--porcelain", "--", "."],
             capture_output=True,
             text=True,
             timeout=10,

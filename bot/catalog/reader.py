@@ -100,6 +100,15 @@ def _unknown_kind(doc: SourceDoc) -> Diagnostic:
             "cannot tell whether this document is an action, a runbook or the catalog settings",
             "add `kind: action`, `kind: runbook` or `kind: catalog`",
         )
+    if kind == "test":
+        return doc.diagnostic(
+            "RB010",
+            "schema",
+            "a runbook test (`kind: test`) is not a catalog document",
+            "move it to the `tests/` folder at the root of the catalog, where "
+            "`runbookctl test` reads it and the catalog does not",
+            ("kind",),
+        )
     import difflib
 
     close = difflib.get_close_matches(str(kind), list(KINDS), n=1)

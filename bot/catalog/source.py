@@ -48,6 +48,7 @@ from typing import Any, Literal
 from bot import metrics
 from bot.catalog.diagnostics import Diagnostic
 from bot.catalog.loader import (
+    TESTS_FOLDER,
     FileContent,
     ParsedCatalog,
     build,
@@ -552,8 +553,9 @@ class CatalogSource:
 def _scan(root: Path) -> list[tuple[str, str, StatKey]]:
     """Catalog files under root as `discover_files` finds them: (relative, real path, stat).
 
-    Same rules: ``*.yaml``/``*.yml``, hidden files and folders skipped, symlinks followed,
-    each directory once (a symlink loop ends), files and folders in name order.
+    Same rules: ``*.yaml``/``*.yml``, hidden files and folders skipped, the root's
+    ``tests/`` folder (runbook tests) skipped, symlinks followed, each directory once (a
+    symlink loop ends), files and folders in name order.
     """
     try:
         st = root.stat()
@@ -579,8 +581,8 @@ def _walk(
     folders: list[os.DirEntry[str]] = []
     for entry in entries:
         name = entry.name
-        if name.startswith("."):
-            continue  # hidden files and folders, as lint skips them
+        if name.startswith(".") or (not prefix and name == TESTS_FOLDER):
+            continue  # hidden files and folders, and runbook tests, as lint skips them
         if name.endswith(_YAML):
             try:
                 st = entry.stat()

@@ -41,6 +41,7 @@ from bot.states import (
     Event,
     InboxStatus,
     IncidentStatus,
+    Origin,
     OutboxStatus,
     Phase,
     RunStatus,
@@ -186,9 +187,10 @@ class Unit:
     on (another worker or replica was first): the caller re-reads and decides again.
     """
 
-    def __init__(self, conn: sqlite3.Connection, at: float) -> None:
+    def __init__(self, conn: sqlite3.Connection, at: float, origin: Origin = Origin.BOT) -> None:
         self.conn = conn
         self.at = at
+        self.origin = origin  # what its audit rows come from (promotion counts only the bot's)
         self._events: list[tuple[Any, ...]] = []
         self._effects: list[Effect] = []
 
@@ -616,6 +618,7 @@ class Unit:
                 actor or None,
                 detail or None,
                 incident.catalog_commit,
+                str(self.origin),
             )
         )
 
@@ -659,10 +662,10 @@ class Unit:
 
     def _flush(self) -> None:
         if self._events:
-            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(self._events))
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(self._events))
             self.conn.execute(
                 "INSERT INTO automation_events (ts, incident_id, service, runbook_id, step_id, "
-                f"action, env, status, actor, detail, catalog_commit) VALUES {marks}",
+                f"action, env, status, actor, detail, catalog_commit, origin) VALUES {marks}",
                 tuple(v for row in self._events for v in row),
             )
             self._events.clear()
@@ -784,10 +787,12 @@ class Store:
                 raise
 
     @contextmanager
-    def unit(self, at: float | None = None) -> Iterator[Unit]:
-        """One transaction; commits the unit's changes, events and effects together."""
+    def unit(self, at: float | None = None, origin: Origin = Origin.BOT) -> Iterator[Unit]:
+        """One transaction; commits the unit's changes, events and effects together.
+
+        `origin`: what its audit rows come from (the bot, simulate or runbook tests)."""
         with self._transaction() as conn:
-            unit = Unit(conn, self.clock() if at is None else at)
+            unit = Unit(conn, self.clock() if at is None else at, origin)
             yield unit
             unit._flush()
 
@@ -944,6 +949,7 @@ class Store:
         status = values.get("status")
         if status not in {str(e) for e in Event}:
             raise ValueError(f"unknown audit status {status!r}")
+        values["origin"] = str(Origin(values.get("origin", Origin.BOT)))
         values.setdefault("ts", self.clock())
         columns = ", ".join(values)
         marks = ", ".join("?" for _ in values)

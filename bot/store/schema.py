@@ -8,12 +8,14 @@ Tables:
   inbox              everything that can change an incident, deduplicated, in receipt order
   outbox             every effect a change causes (Slack messages, PagerDuty write-back),
                      committed with the change and delivered by the senders
-  automation_events  the audit log: one row per thing that happened to a step
+  automation_events  the audit log: one row per thing that happened to a step, with its
+                     origin (the bot, or `runbookctl simulate` / `test`)
 
   catalogs           snapshots of the good catalogs the bot served, by version
 
 Migrations 1 to 3 built the first version's tables; 4 replaced its delivery queue and
-in-memory message bookkeeping with the inbox and the outbox; 5 keeps served catalogs.
+in-memory message bookkeeping with the inbox and the outbox; 5 keeps served catalogs; 6
+marks each audit row with its origin (the bot, `runbookctl simulate` or `runbookctl test`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -417,10 +419,25 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    # What produced each audit row: 'bot' (a real incident), 'simulate' or 'test'.
+    # `runbookctl promote` counts only the bot's rows as evidence. Rows written before
+    # this migration by `runbookctl simulate --db` are found by the incidents it opened
+    # (their inbox items have source 'simulate'; their ids start with SIM-). No index:
+    # promote's query narrows by (status, action) first, and every audit write would pay.
+    conn = db.conn
+    conn.execute("ALTER TABLE automation_events ADD COLUMN origin TEXT NOT NULL DEFAULT 'bot'")
+    conn.execute(
+        "UPDATE automation_events SET origin = 'simulate' WHERE incident_id LIKE 'SIM-%' "
+        "OR incident_id IN (SELECT incident_id FROM inbox WHERE source = 'simulate')"
+    )
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migration_1,
     2: _migration_2,
     3: _migration_3,
     4: _migration_4,
     5: _migration_5,
+    6: _migration_6,
 }
