@@ -127,13 +127,16 @@ def test_a_broken_commit_after_a_good_one_is_never_served(catalog: Path, slack: 
 def test_a_pending_request_is_asked_again_when_a_reload_changes_its_command(
     catalog: Path, slack: FakeSlack
 ) -> None:
-    bot = Bot(catalog, slack, catalog_refresh=0.05)
+    # Reloaded on request (SIGHUP's path), not by polling: a poll between the edit and the
+    # commit would serve the edit as an uncommitted ("-dirty") version first.
+    bot = Bot(catalog, slack, catalog_refresh=0)
     try:
         bot.open_incident()
         wait_for(lambda: bot.status("guarded") == "awaiting_approval", what="the request")
         first = bot.step_run("guarded")
         set_guarded_argument(catalog, str(catalog / "other-gate"))
         changed = commit(catalog, "guarded waits for another gate")
+        bot.app.source.request_reload()
         wait_for(lambda: bot.step_run("guarded").attempt == 2, what="the request asked again")
         old = bot.app.store.approval(first.id)
         assert old is not None and old.status == "void"

@@ -11,6 +11,7 @@ every call, waiting for calls, queued faults (429 with ``Retry-After``, 500, ...
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import shutil
 import socket
@@ -95,6 +96,7 @@ class FakeServer:
         self._up = threading.Event()
         self._up.set()
         self.errors: list[BaseException] = []
+        self._connections: set[socket.socket] = set()
         """Exceptions raised inside the stand-in itself (answered as 500): bugs in the fake."""
         self._tls = tls
         self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
@@ -142,6 +144,11 @@ class FakeServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
+        with self._cond:  # kept-alive connections go too: a stopped server is gone
+            connections, self._connections = set(self._connections), set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> Self:
         return self
@@ -355,7 +362,21 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, as the real APIs answer: a client reuses its connections
+    (and TLS sessions) instead of paying a handshake per call."""
+
     server: _HTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.fake._cond:
+            self.server.fake._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.fake._cond:
+            self.server.fake._connections.discard(self.connection)
+        super().finish()
 
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
