@@ -114,7 +114,7 @@ class Pipeline:
     """The bot's pipeline without HTTP: inbox and outbox threads, engine, executor."""
 
     def __init__(self, catalog: Catalog, db: Path, workers: int = 4) -> None:
-        self.store = Store(db)
+        self.store = Store(db, intake_log=True)  # as the bot's
         self.inbox = Inbox(self.store, self._apply, workers=workers)
         self.executor = InlineExecutor(self._ended, noop_runner)
         self.outbox = OutboxSender(self.store, {"slack": InstantSlack()}, workers=workers)
@@ -199,11 +199,15 @@ def automatic_catalog(steps: int) -> Catalog:
 def sql_for(steps: int, incidents: int, db: Path) -> tuple[float, float, float]:
     """(statements, write transactions, reads) per incident of `steps` automatic steps."""
     pipeline = Pipeline(automatic_catalog(steps), db)
-    trace = Trace()
-    pipeline.store.conn.set_trace_callback(trace)
+    connections = [pipeline.store.conn]  # the state database's, and the intake log's
+    if pipeline.store.intake is not None:
+        connections.append(pipeline.store.intake.conn)
+    traces = [Trace() for _ in connections]  # one each: a transaction is per connection
+    for conn, trace in zip(connections, traces, strict=True):
+        conn.set_trace_callback(trace)
     pipeline.start()
     for n in range(incidents):
-        pipeline.inbox.put(
+        pipeline.inbox.receive(
             **incident_item(Incident(id=f"I{n}", title="x", service="api"), source="pagerduty")
         )
     pipeline.wait(
@@ -215,9 +219,14 @@ def sql_for(steps: int, incidents: int, db: Path) -> tuple[float, float, float]:
             == incidents
         )
     )
-    pipeline.store.conn.set_trace_callback(None)
+    for conn in connections:
+        conn.set_trace_callback(None)
     pipeline.stop()
-    return trace.statements / incidents, trace.transactions / incidents, trace.reads / incidents
+    return (
+        sum(t.statements for t in traces) / incidents,
+        sum(t.transactions for t in traces) / incidents,
+        sum(t.reads for t in traces) / incidents,
+    )
 
 
 def incidents_for(catalog: Catalog, count: int, seed: int = 7) -> list[Incident]:
@@ -250,13 +259,13 @@ def run_engine(catalog: Catalog, cases: list[Incident], db: Path) -> tuple[float
     pipeline.start()
     started = time.perf_counter()
     for incident in cases:
-        pipeline.inbox.put(**incident_item(incident, source="pagerduty"))
+        pipeline.inbox.receive(**incident_item(incident, source="pagerduty"))
     decided: set[int] = set()
     while True:
         pending = [a for a in store.pending_approvals() if a.step_run_id not in decided]
         for approval in pending:
             decided.add(approval.step_run_id)
-            pipeline.inbox.put(
+            pipeline.inbox.receive(
                 source="slack",
                 key=f"slack:event:{approval.step_run_id}",
                 incident_id=approval.incident_id,

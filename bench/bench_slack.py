@@ -231,7 +231,7 @@ def one_run(number: int, iterations: int, warmup: int, slack: FakeSlack) -> RunR
             for n in range(warmup + iterations):
                 keep = n >= warmup
                 incident_id = f"PB{number}N{n:05d}"
-                app.inbox.put(
+                app.inbox.receive(
                     **incident_item(
                         Incident(id=incident_id, title="bench", service="bench", env="staging")
                     )

@@ -62,7 +62,13 @@ sys.path.insert(0, str(REPO / "tests"))
 import httpx  # noqa: E402
 from fakes import FakePagerDuty, FakeSlack, make_alert  # noqa: E402
 from fakes.base import Reply, Request  # noqa: E402
-from pagerduty_harness import OUTSTANDING, free_port, query, runbook_bot  # noqa: E402
+from pagerduty_harness import (  # noqa: E402
+    free_port,
+    not_moved,
+    outstanding_in,
+    query,
+    runbook_bot,
+)
 
 SECRET = "bench-webhook-secret"
 PD_TOKEN = "bench-pd-token"
@@ -476,11 +482,11 @@ def run_once(args: argparse.Namespace, schedule: list[Send], drain: bool) -> Run
             bot = fire(f"http://127.0.0.1:{port}/pagerduty/webhook", schedule)
             deadline = started + args.drain_timeout
             queued = "SELECT count(*) FROM inbox WHERE source = 'pagerduty' AND status = 'queued'"
-            while query(db, queued)[0][0] and time.monotonic() < deadline:
+            while (not_moved(db) or query(db, queued)[0][0]) and time.monotonic() < deadline:
                 time.sleep(0.2)
             inbox_drained = time.monotonic() - started
             if drain:
-                while query(db, OUTSTANDING)[0][0] and time.monotonic() < deadline:
+                while outstanding_in(db) and time.monotonic() < deadline:
                     time.sleep(0.5)
                 outbox_drained = time.monotonic() - started
             applied = {

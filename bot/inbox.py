@@ -84,6 +84,7 @@ class Inbox:
         alt_key: str | None = None,
         received_at: float | None = None,
         waiting_for: tuple[str, str] | None = None,
+        waiting: bool = False,
     ) -> bool:
         """Record an item durably (deduplicated); True when new. Raises when the database
         cannot record it: the caller must then not acknowledge it.
@@ -91,6 +92,7 @@ class Inbox:
         `waiting_for`: (channel, ts) of a Slack message the item is about whose step is
         not known yet: the item is parked until that message's post is recorded (then it
         joins its incident, keeping its place in receipt order), or until it is too old.
+        `waiting`: a sender waits for the answer (see `receive`).
         """
         new = self.store.inbox_put(
             source=source,
@@ -102,6 +104,7 @@ class Inbox:
             received_at=received_at,
             catalog_commit=self.catalog_commit(),
             status=InboxStatus.QUEUED if waiting_for is None else InboxStatus.PARKED,
+            waiting=waiting,
         )
         if new:
             log.info(
@@ -109,9 +112,13 @@ class Inbox:
                 incident_id or "(not known yet)", kind, source,
                 extra={"incident": incident_id, "kind": str(kind), "source": source},
             )  # fmt: skip
-            if waiting_for is None:
-                self.wake()
+            self.wake()  # to move it into the inbox (a parked one waits there)
         return new
+
+    def receive(self, **item: Any) -> bool:
+        """`put` for a request whose sender waits for the answer (a PagerDuty delivery, a
+        Slack event): recorded without waiting for the bot's work (the intake log)."""
+        return self.put(**item, waiting=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -143,6 +150,7 @@ class Inbox:
             self._wake.clear()
             wait = 1.0
             try:
+                self.store.inbox_receive()
                 if self.clock() >= next_sweep:
                     self.store.inbox_unpark()
                     self.store.inbox_expire_parked(self.store.clock() - PARKED_SECONDS)
@@ -234,6 +242,7 @@ class Inbox:
         """Apply every queued item here and now (simulate, tests); returns how many."""
         applied = 0
         while applied < limit:
+            self.store.inbox_receive()
             ready = self.store.inbox_ready(1)
             if not ready:
                 return applied

@@ -97,7 +97,7 @@ class BotApp:
         outbox_backoff: tuple[float, float] | None = None,
     ) -> None:
         self.config = config
-        self.store = Store(config.db)
+        self.store = Store(config.db, intake_log=True)
         # The catalog lives in Git: checked every RUNBOOK_CATALOG_REFRESH seconds and on
         # SIGHUP, linted before it is served, never served broken (bot.catalog.source).
         self.source = CatalogSource(
@@ -114,7 +114,7 @@ class BotApp:
             catalog_commit=lambda: self.engine.catalog.version,
         )
         self.executor = SupervisedExecutor(state_dir_for(config), self._job_ended)
-        self.pagerduty = PagerDutyIntake(config, self.inbox.put)
+        self.pagerduty = PagerDutyIntake(config, self.inbox.receive)
         self.slack = self._build_slack(slack_tuning)
         transports: dict[str, Transport] = {}
         rules: dict[str, tuple[float, float]] = {}
@@ -215,7 +215,7 @@ class BotApp:
         from bot.chat.slack import SlackAdapter
 
         return SlackAdapter(
-            self.config, put=self.inbox.put, find_message=self.store.message_at, tuning=tuning
+            self.config, put=self.inbox.receive, find_message=self.store.message_at, tuning=tuning
         )
 
     def _apply(self, item: Any) -> None:

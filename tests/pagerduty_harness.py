@@ -152,6 +152,9 @@ T = TypeVar("T")
 
 # Work a bot has not done yet, in one consistent read: queued inbox items, running steps
 # (their results come back as inbox items) and undelivered effects.
+# Items still in the intake log are read first: an item moves from there to the inbox,
+# so between the two reads it is counted once or twice, never missed.
+RECEIVED = "SELECT count(*) FROM received"
 OUTSTANDING = (
     "SELECT (SELECT count(*) FROM inbox WHERE status = 'queued') "
     "+ (SELECT count(*) FROM step_runs WHERE status = 'running') "
@@ -396,9 +399,11 @@ class Bot:
     def outstanding(self) -> int:
         """Work not done yet, in one consistent read: queued inbox items, running steps,
         undelivered effects."""
+        intake = self.app.store.intake
+        received = intake.count_pending() if intake is not None else 0
         row = self.app.store.query_one(OUTSTANDING)
         assert row is not None
-        return int(row["n"])
+        return received + int(row["n"])
 
     def settle(self, timeout: float = 20.0) -> None:
         """Wait until everything received was applied, run, and delivered."""
@@ -439,6 +444,17 @@ def query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, .
     """Read the bot's database from outside (read-only, as an operator would)."""
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def not_moved(db: Path) -> int:
+    """Items the bot acknowledged that are still in its intake log (not in the inbox yet)."""
+    log = Path(f"{db}-intake")
+    return int(query(log, RECEIVED)[0][0]) if log.exists() else 0
+
+
+def outstanding_in(db: Path) -> int:
+    """Work not done yet in the database of a bot run from outside (see `Bot.outstanding`)."""
+    return not_moved(db) + int(query(db, OUTSTANDING)[0][0])
 
 
 class BotProcess:
@@ -530,9 +546,17 @@ class BotProcess:
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return query(self.db, sql, params)
 
+    def received(self) -> list[tuple[str, str]]:
+        """(kind, status) of every item received, in receipt order: the inbox's, then
+        those still in the intake log (moved in order, so they all came later)."""
+        log = Path(f"{self.db}-intake")
+        waiting = RECEIVED.replace("count(*)", "kind, status") + " ORDER BY id"
+        inbox = self.query("SELECT kind, status FROM inbox ORDER BY id")
+        return [*inbox, *(query(log, waiting) if log.exists() else [])]
+
     def outstanding(self) -> int:
         """Work not done yet (see `Bot.outstanding`)."""
-        return int(self.query(OUTSTANDING)[0][0])
+        return outstanding_in(self.db)
 
 
 # --- the fault scenario: PagerDuty down, kill -9 in the middle --------------------------------

@@ -420,24 +420,31 @@ def test_oversized_and_malformed_bodies(bot: Bot) -> None:
 
 
 def test_a_database_that_cannot_record_gets_503_never_a_202(bot: Bot, slack: FakeSlack) -> None:
-    # SQLite's own limit on the file's size: every write needing a new page fails with
-    # SQLITE_FULL ("database or disk is full"), exactly as on a full disk.
-    # (A setting of the bot's own connection, so it goes through the store's lock.)
-    (pages,) = bot.app.store.query("PRAGMA page_count")[0].values()
-    bot.app.store.query(f"PRAGMA max_page_count = {pages}")
+    # SQLite's own limit on a file's size: every write needing a new page fails with
+    # SQLITE_FULL ("database or disk is full"), exactly as on a full disk. Both files
+    # the bot writes are capped, as a full disk would: the state database and the intake
+    # log beside it (settings of the bot's own connections).
+    store = bot.app.store
+    assert store._intake is not None
+    connections = [store.conn, store._intake.conn]
+    for conn in connections:
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        conn.execute(f"PRAGMA max_page_count = {pages}")
     answers: dict[str, int] = {}
     for n in range(40):
         document = v3_event("incident.triggered", f"PX{n}", event_id=f"E-full-{n}")
         document["event"]["data"]["title"] = f"Search latency high {'x' * 2000}"
         document["event"]["data"]["service"]["summary"] = "search"
         answers[f"E-full-{n}"] = bot.deliver(document).status_code
-
-    stored = {i.payload["event_id"] for i in bot.app.store.inbox_items(source="pagerduty")}
     assert set(answers.values()) <= {202, 503}
     assert 503 in answers.values()
-    assert {e for e, status in answers.items() if status == 202} == stored  # 202 = stored
 
-    bot.app.store.query("PRAGMA max_page_count = 1073741823")  # the disk has room again
+    for conn in connections:  # the disk has room again
+        conn.execute("PRAGMA max_page_count = 1073741823")
+    # What was acknowledged is exactly what was stored (in the log or the inbox: listing
+    # the inbox moves the log's items first; nothing was delivered since the 503s).
+    stored = {i.payload["event_id"] for i in store.inbox_items(source="pagerduty")}
+    assert {e for e, status in answers.items() if status == 202} == stored  # 202 = stored
     for event_id, status in answers.items():
         if status == 503:  # PagerDuty retries
             n = int(event_id.removeprefix("E-full-"))

@@ -310,18 +310,27 @@ def full_bot(catalog: Path, slack: FakeSlack) -> Iterator[Bot]:
     bot.stop()
 
 
-def _cap_database(bot: Bot) -> None:
-    """A full disk, simulated at SQLite's level: `PRAGMA max_page_count` on the store's
-    own connection caps the database at its current number of pages, so every write
-    that needs one more page fails with SQLITE_FULL ("database or disk is full"), the
-    error SQLite gives on a full disk. Raising the cap again is the disk freed."""
-    pages = bot.app.store.query_one("PRAGMA page_count")
-    assert pages is not None
-    bot.app.store.query(f"PRAGMA max_page_count = {int(pages['page_count'])}")
+def _cap_database(bot: Bot, *, intake_log: bool = True) -> None:
+    """A full disk, simulated at SQLite's level: `PRAGMA max_page_count` caps a database
+    at its current number of pages, so every write that needs one more page fails with
+    SQLITE_FULL ("database or disk is full"), the error SQLite gives on a full disk.
+    Both files the bot writes (the state database and, beside it, the intake log) are
+    capped, as a full disk would; `intake_log=False` fills the state database only.
+    Raising the caps again is the disk freed."""
+    for conn in _connections(bot, intake_log):
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        conn.execute(f"PRAGMA max_page_count = {int(pages)}")
 
 
 def _uncap_database(bot: Bot) -> None:
-    bot.app.store.query("PRAGMA max_page_count = 4294967294")
+    for conn in _connections(bot, intake_log=True):
+        conn.execute("PRAGMA max_page_count = 4294967294")
+
+
+def _connections(bot: Bot, intake_log: bool) -> list[sqlite3.Connection]:
+    store = bot.app.store
+    assert store.intake is not None  # the bot's store records intake in its log
+    return [store.conn, store.intake.conn] if intake_log else [store.conn]
 
 
 def test_pagerduty_gets_503_never_202_while_the_database_cannot_record(full_bot: Bot) -> None:
@@ -335,6 +344,29 @@ def test_pagerduty_gets_503_never_202_while_the_database_cannot_record(full_bot:
     _uncap_database(bot)  # the disk has room again: the same delivery, retried, is taken
     assert deliver(bot.http, triggered(refused, details_bytes=20_000)).status_code == 202
     wait_for(lambda: bot.app.store.incident(refused), what="the retried delivery applied")
+
+
+def test_a_full_state_database_keeps_what_the_intake_log_acknowledged(full_bot: Bot) -> None:
+    """Only the state database is full: deliveries are still recorded in the intake log
+    and acknowledged, /readyz says why the bot is not ready, and once there is room
+    every acknowledged delivery is applied, none lost."""
+    bot = full_bot
+    _cap_database(bot, intake_log=False)
+    accepted = [f"PLOG{n:03d}" for n in range(20)]
+    for incident_id in accepted:
+        assert deliver(bot.http, triggered(incident_id, details_bytes=20_000)).status_code == 202
+    not_ready = wait_for(
+        lambda: (r := bot.http.get("/readyz")).status_code == 503 and r,
+        timeout=READY_PROBE_SECONDS * 5,
+        what="/readyz to say not ready",
+    )
+    assert "database or disk is full" in not_ready.json()["reason"]
+    assert bot.app.store.count_queued() >= 1  # waiting in the log, not dropped
+    _uncap_database(bot)
+    wait_for(
+        lambda: all(bot.app.store.incident(i) for i in accepted), what="every delivery applied"
+    )
+    wait_for(lambda: bot.http.get("/readyz").status_code == 200, what="/readyz ready again")
 
 
 def test_readyz_says_why_while_the_database_is_full_and_recovers_by_itself(

@@ -23,6 +23,7 @@ import sqlite_utils
 from builders import APPROVER, Clock, action, catalog, py, runbook, step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from slack_harness import wait_for
 
 from bot import states
 from bot.config import Config
@@ -53,6 +54,7 @@ from bot.store import (
     Run,
     StepRun,
     Store,
+    _StoreLock,
 )
 from bot.store.schema import MIGRATIONS
 
@@ -673,7 +675,6 @@ def test_a_unit_that_raises_commits_nothing(store: Store) -> None:
         u.set_run_status(run, RunStatus.WAITING)
         u.event(incident, Event.APPROVED, action="clear-cache", actor="U0LEAD")
         u.emit(slack("step:1", "update_step"))
-        u.put(source="bot", key="recheck", incident_id="P1", kind="step.expire", payload={})
         u.finish_item(item, InboxStatus.DONE)
         raise RuntimeError("boom")
     assert must(store.step_run(step.id)).status is StepStatus.AWAITING_APPROVAL
@@ -681,7 +682,6 @@ def test_a_unit_that_raises_commits_nothing(store: Store) -> None:
     assert must(store.run("P1")).status is RunStatus.RUNNING
     assert store.events() == [] and store.outbox_items() == []
     assert [i.key for i in store.inbox_ready(10)] == ["e1"]
-    assert not store.has_item("recheck")
     with store.unit() as u:  # and the store goes on working
         u.event(incident, Event.RESOLVED)
     assert [e["status"] for e in store.events()] == ["resolved"]
@@ -736,17 +736,118 @@ def test_an_item_applied_by_another_worker_raises_already_applied(db_path: Path)
     theirs.close()
 
 
-def test_a_unit_puts_follow_up_items_deduplicated(store: Store) -> None:
-    with store.unit(at=T0 + 7) as u:
-        assert u.put(
-            source="timer", key="expire:1", incident_id="P1", kind="step.expire", payload={}
-        )
-        assert not u.put(source="timer", key="expire:1", incident_id="P1", kind="x", payload={})
-    (item,) = store.inbox_items()
-    assert (item.kind, item.received_at, item.status) == ("step.expire", T0 + 7, InboxStatus.QUEUED)
-
-
 # --- the inbox ----------------------------------------------------------------------------------
+
+
+def test_the_bots_store_records_intake_in_its_log_and_moves_it_in_receipt_order(
+    db_path: Path,
+) -> None:
+    store = Store(db_path, intake_log=True)
+    assert Path(f"{db_path}-intake").exists()
+
+    def request(key: str, incident_id: str = "P1", **extra: Any) -> bool:
+        return put(store, key, incident_id, waiting=True, **extra)
+
+    assert request("e1", alt_key="d1") and request("e2", "P2") and request("e3")
+    assert not request("e1") and not request("other", alt_key="d1")  # seen in the log
+    assert store.count_queued() == 3  # waiting in the log count as queued
+    assert store.query("SELECT * FROM inbox") == []  # nothing in the inbox until moved
+    assert store.inbox_receive() == 3 and store.inbox_receive() == 0
+    assert [(i.key, i.incident_id) for i in store.inbox_ready(10)] == [("e1", "P1"), ("e2", "P2")]
+    assert not request("e2") and not request("x", alt_key="d1")  # seen in the inbox
+    assert store.count_queued() == 3
+    store.close()
+
+
+def test_an_item_of_the_bot_itself_comes_after_what_the_log_received_before_it(
+    db_path: Path,
+) -> None:
+    store = Store(db_path, intake_log=True)
+    put(store, "resolve", waiting=True)  # acknowledged: in the log
+    put(store, "step:1:1:end", source="executor")  # a step's result, straight in the inbox
+    assert [i.key for i in store.inbox_items()] == ["resolve", "step:1:1:end"]
+    store.close()
+
+
+def test_concurrent_intake_commits_in_groups_and_dedupes_within_them(db_path: Path) -> None:
+    store = Store(db_path, intake_log=True)
+    results: dict[str, list[bool]] = {"unique": [], "same": []}
+    start = threading.Barrier(40)
+
+    def deliver(n: int) -> None:
+        start.wait()
+        same = n % 2 == 0
+        new = put(store, "same-event" if same else f"event-{n}", f"P{n}", waiting=True)
+        results["same" if same else "unique"].append(new)
+
+    threads = [threading.Thread(target=deliver, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results["unique"] == [True] * 20
+    assert sorted(results["same"]) == [False] * 19 + [True]  # one of the twenty is new
+    assert store.count_queued() == 21
+    store.close()
+
+
+def test_a_group_that_cannot_be_committed_is_refused_whole(db_path: Path) -> None:
+    store = Store(db_path, intake_log=True)
+    assert store.intake is not None
+    (pages,) = store.intake.conn.execute("PRAGMA page_count").fetchone()
+    store.intake.conn.execute(f"PRAGMA max_page_count = {pages}")  # its disk is full
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for n in range(100):
+            put(store, f"e{n}", payload={"blob": "x" * 20_000}, waiting=True)
+    assert store.intake.count_pending() == n  # what was acknowledged, and not the rest
+    store.intake.conn.execute("PRAGMA max_page_count = 1073741823")
+    assert put(store, f"e{n}", waiting=True)  # the refused one, retried
+    store.close()
+
+
+def test_the_intake_log_syncs_each_acknowledged_item_to_disk(db_path: Path) -> None:
+    store = Store(db_path, intake_log=True)
+    assert store.intake is not None
+    (level,) = store.intake.conn.execute("PRAGMA synchronous").fetchone()
+    assert level == 2  # FULL: an acknowledged item survives a power loss, not just a crash
+    store.close()
+
+
+def test_leftovers_in_the_intake_log_are_moved_when_the_bot_opens_the_store(
+    db_path: Path,
+) -> None:
+    first = Store(db_path, intake_log=True)
+    put(first, "e1", waiting=True)
+    put(first, "e2", waiting=True)
+    first.close()  # stopped before moving them (as a kill would)
+    assert Store(db_path).inbox_items() == []  # others see the inbox only
+    second = Store(db_path, intake_log=True)
+    assert [i.key for i in second.inbox_items()] == ["e1", "e2"]
+    second.close()
+
+
+def test_a_move_repeated_after_a_crash_changes_nothing(db_path: Path) -> None:
+    store = Store(db_path, intake_log=True)
+    put(store, "e1", waiting=True)
+    put(store, "e2", waiting=True)
+    assert store.intake is not None
+    rows = store.intake.pending()
+    with store._transaction():  # moved, and killed before the log learnt it
+        store._insert_received([row[1:] for row in rows[:1]])
+    put(store, "e3", waiting=True)
+    assert store.inbox_receive() == 3
+    assert [i.key for i in store.inbox_items()] == ["e1", "e2", "e3"]  # once each, in order
+    store.close()
+
+
+def test_one_bot_per_sqlite_database(db_path: Path) -> None:
+    first = Store(db_path, intake_log=True)
+    with pytest.raises(StoreError, match=r"another runbook-bot \(pid \d+\) is using"):
+        Store(db_path, intake_log=True)
+    reader = Store(db_path)  # runbookctl and reports still open it
+    reader.close()
+    first.close()
+    Store(db_path, intake_log=True).close()  # free again once the first let go
 
 
 def test_the_inbox_dedupes_by_key_and_alt_key_across_reopening(db_path: Path) -> None:
@@ -1942,3 +2043,30 @@ def test_steps_approved_but_never_started_are_interrupted_not_run(db_path: Path)
         assert must(store.run(incident_id)).status is RunStatus.ESCALATED
     assert not marks.exists()  # nothing ran
     store.close()
+
+
+def test_the_store_lock_goes_to_urgent_waiters_first_then_in_arrival_order() -> None:
+    lock = _StoreLock()
+    order: list[str] = []
+    lock.acquire()
+
+    def take(name: str, urgent: bool) -> None:
+        lock.acquire(urgent)
+        order.append(name)
+        lock.release()
+
+    threads = []
+    for name, urgent in (("first", False), ("second", False), ("intake", True)):
+        thread = threading.Thread(target=take, args=(name, urgent))
+        thread.start()
+        threads.append(thread)
+        wait_for(lambda: len(lock._urgent) + len(lock._others) == len(threads), what="queued")
+    lock.acquire()  # re-entrant: the holder takes it again
+    lock.release()
+    assert order == []  # still held once
+    lock.release()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["intake", "first", "second"]
+    lock.acquire()  # free again: taken at once
+    lock.release()

@@ -27,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,8 @@ from bot.states import (
     RunStatus,
     StepStatus,
 )
+from bot.store.intake import COLUMNS as _RECEIVED
+from bot.store.intake import IntakeLog
 from bot.store.rows import Approval, InboxItem, Incident, OutboxItem, Run, StepRun
 from bot.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -133,36 +136,45 @@ class _StoreLock:
     Slack request waiting for its answer) takes it *urgently*: it goes before every
     non-urgent thread waiting, so an acknowledgement waits at most for the one
     transaction under way, however many inbox items and outbox deliveries queue behind.
+
+    A release hands the lock to exactly one waiter (the first urgent one, else the first
+    other one), waking that thread only: under a storm a dozen threads wait here, and
+    waking them all for one to win costs every request a trip through the GIL.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
         self._owner: int | None = None
         self._depth = 0
-        self._urgent = 0  # urgent threads waiting
+        self._urgent: deque[tuple[int, threading.Lock]] = deque()
+        self._others: deque[tuple[int, threading.Lock]] = deque()
 
     def acquire(self, urgent: bool = False) -> None:
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if self._owner == me:
                 self._depth += 1
                 return
-            if urgent:
-                self._urgent += 1
-            try:
-                while self._owner is not None or (not urgent and self._urgent):
-                    self._cond.wait()
-            finally:
-                if urgent:
-                    self._urgent -= 1
-            self._owner, self._depth = me, 1
+            if self._owner is None:
+                self._owner, self._depth = me, 1
+                return
+            gate = threading.Lock()
+            gate.acquire()
+            (self._urgent if urgent else self._others).append((me, gate))
+        gate.acquire()  # released by the holder that hands us the lock
 
     def release(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._depth -= 1
-            if self._depth == 0:
+            if self._depth:
+                return
+            waiting = self._urgent or self._others
+            if not waiting:
                 self._owner = None
-                self._cond.notify_all()
+                return
+            self._owner, gate = waiting.popleft()
+            self._depth = 1
+            gate.release()
 
     def __enter__(self) -> None:
         self.acquire()
@@ -575,24 +587,6 @@ class Unit:
         if changed != 1:
             raise AlreadyApplied(item.id)
 
-    def put(
-        self,
-        *,
-        source: str,
-        key: str,
-        incident_id: str,
-        kind: str,
-        payload: Mapping[str, Any],
-        catalog_commit: str = "",
-    ) -> bool:
-        """An inbox item caused by this transaction (e.g. a re-check after a change)."""
-        cursor = self.conn.execute(
-            "INSERT INTO inbox (source, key, incident_id, kind, payload, received_at, status, "
-            "catalog_commit) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?) ON CONFLICT DO NOTHING",
-            (source, key, incident_id, kind, json.dumps(payload), self.at, catalog_commit),
-        )
-        return cursor.rowcount == 1
-
     # --- audit and effects -----------------------------------------------------------------
 
     def event(
@@ -692,6 +686,21 @@ class Unit:
             self._effects.clear()
 
 
+def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """Put the database in WAL mode. Processes racing to create the same file can get
+    "database is locked" from the mode change without SQLite's busy handler ever waiting
+    (it refuses rather than risk a deadlock): retry it for up to `busy_timeout` seconds."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 class Store:
     """Thread-safe access to the state database. One connection, serialized by a lock."""
 
@@ -701,11 +710,15 @@ class Store:
         *,
         clock: Callable[[], float] = now,
         busy_timeout: float = 30.0,
+        intake_log: bool = False,
     ) -> None:
         """Open (creating it if need be) and migrate the database at `path`.
 
         `busy_timeout`: seconds a write waits for another connection's write lock (another
         process on the same file, e.g. `runbookctl`) before it fails.
+        `intake_log`: the bot's own store: intake records in the intake log
+        (``bot.store.intake``), whose leftovers are moved into the inbox now, and no
+        other bot may open the database while this one has it.
         """
         self.path = str(path)
         self.clock = clock
@@ -718,7 +731,7 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {self.path}: {exc}") from None
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enter_wal(conn, busy_timeout)
             # In WAL mode, NORMAL syncs at checkpoints, not at each commit: a commit survives
             # the bot crashing or being killed (it is in the WAL file, which the next open
             # replays), and only a power loss or an OS crash can take back the last ones.
@@ -735,13 +748,27 @@ class Store:
         self._parked = True  # may a parked inbox item exist? (checked at the first unpark)
         self._checkpointer: sqlite3.Connection | None = None  # its own, see checkpoint()
         self._checkpoint_lock = threading.Lock()
+        self._intake: IntakeLog | None = None
+        self._receiving = threading.Lock()
         try:
             self._migrate()
+            if intake_log and self.path != ":memory:":
+                self._intake = IntakeLog(self.path)
+                self.inbox_receive()
         except BaseException:
+            if self._intake is not None:
+                self._intake.close()
             conn.close()
             raise
 
+    @property
+    def intake(self) -> IntakeLog | None:
+        """The intake log of the bot's store (None for others)."""
+        return self._intake
+
     def close(self) -> None:
+        if self._intake is not None:
+            self._intake.close()
         with self._checkpoint_lock:
             if self._checkpointer is not None:
                 self._checkpointer.close()
@@ -757,6 +784,8 @@ class Store:
         """
         if self.path == ":memory:":
             return 0, 0
+        if self._intake is not None:
+            self._intake.checkpoint()
         with self._checkpoint_lock:
             if self._checkpointer is None:
                 self._checkpointer = sqlite3.connect(
@@ -1007,39 +1036,85 @@ class Store:
         catalog_commit: str = "",
         status: InboxStatus = InboxStatus.QUEUED,
         detail: str = "",
+        waiting: bool = False,
     ) -> bool:
         """Record an item unless one of its keys was seen; True if it is new.
 
         Committed before the sender gets its answer, so an acknowledged item survives a
         crash. A unique constraint, not memory, makes a second delivery change nothing.
+
+        `waiting`: a sender waits for the answer (a PagerDuty delivery, a Slack event).
+        The bot's store records such an item in its intake log, which nothing else
+        writes (the inbox consumer moves it here: `inbox_receive`). Other items (a step's
+        result, a deadline) go straight into the inbox, after what the log received
+        before them: receipt order holds across both ways in.
         """
-        with self._lock.urgent():  # a sender waits for this answer
-            cursor = self.conn.execute(
-                "INSERT INTO inbox (source, key, alt_key, incident_id, kind, payload, "
-                "received_at, status, detail, catalog_commit, processed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (
-                    source,
-                    key,
-                    alt_key,
-                    incident_id,
-                    kind,
-                    json.dumps(payload, default=str),
-                    self.clock() if received_at is None else received_at,
-                    str(status),
-                    detail or None,
-                    catalog_commit,
-                    None if status in (InboxStatus.QUEUED, InboxStatus.PARKED) else self.clock(),
-                ),
-            )
-            new = cursor.rowcount == 1
-            if new and status is InboxStatus.PARKED:
-                # Its message may have been recorded between the caller's lookup and this
-                # insert: then it joins its incident now. A parked item left by a crash
-                # right here is released by the next `inbox_unpark`.
-                self._parked = True
-                self._unpark()
-            return new
+        values = {
+            "source": source,
+            "key": key,
+            "alt_key": alt_key,
+            "incident_id": incident_id,
+            "kind": str(kind),
+            "payload": json.dumps(payload, default=str),
+            "received_at": self.clock() if received_at is None else received_at,
+            "status": str(status),
+            "detail": detail or None,
+            "catalog_commit": catalog_commit,
+            "processed_at": (
+                None if status in (InboxStatus.QUEUED, InboxStatus.PARKED) else self.clock()
+            ),
+        }
+        if self._intake is not None and waiting:
+            return self._intake.record(values)
+        with self._receiving:
+            if self._intake is not None:
+                self._move_received()
+            with self._lock.urgent() if waiting else self._lock:
+                new = self._insert_received([tuple(values[c] for c in _RECEIVED)]) == 1
+                if new and status is InboxStatus.PARKED:
+                    # Its message may have been recorded between the caller's lookup and
+                    # this insert: then it joins its incident now. A parked item left by a
+                    # crash right here is released by the next `inbox_unpark`.
+                    self._parked = True
+                    self._unpark()
+                return new
+
+    def inbox_receive(self) -> int:
+        """Move what the intake log received into the inbox, in receipt order; how many.
+
+        One transaction per batch. A crash after it and before the log learns it is
+        moved moves it again, which the inbox's unique keys ignore.
+        """
+        if self._intake is None:
+            return 0
+        with self._receiving:  # one mover: receipt order is the order of moving
+            return self._move_received()
+
+    def _move_received(self) -> int:
+        """`inbox_receive()`, for a caller that holds `_receiving`."""
+        assert self._intake is not None
+        moved = 0
+        while rows := self._intake.pending():
+            with self._transaction():
+                self._insert_received([row[1:] for row in rows])
+                if any(row[1 + _RECEIVED.index("status")] == "parked" for row in rows):
+                    self._parked = True
+                    self._unpark()
+            self._intake.moved(int(rows[-1][0]))
+            moved += len(rows)
+        return moved
+
+    def _insert_received(self, rows: Sequence[Sequence[Any]]) -> int:
+        """Insert intake rows (values in `_RECEIVED` order) into the inbox, ignoring
+        those whose key was seen; how many were new. Call with the lock held."""
+        new = 0
+        for row in rows:
+            new += self.conn.execute(
+                f"INSERT INTO inbox ({', '.join(_RECEIVED)}) "
+                f"VALUES ({', '.join('?' for _ in _RECEIVED)}) ON CONFLICT DO NOTHING",
+                row,
+            ).rowcount
+        return new
 
     def _unpark(self) -> int:
         """Parked items whose message is now recorded join its incident, about its step,
@@ -1111,6 +1186,8 @@ class Store:
     def inbox_items(
         self, incident_id: str | None = None, source: str | None = None
     ) -> list[InboxItem]:
+        """Items received, oldest first (those still in the intake log are moved first)."""
+        self.inbox_receive()
         sql, params = "SELECT * FROM inbox WHERE 1 = 1", []
         if incident_id is not None:
             sql += " AND incident_id = ?"
@@ -1121,8 +1198,11 @@ class Store:
         return [InboxItem.from_row(r) for r in self.query(sql + " ORDER BY id", params)]
 
     def count_queued(self) -> int:
+        """Items waiting to be applied, those still in the intake log included (counted
+        first: an item moves from there to the inbox, so it cannot slip between)."""
+        pending = self._intake.count_pending() if self._intake is not None else 0
         row = self.query_one("SELECT count(*) AS queued FROM inbox WHERE status = 'queued'")
-        return int(row["queued"]) if row else 0
+        return (int(row["queued"]) if row else 0) + pending
 
     def has_item(self, key: str) -> bool:
         return self.query_one("SELECT 1 AS found FROM inbox WHERE key = ?", (key,)) is not None
@@ -1166,6 +1246,20 @@ class Store:
                 if len(due) >= limit:
                     break
         return due[:limit], later
+
+    def outbox_lane_head(self, lane: str, at: float) -> OutboxItem | None:
+        """The first pending effect of `lane` if it can be sent at `at` (a sender that
+        just delivered the one before it goes on with it, without another look)."""
+        with self._lock:
+            head = self.conn.execute(
+                "SELECT id, next_at FROM outbox WHERE status = 'pending' AND lane = ? "
+                "ORDER BY id LIMIT 1",
+                (lane,),
+            ).fetchone()
+            if head is None or head[1] > at:
+                return None
+            ready = self._outbox_ready([int(head[0])])
+        return ready[0] if ready else None
 
     def _outbox_ready(self, ids: list[int]) -> list[OutboxItem]:
         """Those of the outbox rows `ids` that can be sent now, with where their message
