@@ -241,8 +241,9 @@ class OutboxSender:
         with self._lock:
             busy = set(self._busy)
         # Lanes waiting for a budget are not read again before it allows them.
-        paced = {lane for lane, until in self._paced.items() if until > at}
-        self._paced = {lane: self._paced[lane] for lane in paced}
+        with self._lock:
+            self._paced = {lane: t for lane, t in self._paced.items() if t > at}
+            paced = set(self._paced)
         heads, later = self.store.outbox_heads(at, 100, exclude=busy | paced)
         if self._first_look:
             # A lane is delivered one effect at a time, so only its head can have been on
@@ -254,19 +255,35 @@ class OutboxSender:
             transport = self.transports.get(item.target)
             if transport is None:
                 continue
-            pause = self.budgets.take(transport.budgets(item), at)
+            pause = self._take(item, transport, at)
             if pause > 0:
                 wait = min(wait, pause)
-                self._paced[item.lane] = at + pause
                 continue
             with self._lock:
                 self._busy.add(item.lane)
             self._pools[item.target].submit(self._send, item, transport)
         return wait
 
+    def _take(self, item: OutboxItem, transport: Transport, at: float) -> float:
+        """Take the budgets `item` needs; 0, or how long its lane must wait for them."""
+        pause = self.budgets.take(transport.budgets(item), at)
+        if pause > 0:
+            with self._lock:
+                self._paced[item.lane] = at + pause
+        return pause
+
     def _send(self, item: OutboxItem, transport: Transport) -> None:
+        """Deliver `item`, then the effects queued behind it in its lane while they are
+        due and their budgets allow: a lane's backlog drains at the pace of its calls,
+        not of the sender's looks."""
         try:
-            self.deliver(item, transport)
+            next_item: OutboxItem | None = item
+            while next_item is not None and not self._stopping.is_set():
+                self.deliver(next_item, transport)
+                at = self.clock()
+                next_item = self.store.outbox_lane_head(item.lane, at)
+                if next_item is not None and self._take(next_item, transport, at) > 0:
+                    next_item = None
         finally:
             with self._lock:
                 self._busy.discard(item.lane)
