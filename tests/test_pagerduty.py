@@ -425,8 +425,8 @@ def test_a_database_that_cannot_record_gets_503_never_a_202(bot: Bot, slack: Fak
     # the bot writes are capped, as a full disk would: the state database and the intake
     # log beside it (settings of the bot's own connections).
     store = bot.app.store
-    assert store._intake is not None
-    connections = [store.conn, store._intake.conn]
+    assert store.intake is not None
+    connections = [store.conn, store.intake.conn]
     for conn in connections:
         (pages,) = conn.execute("PRAGMA page_count").fetchone()
         conn.execute(f"PRAGMA max_page_count = {pages}")
@@ -809,7 +809,7 @@ def test_a_crash_after_the_202_loses_nothing_and_repeats_nothing(
         assert bot.deliver(v3_event("incident.triggered", "P2")).status_code == 202
         assert bot.deliver(v3_event("incident.acknowledged", "P2")).status_code == 202
         bot.kill()
-        assert bot.query("SELECT kind, status FROM inbox ORDER BY id") == [
+        assert bot.received() == [  # both acknowledged, both kept
             ("incident.triggered", "queued"),
             ("incident.acknowledged", "queued"),
         ]
@@ -840,3 +840,27 @@ def test_pagerduty_down_with_a_kill_9_in_the_middle_loses_nothing(tmp_path: Path
     assert not report.lost, report.lines()
     assert not report.duplicated, report.lines()
     assert report.ok, report.lines()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/incidents/P1/alerts",
+        "/incidents/PABC123/notes",
+        "/incidents/P%2F1",
+        "https://api.pagerduty.test/incidents/P1/alerts?limit=1",
+        "https://api.pagerduty.test/incidents/P1",
+        "/incidents",
+        "/incidents/P1/responder_requests",
+        "/escalation_policies/E1",
+        "/users/U1/contact_methods",
+    ],
+)
+def test_the_clients_fast_canonical_path_agrees_with_the_librarys(url: str) -> None:
+    import pagerduty
+
+    from bot.pagerduty.api import RestClient
+
+    ours = RestClient("token", base_url="https://api.pagerduty.test")
+    theirs = pagerduty.RestApiV2Client("token", base_url="https://api.pagerduty.test")
+    assert ours.canonical_path(url) == theirs.canonical_path(url)

@@ -14,6 +14,7 @@ not read ``Retry-After``. How often is ours to bound, per use:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -26,6 +27,24 @@ from bot.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SERVER_ERRORS = (500, 502, 503, 504)
+# The endpoints the bot calls: an incident, its alerts, its notes.
+_INCIDENT_PATH = re.compile(r"/incidents/[^/]+(/alerts|/notes)?")
+
+
+class RestClient(pagerduty.RestApiV2Client):
+    """The client, with `canonical_path` answered from the shape of the URL for the
+    endpoints the bot calls. The client classifies every URL (two or three times per
+    request) by filtering its whole table of API paths node by node: under a storm that
+    was a third of the CPU of opening an incident. Other URLs go to the client's own.
+    """
+
+    def canonical_path(self, url: str) -> str:
+        base = self.url.rstrip("/")
+        path = (url[len(base) :] if url.startswith(base) else url).split("?")[0]
+        match = _INCIDENT_PATH.fullmatch(path)
+        if match is None:
+            return str(super().canonical_path(url))
+        return "/incidents/{id}" + (match.group(1) or "")
 
 
 def rest_client(
@@ -38,7 +57,7 @@ def rest_client(
 ) -> pagerduty.RestApiV2Client:
     """A REST client for `config`'s token, From address and base URL (PAGERDUTY_API_URL)."""
     try:
-        client = pagerduty.RestApiV2Client(
+        client = RestClient(
             config.pagerduty_api_token.reveal(),
             default_from=config.pagerduty_from or None,
             base_url=config.pagerduty_api_url.rstrip("/"),
