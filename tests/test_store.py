@@ -791,6 +791,44 @@ def test_concurrent_intake_commits_in_groups_and_dedupes_within_them(db_path: Pa
     store.close()
 
 
+def test_a_group_with_one_key_twice_records_it_once_and_keeps_receipt_order(
+    db_path: Path,
+) -> None:
+    store = Store(db_path, intake_log=True)
+    assert store.intake is not None
+    blocker = sqlite3.connect(f"{db_path}-intake", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer: the first commit waits for it
+    results: dict[str, bool] = {}
+
+    def deliver(name: str, key: str, **extra: Any) -> None:
+        results[name] = put(store, key, f"P-{key}", waiting=True, **extra)
+
+    leader = threading.Thread(target=deliver, args=("leader", "first"))
+    leader.start()
+    wait_for(lambda: store.intake is not None and store.intake._committing)  # the leader
+    queued = [
+        threading.Thread(target=deliver, args=args, kwargs=kwargs)
+        for args, kwargs in [
+            (("dup-1", "dup"), {}),
+            (("alt-1", "a1"), {"alt_key": "same-delivery"}),
+            (("dup-2", "dup"), {}),
+            (("alt-2", "a2"), {"alt_key": "same-delivery"}),
+        ]
+    ]
+    log = store.intake
+    for n, thread in enumerate(queued, 1):
+        thread.start()  # one at a time into the next group, so that its order is known
+        wait_for(lambda n=n: len(log._queue) == n)  # type: ignore[misc]
+    blocker.execute("COMMIT")
+    for thread in [leader, *queued]:
+        thread.join(30)
+    assert results == {"leader": True, "dup-1": True, "alt-1": True, "dup-2": False, "alt-2": False}
+    assert store.inbox_receive() == 3
+    assert [i.key for i in store.inbox_items()] == ["first", "dup", "a1"]
+    blocker.close()
+    store.close()
+
+
 def test_a_group_that_cannot_be_committed_is_refused_whole(db_path: Path) -> None:
     store = Store(db_path, intake_log=True)
     assert store.intake is not None

@@ -69,6 +69,11 @@ COLUMNS = (
 )
 
 
+_ROW = "(" + ", ".join("?" for _ in COLUMNS) + ")"
+# At most this many requests share one commit (SQLite's limit on bound values).
+GROUP_MAX = 32766 // len(COLUMNS) // 2
+
+
 def log_path(database: str) -> str:
     return f"{database}-intake"
 
@@ -126,50 +131,56 @@ class IntakeLog:
         ticket = _Ticket(values)
         with self._turn:
             self._queue.append(ticket)
-            while not ticket.done and self._committing:
-                self._turn.wait()
-            if ticket.done:
-                return ticket.outcome()
-            self._committing = True
-            group, self._queue = self._queue, []
-        try:
-            self._commit(group)
-        finally:
+        while True:
             with self._turn:
-                self._committing = False
-                self._turn.notify_all()
-        return ticket.outcome()
+                while not ticket.done and self._committing:
+                    self._turn.wait()
+                if ticket.done:
+                    return ticket.outcome()
+                self._committing = True
+                group, self._queue = self._queue[:GROUP_MAX], self._queue[GROUP_MAX:]
+            try:
+                self._commit(group)
+            finally:
+                with self._turn:
+                    self._committing = False
+                    self._turn.notify_all()
 
     def _commit(self, group: list[_Ticket]) -> None:
+        """Record a group in one statement: under a storm the interpreter lock is busy,
+        and each call into SQLite gives it up and waits to get it back."""
         with self._lock:
             conn = self.conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                for ticket in group:
-                    ticket.new = self._insert(ticket.values)
+                inserted = self._insert_all([ticket.values for ticket in group])
                 conn.execute("COMMIT")
             except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 for ticket in group:
                     ticket.error = exc
-            for ticket in group:
+                    ticket.done = True
+                return
+            for ticket in group:  # of two with one key in a group, the first is new
+                key = ticket.values["key"]
+                ticket.new = key in inserted
+                inserted.discard(key)
                 ticket.done = True
 
-    def _insert(self, values: Mapping[str, Any]) -> bool:
-        seen = self.conn.execute(
-            "SELECT 1 FROM bot.inbox WHERE key = ? UNION ALL "
-            "SELECT 1 FROM bot.inbox WHERE alt_key = ? LIMIT 1",
-            (values["key"], values["alt_key"]),
-        ).fetchone()
-        if seen is not None:
-            return False
+    def _insert_all(self, rows: list[Mapping[str, Any]]) -> set[str]:
+        """Insert the rows whose keys are neither in the inbox nor in this log, in order;
+        the keys inserted."""
+        values = ", ".join([_ROW] * len(rows))
         cursor = self.conn.execute(
-            f"INSERT INTO received ({', '.join(COLUMNS)}) "
-            f"VALUES ({', '.join('?' for _ in COLUMNS)}) ON CONFLICT DO NOTHING",
-            [values[column] for column in COLUMNS],
+            f"WITH v({', '.join(COLUMNS)}) AS (VALUES {values}) "
+            f"INSERT INTO received ({', '.join(COLUMNS)}) SELECT * FROM v WHERE NOT EXISTS "
+            "(SELECT 1 FROM bot.inbox WHERE key = v.key UNION ALL "
+            " SELECT 1 FROM bot.inbox WHERE alt_key = v.alt_key) "
+            "ON CONFLICT DO NOTHING RETURNING key",
+            [row[column] for row in rows for column in COLUMNS],
         )
-        return cursor.rowcount == 1
+        return {key for (key,) in cursor.fetchall()}
 
     def pending(self, limit: int = MOVE_BATCH) -> list[tuple[Any, ...]]:
         """(id, *COLUMNS) of items not moved yet, oldest first."""
