@@ -46,6 +46,7 @@ from bot.states import (
 )
 from bot.store import (
     SCHEMA_VERSION,
+    THREAD_LINK_WAIT,
     AlreadyApplied,
     Approval,
     Effect,
@@ -1146,6 +1147,34 @@ def test_effects_about_a_message_wait_for_its_post(store: Store) -> None:
     assert store.outbox_sent(post, ts="100.2", channel="C0INC")
     (react,), _ = store.outbox_heads(T0)
     assert (react.kind, react.target_ts, react.target_channel) == ("react", "100.2", "C0INC")
+
+
+def test_a_pagerduty_note_waits_a_while_for_the_thread_it_links(store: Store) -> None:
+    open_incident(store)
+    root = Effect(
+        incident_id="P1",
+        target="slack",
+        lane="slack:#incidents",
+        kind="post_incident",
+        key="root:P1",
+        payload={"channel": "#incidents"},
+    )
+    note = Effect(
+        incident_id="P1", target="pagerduty", lane="pagerduty:P1", kind="pd_note", payload={}
+    )
+    with store.unit(at=T0) as u:
+        u.emit(root)
+        u.emit(note)
+    (head,), _ = store.outbox_heads(T0 + 1)
+    assert head.kind == "post_incident"  # the note waits for the root it links
+    late = T0 + THREAD_LINK_WAIT  # Slack is down: PagerDuty is not held back for long
+    assert [(h.kind, h.thread_ts) for h in store.outbox_heads(late)[0]] == [
+        ("post_incident", None),
+        ("pd_note", None),
+    ]
+    assert store.outbox_sent(head, ts="100.1", channel="C0INC")
+    (posted,), _ = store.outbox_heads(T0 + 1)
+    assert (posted.kind, posted.thread_ts, posted.thread_channel) == ("pd_note", "100.1", "C0INC")
 
 
 def test_effects_about_a_refused_message_are_released(store: Store) -> None:

@@ -82,6 +82,11 @@ MIN_FREE_PAGES = 64
 _MESSAGE_KINDS = ("post_step", "update_step")
 # Effects about a message (its update, the reactions under it) wait for its post.
 _ABOUT_A_MESSAGE = ("update_step", "react")
+# PagerDuty notes link the incident's Slack thread: while its root message is on its way
+# they wait for it (a sender wakes the others when it posts), for this long at most, so
+# that a Slack outage does not hold PagerDuty back.
+_LINKS_THREAD = ("pd_note", "pd_escalate")
+THREAD_LINK_WAIT = 30.0
 
 
 def now() -> float:
@@ -1242,7 +1247,7 @@ class Store:
             step = max(limit, 64)
             for first in range(0, len(candidates), step):
                 chunk = candidates[first : first + step]
-                due.extend(self._outbox_ready(chunk))
+                due.extend(self._outbox_ready(chunk, at))
                 if len(due) >= limit:
                     break
         return due[:limit], later
@@ -1258,12 +1263,12 @@ class Store:
             ).fetchone()
             if head is None or head[1] > at:
                 return None
-            ready = self._outbox_ready([int(head[0])])
+            ready = self._outbox_ready([int(head[0])], at)
         return ready[0] if ready else None
 
-    def _outbox_ready(self, ids: list[int]) -> list[OutboxItem]:
-        """Those of the outbox rows `ids` that can be sent now, with where their message
-        and thread are, in order."""
+    def _outbox_ready(self, ids: list[int], at: float) -> list[OutboxItem]:
+        """Those of the outbox rows `ids` that can be sent at `at`, with where their
+        message and thread are, in order."""
         rows = _dict_rows(
             self.conn.execute(
                 "SELECT o.*, "
@@ -1278,7 +1283,9 @@ class Store:
                 "(SELECT r.ts FROM outbox r WHERE r.key = 'root:' || o.incident_id "
                 "AND r.ts IS NOT NULL LIMIT 1) AS thread_ts, "
                 "(SELECT r.posted_channel FROM outbox r WHERE r.key = 'root:' || o.incident_id "
-                "AND r.ts IS NOT NULL LIMIT 1) AS thread_channel "
+                "AND r.ts IS NOT NULL LIMIT 1) AS thread_channel, "
+                "EXISTS (SELECT 1 FROM outbox r WHERE r.key = 'root:' || o.incident_id "
+                "AND r.status = 'pending') AS root_pending "
                 f"FROM outbox o WHERE o.id IN ({', '.join('?' for _ in ids)}) "
                 "ORDER BY o.next_at, o.id",
                 ids,
@@ -1292,6 +1299,12 @@ class Store:
                 row["kind"] in _ABOUT_A_MESSAGE
                 and row["target_ts"] is None
                 and not row["target_failed"]
+            )
+            and not (
+                row["kind"] in _LINKS_THREAD
+                and row["root_pending"]
+                and row["thread_ts"] is None
+                and at - row["created_at"] < THREAD_LINK_WAIT
             )
         ]
 
