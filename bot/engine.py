@@ -952,6 +952,16 @@ class Engine:
         approval = c.u.approval(step_run.id)
         if incident is None or run is None or approval is None:
             return Refusal.NOT_A_STEP
+        button = c.payload.get("button")
+        if button is not None and (
+            not isinstance(button, dict)
+            or button.get("incident") != step_run.incident_id
+            or button.get("step") != step_run.id
+            or button.get("fingerprint") != approval.fingerprint
+        ):
+            # A click applies to what its message showed: this step of this incident,
+            # rendered with this fingerprint. Another one's button changes nothing.
+            return Refusal.STALE
         return incident, run, step_run, approval, self._step_of(run, step_run)
 
     def _decision(self, c: _Context) -> tuple[InboxStatus, str]:
@@ -1000,8 +1010,9 @@ class Engine:
         metrics.approvals.labels(approval.action, str(verdict)).inc()
         metrics.approval_wait.labels(approval.action, str(verdict)).observe(wait)
         c.u.event(
-            incident, Event(verdict), step_id=step_run.step_id, action=approval.action, actor=user
-        )
+            incident, Event(verdict), step_id=step_run.step_id, action=approval.action,
+            actor=user, detail=_via(c.payload),
+        )  # fmt: skip
         log.info(
             "incident %s step %s %s by %s", incident.id, step_run.step_id, verdict, user,
             extra={"incident": incident.id, "service": incident.service, "action": approval.action},
@@ -1046,9 +1057,13 @@ class Engine:
         user = str(c.payload.get("user") or "")
         found = self._request(c)
         if isinstance(found, Refusal):
+            if "button" in c.payload:  # a click is answered; a removed reaction is not
+                return self._refuse(c, None, None, found)
             return InboxStatus.IGNORED, str(found)
         incident, run, step_run, approval, step = found
         if approval.status is not ApprovalStatus.PENDING:
+            if "button" in c.payload:
+                return self._refuse(c, incident, step_run, Refusal.NOT_PENDING)
             return InboxStatus.IGNORED, "un-pausing a decided step: nothing to say"
         who = self._authorize(c, incident, approval, user, step_run)
         if not who.allowed:
@@ -1286,8 +1301,11 @@ class Engine:
             output=output,
             duration=step_run.duration,
             exit_code=step_run.exit_code,
-            fingerprint=fingerprint(step_run.command) if step_run.command else "",
+            fingerprint=(approval.fingerprint if approval else "")
+            or (fingerprint(step_run.command) if step_run.command else ""),
             attempt=step_run.attempt,
+            production=self.catalog.settings.is_production(incident.env),
+            decided_at=approval.decided_at if approval else None,
         )
 
     def _incident_view(self, incident: IncidentRow, runbook: Runbook | None) -> IncidentView:
@@ -1400,6 +1418,13 @@ class _Context:
     payload: dict[str, Any]
     jobs: list[tuple[str, Job]]
     groups: frozenset[str] = frozenset()  # approver groups the deciding user is in
+
+
+def _via(payload: Mapping[str, Any]) -> str:
+    """How a decision was given, for the audit log."""
+    if "button" in payload:
+        return "by button"
+    return "by reaction" if payload.get("reaction") else ""
 
 
 def _steps(runbook: Runbook | None, phase: Phase) -> tuple[Step, ...]:

@@ -159,8 +159,10 @@ class BotApp:
         metrics.set_info(__version__, self.catalog.version)
         for warning in environment_warnings(self.catalog, config.env):
             log.warning("%s", warning)
-        metrics.track_pending_approvals(lambda: float(self.store.count_pending_approvals()))
-        metrics.track_queues(self.store.count_queued, self.store.count_outbox_pending)
+        metrics.track_pending_approvals(
+            lambda: float(self.store.count_pending_approvals()), owner=self
+        )
+        metrics.track_queues(self.store.count_queued, self.store.count_outbox_pending, owner=self)
 
     @property
     def catalog(self) -> Catalog:
@@ -319,6 +321,7 @@ class BotApp:
         if self.writeback is not None:
             self.writeback.close()
         self.pagerduty.close()
+        metrics.untrack(self)  # its database closes next: scrapes must not fail on it
         if not idle:
             log.warning(
                 "grace period over with steps still running; they go on under their "

@@ -721,6 +721,9 @@ def test_slack_manifest_asks_for_what_the_bot_uses() -> None:
     assert set(events["bot_events"]) == {"reaction_added", "reaction_removed"}
     assert events["request_url"] == "https://runbook-bot.example.com/slack/events"
     assert manifest["settings"]["socket_mode_enabled"] is False
+    interactivity = manifest["settings"]["interactivity"]  # the step buttons
+    assert interactivity["is_enabled"] is True
+    assert interactivity["request_url"] == events["request_url"]
     assert "features" not in manifest or "slash_commands" not in manifest["features"]
 
 

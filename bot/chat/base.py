@@ -70,6 +70,8 @@ class StepView:
     exit_code: int | None = None
     fingerprint: str = ""  # of `command`: an approval applies to what was shown
     attempt: int = 1
+    production: bool = False  # `env` is a production environment: Approve asks to confirm
+    decided_at: float | None = None  # when `actor` approved / rejected
 
 
 class ChatPort(Protocol):
