@@ -73,6 +73,7 @@ class Incident:
     env: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
     link: str = ""
+    started_by: str = ""  # a manual run: the Slack user who started it
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,7 @@ class Engine:
                 "catalog_commit": self.catalog.version,
                 "channel": self.catalog.channel_for(runbook),
                 "state_changed_at": p.get("occurred_at") or None,
+                "started_by": str(p.get("started_by") or ""),
             }
         )
         if incident is None:
@@ -599,6 +601,7 @@ class Engine:
                 "expires_at": c.item.received_at + cat.approval_timeout_for(action),
                 "fingerprint": fingerprint(command),
                 "catalog_commit": cat.version,
+                **_two_person(action, incident),
             }
         else:
             # Automatic: created claimed. The unique attempt row is the claim.
@@ -773,6 +776,7 @@ class Engine:
                 "expires_at": c.u.at + cat.approval_timeout_for(step.action),
                 "fingerprint": fingerprint(command),
                 "catalog_commit": cat.version,
+                **_two_person(step.action, incident),
             },
         )
         if retry is not None:
@@ -999,6 +1003,23 @@ class Engine:
             return self._refuse(c, incident, step_run, Refusal.EXPIRED)
         if run.phase is Phase.MAIN and not incident.open:
             return self._refuse(c, incident, step_run, Refusal.INCIDENT_CLOSED)
+        if verdict is ApprovalStatus.APPROVED:
+            may = policy.may_approve(
+                user,
+                approved_by=approval.approved_by,
+                starter=approval.starter,
+                self_approval=approval.self_approval,
+            )
+            if not may.allowed:
+                c.u.event(
+                    incident, Event.REFUSED, step_id=step_run.step_id, action=approval.action,
+                    actor=user, detail=may.reason,
+                )  # fmt: skip
+                return self._refuse(
+                    c, incident, step_run, Refusal.UNAUTHORIZED, reason=may.reason, audited=True
+                )
+            if len(approval.approved_by) + 1 < approval.required:
+                return self._approved_in_part(c, incident, run, step_run, approval, step, user)
         decided = c.u.decide_approval(approval, verdict, user, received)
         assert decided is not None
         new_step = (
@@ -1009,9 +1030,12 @@ class Engine:
         wait = max(received - approval.requested_at, 0.0)
         metrics.approvals.labels(approval.action, str(verdict)).inc()
         metrics.approval_wait.labels(approval.action, str(verdict)).observe(wait)
+        detail = _via(c.payload)
+        if verdict is ApprovalStatus.APPROVED and approval.required > 1:
+            detail = f"{approval.required} of {approval.required} approvals {detail}".strip()
         c.u.event(
             incident, Event(verdict), step_id=step_run.step_id, action=approval.action,
-            actor=user, detail=_via(c.payload),
+            actor=user, detail=detail,
         )  # fmt: skip
         log.info(
             "incident %s step %s %s by %s", incident.id, step_run.step_id, verdict, user,
@@ -1023,6 +1047,29 @@ class Engine:
             run = c.u.set_run_status(run, RunStatus.RUNNING) or run
         self._walk(c, incident, run)
         return InboxStatus.DONE, f"{verdict} by {user}"
+
+    def _approved_in_part(
+        self,
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
+        step_run: StepRun,
+        approval: Approval,
+        step: Step | None,
+        user: str,
+    ) -> tuple[InboxStatus, str]:
+        """One of several distinct approvals a request needs: recorded and shown; the step
+        waits for the rest."""
+        counted = c.u.add_approver(approval, user)
+        assert counted is not None  # the incident's items are applied one at a time
+        progress = f"{len(counted.approved_by)} of {counted.required} approvals"
+        c.u.event(
+            incident, Event.APPROVED, step_id=step_run.step_id, action=approval.action,
+            actor=user, detail=f"{progress} {_via(c.payload)}".strip(),
+        )  # fmt: skip
+        if step is not None:
+            self._show(c, incident, run, step, step_run, self._total(run), counted)
+        return InboxStatus.DONE, f"{progress}, by {user}"
 
     def _pause(self, c: _Context) -> tuple[InboxStatus, str]:
         user = str(c.payload.get("user") or "")
@@ -1306,6 +1353,8 @@ class Engine:
             attempt=step_run.attempt,
             production=self.catalog.settings.is_production(incident.env),
             decided_at=approval.decided_at if approval else None,
+            approved_by=approval.approved_by if approval else (),
+            approvals_required=approval.required if approval else 1,
         )
 
     def _incident_view(self, incident: IncidentRow, runbook: Runbook | None) -> IncidentView:
@@ -1418,6 +1467,15 @@ class _Context:
     payload: dict[str, Any]
     jobs: list[tuple[str, Job]]
     groups: frozenset[str] = frozenset()  # approver groups the deciding user is in
+
+
+def _two_person(action: Action, incident: IncidentRow) -> dict[str, Any]:
+    """What an approval request of `action` needs beyond one authorized approver."""
+    return {
+        "required": action.safety.approvals,
+        "self_approval": int(action.safety.self_approval),
+        "starter": incident.started_by,
+    }
 
 
 def _via(payload: Mapping[str, Any]) -> str:

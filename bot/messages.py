@@ -149,6 +149,12 @@ def status_line(view: StepView, reactions: ReactionNames) -> str:
         extra = f" — {approvers_text(view)} may approve until {when_text(view.expires_at)}"
         if view.paused_by:
             extra = f" — paused by <@{view.paused_by}>; the deadline waits"
+        if view.approvals_required > 1:
+            so_far = ", ".join(f"<@{u}>" for u in view.approved_by) or "nobody yet"
+            extra += (
+                f" — needs {view.approvals_required} different approvers; approved so far "
+                f"by {so_far} ({len(view.approved_by)} of {view.approvals_required})"
+            )
         return (
             f"{label}{extra}. Use the buttons, or react :{reactions.approve}: to approve, "
             f":{reactions.reject}: to reject, :{reactions.pause}: to pause."
@@ -177,7 +183,10 @@ def status_line(view: StepView, reactions: ReactionNames) -> str:
 def decided_by(view: StepView) -> str:
     """Who decided a step, and when: what replaces the buttons once it is decided."""
     at = when_text(view.decided_at)
-    return f"<@{view.actor}> at {at}" if at else f"<@{view.actor}>"
+    approvers = view.approved_by if view.state != StepStatus.REJECTED else ()
+    who = [f"<@{u}>" for u in approvers if u != view.actor]
+    names = " and ".join([", ".join(who), f"<@{view.actor}>"] if who else [f"<@{view.actor}>"])
+    return f"{names} at {at}" if at else names
 
 
 def fingerprint_text(view: StepView) -> str:

@@ -145,6 +145,25 @@ def authorize(
     return Authorization(False, f"<@{user}> is not among the approvers of this step")
 
 
+def may_approve(
+    user: str, *, approved_by: Collection[str], starter: str, self_approval: bool
+) -> Authorization:
+    """The two-person rule and no self-approval, for an approver already authorized:
+    each approval of a request comes from a different person, and whoever started a
+    manual run does not approve its steps unless the action allows it."""
+    if user in approved_by:
+        return Authorization(
+            False, "you already approved this step; it needs another approver as well"
+        )
+    if starter and user == starter and not self_approval:
+        return Authorization(
+            False,
+            "you started this run, so another approver must approve its steps (an action "
+            "may allow it with `safety.self_approval: true`)",
+        )
+    return Authorization(True, "")
+
+
 def approval_deadline_passed(now: float, expires_at: float, paused_since: float | None) -> bool:
     """A paused request does not expire; its deadline moves by the pause when resumed."""
     if paused_since is not None:

@@ -392,3 +392,93 @@ def test_a_click_on_a_message_not_yet_recorded_waits_for_it(bot: Bot) -> None:
     assert bot.post_click(payload).status_code == 200
     bot.settle()
     assert bot.status("after") == "success"
+
+
+# --- the two-person rule, no self-approval ---------------------------------------------------
+
+
+def set_guarded_safety(root: Path, **safety: Any) -> None:
+    path = root / "actions" / "guarded.yaml"
+    action = json.loads(path.read_text())
+    action["safety"].update(safety)
+    path.write_text(json.dumps(action))
+
+
+def test_two_person_rule_needs_two_different_approvers(
+    tmp_path: Path, make_bot: MakeBot, slack: FakeSlack
+) -> None:
+    write_catalog(tmp_path)
+    set_guarded_safety(tmp_path, approvals=2)
+    bot = make_bot()
+    bot.open_incident()
+    assert "needs 2 different approvers; approved so far by nobody yet (0 of 2)" in (
+        visible_text(message_of(bot))
+    )
+
+    bot.click(APPROVER, "runbook_approve")
+    bot.settle()
+    assert bot.runs() == [] and bot.status("guarded") == "awaiting_approval"
+    text = visible_text(message_of(bot))
+    assert f"approved so far by <@{APPROVER}> (1 of 2)" in text  # the thread shows who
+    assert [b["action_id"] for b in buttons_of(message_of(bot))] == ACTION_IDS
+
+    bot.react(APPROVER, "white_check_mark")  # the same person again does not count
+    bot.settle()
+    (note,) = ephemerals_to(slack, APPROVER)
+    assert "you already approved this step; it needs another approver" in note["text"]
+    assert bot.runs() == []
+
+    bot.click(GROUPIE, "runbook_approve")
+    bot.settle()
+    assert bot.runs() == ["ran"]
+    assert f"approved by <@{APPROVER}> and <@{GROUPIE}> at " in visible_text(message_of(bot))
+    assert [(e["actor"], e["detail"]) for e in approvals(bot)] == [
+        (APPROVER, "1 of 2 approvals by button"),
+        (GROUPIE, "2 of 2 approvals by button"),
+    ]
+
+
+def test_a_rejection_by_either_approver_stops_a_two_person_request(
+    tmp_path: Path, make_bot: MakeBot
+) -> None:
+    write_catalog(tmp_path)
+    set_guarded_safety(tmp_path, approvals=2)
+    bot = make_bot()
+    bot.open_incident()
+    bot.click(APPROVER, "runbook_approve")
+    bot.click(GROUPIE, "runbook_reject")
+    bot.settle()
+    assert bot.runs() == [] and bot.status("guarded") == "rejected"
+    assert f"rejected by <@{GROUPIE}> at " in visible_text(message_of(bot))
+
+
+STARTED = Incident(
+    id="PMANUAL1",
+    title="API elevated errors",
+    service="api",
+    env="staging",
+    started_by=APPROVER,
+)
+
+
+def test_the_starter_of_a_manual_run_may_not_approve_it(bot: Bot, slack: FakeSlack) -> None:
+    bot.open_incident(STARTED)
+    bot.click(APPROVER, "runbook_approve")
+    bot.settle()
+    (note,) = ephemerals_to(slack, APPROVER)
+    assert "you started this run, so another approver must approve" in note["text"]
+    assert "self_approval: true" in note["text"]
+    assert bot.runs() == [] and ("refused", "guarded", APPROVER) in bot.events()
+    bot.react(GROUPIE, "white_check_mark")
+    bot.settle()
+    assert bot.runs() == ["ran"]
+
+
+def test_self_approval_true_lets_the_starter_approve(tmp_path: Path, make_bot: MakeBot) -> None:
+    write_catalog(tmp_path)
+    set_guarded_safety(tmp_path, self_approval=True)
+    bot = make_bot()
+    bot.open_incident(STARTED)
+    bot.click(APPROVER, "runbook_approve")
+    bot.settle()
+    assert bot.runs() == ["ran"]

@@ -311,6 +311,8 @@ def build_action(
             if "approval_timeout" in safety_data
             else None
         ),
+        approvals=int(safety_data.get("approvals", 1)),
+        self_approval=bool(safety_data.get("self_approval", False)),
         promotions=tuple(
             Promotion(
                 env=p["env"],

@@ -79,6 +79,8 @@ class Safety:
     approvers: Approvers | None = None  # None: inherit from the runbook, then the catalog
     approval_timeout: float | None = None  # None: the catalog default
     promotions: tuple[Promotion, ...] = ()
+    approvals: int = 1  # distinct approvers needed (2: the two-person rule)
+    self_approval: bool = False  # the starter of a manual run may approve its steps
 
     def promotion_for(self, env: str) -> Promotion | None:
         return next((p for p in self.promotions if p.env == env), None)

@@ -72,6 +72,8 @@ class StepView:
     attempt: int = 1
     production: bool = False  # `env` is a production environment: Approve asks to confirm
     decided_at: float | None = None  # when `actor` approved / rejected
+    approved_by: tuple[str, ...] = ()  # who approved so far (the two-person rule)
+    approvals_required: int = 1  # distinct approvers needed
 
 
 class ChatPort(Protocol):

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -433,6 +433,17 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    # The two-person rule: how many distinct approvers a request needs, who approved so
+    # far, and who started a manual run (who may not approve it unless the action allows).
+    conn = db.conn
+    conn.execute("ALTER TABLE approvals ADD COLUMN required INTEGER NOT NULL DEFAULT 1")
+    conn.execute("ALTER TABLE approvals ADD COLUMN approved_by TEXT NOT NULL DEFAULT '[]'")
+    conn.execute("ALTER TABLE approvals ADD COLUMN starter TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE approvals ADD COLUMN self_approval INTEGER NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE incidents ADD COLUMN started_by TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migration_1,
     2: _migration_2,
@@ -440,4 +451,5 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     4: _migration_4,
     5: _migration_5,
     6: _migration_6,
+    7: _migration_7,
 }
