@@ -268,9 +268,12 @@ class Engine:
             return InboxStatus.IGNORED, "incident already open"
         details = p.get("details") or {}
         details_text = json.dumps(details, sort_keys=True, default=str)
-        runbook = self.catalog.match(
-            p["service"], p["title"], service_id=p.get("service_id", ""), details=details_text
-        )
+        if p.get("runbook_id"):  # a manual run names its runbook
+            runbook = self._runbook(str(p["runbook_id"]))
+        else:
+            runbook = self.catalog.match(
+                p["service"], p["title"], service_id=p.get("service_id", ""), details=details_text
+            )
         if p.get("env"):
             env, why = str(p["env"]), "the incident says so"
         else:
@@ -291,7 +294,7 @@ class Engine:
                 "link": p.get("link", ""),
                 "runbook_id": runbook.id if runbook else None,
                 "catalog_commit": self.catalog.version,
-                "channel": self.catalog.channel_for(runbook),
+                "channel": str(p.get("channel") or "") or self.catalog.channel_for(runbook),
                 "state_changed_at": p.get("occurred_at") or None,
                 "started_by": str(p.get("started_by") or ""),
             }

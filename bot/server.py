@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from bot import __version__, metrics
 from bot.catalog.model import Catalog
 from bot.catalog.source import CatalogSource
+from bot.commands import Commands
 from bot.config import Config
 from bot.engine import Engine
 from bot.errors import ConfigError
@@ -149,6 +150,15 @@ class BotApp:
             details=self.pagerduty.details if self.pagerduty.api is not None else None,
             catalog_of=self._stored_catalog,
         )
+        # `/runbook`: manual runs enter the inbox as a page's trigger does.
+        self.commands = Commands(
+            lambda: self.engine.catalog,
+            self.store,
+            self.inbox.receive,
+            default_env=config.env,
+            member_of=self.slack.member_of if self.slack else None,
+            bot_users=lambda: self.slack.bot_user_ids if self.slack else frozenset(),
+        )
         self._save_catalog(self.source.current())
         self._stopping = threading.Event()
         self._never_started: list[StepRun] = []  # found by repair(), started by start()
@@ -217,7 +227,11 @@ class BotApp:
         from bot.chat.slack import SlackAdapter
 
         return SlackAdapter(
-            self.config, put=self.inbox.receive, find_message=self.store.message_at, tuning=tuning
+            self.config,
+            put=self.inbox.receive,
+            find_message=self.store.message_at,
+            tuning=tuning,
+            command=lambda request: self.commands.handle(request),
         )
 
     def _apply(self, item: Any) -> None:

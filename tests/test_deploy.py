@@ -715,6 +715,7 @@ def test_slack_manifest_asks_for_what_the_bot_uses() -> None:
         "groups:history",
         "usergroups:read",
         "users:read",
+        "commands",
     }
     assert "user" not in manifest["oauth_config"]["scopes"]
     events = manifest["settings"]["event_subscriptions"]
@@ -724,7 +725,8 @@ def test_slack_manifest_asks_for_what_the_bot_uses() -> None:
     interactivity = manifest["settings"]["interactivity"]  # the step buttons
     assert interactivity["is_enabled"] is True
     assert interactivity["request_url"] == events["request_url"]
-    assert "features" not in manifest or "slash_commands" not in manifest["features"]
+    (command,) = manifest["features"]["slash_commands"]
+    assert command["command"] == "/runbook" and command["url"] == events["request_url"]
 
 
 # -- docs ------------------------------------------------------------------------------------

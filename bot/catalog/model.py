@@ -80,6 +80,7 @@ class Safety:
     approval_timeout: float | None = None  # None: the catalog default
     promotions: tuple[Promotion, ...] = ()
     approvals: int = 1  # distinct approvers needed (2: the two-person rule)
+    runners: Approvers | None = None  # who may start it by hand; None: inherit
     self_approval: bool = False  # the starter of a manual run may approve its steps
 
     def promotion_for(self, env: str) -> Promotion | None:
@@ -162,6 +163,7 @@ class Runbook:
     description: str = ""
     channel: str = ""  # empty: the catalog's default channel
     approvers: Approvers | None = None
+    runners: Approvers | None = None  # who may start it by hand; None: inherit
     escalation: Escalation | None = None
     resolve_on_success: bool = False
     on_resolve: tuple[Step, ...] = ()
@@ -175,6 +177,7 @@ class Settings:
         Environment("prod", production=True),
     )
     approvers: Approvers = Approvers()
+    runners: Approvers | None = None  # who may start runbooks by hand; None: the approvers
     channel: str = "#incidents"
     escalation: Escalation = Escalation()
     services: Mapping[str, str] = field(default_factory=dict)  # service name/id -> environment
@@ -237,6 +240,20 @@ class Catalog:
         if runbook is not None and runbook.approvers is not None:
             return runbook.approvers
         return self.settings.approvers
+
+    def runners_for(self, runbook: Runbook, action: Action | None = None) -> Approvers:
+        """Who may start `runbook` (or its step of `action`) by hand: the nearest
+        `runners` (action, runbook, catalog) wins; without any, the approvers."""
+        for declared in (
+            action.safety.runners if action else None,
+            runbook.runners,
+            self.settings.runners,
+        ):
+            if declared is not None:
+                return declared
+        if action is not None:
+            return self.approvers_for(runbook, action)
+        return runbook.approvers if runbook.approvers is not None else self.settings.approvers
 
     def approval_timeout_for(self, action: Action) -> float:
         if action.safety.approval_timeout is not None:

@@ -58,6 +58,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 
 from bot import effects, messages, metrics
 from bot.chat.base import IncidentView, StepView
+from bot.commands import CommandRequest
 from bot.config import Config
 from bot.errors import ConfigError
 from bot.outbox import Refused, Retry, Sent
@@ -970,6 +971,39 @@ class ClickIntake:
         return True
 
 
+COMMAND = "/runbook"
+
+
+def _command_request(body: Mapping[str, Any], team_id: str) -> CommandRequest | None:
+    """A slash command payload as plain values, or None when it is not one of ours."""
+    fields = {k: body.get(k) for k in ("command", "team_id", "user_id", "channel_id")}
+    text, response_url, trigger = (
+        body.get("text", ""),
+        body.get("response_url"),
+        body.get("trigger_id"),
+    )
+    if (
+        fields["command"] != COMMAND
+        or not team_id
+        or fields["team_id"] != team_id
+        or not isinstance(fields["user_id"], str)
+        or not _SLACK_ID.fullmatch(fields["user_id"])
+        or not isinstance(fields["channel_id"], str)
+        or not _SLACK_ID.fullmatch(fields["channel_id"])
+        or not isinstance(text, str)
+        or not isinstance(trigger, str)
+        or not trigger
+        or not isinstance(response_url, str)
+    ):
+        log.warning("refused a /runbook payload: missing fields or another workspace")
+        return None
+    url = urllib.parse.urlsplit(response_url)
+    if url.scheme != "https" or url.hostname not in RESPONSE_URL_HOSTS:
+        log.warning("refused a /runbook payload: a response_url on a foreign host")
+        return None
+    return CommandRequest(text, fields["user_id"], fields["channel_id"], trigger[:200])
+
+
 class _VetClicks(Middleware):
     """Refuses a click payload that is not exactly a click on one of our buttons (400,
     nothing changes), after bolt checked its signature and before bolt's own matchers,
@@ -1024,8 +1058,10 @@ class SlackAdapter:
         put: Put,
         find_message: FindMessage,
         tuning: SlackTuning | None = None,
+        command: Callable[[CommandRequest], str] | None = None,
     ) -> None:
         self.config = config
+        self.command = command
         self.tuning = tuning or SlackTuning()
         if not config.socket_mode and not config.slack_signing_secret:
             raise ConfigError(
@@ -1134,7 +1170,19 @@ class SlackAdapter:
             ack()
             return None
 
+        def on_command(ack: Ack, body: dict[str, Any]) -> BoltResponse | None:
+            request = _command_request(body, self.identity.team_id)
+            if request is None:
+                metrics.webhook_deliveries.labels(SOURCE, "rejected").inc()
+                return BoltResponse(status=400, body="")
+            # The answer (private to the user) is the acknowledgement; `run` only puts a
+            # trigger in the inbox, well within Slack's 3 seconds.
+            answer = self.command(request) if self.command else "/runbook is not set up."
+            ack(text=answer, response_type="ephemeral")
+            return None
+
         bolt.use(_VetClicks(self.clicks))
+        bolt.command(COMMAND)(on_command)
 
         bolt.event("reaction_added")(on_added)
         bolt.event("reaction_removed")(on_removed)
