@@ -15,7 +15,9 @@ Tables:
 
 Migrations 1 to 3 built the first version's tables; 4 replaced its delivery queue and
 in-memory message bookkeeping with the inbox and the outbox; 5 keeps served catalogs; 6
-marks each audit row with its origin (the bot, `runbookctl simulate` or `runbookctl test`).
+marks each audit row with its origin (the bot, `runbookctl simulate` or `runbookctl test`);
+7 adds the two-person rule (approvals.required, approved_by, starter, self_approval) and
+who started a manual run (incidents.started_by).
 """
 
 from __future__ import annotations
