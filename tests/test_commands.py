@@ -185,3 +185,19 @@ def test_unsigned_foreign_or_malformed_commands_are_refused(bot: Bot) -> None:
         assert response.status_code == 400 and "Traceback" not in response.text
     bot.settle()
     assert manual_incidents(bot) == []
+
+
+def test_the_command_over_socket_mode_takes_the_same_path(bot: Bot) -> None:
+    """Socket Mode hands the command's payload to the same App (``run_bolt_app``)."""
+    from slack_bolt.adapter.socket_mode.internals import run_bolt_app
+    from slack_sdk.socket_mode.request import SocketModeRequest
+
+    assert bot.app.slack is not None
+    payload = dict(urllib.parse.parse_qsl(command_body(APPROVER, "run api-errors")))
+    response = run_bolt_app(
+        bot.app.slack.bolt,
+        SocketModeRequest(type="slash_commands", envelope_id="env-1", payload=payload),
+    )
+    assert response.status == 200 and "Starting runbook" in str(response.body)
+    bot.settle()
+    assert len(manual_incidents(bot)) == 1
