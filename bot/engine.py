@@ -32,7 +32,16 @@ from typing import Any, Protocol
 
 from bot import effects, executor, messages, metrics, policy
 from bot.catalog.environment import resolve_environment
-from bot.catalog.model import Action, Approvers, Catalog, Runbook, Step
+from bot.catalog.model import (
+    Action,
+    Approvers,
+    Catalog,
+    Location,
+    Match,
+    Runbook,
+    Safety,
+    Step,
+)
 from bot.chat.base import IncidentView, StepView
 from bot.conditions import ConditionError, evaluate
 from bot.effects import Kind
@@ -58,6 +67,43 @@ log = logging.getLogger(__name__)
 OUTPUT_EXCERPT_CHARS = 1500
 ROLLBACK_INDEX_BASE = 10_000  # step_index of the rollback of step i is BASE + i
 MAX_WALK = 1_000  # steps one item may walk (a runbook is far shorter; a guard, not a limit)
+# Requests of bot.guard decorators (``bot.guardapi``) are incidents whose runbook is made
+# from its id, `guard:<timeout seconds>:<function>`: one step the asking program runs.
+GUARD_RUNBOOK_PREFIX = "guard:"
+GUARD_RUNNER = "guard"  # a claimed guard step: the asking program runs it
+
+
+def guard_runbook_id(function: str, timeout: float) -> str:
+    return f"{GUARD_RUNBOOK_PREFIX}{max(1, round(timeout))}:{function}"
+
+
+def guard_runbook(runbook_id: str) -> Runbook | None:
+    """The one-step runbook of a bot.guard request (None: not one)."""
+    if not runbook_id.startswith(GUARD_RUNBOOK_PREFIX):
+        return None
+    timeout, _, function = runbook_id.removeprefix(GUARD_RUNBOOK_PREFIX).partition(":")
+    if not timeout.isdigit() or not function:
+        return None
+    where = Location("bot.guard")
+    action = Action(
+        id=function,
+        command=("python-function", function),
+        location=where,
+        description=(
+            "A Python function guarded by bot.guard.require_confirmation: the program that "
+            "asked runs it once approved, and reports its result here."
+        ),
+        safety=Safety(requires_approval=True, approval_timeout=float(timeout)),
+        external=True,
+    )
+    step = Step(id="confirm", action=action, location=where, name=f"Run {function}()")
+    return Runbook(
+        id=runbook_id,
+        match=Match(services=("bot.guard",)),
+        steps=(step,),
+        location=where,
+        title=f"bot.guard: {function}",
+    )
 
 
 @dataclass(frozen=True)
@@ -722,6 +768,14 @@ class Engine:
         ):
             self._supersede(c, incident, run, cat, runbook, step, approved, approval, command)
             return None
+        if action.external:  # the program that asked runs it, and reports its result
+            claimed = c.u.set_step(approved, StepStatus.RUNNING, runner=GUARD_RUNNER)
+            if claimed is None:
+                return c.u.step_run(approved.id)
+            actor = approval.decided_by or "" if approval else ""
+            self._executed_event(c, incident, step, actor)
+            self._show(c, incident, run, step, claimed, len(steps), approval)
+            return claimed
         runner = self.executor.reserve()
         claimed = c.u.set_step(approved, StepStatus.RUNNING, runner=runner)
         if claimed is None:
@@ -1403,6 +1457,9 @@ class Engine:
         return found
 
     def _runbook(self, runbook_id: str, catalog: Catalog | None = None) -> Runbook | None:
+        synthetic = guard_runbook(runbook_id)
+        if synthetic is not None:
+            return synthetic
         # Catalog.runbook scans every runbook; indexed per catalog object.
         cat = catalog or self.catalog
         index = self._runbooks.get(id(cat))

@@ -44,6 +44,10 @@ def promote_hint(action_id: str, env: str) -> str:
 
 def decide(action: Action, env: str, settings: Settings) -> Decision:
     """What may happen with this action for an incident in `env`, before any human acts."""
+    if action.external:
+        # A bot.guard decorator asking: its `allowed_envs` (the same `decide`, in the
+        # asking program) checked the environment; here a person must approve.
+        return Decision("needs_approval", "asked by a bot.guard decorator: a person approves")
     if not env:
         return Decision(
             "blocked",

@@ -38,8 +38,10 @@ from bot.catalog.model import Catalog
 from bot.catalog.source import CatalogSource
 from bot.commands import Commands
 from bot.config import Config
-from bot.engine import Engine
+from bot.engine import GUARD_RUNNER, Engine
 from bot.errors import ConfigError
+from bot.guardapi import PREFIX as GUARD_PREFIX
+from bot.guardapi import GuardApi
 from bot.inbox import Inbox, database_unusable
 from bot.jobs import JobEnd, SupervisedExecutor, end_item
 from bot.messages import environment_warnings
@@ -159,6 +161,10 @@ class BotApp:
             member_of=self.slack.member_of if self.slack else None,
             bot_users=lambda: self.slack.bot_user_ids if self.slack else frozenset(),
         )
+        # bot.guard decorators ask here (authenticated; deny without RUNBOOK_GUARD_TOKEN).
+        self.guard_api = GuardApi(
+            config, self.store, self.inbox.receive, lambda: self.engine.catalog.settings.channel
+        )
         self._save_catalog(self.source.current())
         self._stopping = threading.Event()
         self._never_started: list[StepRun] = []  # found by repair(), started by start()
@@ -253,6 +259,8 @@ class BotApp:
             step
             for step in self.store.running_steps()
             if not self.store.has_item(f"step:{step.id}:{step.attempt}:end")
+            # a bot.guard step runs in the program that asked, which reports its end
+            and step.runner != GUARD_RUNNER
         ]
         found = self.executor.recover(left, self.engine.job_for, self._restart)
         counts = {"results": 0, "interrupted": 0, "restarted": 0, "still_running": 0}
@@ -393,6 +401,8 @@ class BotApp:
             if method != "POST":
                 return _json(start_response, "405 Method Not Allowed", {"error": "use POST"})
             return self.pagerduty.wsgi(environ, start_response)
+        if path == GUARD_PREFIX or path.startswith(GUARD_PREFIX + "/"):
+            return self.guard_api.wsgi(environ, start_response)
         if path == "/slack/events":
             if self.slack is None or self.config.socket_mode:
                 return _json(start_response, "404 Not Found", {"error": "Slack HTTP mode is off"})

@@ -101,6 +101,9 @@ class Action:
     expect: tuple[Expectation, ...] = ()
     safety: Safety = Safety()
     inline: bool = False  # declared inside a runbook step rather than as its own document
+    # Run by the program that asked (a bot.guard decorator), never by the bot: the bot
+    # only asks for approval and records what the program reports.
+    external: bool = False
 
     @property
     def command_text(self) -> str:
