@@ -111,6 +111,11 @@ class Config:
         "PAGERDUTY_WEBHOOK_TOKEN",
         "Bearer token accepted instead of a signature, for relays that cannot sign.",
     )
+    guard_token: Secret = _secret(
+        "RUNBOOK_GUARD_TOKEN",
+        "Bearer token bot.guard decorators send to ask for approval in Slack "
+        "(/guard/requests); unset: every such request is refused.",
+    )
     pagerduty_api_token: Secret = _secret(
         "PAGERDUTY_API_TOKEN", "PagerDuty REST API token for write-back."
     )

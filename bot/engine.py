@@ -32,7 +32,16 @@ from typing import Any, Protocol
 
 from bot import effects, executor, messages, metrics, policy
 from bot.catalog.environment import resolve_environment
-from bot.catalog.model import Action, Approvers, Catalog, Runbook, Step
+from bot.catalog.model import (
+    Action,
+    Approvers,
+    Catalog,
+    Location,
+    Match,
+    Runbook,
+    Safety,
+    Step,
+)
 from bot.chat.base import IncidentView, StepView
 from bot.conditions import ConditionError, evaluate
 from bot.effects import Kind
@@ -58,6 +67,43 @@ log = logging.getLogger(__name__)
 OUTPUT_EXCERPT_CHARS = 1500
 ROLLBACK_INDEX_BASE = 10_000  # step_index of the rollback of step i is BASE + i
 MAX_WALK = 1_000  # steps one item may walk (a runbook is far shorter; a guard, not a limit)
+# Requests of bot.guard decorators (``bot.guardapi``) are incidents whose runbook is made
+# from its id, `guard:<timeout seconds>:<function>`: one step the asking program runs.
+GUARD_RUNBOOK_PREFIX = "guard:"
+GUARD_RUNNER = "guard"  # a claimed guard step: the asking program runs it
+
+
+def guard_runbook_id(function: str, timeout: float) -> str:
+    return f"{GUARD_RUNBOOK_PREFIX}{max(1, round(timeout))}:{function}"
+
+
+def guard_runbook(runbook_id: str) -> Runbook | None:
+    """The one-step runbook of a bot.guard request (None: not one)."""
+    if not runbook_id.startswith(GUARD_RUNBOOK_PREFIX):
+        return None
+    timeout, _, function = runbook_id.removeprefix(GUARD_RUNBOOK_PREFIX).partition(":")
+    if not timeout.isdigit() or not function:
+        return None
+    where = Location("bot.guard")
+    action = Action(
+        id=function,
+        command=("python-function", function),
+        location=where,
+        description=(
+            "A Python function guarded by bot.guard.require_confirmation: the program that "
+            "asked runs it once approved, and reports its result here."
+        ),
+        safety=Safety(requires_approval=True, approval_timeout=float(timeout)),
+        external=True,
+    )
+    step = Step(id="confirm", action=action, location=where, name=f"Run {function}()")
+    return Runbook(
+        id=runbook_id,
+        match=Match(services=("bot.guard",)),
+        steps=(step,),
+        location=where,
+        title=f"bot.guard: {function}",
+    )
 
 
 @dataclass(frozen=True)
@@ -73,6 +119,7 @@ class Incident:
     env: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
     link: str = ""
+    started_by: str = ""  # a manual run: the Slack user who started it
 
 
 @dataclass(frozen=True)
@@ -267,9 +314,12 @@ class Engine:
             return InboxStatus.IGNORED, "incident already open"
         details = p.get("details") or {}
         details_text = json.dumps(details, sort_keys=True, default=str)
-        runbook = self.catalog.match(
-            p["service"], p["title"], service_id=p.get("service_id", ""), details=details_text
-        )
+        if p.get("runbook_id"):  # a manual run names its runbook
+            runbook = self._runbook(str(p["runbook_id"]))
+        else:
+            runbook = self.catalog.match(
+                p["service"], p["title"], service_id=p.get("service_id", ""), details=details_text
+            )
         if p.get("env"):
             env, why = str(p["env"]), "the incident says so"
         else:
@@ -290,8 +340,9 @@ class Engine:
                 "link": p.get("link", ""),
                 "runbook_id": runbook.id if runbook else None,
                 "catalog_commit": self.catalog.version,
-                "channel": self.catalog.channel_for(runbook),
+                "channel": str(p.get("channel") or "") or self.catalog.channel_for(runbook),
                 "state_changed_at": p.get("occurred_at") or None,
+                "started_by": str(p.get("started_by") or ""),
             }
         )
         if incident is None:
@@ -599,6 +650,7 @@ class Engine:
                 "expires_at": c.item.received_at + cat.approval_timeout_for(action),
                 "fingerprint": fingerprint(command),
                 "catalog_commit": cat.version,
+                **_two_person(action, incident),
             }
         else:
             # Automatic: created claimed. The unique attempt row is the claim.
@@ -716,6 +768,14 @@ class Engine:
         ):
             self._supersede(c, incident, run, cat, runbook, step, approved, approval, command)
             return None
+        if action.external:  # the program that asked runs it, and reports its result
+            claimed = c.u.set_step(approved, StepStatus.RUNNING, runner=GUARD_RUNNER)
+            if claimed is None:
+                return c.u.step_run(approved.id)
+            actor = approval.decided_by or "" if approval else ""
+            self._executed_event(c, incident, step, actor)
+            self._show(c, incident, run, step, claimed, len(steps), approval)
+            return claimed
         runner = self.executor.reserve()
         claimed = c.u.set_step(approved, StepStatus.RUNNING, runner=runner)
         if claimed is None:
@@ -773,6 +833,7 @@ class Engine:
                 "expires_at": c.u.at + cat.approval_timeout_for(step.action),
                 "fingerprint": fingerprint(command),
                 "catalog_commit": cat.version,
+                **_two_person(step.action, incident),
             },
         )
         if retry is not None:
@@ -952,6 +1013,16 @@ class Engine:
         approval = c.u.approval(step_run.id)
         if incident is None or run is None or approval is None:
             return Refusal.NOT_A_STEP
+        button = c.payload.get("button")
+        if button is not None and (
+            not isinstance(button, dict)
+            or button.get("incident") != step_run.incident_id
+            or button.get("step") != step_run.id
+            or button.get("fingerprint") != approval.fingerprint
+        ):
+            # A click applies to what its message showed: this step of this incident,
+            # rendered with this fingerprint. Another one's button changes nothing.
+            return Refusal.STALE
         return incident, run, step_run, approval, self._step_of(run, step_run)
 
     def _decision(self, c: _Context) -> tuple[InboxStatus, str]:
@@ -989,6 +1060,23 @@ class Engine:
             return self._refuse(c, incident, step_run, Refusal.EXPIRED)
         if run.phase is Phase.MAIN and not incident.open:
             return self._refuse(c, incident, step_run, Refusal.INCIDENT_CLOSED)
+        if verdict is ApprovalStatus.APPROVED:
+            may = policy.may_approve(
+                user,
+                approved_by=approval.approved_by,
+                starter=approval.starter,
+                self_approval=approval.self_approval,
+            )
+            if not may.allowed:
+                c.u.event(
+                    incident, Event.REFUSED, step_id=step_run.step_id, action=approval.action,
+                    actor=user, detail=may.reason,
+                )  # fmt: skip
+                return self._refuse(
+                    c, incident, step_run, Refusal.UNAUTHORIZED, reason=may.reason, audited=True
+                )
+            if len(approval.approved_by) + 1 < approval.required:
+                return self._approved_in_part(c, incident, run, step_run, approval, step, user)
         decided = c.u.decide_approval(approval, verdict, user, received)
         assert decided is not None
         new_step = (
@@ -999,9 +1087,13 @@ class Engine:
         wait = max(received - approval.requested_at, 0.0)
         metrics.approvals.labels(approval.action, str(verdict)).inc()
         metrics.approval_wait.labels(approval.action, str(verdict)).observe(wait)
+        detail = _via(c.payload)
+        if verdict is ApprovalStatus.APPROVED and approval.required > 1:
+            detail = f"{approval.required} of {approval.required} approvals {detail}".strip()
         c.u.event(
-            incident, Event(verdict), step_id=step_run.step_id, action=approval.action, actor=user
-        )
+            incident, Event(verdict), step_id=step_run.step_id, action=approval.action,
+            actor=user, detail=detail,
+        )  # fmt: skip
         log.info(
             "incident %s step %s %s by %s", incident.id, step_run.step_id, verdict, user,
             extra={"incident": incident.id, "service": incident.service, "action": approval.action},
@@ -1012,6 +1104,29 @@ class Engine:
             run = c.u.set_run_status(run, RunStatus.RUNNING) or run
         self._walk(c, incident, run)
         return InboxStatus.DONE, f"{verdict} by {user}"
+
+    def _approved_in_part(
+        self,
+        c: _Context,
+        incident: IncidentRow,
+        run: Run,
+        step_run: StepRun,
+        approval: Approval,
+        step: Step | None,
+        user: str,
+    ) -> tuple[InboxStatus, str]:
+        """One of several distinct approvals a request needs: recorded and shown; the step
+        waits for the rest."""
+        counted = c.u.add_approver(approval, user)
+        assert counted is not None  # the incident's items are applied one at a time
+        progress = f"{len(counted.approved_by)} of {counted.required} approvals"
+        c.u.event(
+            incident, Event.APPROVED, step_id=step_run.step_id, action=approval.action,
+            actor=user, detail=f"{progress} {_via(c.payload)}".strip(),
+        )  # fmt: skip
+        if step is not None:
+            self._show(c, incident, run, step, step_run, self._total(run), counted)
+        return InboxStatus.DONE, f"{progress}, by {user}"
 
     def _pause(self, c: _Context) -> tuple[InboxStatus, str]:
         user = str(c.payload.get("user") or "")
@@ -1046,9 +1161,13 @@ class Engine:
         user = str(c.payload.get("user") or "")
         found = self._request(c)
         if isinstance(found, Refusal):
+            if "button" in c.payload:  # a click is answered; a removed reaction is not
+                return self._refuse(c, None, None, found)
             return InboxStatus.IGNORED, str(found)
         incident, run, step_run, approval, step = found
         if approval.status is not ApprovalStatus.PENDING:
+            if "button" in c.payload:
+                return self._refuse(c, incident, step_run, Refusal.NOT_PENDING)
             return InboxStatus.IGNORED, "un-pausing a decided step: nothing to say"
         who = self._authorize(c, incident, approval, user, step_run)
         if not who.allowed:
@@ -1286,8 +1405,13 @@ class Engine:
             output=output,
             duration=step_run.duration,
             exit_code=step_run.exit_code,
-            fingerprint=fingerprint(step_run.command) if step_run.command else "",
+            fingerprint=(approval.fingerprint if approval else "")
+            or (fingerprint(step_run.command) if step_run.command else ""),
             attempt=step_run.attempt,
+            production=self.catalog.settings.is_production(incident.env),
+            decided_at=approval.decided_at if approval else None,
+            approved_by=approval.approved_by if approval else (),
+            approvals_required=approval.required if approval else 1,
         )
 
     def _incident_view(self, incident: IncidentRow, runbook: Runbook | None) -> IncidentView:
@@ -1333,6 +1457,9 @@ class Engine:
         return found
 
     def _runbook(self, runbook_id: str, catalog: Catalog | None = None) -> Runbook | None:
+        synthetic = guard_runbook(runbook_id)
+        if synthetic is not None:
+            return synthetic
         # Catalog.runbook scans every runbook; indexed per catalog object.
         cat = catalog or self.catalog
         index = self._runbooks.get(id(cat))
@@ -1400,6 +1527,22 @@ class _Context:
     payload: dict[str, Any]
     jobs: list[tuple[str, Job]]
     groups: frozenset[str] = frozenset()  # approver groups the deciding user is in
+
+
+def _two_person(action: Action, incident: IncidentRow) -> dict[str, Any]:
+    """What an approval request of `action` needs beyond one authorized approver."""
+    return {
+        "required": action.safety.approvals,
+        "self_approval": int(action.safety.self_approval),
+        "starter": incident.started_by,
+    }
+
+
+def _via(payload: Mapping[str, Any]) -> str:
+    """How a decision was given, for the audit log."""
+    if "button" in payload:
+        return "by button"
+    return "by reaction" if payload.get("reaction") else ""
 
 
 def _steps(runbook: Runbook | None, phase: Phase) -> tuple[Step, ...]:

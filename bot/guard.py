@@ -28,30 +28,33 @@ functions next to catalog actions (``action`` is the function's name, or ``actio
 Confirmers (the ``Confirmer`` protocol: ``confirm(message, timeout)`` returns
 ``"approved"``, ``"rejected"`` or ``"expired"``):
   * ``ConsoleConfirmer``: a y/N prompt on the terminal; no answer in time is ``expired``;
-  * ``ChatConfirmer``: posts the request through a chat port (``bot.chat.base.ChatPort``)
-    and waits for an authorized approver's decision, which the chat adapter passes in
-    with ``ChatConfirmer.decide`` (authorization is ``policy.authorize``).
+  * ``BotConfirmer``: asks the running bot (``POST /guard/requests``, authenticated with
+    ``RUNBOOK_GUARD_TOKEN``), which posts the request in Slack and records it like any
+    step: durable, approved by the catalog's approvers (buttons or reactions), audited
+    and counted. The function runs once approved, and its result is reported back to
+    the thread. ``configure(bot_url=...)`` sets it up::
+
+        guard.configure(env="staging", bot_url="https://runbook-bot.internal")
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
-import re
 import select
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Literal, ParamSpec, Protocol, TypeVar
 
 from bot import policy
-from bot.catalog.model import Action, Approvers, Location, Promotion, Safety, Settings
-from bot.chat.base import ChatPort, MessageRef
+from bot.catalog.model import Action, Location, Promotion, Safety, Settings
 from bot.errors import ApprovalDenied, PolicyViolation
 from bot.states import Event
 
@@ -95,18 +98,16 @@ def configure(
     *,
     env: str | None = _UNSET,
     confirmer: Confirmer | None = _UNSET,
-    chat: ChatPort | None = None,
-    channel: str = "#incidents",
-    approvers: Approvers | None = None,
-    member_of: policy.MemberOf | None = None,
+    bot_url: str | None = None,
+    token: str | None = None,
     settings: Settings | None = None,
     store: AuditStore | None = _UNSET,
     service: str | None = None,
 ) -> GuardConfig:
     """Set what the guards use; arguments left out keep their current value.
 
-    ``chat`` (with ``channel``, ``approvers`` and ``member_of``) builds a
-    ``ChatConfirmer`` when no ``confirmer`` is given.
+    ``bot_url`` (with ``token``, else ``$RUNBOOK_GUARD_TOKEN``) builds a ``BotConfirmer``
+    when no ``confirmer`` is given: requests are asked in Slack by the running bot.
     """
     global _config
     changes: dict[str, Any] = {}
@@ -114,10 +115,8 @@ def configure(
         changes["env"] = env
     if confirmer is not _UNSET:
         changes["confirmer"] = confirmer
-    elif chat is not None:
-        changes["confirmer"] = ChatConfirmer(
-            chat, channel=channel, approvers=approvers or Approvers(), member_of=member_of
-        )
+    elif bot_url is not None:
+        changes["confirmer"] = BotConfirmer(bot_url, token=token)
     if settings is not None:
         changes["settings"] = settings
     if store is not _UNSET:
@@ -240,8 +239,14 @@ def require_confirmation(
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             if inner is not None:
                 _check_env(inner, fn)
-            _confirm(name, message, timeout)
-            return _run(fn, name, args, kwargs)
+            report = _confirm(name, message, timeout)
+            try:
+                result = _run(fn, name, args, kwargs)
+            except BaseException as exc:
+                report(False, type(exc).__name__)
+                raise
+            report(True, "")
+            return result
 
         if inner is not None:
             setattr(wrapper, GUARD_ATTRIBUTE, inner)
@@ -273,19 +278,32 @@ def _check_env(guard: _EnvGuard, fn: Callable[..., Any]) -> None:
     raise PolicyViolation(text)
 
 
-def _confirm(name: str, message: str, timeout: float) -> None:
+Report = Callable[[bool, str], None]  # (the function returned, detail) -> to the asker
+
+
+def _no_report(ok: bool, detail: str) -> None:
+    return None
+
+
+def _confirm(name: str, message: str, timeout: float) -> Report:
+    """Ask; raise unless approved in time. Returns where to report the function's end."""
     config = _config
     env = config.current_env
     confirmer = config.confirmer
     if confirmer is None:
         raise PolicyViolation(
             f"{name} requires confirmation but no confirmer is configured: call "
-            "bot.guard.configure(confirmer=bot.guard.ConsoleConfirmer()) or configure(chat=...)"
+            "bot.guard.configure(confirmer=bot.guard.ConsoleConfirmer()) or "
+            "configure(bot_url=...)"
         )
     decision = policy.Decision("needs_approval", "requires confirmation by a human")
     _record(config, name=name, env=env, status=Event.REQUIRES_MANUAL, detail=message)
     started = time.monotonic()
-    verdict = confirmer.confirm(message, timeout)
+    report: Report = _no_report
+    if isinstance(confirmer, BotConfirmer):
+        verdict, report = confirmer.ask(message, timeout, function=name, env=env)
+    else:
+        verdict = confirmer.confirm(message, timeout)
     late = time.monotonic() - started > timeout
     state: policy.ApprovalState = (
         verdict if verdict in ("approved", "rejected", "expired") else "rejected"
@@ -296,6 +314,7 @@ def _confirm(name: str, message: str, timeout: float) -> None:
     _record(config, name=name, env=env, status=Event(state), detail=message)
     if not check.allowed:
         raise ApprovalDenied(f"{name} did not run: {check.reason}")
+    return report
 
 
 def _run(fn: Callable[P, R], name: str, args: Any, kwargs: Any) -> R:
@@ -375,108 +394,99 @@ class ConsoleConfirmer:
         return data.decode("utf-8", "replace")
 
 
-REQUEST_TEXT = (
-    "🔐 Confirmation requested [{request_id}]: {message}\n"
-    "{approvers} may approve within {timeout:g}s; it runs only when approved."
-)
-DECIDED_TEXT = "{verdict} [{request_id}] by <@{user}>"
+log = logging.getLogger(__name__)
+POLL_SECONDS = (0.05, 1.0)  # first and longest wait between looks at a pending request
 
 
-@dataclass
-class _Pending:
-    done: threading.Event = field(default_factory=threading.Event)
-    verdict: Verdict = "expired"
-    decided_by: str = ""
+class BotConfirmer:
+    """Ask the running bot, which asks in Slack (``bot.guardapi``); wait for the decision.
 
-
-class ChatConfirmer:
-    """Ask in a chat channel; the adapter passes reactions in with ``decide``.
-
-    Authorization is ``policy.authorize``: only the declared approvers (users or members
-    of the declared groups), never the bot itself.
+    Fails closed: a bot that cannot be reached, refuses the token or answers nothing
+    usable is a rejection (the function does not run).
     """
 
     def __init__(
         self,
-        chat: ChatPort,
+        url: str,
         *,
-        channel: str,
-        approvers: Approvers,
-        member_of: policy.MemberOf | None = None,
-        bot_users: Collection[str] = (),
-        thread_ts: str = "",
+        token: str | None = None,
+        client: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.chat = chat
-        self.channel = channel
-        self.approvers = approvers
-        self.member_of: policy.MemberOf = member_of or (lambda user, group: False)
-        self.bot_users = frozenset(bot_users)
-        self.thread_ts = thread_ts
-        self._pending: dict[str, _Pending] = {}
-        self._lock = threading.Lock()
+        self.url = url.rstrip("/")
+        self.token = token if token is not None else os.environ.get("RUNBOOK_GUARD_TOKEN", "")
+        self.client = client  # an httpx.Client to use; None: one per request, closed after
+        self.clock = clock
+        self.sleep = sleep
 
-    def pending(self) -> list[str]:
-        with self._lock:
-            return [rid for rid, p in self._pending.items() if not p.done.is_set()]
+    @contextmanager
+    def _http(self) -> Iterator[Any]:
+        if self.client is not None:
+            yield self.client
+            return
+        import httpx
+
+        with httpx.Client(timeout=10) as client:
+            yield client
 
     def confirm(self, message: str, timeout: float) -> Verdict:
-        request_id = uuid.uuid4().hex[:8]
-        waiting = _Pending()
-        with self._lock:
-            self._pending[request_id] = waiting
-        who = [f"<@{u}>" for u in self.approvers.users] + [
-            f"<!subteam^{g}>" for g in self.approvers.groups
-        ]
-        thread = MessageRef(self.channel, self.thread_ts)
+        return self.ask(message, timeout, function="bot.guard", env="")[0]
+
+    def ask(
+        self, message: str, timeout: float, *, function: str, env: str
+    ) -> tuple[Verdict, Report]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        request_id = uuid.uuid4().hex
+        body = {
+            "request_id": request_id,
+            "function": function,
+            "message": message,
+            "timeout": timeout,
+            "env": env,
+        }
+        with self._http() as http:
+            return self._ask(http, body, headers, timeout)
+
+    def _ask(
+        self, http: Any, body: dict[str, Any], headers: dict[str, str], timeout: float
+    ) -> tuple[Verdict, Report]:
         try:
-            self.chat.post_note(
-                thread,
-                REQUEST_TEXT.format(
-                    request_id=request_id,
-                    message=message,
-                    approvers=", ".join(who) or "nobody (declare approvers)",
-                    timeout=timeout,
-                ),
-            )
-            waiting.done.wait(timeout)
-        finally:
-            with self._lock:
-                self._pending.pop(request_id, None)
-                verdict = waiting.verdict if waiting.done.is_set() else "expired"
-                waiting.done.set()  # a late decision finds nothing to decide
-        if verdict == "expired":
-            self.chat.post_note(thread, f"⌛ [{request_id}] expired: not run")
-        return verdict
+            asked = http.post(f"{self.url}/guard/requests", json=body, headers=headers)
+        except Exception as exc:
+            log.error("could not ask the bot at %s: %s", self.url, type(exc).__name__)
+            return "rejected", _no_report
+        if asked.status_code != 202:
+            log.error("the bot refused the request: HTTP %s", asked.status_code)
+            return "rejected", _no_report
+        where = f"{self.url}/guard/requests/{asked.json()['id']}"
+        deadline = self.clock() + timeout
+        wait = POLL_SECONDS[0]
+        while True:
+            try:
+                status = str(http.get(where, headers=headers).json().get("status"))
+            except Exception as exc:  # the bot restarting: the request is durable there
+                log.warning("could not read the request's status: %s", type(exc).__name__)
+                status = "pending"
+            if status != "pending":
+                break
+            if self.clock() >= deadline:
+                return "expired", _no_report
+            self.sleep(min(wait, max(0.0, deadline - self.clock())))
+            wait = min(POLL_SECONDS[1], wait * 2)
+        verdict: Verdict = "rejected"  # anything but a clear answer fails closed
+        if status == "approved":
+            verdict = "approved"
+        elif status == "expired":
+            verdict = "expired"
 
-    def decide(self, request_id: str, user: str, approve: bool) -> policy.Authorization:
-        """A responder's decision on a request; returns why it counted or not."""
-        who = policy.authorize(
-            user, self.approvers, member_of=self.member_of, bot_users=self.bot_users
-        )
-        if not who.allowed:
-            return who
-        with self._lock:
-            waiting = self._pending.get(request_id)
-            if waiting is None or waiting.done.is_set():
-                return policy.Authorization(False, f"request {request_id} is not pending")
-            waiting.verdict = "approved" if approve else "rejected"
-            waiting.decided_by = user
-            waiting.done.set()
-        self.chat.post_note(
-            MessageRef(self.channel, self.thread_ts),
-            DECIDED_TEXT.format(
-                verdict="✅ approved" if approve else "🚫 rejected",
-                request_id=request_id,
-                user=user,
-            ),
-        )
-        return who
+        def report(ok: bool, detail: str) -> None:
+            try:
+                with self._http() as client:
+                    client.post(
+                        f"{where}/result", json={"ok": ok, "detail": detail}, headers=headers
+                    )
+            except Exception as exc:  # the function ran; the thread misses its result
+                log.warning("could not report the result to the bot: %s", type(exc).__name__)
 
-
-REQUEST_ID = re.compile(r"\[([0-9a-f]{8})\]")
-
-
-def request_id_in(text: str) -> str | None:
-    """The request id a ``ChatConfirmer`` message carries (for adapters mapping replies)."""
-    found = REQUEST_ID.search(text)
-    return found.group(1) if found else None
+        return verdict, report

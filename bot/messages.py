@@ -149,14 +149,20 @@ def status_line(view: StepView, reactions: ReactionNames) -> str:
         extra = f" — {approvers_text(view)} may approve until {when_text(view.expires_at)}"
         if view.paused_by:
             extra = f" — paused by <@{view.paused_by}>; the deadline waits"
+        if view.approvals_required > 1:
+            so_far = ", ".join(f"<@{u}>" for u in view.approved_by) or "nobody yet"
+            extra += (
+                f" — needs {view.approvals_required} different approvers; approved so far "
+                f"by {so_far} ({len(view.approved_by)} of {view.approvals_required})"
+            )
         return (
-            f"{label}{extra}. React :{reactions.approve}: to approve, "
+            f"{label}{extra}. Use the buttons, or react :{reactions.approve}: to approve, "
             f":{reactions.reject}: to reject, :{reactions.pause}: to pause."
         )
     if view.state in (StepStatus.APPROVED, StepStatus.RUNNING) and view.actor:
-        return f"{label} (approved by <@{view.actor}>)"
+        return f"{label} (approved by {decided_by(view)})"
     if view.state == StepStatus.REJECTED and view.actor:
-        return f"{label} by <@{view.actor}>"
+        return f"{label} by {decided_by(view)}"
     if view.state == StepStatus.BLOCKED:
         # Blocked when offered: the decision line gives the reason. Blocked by the last
         # check before running (a reloaded catalog took the scope away): the check's
@@ -167,11 +173,27 @@ def status_line(view: StepView, reactions: ReactionNames) -> str:
         return f"{label}: {view.reason}"
     if view.state in _RESULT_STATES:
         took = f" in {view.duration:.2f}s" if view.duration else ""
-        by = f", approved by <@{view.actor}>" if view.actor else ""
+        by = f", approved by {decided_by(view)}" if view.actor else ""
         return f"{label}{took}{by}: {view.detail}"
     if view.detail:
         return f"{label}: {view.detail}"
     return label
+
+
+def decided_by(view: StepView) -> str:
+    """Who decided a step, and when: what replaces the buttons once it is decided."""
+    at = when_text(view.decided_at)
+    approvers = view.approved_by if view.state != StepStatus.REJECTED else ()
+    who = [f"<@{u}>" for u in approvers if u != view.actor]
+    names = " and ".join([", ".join(who), f"<@{view.actor}>"] if who else [f"<@{view.actor}>"])
+    return f"{names} at {at}" if at else names
+
+
+def fingerprint_text(view: StepView) -> str:
+    return (
+        f"Fingerprint `{view.fingerprint}`: an approval applies to this command only; "
+        "if it changes, a new request is posted."
+    )
 
 
 def step_title(view: StepView) -> str:
@@ -186,6 +208,8 @@ def step_text(view: StepView, reactions: ReactionNames) -> str:
         f"$ {view.command}",
         f"Safety: {safety_text(view)}",
     ]
+    if view.fingerprint and view.state == StepStatus.AWAITING_APPROVAL:
+        lines.append(fingerprint_text(view))
     decision = decision_text(view)
     if decision:
         lines.append(f"Decision: {decision}")
@@ -194,6 +218,11 @@ def step_text(view: StepView, reactions: ReactionNames) -> str:
         lines.append("Output:\n" + view.output.rstrip())
     return "\n".join(lines)
 
+
+PRODUCTION_CONFIRM = (
+    "This runs in *{env}* (production), exactly as shown (fingerprint `{fingerprint}`):"
+)
+CLICK_REFUSED = "That click changed nothing: {reason}."
 
 DECIDED_NOTE = "Your decision on {step} changed nothing: {reason}."
 
@@ -218,10 +247,14 @@ _REFUSALS: Mapping[Refusal, str] = {
     Refusal.EXPIRED: "this approval request has expired",
     Refusal.INCIDENT_CLOSED: "the incident is no longer open",
     Refusal.UNAUTHORIZED: "{reason}",
-    Refusal.PAUSED: "paused by <@{by}>; remove :double_vertical_bar: first",
+    Refusal.PAUSED: "paused by <@{by}>; press Resume (or remove :double_vertical_bar:) first",
     Refusal.NOT_PAUSED: "it is not paused",
     Refusal.ALREADY_PAUSED: "already paused by <@{by}>",
     Refusal.NOT_PENDING: "there is no pending approval to pause or resume",
+    Refusal.STALE: (
+        "that button belongs to another step or to an earlier rendering of its command; "
+        "use the buttons on the step's latest message"
+    ),
 }
 
 

@@ -193,14 +193,34 @@ def service_label(service: str) -> str:
     return (service or "unknown")[:64]
 
 
-def track_pending_approvals(count: Callable[[], float]) -> None:
+_tracked_by: object | None = None  # the bot whose database the gauges read
+
+
+def track_pending_approvals(count: Callable[[], float], *, owner: object = None) -> None:
     """Read the gauge from the database at scrape time, so it survives restarts."""
+    global _tracked_by
     pending_approvals.set_function(count)
+    _tracked_by = owner
 
 
-def track_queues(queued: Callable[[], int], pending: Callable[[], int]) -> None:
+def track_queues(
+    queued: Callable[[], int], pending: Callable[[], int], *, owner: object = None
+) -> None:
+    global _tracked_by
     inbox_queued.set_function(lambda: float(queued()))
     outbox_pending.set_function(lambda: float(pending()))
+    _tracked_by = owner
+
+
+def untrack(owner: object) -> None:
+    """`owner` stops (its database closes): its gauges read 0 rather than fail every
+    scrape, unless another bot in this process took them over since."""
+    global _tracked_by
+    if owner is None or _tracked_by is not owner:
+        return
+    for gauge in (pending_approvals, inbox_queued, outbox_pending):
+        gauge.set_function(lambda: 0.0)
+    _tracked_by = None
 
 
 def set_info(version: str, catalog_commit: str) -> None:

@@ -44,6 +44,10 @@ def promote_hint(action_id: str, env: str) -> str:
 
 def decide(action: Action, env: str, settings: Settings) -> Decision:
     """What may happen with this action for an incident in `env`, before any human acts."""
+    if action.external:
+        # A bot.guard decorator asking: its `allowed_envs` (the same `decide`, in the
+        # asking program) checked the environment; here a person must approve.
+        return Decision("needs_approval", "asked by a bot.guard decorator: a person approves")
     if not env:
         return Decision(
             "blocked",
@@ -143,6 +147,25 @@ def authorize(
         if member_of(user, group):
             return Authorization(True, f"member of {group}")
     return Authorization(False, f"<@{user}> is not among the approvers of this step")
+
+
+def may_approve(
+    user: str, *, approved_by: Collection[str], starter: str, self_approval: bool
+) -> Authorization:
+    """The two-person rule and no self-approval, for an approver already authorized:
+    each approval of a request comes from a different person, and whoever started a
+    manual run does not approve its steps unless the action allows it."""
+    if user in approved_by:
+        return Authorization(
+            False, "you already approved this step; it needs another approver as well"
+        )
+    if starter and user == starter and not self_approval:
+        return Authorization(
+            False,
+            "you started this run, so another approver must approve its steps (an action "
+            "may allow it with `safety.self_approval: true`)",
+        )
+    return Authorization(True, "")
 
 
 def approval_deadline_passed(now: float, expires_at: float, paused_since: float | None) -> bool:

@@ -8,6 +8,9 @@ writes), and a missing file is an error rather than a new empty database.
   actions     outcomes of executed commands per action, with the success rate
   approvals   approval requests per action: how each ended and how long people took
   events      recent audit rows, filtered by incident, action, status and time
+  runs        one row per incident the audit log knows (`runbookctl runs list`)
+  run         one incident's steps: decision, who approved or rejected, result
+              (`runbookctl runs show INCIDENT`)
 
 and one report over the catalog rather than the audit log:
 
@@ -243,6 +246,95 @@ def events(
     ).fetchall()
     shown = [(_iso(row[0]), *row[1:]) for row in rows]
     return Report("Audit events, newest first", columns, shown)
+
+
+# Audit statuses that end a step (its result, or why it never ran).
+_STEP_ENDS = (
+    *OUTCOMES,
+    *(
+        str(e)
+        for e in (
+            Event.DRY_RUN, Event.BLOCKED, Event.REJECTED, Event.EXPIRED, Event.SKIPPED,
+            Event.INTERRUPTED, Event.CANCELLED, Event.SUPERSEDED,
+        )
+    ),
+)  # fmt: skip
+# Audit statuses that end an incident's story (the last one shown in `runs list`).
+_RUN_ENDS = (str(Event.ESCALATED), str(Event.RESOLVED), str(Event.REOPENED))
+
+
+def runs(conn: sqlite3.Connection, *, since: float | None = None, limit: int = 100) -> Report:
+    """One row per incident the audit log knows, newest first."""
+    clauses: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    _where(clauses, params, "ts", since, ">=")
+    rows = conn.execute(
+        "SELECT incident_id, MIN(ts), MAX(ts), MAX(service), MAX(runbook_id), MAX(env), "
+        "COUNT(DISTINCT step_id), "
+        "SUM(status = 'approved'), SUM(status IN ('succeeded', 'allowed_failure')), "
+        "SUM(status IN ('failed', 'timed_out', 'error')), "
+        "(SELECT e2.status FROM automation_events e2 WHERE e2.incident_id = e.incident_id "
+        " ORDER BY e2.ts DESC, e2.id DESC LIMIT 1) "
+        f"FROM automation_events e WHERE {' AND '.join(clauses)} "
+        "GROUP BY incident_id ORDER BY MIN(ts) DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    columns = (
+        "incident_id", "started", "last_event", "service", "runbook", "env", "steps",
+        "approvals", "succeeded", "failed", "last_status",
+    )  # fmt: skip
+    shown = [(r[0], _iso(r[1]), _iso(r[2]), *r[3:]) for r in rows]
+    return Report("Runs, newest first (`runbookctl runs show INCIDENT` for one)", columns, shown)
+
+
+def run(conn: sqlite3.Connection, incident: str) -> Report:
+    """One incident's steps from the audit log: what was decided, by whom, and the result."""
+    rows = conn.execute(
+        "SELECT ts, step_id, action, env, status, actor, detail FROM automation_events "
+        "WHERE incident_id = ? ORDER BY ts, id",
+        (incident,),
+    ).fetchall()
+    if not rows:
+        raise StoreError(
+            f"no audit rows for incident {incident!r}: `runbookctl runs list` shows the "
+            "incidents the audit log knows"
+        )
+    steps: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for ts, step_id, action, env, status, actor, detail in rows:
+        if not step_id:
+            notes.append(f"{_iso(ts)} {status}" + (f": {detail}" if detail else ""))
+            continue
+        step = steps.setdefault(
+            step_id,
+            {
+                "step": step_id, "action": action or "", "env": env or "",
+                "decision": "automatic", "approved_by": [], "rejected_by": "",
+                "result": "", "detail": "", "started": _iso(ts), "ended": "",
+            },
+        )  # fmt: skip
+        if status == Event.REQUIRES_MANUAL:
+            step["decision"] = "needs approval"
+        elif status == Event.APPROVED and actor and actor not in step["approved_by"]:
+            step["approved_by"].append(actor)
+        elif status == Event.REJECTED:
+            step["rejected_by"] = actor or ""
+        if status in _STEP_ENDS:
+            step["result"], step["detail"], step["ended"] = status, detail or "", _iso(ts)
+        elif status == Event.EXECUTED and not step["result"]:
+            step["result"] = "running"
+    if not steps and not notes:
+        notes.append("no steps")
+    columns = (
+        "step", "action", "env", "decision", "approved_by", "rejected_by", "result",
+        "detail", "started", "ended",
+    )  # fmt: skip
+    shown = [
+        tuple(", ".join(s[c]) if c == "approved_by" else s[c] for c in columns)
+        for s in steps.values()
+    ]
+    title = f"Incident {incident}" + (" — " + "; ".join(notes) if notes else "")
+    return Report(title, columns, shown)
 
 
 def _iso(ts: float | None) -> str:

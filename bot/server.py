@@ -36,9 +36,12 @@ from typing import TYPE_CHECKING, Any
 from bot import __version__, metrics
 from bot.catalog.model import Catalog
 from bot.catalog.source import CatalogSource
+from bot.commands import Commands
 from bot.config import Config
-from bot.engine import Engine
+from bot.engine import GUARD_RUNNER, Engine
 from bot.errors import ConfigError
+from bot.guardapi import PREFIX as GUARD_PREFIX
+from bot.guardapi import GuardApi
 from bot.inbox import Inbox, database_unusable
 from bot.jobs import JobEnd, SupervisedExecutor, end_item
 from bot.messages import environment_warnings
@@ -149,6 +152,19 @@ class BotApp:
             details=self.pagerduty.details if self.pagerduty.api is not None else None,
             catalog_of=self._stored_catalog,
         )
+        # `/runbook`: manual runs enter the inbox as a page's trigger does.
+        self.commands = Commands(
+            lambda: self.engine.catalog,
+            self.store,
+            self.inbox.receive,
+            default_env=config.env,
+            member_of=self.slack.member_of if self.slack else None,
+            bot_users=lambda: self.slack.bot_user_ids if self.slack else frozenset(),
+        )
+        # bot.guard decorators ask here (authenticated; deny without RUNBOOK_GUARD_TOKEN).
+        self.guard_api = GuardApi(
+            config, self.store, self.inbox.receive, lambda: self.engine.catalog.settings.channel
+        )
         self._save_catalog(self.source.current())
         self._stopping = threading.Event()
         self._never_started: list[StepRun] = []  # found by repair(), started by start()
@@ -159,8 +175,10 @@ class BotApp:
         metrics.set_info(__version__, self.catalog.version)
         for warning in environment_warnings(self.catalog, config.env):
             log.warning("%s", warning)
-        metrics.track_pending_approvals(lambda: float(self.store.count_pending_approvals()))
-        metrics.track_queues(self.store.count_queued, self.store.count_outbox_pending)
+        metrics.track_pending_approvals(
+            lambda: float(self.store.count_pending_approvals()), owner=self
+        )
+        metrics.track_queues(self.store.count_queued, self.store.count_outbox_pending, owner=self)
 
     @property
     def catalog(self) -> Catalog:
@@ -215,7 +233,11 @@ class BotApp:
         from bot.chat.slack import SlackAdapter
 
         return SlackAdapter(
-            self.config, put=self.inbox.receive, find_message=self.store.message_at, tuning=tuning
+            self.config,
+            put=self.inbox.receive,
+            find_message=self.store.message_at,
+            tuning=tuning,
+            command=lambda request: self.commands.handle(request),
         )
 
     def _apply(self, item: Any) -> None:
@@ -237,6 +259,8 @@ class BotApp:
             step
             for step in self.store.running_steps()
             if not self.store.has_item(f"step:{step.id}:{step.attempt}:end")
+            # a bot.guard step runs in the program that asked, which reports its end
+            and step.runner != GUARD_RUNNER
         ]
         found = self.executor.recover(left, self.engine.job_for, self._restart)
         counts = {"results": 0, "interrupted": 0, "restarted": 0, "still_running": 0}
@@ -319,6 +343,7 @@ class BotApp:
         if self.writeback is not None:
             self.writeback.close()
         self.pagerduty.close()
+        metrics.untrack(self)  # its database closes next: scrapes must not fail on it
         if not idle:
             log.warning(
                 "grace period over with steps still running; they go on under their "
@@ -376,6 +401,8 @@ class BotApp:
             if method != "POST":
                 return _json(start_response, "405 Method Not Allowed", {"error": "use POST"})
             return self.pagerduty.wsgi(environ, start_response)
+        if path == GUARD_PREFIX or path.startswith(GUARD_PREFIX + "/"):
+            return self.guard_api.wsgi(environ, start_response)
         if path == "/slack/events":
             if self.slack is None or self.config.socket_mode:
                 return _json(start_response, "404 Not Found", {"error": "Slack HTTP mode is off"})

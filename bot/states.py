@@ -163,6 +163,7 @@ class Refusal(StrEnum):
     NOT_PAUSED = "not_paused"
     ALREADY_PAUSED = "already_paused"
     NOT_PENDING = "not_pending"
+    STALE = "stale"  # a button naming another step, incident or rendering of the command
 
 
 class Event(StrEnum):

@@ -22,6 +22,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("runbookctl.report", "report"),
     "promote": ("runbookctl.promote", "promote"),
     "test": ("runbookctl.runbooktest", "test"),
+    "runs": ("runbookctl.runs", "runs"),
 }
 
 

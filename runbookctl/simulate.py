@@ -174,3 +174,6 @@ def _decide_pending(runtime: LocalRuntime, incident_id: str, mode: str) -> None:
             runtime.decide(
                 approval.step_run_id, actor, "approve" if approved else "reject", channel=channel
             )
+            # The two-person rule: as many different listed approvers as it needs.
+            for other in users[1 : approval.required] if approved else ():
+                runtime.decide(approval.step_run_id, other, "approve", channel=channel)

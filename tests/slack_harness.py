@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -202,6 +203,59 @@ def reaction_event(
     }
 
 
+TEAM_ID = "TFAKE"  # FakeSlack's workspace
+
+
+def click_payload(
+    user: str,
+    action_id: str,
+    channel: str,
+    ts: str,
+    value: str,
+    *,
+    team_id: str = TEAM_ID,
+    response_url: str = "https://hooks.slack.com/actions/TFAKE/1/abc",
+) -> dict[str, Any]:
+    """A ``block_actions`` payload as Slack sends it when a button in a message is clicked
+    (the shape of Slack's documented example)."""
+    now = time.time()
+    return {
+        "type": "block_actions",
+        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": team_id},
+        "api_app_id": "AFAKEAPP",
+        "token": "legacy-verification-token",
+        "container": {
+            "type": "message",
+            "message_ts": ts,
+            "channel_id": channel,
+            "is_ephemeral": False,
+        },
+        "trigger_id": f"{int(now)}.{uuid.uuid4().int % 10**12}.{uuid.uuid4().hex}",
+        "team": {"id": team_id, "domain": "fake-workspace"},
+        "enterprise": None,
+        "is_enterprise_install": False,
+        "channel": {"id": channel, "name": "inc"},
+        "message": {"type": "message", "ts": ts, "bot_id": "BFAKE", "text": "…"},
+        "state": {"values": {}},
+        "response_url": response_url,
+        "actions": [
+            {
+                "action_id": action_id,
+                "block_id": "runbook:1",
+                "text": {"type": "plain_text", "text": action_id, "emoji": True},
+                "value": value,
+                "type": "button",
+                "action_ts": f"{now:.6f}",
+            }
+        ],
+    }
+
+
+def form_body(payload: Mapping[str, Any]) -> str:
+    """Interactivity payloads come form-encoded: ``payload=<json>``."""
+    return urllib.parse.urlencode({"payload": json.dumps(payload)})
+
+
 class Bot:
     """One bot process's worth of parts, in this process: BotApp + waitress in a thread.
 
@@ -278,6 +332,33 @@ class Bot:
         channel, ts = self.message_ref(step_id, incident_id)
         event = reaction_event(user, reaction, channel, ts, added=added, event_id=event_id)
         return self.signed(event)
+
+    def post_click(self, payload: Mapping[str, Any], **sign_args: Any) -> httpx.Response:
+        body = form_body(payload)
+        headers = {**sign(body, **sign_args), "Content-Type": "application/x-www-form-urlencoded"}
+        return self.post(body, headers)
+
+    def button(self, action_id: str, step_id: str = "guarded") -> tuple[str, str, str]:
+        """(channel, ts, value) of a button on the step's latest message, as Slack shows it
+        (waiting until the message shows that button)."""
+        channel, ts = self.message_ref(step_id)
+
+        def shown() -> str | None:
+            self.flush()
+            message = self.slack.message(channel, ts) or {}
+            for block in message.get("blocks") or ():
+                for element in block.get("elements") or ():
+                    if element.get("action_id") == action_id:
+                        return str(element["value"])
+            return None
+
+        value: str = wait_for(shown, what=f"{action_id} on {step_id}")
+        return channel, ts, value
+
+    def click(self, user: str, action_id: str, step_id: str = "guarded") -> httpx.Response:
+        """`user` clicks a button of the step's message (waiting until it is shown)."""
+        channel, ts, value = self.button(action_id, step_id)
+        return self.post_click(click_payload(user, action_id, channel, ts, value))
 
     # -- what PagerDuty (or any intake) would send ----------------------------------------------
 

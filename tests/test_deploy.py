@@ -715,13 +715,18 @@ def test_slack_manifest_asks_for_what_the_bot_uses() -> None:
         "groups:history",
         "usergroups:read",
         "users:read",
+        "commands",
     }
     assert "user" not in manifest["oauth_config"]["scopes"]
     events = manifest["settings"]["event_subscriptions"]
     assert set(events["bot_events"]) == {"reaction_added", "reaction_removed"}
     assert events["request_url"] == "https://runbook-bot.example.com/slack/events"
     assert manifest["settings"]["socket_mode_enabled"] is False
-    assert "features" not in manifest or "slash_commands" not in manifest["features"]
+    interactivity = manifest["settings"]["interactivity"]  # the step buttons
+    assert interactivity["is_enabled"] is True
+    assert interactivity["request_url"] == events["request_url"]
+    (command,) = manifest["features"]["slash_commands"]
+    assert command["command"] == "/runbook" and command["url"] == events["request_url"]
 
 
 # -- docs ------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,34 +15,9 @@ from typing import Any
 import pytest
 
 from bot import guard
-from bot.catalog.model import Approvers, Environment, Settings
-from bot.chat.base import IncidentView, MessageRef, StepView
+from bot.catalog.model import Environment, Settings
 from bot.errors import ApprovalDenied, PolicyViolation
 from bot.store import Store
-
-
-class RecordingChat:
-    """A chat port (``bot.chat.base.ChatPort``) that keeps the notes posted through it."""
-
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-        self.threads: list[MessageRef] = []
-
-    def post_incident(self, view: IncidentView) -> MessageRef:
-        raise AssertionError("the guard posts notes only")
-
-    def post_step(self, thread: MessageRef, view: StepView) -> MessageRef:
-        raise AssertionError("the guard posts notes only")
-
-    def update_step(self, message: MessageRef, view: StepView) -> None:
-        raise AssertionError("the guard posts notes only")
-
-    def post_note(self, thread: MessageRef, text: str) -> None:
-        self.threads.append(thread)
-        self.notes.append(text)
-
-    def notify_user(self, channel: str, user: str, text: str, thread_ts: str = "") -> None:
-        self.notes.append(f"@{user}: {text}")
 
 
 class Scripted:
@@ -308,59 +282,3 @@ def test_console_confirmer_expires_on_a_silent_terminal(marker: Path) -> None:
     os.close(write_end)
     assert "no answer in time" in out.getvalue()
     assert not marker.exists()
-
-
-def test_chat_confirmer_waits_for_an_authorized_approver(marker: Path) -> None:
-    chat = RecordingChat()
-    guard.configure(
-        env="staging",
-        chat=chat,
-        channel="#ops",
-        approvers=Approvers(users=("U0LEAD",), groups=("S0ONCALL",)),
-        member_of=lambda user, group: (user, group) == ("U0MEMBER", "S0ONCALL"),
-    )
-    confirmer = guard.current().confirmer
-    assert isinstance(confirmer, guard.ChatConfirmer)
-    clear_cache = make_clear_cache(marker)
-    answers: list[str] = []
-
-    def responder() -> None:
-        while not confirmer.pending():
-            time.sleep(0.01)
-        (request_id,) = confirmer.pending()
-        assert guard.request_id_in(chat.notes[0]) == request_id
-        answers.append(confirmer.decide(request_id, "U0STRANGER", approve=True).reason)
-        assert runs(marker) == []  # a stranger's approval changes nothing
-        answers.append(confirmer.decide(request_id, "U0MEMBER", approve=True).reason)
-
-    helper = threading.Thread(target=responder)
-    helper.start()
-    assert clear_cache("FLUSHDB") == "ran FLUSHDB"
-    helper.join()
-    assert answers == [
-        "<@U0STRANGER> is not among the approvers of this step",
-        "member of S0ONCALL",
-    ]
-    assert "Clear cache?" in chat.notes[0] and "<@U0LEAD>, <!subteam^S0ONCALL>" in chat.notes[0]
-    assert "approved" in chat.notes[1] and "<@U0MEMBER>" in chat.notes[1]
-    assert {t.channel for t in chat.threads} == {"#ops"}
-    assert runs(marker) == ["FLUSHDB"]
-
-
-def test_chat_confirmer_rejection_and_expiry(marker: Path) -> None:
-    chat = RecordingChat()
-    confirmer = guard.ChatConfirmer(chat, channel="#ops", approvers=Approvers(users=("U0LEAD",)))
-    assert confirmer.confirm("Restart?", 0.05) == "expired"
-    assert "expired" in chat.notes[-1]
-    assert not confirmer.decide("deadbeef", "U0LEAD", approve=True).allowed  # nothing pending
-
-    def reject() -> None:
-        while not confirmer.pending():
-            time.sleep(0.01)
-        confirmer.decide(confirmer.pending()[0], "U0LEAD", approve=False)
-
-    helper = threading.Thread(target=reject)
-    helper.start()
-    assert confirmer.confirm("Restart?", 5) == "rejected"
-    helper.join()
-    assert confirmer.pending() == []

@@ -208,3 +208,16 @@ def test_resumed_deadline_moves_by_the_pause() -> None:
 def test_promote_hint_is_a_command_line() -> None:
     hint = policy.promote_hint("clear-cache", "prod")
     assert hint.startswith("runbookctl promote --action clear-cache --env prod --evidence-url")
+
+
+def test_may_approve_needs_a_different_person_each_time_and_not_the_starter() -> None:
+    from bot.policy import may_approve
+
+    assert may_approve("U1", approved_by=(), starter="", self_approval=False).allowed
+    again = may_approve("U1", approved_by=("U1",), starter="", self_approval=False)
+    assert not again.allowed and "already approved" in again.reason
+    assert may_approve("U2", approved_by=("U1",), starter="", self_approval=False).allowed
+    own = may_approve("U1", approved_by=(), starter="U1", self_approval=False)
+    assert not own.allowed and "self_approval: true" in own.reason
+    assert may_approve("U1", approved_by=(), starter="U1", self_approval=True).allowed
+    assert may_approve("U2", approved_by=(), starter="U1", self_approval=False).allowed

@@ -21,6 +21,7 @@ from slack_harness import (
     INCIDENT,
     Bot,
     BotProcess,
+    click_payload,
     process_env,
     reaction_event,
     wait_for,
@@ -153,6 +154,32 @@ def test_a_pending_request_is_asked_again_when_a_reload_changes_its_command(
         assert bot.runs() == ["ran"]
         assert bot.app.store.run(INCIDENT.id) is not None
         assert bot.app.store.run(INCIDENT.id).catalog_commit == changed  # type: ignore[union-attr]
+    finally:
+        bot.stop()
+
+
+def test_a_click_on_a_request_made_void_by_a_reload_changes_nothing(
+    catalog: Path, slack: FakeSlack
+) -> None:
+    """What was shown is what runs: the old message's Approve names the old rendering."""
+    bot = Bot(catalog, slack, catalog_refresh=0)
+    try:
+        bot.open_incident()
+        channel, ts, value = bot.button("runbook_approve")
+        set_guarded_argument(catalog, str(catalog / "other-gate"))
+        commit(catalog, "guarded waits for another gate")
+        bot.app.source.request_reload()
+        wait_for(lambda: bot.step_run("guarded").attempt == 2, what="the request asked again")
+        old = click_payload(APPROVER, "runbook_approve", channel, ts, value)
+        assert bot.post_click(old).status_code == 200
+        bot.settle()
+        assert bot.runs() == [] and bot.status("guarded") == "awaiting_approval"
+        (catalog / "other-gate").touch()
+        _, new_ts, new_value = bot.button("runbook_approve")
+        assert new_ts != ts and new_value != value  # a new message, a new fingerprint
+        assert bot.click(APPROVER, "runbook_approve").status_code == 200
+        bot.settle()
+        assert bot.runs() == ["ran"]
     finally:
         bot.stop()
 

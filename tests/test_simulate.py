@@ -246,3 +246,20 @@ def test_a_database_of_a_newer_bot_is_a_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "schema version 99, newer than this bot" in result.output
     assert "Traceback" not in result.output
+
+
+def test_approve_all_gives_a_two_person_step_as_many_approvers_as_it_needs(
+    marker_catalog: tuple[Path, Path],
+) -> None:
+    root, marker = marker_catalog
+    path = root / "actions" / "write-marker.yaml"
+    path.write_text(
+        path.read_text().replace(
+            "safety: {", "safety: {approvals: 2, approvers: {users: [U0ONE, U0TWO]}, "
+        )
+    )
+    result = simulate("--service", "orders", "--symptom", "down", "--execute", "--approve",
+                      "all", catalog=root)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert marker.read_text().splitlines() == ["ran"]
+    assert "<@U0ONE> and <@U0TWO>" in result.output

@@ -392,7 +392,7 @@ def test_member_of_an_approver_group_may_approve_and_groups_are_cached(
     (note,) = ephemerals_to(slack, APPROVER)
     assert note["text"] == (
         f"Your decision on guarded changed nothing: paused by <@{GROUPIE}>; "
-        "remove :double_vertical_bar: first."
+        "press Resume (or remove :double_vertical_bar:) first."
     )
     assert bot.status("guarded") == "awaiting_approval" and bot.runs() == []
     assert ("refused", "guarded", APPROVER) in bot.events()
@@ -427,7 +427,7 @@ def test_the_step_text_names_the_reactions_the_bot_added(make_bot: MakeBot) -> N
     bot.open_incident()
     message = message_of(bot, "guarded")
     assert reactions_by_bot(message) == ["+1", "no_entry", "hourglass"]
-    instructions = "React :+1: to approve, :no_entry: to reject, :hourglass: to pause."
+    instructions = "react :+1: to approve, :no_entry: to reject, :hourglass: to pause."
     assert instructions in blocks_text(message)  # Block Kit
     assert instructions in message["text"]  # and the plain-text fallback
     assert ":white_check_mark:" not in visible_text(message)

@@ -173,7 +173,7 @@ def pending(store: Store) -> list[OutboxItem]:
 
 def test_a_fresh_database_is_at_the_current_schema_in_wal_mode(db_path: Path) -> None:
     store = Store(db_path)
-    assert store.schema_version == SCHEMA_VERSION == 6
+    assert store.schema_version == SCHEMA_VERSION == 7
     assert store.query_one("PRAGMA journal_mode") == {"journal_mode": "wal"}
     store.close()
     assert {
@@ -285,7 +285,7 @@ def test_schema_6_marks_the_rows_simulate_left_in_an_older_database(db_path: Pat
     )
     old.close()
     store = Store(db_path)
-    assert store.schema_version == 6
+    assert store.schema_version == SCHEMA_VERSION
     assert {e["incident_id"]: e["origin"] for e in store.events()} == {
         "PXYZ123": "bot",
         "SIM-0A1B2C3D": "simulate",

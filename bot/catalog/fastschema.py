@@ -261,6 +261,8 @@ class _Generator:
             checks.append(f"x >= {self.number(sub['minimum'])}")
         if "exclusiveMinimum" in sub:
             checks.append(f"x > {self.number(sub['exclusiveMinimum'])}")
+        if "maximum" in sub:
+            checks.append(f"x <= {self.number(sub['maximum'])}")
         return checks
 
     def number(self, value: Any) -> str:
@@ -287,6 +289,7 @@ _KEYWORDS = frozenset(
         "pattern",
         "minimum",
         "exclusiveMinimum",
+        "maximum",
         "$ref",
         "allOf",
         "anyOf",

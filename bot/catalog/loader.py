@@ -283,6 +283,7 @@ def build_settings(doc: SourceDoc | None) -> Settings:
             Environment(e["name"], bool(e.get("production", False))) for e in data["environments"]
         ),
         approvers=_approvers(data.get("approvers")) or Approvers(),
+        runners=_approvers(data.get("runners")),
         channel=data.get("channel", Settings.channel),
         escalation=_escalation(data.get("escalation")) or Escalation(),
         services=dict(data.get("services", {})),
@@ -306,11 +307,14 @@ def build_action(
         requires_approval=bool(safety_data.get("requires_approval", True)),
         scopes=tuple(scopes) if scopes is not None else settings.lower_environments,
         approvers=_approvers(safety_data.get("approvers")),
+        runners=_approvers(safety_data.get("runners")),
         approval_timeout=(
             parse_duration(safety_data["approval_timeout"], settings.approval_timeout)
             if "approval_timeout" in safety_data
             else None
         ),
+        approvals=int(safety_data.get("approvals", 1)),
+        self_approval=bool(safety_data.get("self_approval", False)),
         promotions=tuple(
             Promotion(
                 env=p["env"],
@@ -418,6 +422,7 @@ def build(parsed: ParsedCatalog, *, commit: str | None = None, dirty: bool = Fal
                 description=data.get("description", ""),
                 channel=data.get("channel", ""),
                 approvers=_approvers(data.get("approvers")),
+                runners=_approvers(data.get("runners")),
                 escalation=_escalation(data.get("escalation")),
                 resolve_on_success=bool(data.get("resolve_on_success", False)),
                 on_resolve=_build_steps(doc, "on_resolve", actions, settings),

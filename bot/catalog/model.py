@@ -79,6 +79,9 @@ class Safety:
     approvers: Approvers | None = None  # None: inherit from the runbook, then the catalog
     approval_timeout: float | None = None  # None: the catalog default
     promotions: tuple[Promotion, ...] = ()
+    approvals: int = 1  # distinct approvers needed (2: the two-person rule)
+    runners: Approvers | None = None  # who may start it by hand; None: inherit
+    self_approval: bool = False  # the starter of a manual run may approve its steps
 
     def promotion_for(self, env: str) -> Promotion | None:
         return next((p for p in self.promotions if p.env == env), None)
@@ -98,6 +101,9 @@ class Action:
     expect: tuple[Expectation, ...] = ()
     safety: Safety = Safety()
     inline: bool = False  # declared inside a runbook step rather than as its own document
+    # Run by the program that asked (a bot.guard decorator), never by the bot: the bot
+    # only asks for approval and records what the program reports.
+    external: bool = False
 
     @property
     def command_text(self) -> str:
@@ -160,6 +166,7 @@ class Runbook:
     description: str = ""
     channel: str = ""  # empty: the catalog's default channel
     approvers: Approvers | None = None
+    runners: Approvers | None = None  # who may start it by hand; None: inherit
     escalation: Escalation | None = None
     resolve_on_success: bool = False
     on_resolve: tuple[Step, ...] = ()
@@ -173,6 +180,7 @@ class Settings:
         Environment("prod", production=True),
     )
     approvers: Approvers = Approvers()
+    runners: Approvers | None = None  # who may start runbooks by hand; None: the approvers
     channel: str = "#incidents"
     escalation: Escalation = Escalation()
     services: Mapping[str, str] = field(default_factory=dict)  # service name/id -> environment
@@ -235,6 +243,20 @@ class Catalog:
         if runbook is not None and runbook.approvers is not None:
             return runbook.approvers
         return self.settings.approvers
+
+    def runners_for(self, runbook: Runbook, action: Action | None = None) -> Approvers:
+        """Who may start `runbook` (or its step of `action`) by hand: the nearest
+        `runners` (action, runbook, catalog) wins; without any, the approvers."""
+        for declared in (
+            action.safety.runners if action else None,
+            runbook.runners,
+            self.settings.runners,
+        ):
+            if declared is not None:
+                return declared
+        if action is not None:
+            return self.approvers_for(runbook, action)
+        return runbook.approvers if runbook.approvers is not None else self.settings.approvers
 
     def approval_timeout_for(self, action: Action) -> float:
         if action.safety.approval_timeout is not None:

@@ -67,6 +67,9 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
                              (``@sre-leads``): it must be ``<!subteam^S…>``, ``<@U…>``,
                              ``<!here>`` or ``<!channel>``
   RB042 W empty-catalog      no action and no runbook in the catalog directory
+  RB043 E unmeetable-approvals  ``safety.approvals``/``self_approval`` on an action that
+                             runs without approval, or more approvals than its listed
+                             approvers (users only) could give
 """
 
 from __future__ import annotations
@@ -632,6 +635,41 @@ def destructive_without_approval(ctx: Context) -> Iterator[Diagnostic]:
                 "set `safety.requires_approval: true` so a person approves every run",
                 (*base, "command"),
             )
+
+
+@rule
+def unmeetable_approvals(ctx: Context) -> Iterator[Diagnostic]:
+    """RB043: `approvals` / `self_approval` that cannot take effect as written."""
+    for doc, base, data, ident in ctx.guarded():
+        safety = _safety(data)
+        needed = safety.get("approvals", 1)
+        if not isinstance(needed, int) or isinstance(needed, bool):
+            continue  # the schema says so
+        keys = [k for k in ("approvals", "self_approval") if k in safety]
+        if keys and not _requires_approval(data):
+            yield doc.diagnostic(
+                "RB043",
+                "unmeetable-approvals",
+                f"{_what(base, ident)} sets `safety.{keys[0]}` but runs without approval "
+                "(`requires_approval: false`), so it has no effect",
+                f"set `safety.requires_approval: true`, or remove `safety.{keys[0]}`",
+                (*base, "safety", keys[0]),
+            )
+            continue
+        approvers = safety.get("approvers")
+        if needed > 1 and isinstance(approvers, dict) and not approvers.get("groups"):
+            users = {u for u in approvers.get("users") or () if isinstance(u, str)}
+            if len(users) < needed:
+                yield doc.diagnostic(
+                    "RB043",
+                    "unmeetable-approvals",
+                    f"{_what(base, ident)} needs {needed} different approvers "
+                    f"(`safety.approvals: {needed}`) but its approvers name only "
+                    f"{len(users)}, so no request could ever be approved",
+                    f"list at least {needed} users or a user group under "
+                    "`safety.approvers`, or lower `safety.approvals`",
+                    (*base, "safety", "approvals"),
+                )
 
 
 @rule

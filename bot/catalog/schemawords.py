@@ -572,6 +572,8 @@ def _too_small(doc: SourceDoc, path: JsonPath, error: Any) -> list[Worded]:
     bound = error.validator_value
     if error.validator == "exclusiveMinimum":
         relation, fix = f"more than {bound}", f"write a number more than {bound}"
+    elif error.validator == "maximum":
+        relation, fix = f"at most {bound}", f"write {bound} or less"
     else:
         relation, fix = f"at least {bound}", f"write {bound} or more"
     return [
@@ -610,6 +612,7 @@ _WORDERS = {
     "uniqueItems": _repeated,
     "exclusiveMinimum": _too_small,
     "minimum": _too_small,
+    "maximum": _too_small,
     "not": _not_allowed,
 }
 

@@ -3,22 +3,13 @@
 The engine decides *what* to say (a view of the incident or of a step) and commits it to
 the outbox (``bot.effects``); each transport decides *how* it looks: Block Kit in Slack,
 text in the terminal. Transports hold no business rules.
-
-``ChatPort`` is the small synchronous port ``bot.guard``'s ``ChatConfirmer`` posts
-through.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-
-@dataclass(frozen=True)
-class MessageRef:
-    channel: str
-    ts: str
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -70,15 +61,7 @@ class StepView:
     exit_code: int | None = None
     fingerprint: str = ""  # of `command`: an approval applies to what was shown
     attempt: int = 1
-
-
-class ChatPort(Protocol):
-    def post_incident(self, view: IncidentView) -> MessageRef: ...
-
-    def post_step(self, thread: MessageRef, view: StepView) -> MessageRef: ...
-
-    def update_step(self, message: MessageRef, view: StepView) -> None: ...
-
-    def post_note(self, thread: MessageRef, text: str) -> None: ...
-
-    def notify_user(self, channel: str, user: str, text: str, thread_ts: str = "") -> None: ...
+    production: bool = False  # `env` is a production environment: Approve asks to confirm
+    decided_at: float | None = None  # when `actor` approved / rejected
+    approved_by: tuple[str, ...] = ()  # who approved so far (the two-person rule)
+    approvals_required: int = 1  # distinct approvers needed

@@ -9,6 +9,10 @@ Thin parts, no business rules (those are in ``bot.engine`` and ``bot.policy``):
                    transport finds a message Slack did post instead of posting it again.
   ReactionIntake   ``reaction_added``/``reaction_removed`` -> inbox items (approve, reject,
                    pause, resume), deduplicated on Slack's event id.
+  ClickIntake      the step buttons' ``block_actions`` -> the same inbox items, checked
+                   strictly (``Click.parse``) and deduplicated on the click's trigger id;
+                   each names its incident, step and fingerprint (``ButtonValue``), and
+                   the engine refuses a click whose button is not the request's own.
   SlackAdapter     wires a ``slack_sdk`` WebClient, a bolt ``App`` and the two above. A
                    token Slack refuses fails the start; a Slack that cannot answer at
                    start (an outage) does not: the bot starts and asks again later.
@@ -31,10 +35,12 @@ minute per workspace; ``chat.update``, ``reactions.add``, ``conversations.histor
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,15 +48,21 @@ from typing import TYPE_CHECKING, Any
 from slack_bolt import App
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_bolt.authorization import AuthorizeResult
+from slack_bolt.context import BoltContext
+from slack_bolt.context.ack import Ack
+from slack_bolt.middleware import Middleware
+from slack_bolt.request import BoltRequest
+from slack_bolt.response import BoltResponse
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 
 from bot import effects, messages, metrics
 from bot.chat.base import IncidentView, StepView
+from bot.commands import CommandRequest
 from bot.config import Config
 from bot.errors import ConfigError
 from bot.outbox import Refused, Retry, Sent
-from bot.states import InboxKind
+from bot.states import InboxKind, StepStatus
 from bot.store import OutboxItem
 
 if TYPE_CHECKING:
@@ -221,12 +233,127 @@ def incident_blocks(view: IncidentView) -> list[dict[str, Any]]:
     return blocks
 
 
+# Button action_ids (DESIGN.md section 4): what a click asks of the step.
+APPROVE_ACTION = "runbook_approve"
+REJECT_ACTION = "runbook_reject"
+PAUSE_ACTION = "runbook_pause"
+RESUME_ACTION = "runbook_resume"
+BUTTON_KINDS: Mapping[str, InboxKind] = {
+    APPROVE_ACTION: InboxKind.APPROVE,
+    REJECT_ACTION: InboxKind.REJECT,
+    PAUSE_ACTION: InboxKind.PAUSE,
+    RESUME_ACTION: InboxKind.RESUME,
+}
+BUTTON_VALUE_MAX = 2000  # Slack's limit for a button's value
+
+
+@dataclass(frozen=True)
+class ButtonValue:
+    """What a button names: this step of this incident, as rendered with this fingerprint.
+    A click applies to exactly that; anything else changes nothing."""
+
+    incident_id: str
+    step_run_id: int
+    fingerprint: str
+
+    def encode(self) -> str:
+        value = {"incident": self.incident_id, "step": self.step_run_id}
+        return json.dumps({**value, "fingerprint": self.fingerprint}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: object) -> ButtonValue | None:
+        """The value of a click, or None when it is not exactly one of ours."""
+        if not isinstance(text, str) or len(text) > BUTTON_VALUE_MAX:
+            return None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or set(data) != {"incident", "step", "fingerprint"}:
+            return None
+        incident, step, fp = data["incident"], data["step"], data["fingerprint"]
+        if (
+            not isinstance(incident, str)
+            or not incident
+            or isinstance(step, bool)
+            or not isinstance(step, int)
+            or step <= 0
+            or not isinstance(fp, str)
+            or not _FINGERPRINT.fullmatch(fp)
+        ):
+            return None
+        return cls(incident, step, fp)
+
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{12}")
+
+
+def _button(
+    text: str, action_id: str, value: str, *, style: str = "", confirm: Any = None
+) -> dict[str, Any]:
+    button: dict[str, Any] = {
+        "type": "button",
+        "text": {"type": "plain_text", "text": text, "emoji": True},
+        "action_id": action_id,
+        "value": value,
+    }
+    if style:
+        button["style"] = style
+    if confirm:
+        button["confirm"] = confirm
+    return button
+
+
+def step_buttons(view: StepView) -> dict[str, Any] | None:
+    """Approve / Reject / Pause (Resume while paused) under a step awaiting approval;
+    None once it is decided (the status line then says who decided, and when)."""
+    if view.state != StepStatus.AWAITING_APPROVAL or not view.fingerprint:
+        return None
+    value = ButtonValue(view.incident_id, view.step_run_id, view.fingerprint).encode()
+    confirm = None
+    if view.production:
+        confirm = {
+            "title": {"type": "plain_text", "text": "Run in production?"},
+            "text": {
+                "type": "mrkdwn",
+                "text": clip(
+                    messages.PRODUCTION_CONFIRM.format(
+                        env=escape(view.env), fingerprint=view.fingerprint
+                    )
+                    + "\n"
+                    + code_block(view.command, 250),
+                    300,
+                ),
+            },
+            "confirm": {"type": "plain_text", "text": "Approve"},
+            "deny": {"type": "plain_text", "text": "Cancel"},
+            "style": "danger",
+        }
+    pause = (
+        _button("▶️ Resume", RESUME_ACTION, value)
+        if view.paused_by
+        else _button("⏸️ Pause", PAUSE_ACTION, value)
+    )
+    return {
+        "type": "actions",
+        # A new block_id per rendering: Slack keys a message's interactive state on it.
+        "block_id": f"runbook:{view.step_run_id}:{view.fingerprint}:{bool(view.paused_by):d}",
+        "elements": [
+            _button("✅ Approve", APPROVE_ACTION, value, style="primary", confirm=confirm),
+            _button("❌ Reject", REJECT_ACTION, value, style="danger"),
+            pause,
+        ],
+    }
+
+
 def step_blocks(view: StepView, reactions: messages.ReactionNames) -> list[dict[str, Any]]:
     safe = _escaped_step(view)
     blocks: list[dict[str, Any]] = [_header(messages.step_title(view))]
     if safe.description:
         blocks.append(_section(safe.description))
     blocks.append(_section(code_block(view.command)))
+    if view.fingerprint and view.state == StepStatus.AWAITING_APPROVAL:
+        blocks.append(_context(messages.fingerprint_text(view)))
     blocks.append(
         _fields(
             ("Action", f"`{safe.action_id}`"),
@@ -241,6 +368,9 @@ def step_blocks(view: StepView, reactions: messages.ReactionNames) -> list[dict[
     blocks.append(_section(messages.status_line(safe, reactions)))
     if view.output:
         blocks.append(_section("*Output*\n" + code_block(view.output, SECTION_MAX - 12)))
+    buttons = step_buttons(view)
+    if buttons is not None:
+        blocks.append(buttons)
     return blocks
 
 
@@ -716,6 +846,186 @@ class ReactionIntake:
         metrics.webhook_deliveries.labels(SOURCE, "accepted" if fresh else "duplicate").inc()
 
 
+# --- button clicks -> inbox ---------------------------------------------------------------
+
+# Where Slack's response_url points. A payload naming another host was not made by Slack.
+RESPONSE_URL_HOSTS = frozenset({"hooks.slack.com"})
+_SLACK_ID = re.compile(r"[A-Z0-9]{2,40}")
+_TS = re.compile(r"\d{1,12}\.\d{1,9}")
+
+
+class ClickRefused(Exception):
+    """A click payload that is not a well-formed click on one of our step buttons."""
+
+
+@dataclass(frozen=True)
+class Click:
+    """A button click as plain values, parsed once at the edge."""
+
+    kind: InboxKind
+    value: ButtonValue
+    user: str
+    channel: str
+    ts: str
+    trigger: str  # unique per click: the inbox dedupe key
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], team_id: str) -> Click:
+        """Check a ``block_actions`` payload strictly; raises ClickRefused saying why."""
+        if body.get("type") != "block_actions":
+            raise ClickRefused("not a block_actions payload")
+        team = body.get("team")
+        if not team_id or not isinstance(team, dict) or team.get("id") != team_id:
+            raise ClickRefused("from another workspace")
+        user = body.get("user")
+        user_id = user.get("id") if isinstance(user, dict) else None
+        if not isinstance(user_id, str) or not _SLACK_ID.fullmatch(user_id):
+            raise ClickRefused("no user")
+        actions = body.get("actions")
+        if not isinstance(actions, list) or len(actions) != 1 or not isinstance(actions[0], dict):
+            raise ClickRefused("not exactly one action")
+        action = actions[0]
+        kind = BUTTON_KINDS.get(str(action.get("action_id")))
+        if kind is None or action.get("type") != "button":
+            raise ClickRefused("not one of the step buttons")
+        value = ButtonValue.decode(action.get("value"))
+        if value is None:
+            raise ClickRefused("a button value the bot did not write")
+        container = body.get("container")
+        channel = body.get("channel")
+        if not isinstance(container, dict) or container.get("type") != "message":
+            raise ClickRefused("not a click on a message")
+        channel_id = container.get("channel_id")
+        ts = container.get("message_ts")
+        if (
+            not isinstance(channel_id, str)
+            or not _SLACK_ID.fullmatch(channel_id)
+            or not isinstance(ts, str)
+            or not _TS.fullmatch(ts)
+            or not isinstance(channel, dict)
+            or channel.get("id") != channel_id
+        ):
+            raise ClickRefused("no message to act on")
+        response_url = body.get("response_url")
+        if not isinstance(response_url, str):
+            raise ClickRefused("no response_url")
+        url = urllib.parse.urlsplit(response_url)
+        if url.scheme != "https" or url.hostname not in RESPONSE_URL_HOSTS:
+            raise ClickRefused("a response_url on a foreign host")
+        trigger = body.get("trigger_id")
+        if not isinstance(trigger, str) or not trigger or len(trigger) > 200:
+            raise ClickRefused("no trigger_id")
+        return cls(kind, value, user_id, channel_id, ts, trigger)
+
+
+class ClickIntake:
+    """Button clicks in, inbox items out: the same items, and so exactly the same rules,
+    as reactions (authorized approvers, pause is a hold, timeliness at receipt)."""
+
+    def __init__(self, put: Put, find_message: FindMessage, identity: BotIdentity) -> None:
+        self.put = put
+        self.find_message = find_message
+        self.identity = identity
+
+    def check(self, body: Mapping[str, Any]) -> Click | None:
+        """The click a payload is, or None (logged and counted) when it is refused."""
+        try:
+            return Click.parse(body, self.identity.team_id)
+        except ClickRefused as exc:
+            log.warning("refused a Slack click payload: %s", exc)
+            metrics.webhook_deliveries.labels(SOURCE, "rejected").inc()
+            return None
+
+    def receive(self, click: Click) -> bool:
+        """Record a click; False (nothing recorded) when it is not on a step message."""
+        if click.user in self.identity:
+            return True  # the bot's own clicks never count
+        payload: dict[str, Any] = {
+            "user": click.user,
+            "channel": click.channel,
+            "ts": click.ts,
+            "button": {
+                "incident": click.value.incident_id,
+                "step": click.value.step_run_id,
+                "fingerprint": click.value.fingerprint,
+            },
+        }
+        found = self.find_message(click.channel, click.ts)
+        if found is not None and not found[0].startswith("step:"):
+            log.warning("refused a click on a message that is not a step")
+            return False
+        key = f"{SOURCE}:click:{click.trigger}"
+        if found is None:
+            # Posted an instant ago (its ts not recorded yet): it waits for its message.
+            fresh = self.put(
+                source=SOURCE, key=key, incident_id="", kind=click.kind, payload=payload,
+                waiting_for=(click.channel, click.ts),
+            )  # fmt: skip
+        else:
+            message_key, incident_id = found
+            fresh = self.put(
+                source=SOURCE, key=key, incident_id=incident_id, kind=click.kind,
+                payload={"step_run_id": int(message_key.removeprefix("step:")), **payload},
+            )  # fmt: skip
+        metrics.webhook_deliveries.labels(SOURCE, "accepted" if fresh else "duplicate").inc()
+        return True
+
+
+COMMAND = "/runbook"
+
+
+def _command_request(body: Mapping[str, Any], team_id: str) -> CommandRequest | None:
+    """A slash command payload as plain values, or None when it is not one of ours."""
+    fields = {k: body.get(k) for k in ("command", "team_id", "user_id", "channel_id")}
+    text, response_url, trigger = (
+        body.get("text", ""),
+        body.get("response_url"),
+        body.get("trigger_id"),
+    )
+    if (
+        fields["command"] != COMMAND
+        or not team_id
+        or fields["team_id"] != team_id
+        or not isinstance(fields["user_id"], str)
+        or not _SLACK_ID.fullmatch(fields["user_id"])
+        or not isinstance(fields["channel_id"], str)
+        or not _SLACK_ID.fullmatch(fields["channel_id"])
+        or not isinstance(text, str)
+        or not isinstance(trigger, str)
+        or not trigger
+        or not isinstance(response_url, str)
+    ):
+        log.warning("refused a /runbook payload: missing fields or another workspace")
+        return None
+    url = urllib.parse.urlsplit(response_url)
+    if url.scheme != "https" or url.hostname not in RESPONSE_URL_HOSTS:
+        log.warning("refused a /runbook payload: a response_url on a foreign host")
+        return None
+    return CommandRequest(text, fields["user_id"], fields["channel_id"], trigger[:200])
+
+
+class _VetClicks(Middleware):
+    """Refuses a click payload that is not exactly a click on one of our buttons (400,
+    nothing changes), after bolt checked its signature and before bolt's own matchers,
+    which index into a payload's `actions` as if it were well formed. A subclass rather
+    than a function middleware: bolt builds a function's arguments from the payload with
+    the same assumption."""
+
+    def __init__(self, clicks: ClickIntake) -> None:
+        self.clicks = clicks
+
+    def process(
+        self, *, req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]
+    ) -> BoltResponse | None:
+        body = req.body if isinstance(req.body, dict) else {}
+        if body.get("type") == "block_actions":
+            click = self.clicks.check(body)
+            if click is None:
+                return BoltResponse(status=400, body="")
+            req.context["runbook_click"] = click
+        return next()
+
+
 # --- the adapter BotApp builds -------------------------------------------------------------
 
 
@@ -748,8 +1058,10 @@ class SlackAdapter:
         put: Put,
         find_message: FindMessage,
         tuning: SlackTuning | None = None,
+        command: Callable[[CommandRequest], str] | None = None,
     ) -> None:
         self.config = config
+        self.command = command
         self.tuning = tuning or SlackTuning()
         if not config.socket_mode and not config.slack_signing_secret:
             raise ConfigError(
@@ -776,6 +1088,7 @@ class SlackAdapter:
         self.budgets = dict(self.tuning.budgets if self.tuning.budgets is not None else default)
         self.usergroups = UserGroups(self.client, self.tuning.usergroup_ttl)
         self.intake = ReactionIntake(put, find_message, self.reactions, self.identity)
+        self.clicks = ClickIntake(put, find_message, self.identity)
         self.bolt = self._bolt_app()
         self._http = SlackRequestHandler(self.bolt, path="/slack/events")
         self._socket: Any = None  # a SocketModeHandler (its methods are untyped)
@@ -849,8 +1162,31 @@ class SlackAdapter:
         def on_removed(body: dict[str, Any]) -> None:
             self.intake.receive(body, added=False)
 
+        def on_click(ack: Ack, context: BoltContext) -> BoltResponse | None:
+            # Recorded (one insert into the intake log), then acknowledged: well within
+            # Slack's 3 seconds, and the answer means "it counts".
+            if not self.clicks.receive(context["runbook_click"]):
+                return BoltResponse(status=400, body="")
+            ack()
+            return None
+
+        def on_command(ack: Ack, body: dict[str, Any]) -> BoltResponse | None:
+            request = _command_request(body, self.identity.team_id)
+            if request is None:
+                metrics.webhook_deliveries.labels(SOURCE, "rejected").inc()
+                return BoltResponse(status=400, body="")
+            # The answer (private to the user) is the acknowledgement; `run` only puts a
+            # trigger in the inbox, well within Slack's 3 seconds.
+            answer = self.command(request) if self.command else "/runbook is not set up."
+            ack(text=answer, response_type="ephemeral")
+            return None
+
+        bolt.use(_VetClicks(self.clicks))
+        bolt.command(COMMAND)(on_command)
+
         bolt.event("reaction_added")(on_added)
         bolt.event("reaction_removed")(on_removed)
+        bolt.action(re.compile("^runbook_(approve|reject|pause|resume)$"))(on_click)
         return bolt
 
     # --- what BotApp uses -----------------------------------------------------------------

@@ -491,6 +491,7 @@ class Unit:
                 "status": str(ApprovalStatus.PENDING),
                 "approvers": json.dumps(approval["approvers"]),
                 "requested_at": self.at,
+                "approved_by": "[]",
             }
             self.conn.execute(
                 f"INSERT INTO approvals ({', '.join(data)}) "
@@ -549,11 +550,32 @@ class Unit:
         self, approval: Approval, new: ApprovalStatus, actor: str, at: float
     ) -> Approval | None:
         states.check(approval.status, new)
+        approved = list(approval.approved_by)
+        if new is ApprovalStatus.APPROVED and actor and actor not in approved:
+            approved.append(actor)
         row = _one(
             self.conn.execute(
-                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ? "
-                "WHERE id = ? AND status = ? RETURNING *",
-                (str(new), actor or None, at, approval.id, str(approval.status)),
+                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, "
+                "approved_by = ? WHERE id = ? AND status = ? RETURNING *",
+                (
+                    str(new), actor or None, at, json.dumps(approved), approval.id,
+                    str(approval.status),
+                ),
+            )
+        )  # fmt: skip
+        return Approval.from_row(row) if row else None
+
+    def add_approver(self, approval: Approval, user: str) -> Approval | None:
+        """One more of the distinct approvers a request needs (it stays pending)."""
+        row = _one(
+            self.conn.execute(
+                "UPDATE approvals SET approved_by = ? "
+                "WHERE id = ? AND status = 'pending' AND approved_by = ? RETURNING *",
+                (
+                    json.dumps([*approval.approved_by, user]),
+                    approval.id,
+                    json.dumps(list(approval.approved_by)),
+                ),
             )
         )
         return Approval.from_row(row) if row else None

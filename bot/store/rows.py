@@ -52,6 +52,7 @@ class Incident(_Row):
     channel: str = ""
     thread_ts: str | None = None
     state_changed_at: str | None = None  # PagerDuty's occurred_at of the last state change
+    started_by: str = ""  # who started a manual run ("" for a page)
     created_at: float = 0.0
     updated_at: float = 0.0
     resolved_at: float | None = None
@@ -59,7 +60,9 @@ class Incident(_Row):
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", IncidentStatus(self.status))
         object.__setattr__(self, "details", _json(self.details))
-        for name in ("service_id", "urgency", "priority", "env", "link", "catalog_commit"):
+        for name in (
+            "service_id", "urgency", "priority", "env", "link", "catalog_commit", "started_by",
+        ):  # fmt: skip
             if getattr(self, name) is None:
                 object.__setattr__(self, name, "")
         if self.channel is None:
@@ -134,12 +137,23 @@ class Approval(_Row):
     decided_at: float | None = None
     fingerprint: str = ""
     catalog_commit: str = ""
+    required: int = 1  # distinct approvers needed
+    approved_by: tuple[str, ...] = ()  # who approved so far, in order
+    starter: str = ""  # who started the manual run ("" for a page)
+    self_approval: bool = False  # may `starter` approve?
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", ApprovalStatus(self.status))
         object.__setattr__(self, "approvers", _json(self.approvers))
         if self.fingerprint is None:
             object.__setattr__(self, "fingerprint", "")
+        approved = self.approved_by
+        if isinstance(approved, str):
+            approved = json.loads(approved) if approved else []
+        object.__setattr__(self, "approved_by", tuple(str(u) for u in approved or ()))
+        object.__setattr__(self, "required", int(self.required or 1))
+        object.__setattr__(self, "self_approval", bool(self.self_approval))
+        object.__setattr__(self, "starter", self.starter or "")
 
     @property
     def approver_users(self) -> tuple[str, ...]:

@@ -15,7 +15,9 @@ Tables:
 
 Migrations 1 to 3 built the first version's tables; 4 replaced its delivery queue and
 in-memory message bookkeeping with the inbox and the outbox; 5 keeps served catalogs; 6
-marks each audit row with its origin (the bot, `runbookctl simulate` or `runbookctl test`).
+marks each audit row with its origin (the bot, `runbookctl simulate` or `runbookctl test`);
+7 adds the two-person rule (approvals.required, approved_by, starter, self_approval) and
+who started a manual run (incidents.started_by).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -433,6 +435,17 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    # The two-person rule: how many distinct approvers a request needs, who approved so
+    # far, and who started a manual run (who may not approve it unless the action allows).
+    conn = db.conn
+    conn.execute("ALTER TABLE approvals ADD COLUMN required INTEGER NOT NULL DEFAULT 1")
+    conn.execute("ALTER TABLE approvals ADD COLUMN approved_by TEXT NOT NULL DEFAULT '[]'")
+    conn.execute("ALTER TABLE approvals ADD COLUMN starter TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE approvals ADD COLUMN self_approval INTEGER NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE incidents ADD COLUMN started_by TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migration_1,
     2: _migration_2,
@@ -440,4 +453,5 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     4: _migration_4,
     5: _migration_5,
     6: _migration_6,
+    7: _migration_7,
 }

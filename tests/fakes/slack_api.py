@@ -377,7 +377,10 @@ def visible_text(message: Message) -> str:
     parts = [str(message.get("text") or "")]
     for block in message.get("blocks") or []:
         texts = [block.get("text"), *block.get("fields", []), *block.get("elements", [])]
-        parts += [t["text"] for t in texts if isinstance(t, dict) and "text" in t]
+        for t in texts:
+            if isinstance(t, dict) and "text" in t:
+                text = t["text"]  # a button's label is a text object
+                parts.append(text["text"] if isinstance(text, dict) else text)
     return "\n".join(part for part in parts if part)
 
 
