@@ -16,6 +16,11 @@ interleaved, with the bot idle and its outbox flushed before each measurement.
 
     python bench/bench_buttons.py [--runs 5] [--iterations 100] [--warmup 10]
 
+Also ``/runbook run``: from sending a signed slash command (``/runbook run bench`` in a
+channel of its own) to the stand-in Slack holding the new thread's first message, beside
+the same run opened by a page already in the inbox (``incident_item``, no HTTP, no
+parsing): what the command adds on top of the path every page takes.
+
 Target: click -> start p99 within 1.5x the reaction's (median of the runs).
 """
 
@@ -38,6 +43,7 @@ sys.path.insert(0, str(BENCH))
 import httpx  # noqa: E402
 from bench_slack import (  # noqa: E402
     APPROVER,
+    CHANNEL,
     SECRET,
     TOKEN,
     RunResult,
@@ -57,6 +63,7 @@ from bot.engine import Incident, incident_item  # noqa: E402
 from bot.server import BotApp, HttpServer  # noqa: E402
 
 TARGET = 1.5
+RUN_CHANNEL = "CBENCHRUNS"
 
 
 def click(channel: str, ts: str, value: str, trigger: str) -> str:
@@ -82,8 +89,30 @@ def click(channel: str, ts: str, value: str, trigger: str) -> str:
     return urllib.parse.urlencode({"payload": json.dumps(payload)})
 
 
-def one_run(number: int, iterations: int, warmup: int, slack: FakeSlack) -> RunResult:
-    """`bot` holds the clicks, `floor` the reactions (the reference)."""
+def slash_command(channel: str, text: str) -> str:
+    """A ``/runbook`` request as Slack sends it (form-encoded)."""
+    return urllib.parse.urlencode(
+        {
+            "token": "legacy-verification-token",
+            "team_id": "TFAKE",
+            "team_domain": "bench",
+            "channel_id": channel,
+            "channel_name": "bench-runs",
+            "user_id": APPROVER,
+            "user_name": "approver",
+            "command": "/runbook",
+            "text": text,
+            "api_app_id": "ABENCH",
+            "response_url": "https://hooks.slack.com/commands/TFAKE/1/bench",
+            "trigger_id": f"{time.time():.6f}.bench",
+        }
+    )
+
+
+def one_run(
+    number: int, iterations: int, warmup: int, slack: FakeSlack
+) -> tuple[RunResult, RunResult]:
+    """Clicks beside reactions (the reference); `/runbook run` beside a page's run."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         marks = root / "marks"
@@ -122,7 +151,12 @@ def one_run(number: int, iterations: int, warmup: int, slack: FakeSlack) -> RunR
             value = ButtonValue(incident_id, step.id, approval.fingerprint).encode()
             return channel, ts, value
 
+        def first_message(channel: str, before: int) -> float:
+            wait_until(lambda: len(slack.messages(channel)) > before)
+            return time.monotonic()
+
         result = RunResult([], [])
+        manual = RunResult([], [])
         http = httpx.Client(timeout=10)
         url = f"http://127.0.0.1:{server.port}/slack/events"
         try:
@@ -156,12 +190,40 @@ def one_run(number: int, iterations: int, warmup: int, slack: FakeSlack) -> RunR
                     result.floor.append(began - t0)
                 wait_until(idle)
                 assert app.outbox.flush(30)
+
+                body = slash_command(RUN_CHANNEL, "run bench")
+                headers = {
+                    **signed(body),
+                    "Content-Type": "application/x-www-form-urlencoded",
+                }
+                before = len(slack.messages(RUN_CHANNEL))
+                t0 = time.monotonic()
+                response = http.post(url, content=body, headers=headers)
+                assert response.status_code == 200 and "Starting" in response.text, response.text
+                posted = first_message(RUN_CHANNEL, before)
+                if keep:
+                    manual.bot.append(posted - t0)
+                wait_until(idle)
+                assert app.outbox.flush(30)
+
+                before = len(slack.messages(CHANNEL))
+                t0 = time.monotonic()
+                app.inbox.receive(
+                    **incident_item(
+                        Incident(id=f"PP{number}N{n:05d}", title="bench", service="bench")
+                    )
+                )
+                posted = first_message(CHANNEL, before)
+                if keep:
+                    manual.floor.append(posted - t0)
+                wait_until(idle)
+                assert app.outbox.flush(30)
         finally:
             http.close()
             server.stop()
             app.stop(grace=10)
             app.store.close()
-    return result
+    return result, manual
 
 
 def main() -> int:
@@ -173,9 +235,12 @@ def main() -> int:
     logging.basicConfig(level=logging.ERROR)
 
     results: list[RunResult] = []
+    manuals: list[RunResult] = []
     with FakeSlack() as slack:
         for number in range(args.runs):
-            results.append(one_run(number, args.iterations, args.warmup, slack))
+            clicks, manual = one_run(number, args.iterations, args.warmup, slack)
+            results.append(clicks)
+            manuals.append(manual)
 
     print(
         f"button click vs reaction -> command start, loopback, {args.runs} runs of "
@@ -200,6 +265,21 @@ def main() -> int:
     )
     click_p99 = statistics.median(percentile(r.bot, 99) * 1000 for r in results)
     print(f"click -> start p99, median of the runs: {click_p99:.2f}ms")
+    print()
+    print("/runbook run -> first thread message, beside a page's run from the inbox")
+    print(
+        f"{'run':>4}{'cmd p50':>11}{'cmd p99':>11}{'page p50':>11}{'page p99':>11}{'ratio p99':>11}"
+    )
+    for number, manual in enumerate(manuals, 1):
+        m50, g50, _ = manual.row(50)
+        m99, g99, y99 = manual.row(99)
+        print(f"{number:>4}{m50:9.2f}ms{m99:9.2f}ms{g50:9.2f}ms{g99:9.2f}ms{y99:10.2f}x")
+    command_p99s = [percentile(m.bot, 99) * 1000 for m in manuals]
+    print(
+        f"/runbook run -> first message p99: median {statistics.median(command_p99s):.2f}ms "
+        f"(range {min(command_p99s):.2f} to {max(command_p99s):.2f}ms)"
+    )
+    print()
     met = statistics.median(p99s) <= TARGET
     verdict = "met" if met else "NOT met"
     print(f"target (click p99 within {TARGET}x the reaction's, median of the runs): {verdict}")
