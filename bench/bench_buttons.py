@@ -152,7 +152,7 @@ def one_run(
             return channel, ts, value
 
         def first_message(channel: str, before: int) -> float:
-            wait_until(lambda: len(slack.messages(channel)) > before)
+            wait_until(lambda: slack.message_count(channel) > before)
             return time.monotonic()
 
         result = RunResult([], [])
@@ -196,7 +196,7 @@ def one_run(
                     **signed(body),
                     "Content-Type": "application/x-www-form-urlencoded",
                 }
-                before = len(slack.messages(RUN_CHANNEL))
+                before = slack.message_count(RUN_CHANNEL)
                 t0 = time.monotonic()
                 response = http.post(url, content=body, headers=headers)
                 assert response.status_code == 200 and "Starting" in response.text, response.text
@@ -206,7 +206,7 @@ def one_run(
                 wait_until(idle)
                 assert app.outbox.flush(30)
 
-                before = len(slack.messages(CHANNEL))
+                before = slack.message_count(CHANNEL)
                 t0 = time.monotonic()
                 app.inbox.receive(
                     **incident_item(

@@ -99,6 +99,11 @@ class FakeSlack(FakeServer):
         with self._cond:
             return copy.deepcopy(self._messages.get(channel, []))
 
+    def message_count(self, channel: str) -> int:
+        """How many messages ``channel`` holds (cheap enough to poll in a benchmark)."""
+        with self._cond:
+            return len(self._messages.get(channel, []))
+
     def thread(self, channel: str, thread_ts: str) -> list[Message]:
         """The thread's root (if any) followed by its replies, like conversations.replies."""
         return [
