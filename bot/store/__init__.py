@@ -1127,9 +1127,23 @@ class Store:
                 if any(row[1 + _RECEIVED.index("status")] == "parked" for row in rows):
                     self._parked = True
                     self._unpark()
+            self._sync_wal()
             self._intake.moved(int(rows[-1][0]))
             moved += len(rows)
         return moved
+
+    def _sync_wal(self) -> None:
+        """Sync the state database's WAL to disk. Its commits are not synced one by one
+        (synchronous=NORMAL): before the intake log, which is, lets go of what was moved,
+        the move must be on disk too, or a power loss could take it from both."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed and removed: the database file itself was synced
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _insert_received(self, rows: Sequence[Sequence[Any]]) -> int:
         """Insert intake rows (values in `_RECEIVED` order) into the inbox, ignoring
