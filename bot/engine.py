@@ -253,6 +253,10 @@ class Engine:
             for runner, _job in jobs:
                 self.executor.release(runner)
             raise
+        if jobs:
+            # A claim must be on disk before its command starts: the state database
+            # does not sync each commit, and a power loss must not let a step run twice.
+            self.store.sync()
         for runner, job in jobs:
             self.executor.start(runner, job)
 
@@ -1318,6 +1322,7 @@ class Engine:
         if moved is None:
             self.executor.release(runner)
             return
+        self.store.sync()
         log.info(
             "incident %s step %s: started again (it never started)",
             step_run.incident_id,

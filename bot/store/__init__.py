@@ -1127,15 +1127,19 @@ class Store:
                 if any(row[1 + _RECEIVED.index("status")] == "parked" for row in rows):
                     self._parked = True
                     self._unpark()
-            self._sync_wal()
+            self.sync()
             self._intake.moved(int(rows[-1][0]))
             moved += len(rows)
         return moved
 
-    def _sync_wal(self) -> None:
-        """Sync the state database's WAL to disk. Its commits are not synced one by one
-        (synchronous=NORMAL): before the intake log, which is, lets go of what was moved,
-        the move must be on disk too, or a power loss could take it from both."""
+    def sync(self) -> None:
+        """Put what was committed on disk. Commits are not synced one by one (WAL with
+        synchronous=NORMAL survives a crash, not a power loss), so this comes before
+        what must not be undone: the intake log letting go of a moved batch (else a
+        power loss could take an item from both), a step's command starting (else its
+        claim could be lost and the step run again)."""
+        if self.path == ":memory:":
+            return
         try:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
         except FileNotFoundError:
