@@ -255,6 +255,7 @@ class World:
         self.db = root / "bot.db"
         self.log = root / "bot.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
         self.acked: set[str] = set()
         self.approved: set[str] = set()
         self.stop = threading.Event()
@@ -292,13 +293,27 @@ class World:
 
     def start(self) -> None:
         exe = shutil.which("runbook-bot", path=os.path.dirname(sys.executable)) or "runbook-bot"
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([exe], env=self.env(), stdout=log, stderr=log)
+
+    def _lost_its_port(self) -> bool:
+        """The bot, restarted, found its port taken: while it was down the kernel gave
+        the number to a socket of another world running beside this one."""
+        with self.log.open("rb") as log:
+            log.seek(self._log_start)
+            return b"Address already in use" in log.read()
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+            assert self.proc is not None
+            if self.proc.poll() is not None and self._lost_its_port():
+                self.port = free_port()  # the senders read `url` at each try
+                self.url = f"http://127.0.0.1:{self.port}"
+                self.start()
+                continue
+            assert self.proc.poll() is None, self.log.read_text()
             with contextlib.suppress(httpx.TransportError):
                 if self.http.get(self.url + "/healthz").status_code == 200:
                     return

@@ -154,7 +154,10 @@ T = TypeVar("T")
 # (their results come back as inbox items) and undelivered effects.
 # Items still in the intake log are read first: an item moves from there to the inbox,
 # so between the two reads it is counted once or twice, never missed.
-RECEIVED = "SELECT count(*) FROM received"
+# What the intake log holds that the inbox does not: a batch is deleted from the log just
+# after it is committed to the inbox, so a kill can leave it in both (the next start drops
+# the log's copy; the inbox's unique keys would ignore it anyway).
+NOT_MOVED = "FROM received WHERE key NOT IN (SELECT key FROM bot.inbox)"
 OUTSTANDING = (
     "SELECT (SELECT count(*) FROM inbox WHERE status = 'queued') "
     "+ (SELECT count(*) FROM step_runs WHERE status = 'running') "
@@ -446,10 +449,20 @@ def query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, .
         return conn.execute(sql, params).fetchall()
 
 
-def not_moved(db: Path) -> int:
-    """Items the bot acknowledged that are still in its intake log (not in the inbox yet)."""
+def in_log_only(db: Path, columns: str) -> list[tuple[Any, ...]]:
+    """`columns` of the items the bot acknowledged that are only in its intake log (not
+    in the inbox yet), in receipt order."""
     log = Path(f"{db}-intake")
-    return int(query(log, RECEIVED)[0][0]) if log.exists() else 0
+    if not log.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{log}?mode=ro", uri=True, timeout=30)) as conn:
+        conn.execute("ATTACH DATABASE ? AS bot", (f"file:{db}?mode=ro",))
+        return conn.execute(f"SELECT {columns} {NOT_MOVED} ORDER BY id").fetchall()
+
+
+def not_moved(db: Path) -> int:
+    """Items the bot acknowledged that are still in its intake log only."""
+    return int(in_log_only(db, "count(*)")[0][0]) if Path(f"{db}-intake").exists() else 0
 
 
 def outstanding_in(db: Path) -> int:
@@ -549,10 +562,8 @@ class BotProcess:
     def received(self) -> list[tuple[str, str]]:
         """(kind, status) of every item received, in receipt order: the inbox's, then
         those still in the intake log (moved in order, so they all came later)."""
-        log = Path(f"{self.db}-intake")
-        waiting = RECEIVED.replace("count(*)", "kind, status") + " ORDER BY id"
         inbox = self.query("SELECT kind, status FROM inbox ORDER BY id")
-        return [*inbox, *(query(log, waiting) if log.exists() else [])]
+        return [*inbox, *in_log_only(self.db, "kind, status")]
 
     def outstanding(self) -> int:
         """Work not done yet (see `Bot.outstanding`)."""
