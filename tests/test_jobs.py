@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from builders import py
+from slack_harness import wait_for
 
 from bot import executor
 from bot.engine import Job
@@ -112,10 +113,8 @@ def spawn_supervisor(server: _ForkServer, token: str) -> _Supervisor:
 
 def gone(state: Path, token: str, timeout: float = 30.0) -> None:
     """Wait until the supervisor of `token` has exited (its lock is free)."""
-    deadline = time.monotonic() + timeout
-    while SupervisedExecutor(state, lambda end: None)._alive(token):
-        assert time.monotonic() < deadline, f"supervisor {token} still runs"
-        time.sleep(0.01)
+    executor = SupervisedExecutor(state, lambda end: None)
+    wait_for(lambda: not executor._alive(token), timeout, f"supervisor {token} to exit")
 
 
 def test_a_step_runs_under_its_supervisor_and_its_result_comes_back(
