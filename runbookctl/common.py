@@ -33,6 +33,17 @@ def catalog_option(fn: F) -> F:
     )(fn)
 
 
+def state_db_option(fn: F) -> F:
+    """--db for commands that read the bot's state (report, runs)."""
+    return click.option(
+        "--db",
+        type=click.Path(dir_okay=False),
+        default=default_db,
+        show_default="$RUNBOOK_DB or ./runbook-bot.db",
+        help="The bot's SQLite state file (opened read-only).",
+    )(fn)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Library errors become click errors: a message and exit 1, no traceback."""

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from runbookctl.common import catalog_option, default_db, user_errors
+from runbookctl.common import catalog_option, state_db_option, user_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,13 +27,7 @@ def _common(fn: F) -> F:
         metavar="WHEN",
         help="Only rows from this time on: a duration ago (24h, 7d, 30m) or an ISO date.",
     )(fn)
-    fn = click.option(
-        "--db",
-        type=click.Path(dir_okay=False),
-        default=default_db,
-        show_default="$RUNBOOK_DB or ./runbook-bot.db",
-        help="The bot's SQLite state file (opened read-only).",
-    )(fn)
+    fn = state_db_option(fn)
     return fn
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from runbookctl.common import default_db, user_errors
+from runbookctl.common import state_db_option, user_errors
 
 
 def _format(fn: click.decorators.FC) -> click.decorators.FC:
@@ -17,13 +17,7 @@ def _format(fn: click.decorators.FC) -> click.decorators.FC:
         show_default=True,
         help="Output format.",
     )(fn)
-    return click.option(
-        "--db",
-        type=click.Path(dir_okay=False),
-        default=default_db,
-        show_default="$RUNBOOK_DB or ./runbook-bot.db",
-        help="The bot's SQLite state file (opened read-only).",
-    )(fn)
+    return state_db_option(fn)
 
 
 @click.group()
