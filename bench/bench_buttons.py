@@ -89,6 +89,11 @@ def click(channel: str, ts: str, value: str, trigger: str) -> str:
     return urllib.parse.urlencode({"payload": json.dumps(payload)})
 
 
+def form_signed(body: str) -> dict[str, str]:
+    """Headers of a signed, form-encoded request (interactivity, slash commands)."""
+    return {**signed(body), "Content-Type": "application/x-www-form-urlencoded"}
+
+
 def slash_command(channel: str, text: str) -> str:
     """A ``/runbook`` request as Slack sends it (form-encoded)."""
     return urllib.parse.urlencode(
@@ -151,6 +156,11 @@ def one_run(
             value = ButtonValue(incident_id, step.id, approval.fingerprint).encode()
             return channel, ts, value
 
+        def settle() -> None:
+            """Nothing under way and nothing left to post before the next measurement."""
+            wait_until(idle)
+            assert app.outbox.flush(30)
+
         def first_message(channel: str, before: int) -> float:
             wait_until(lambda: slack.message_count(channel) > before)
             return time.monotonic()
@@ -165,21 +175,16 @@ def one_run(
                 by_click, by_reaction = f"PC{number}N{n:05d}", f"PR{number}N{n:05d}"
                 channel, ts, value = pending(by_click)
                 r_channel, r_ts, _ = pending(by_reaction)
-                wait_until(idle)
-                assert app.outbox.flush(30)
+                settle()
 
                 body = click(channel, ts, value, f"{number}.{n}.bench")
-                headers = {
-                    **signed(body),
-                    "Content-Type": "application/x-www-form-urlencoded",
-                }
+                headers = form_signed(body)
                 t0 = time.monotonic()
                 assert http.post(url, content=body, headers=headers).status_code == 200
                 began = wait_until(lambda: started_at(marks / by_click))  # noqa: B023
                 if keep:
                     result.bot.append(began - t0)
-                wait_until(idle)
-                assert app.outbox.flush(30)
+                settle()
 
                 body = reaction(r_channel, r_ts, f"EvR{number}N{n:05d}")
                 headers = signed(body)
@@ -188,14 +193,10 @@ def one_run(
                 began = wait_until(lambda: started_at(marks / by_reaction))  # noqa: B023
                 if keep:
                     result.floor.append(began - t0)
-                wait_until(idle)
-                assert app.outbox.flush(30)
+                settle()
 
                 body = slash_command(RUN_CHANNEL, "run bench")
-                headers = {
-                    **signed(body),
-                    "Content-Type": "application/x-www-form-urlencoded",
-                }
+                headers = form_signed(body)
                 before = slack.message_count(RUN_CHANNEL)
                 t0 = time.monotonic()
                 response = http.post(url, content=body, headers=headers)
@@ -203,8 +204,7 @@ def one_run(
                 posted = first_message(RUN_CHANNEL, before)
                 if keep:
                     manual.bot.append(posted - t0)
-                wait_until(idle)
-                assert app.outbox.flush(30)
+                settle()
 
                 before = slack.message_count(CHANNEL)
                 t0 = time.monotonic()
@@ -216,8 +216,7 @@ def one_run(
                 posted = first_message(CHANNEL, before)
                 if keep:
                     manual.floor.append(posted - t0)
-                wait_until(idle)
-                assert app.outbox.flush(30)
+                settle()
         finally:
             http.close()
             server.stop()
