@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from fakes import FakeSlack
+
     from bot.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,3 +47,13 @@ def store(db_path: Path) -> Iterator[Store]:
     s = Store(db_path)
     yield s
     s.close()
+
+
+@pytest.fixture
+def slack() -> Iterator[FakeSlack]:
+    """The Slack Web API stand-in, where GROUPIE is in the catalog's approver group."""
+    from fakes import FakeSlack
+    from slack_harness import GROUP, GROUPIE
+
+    with FakeSlack(usergroups={GROUP: [GROUPIE]}) as fake:
+        yield fake

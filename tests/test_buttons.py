@@ -21,7 +21,6 @@ from fakes import FakeSlack, visible_text
 from slack_harness import (
     APPROVER,
     BOT_USER,
-    GROUP,
     GROUPIE,
     INCIDENT,
     STRANGER,
@@ -41,12 +40,6 @@ from bot.engine import Incident
 
 MakeBot = Callable[..., Bot]
 ACTION_IDS = ["runbook_approve", "runbook_reject", "runbook_pause"]
-
-
-@pytest.fixture
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack(usergroups={GROUP: [GROUPIE]}) as fake:
-        yield fake
 
 
 @pytest.fixture

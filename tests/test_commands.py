@@ -19,7 +19,6 @@ import pytest
 from fakes import FakeSlack, visible_text
 from slack_harness import (
     APPROVER,
-    GROUP,
     GROUPIE,
     OTHER_CHANNEL,
     STRANGER,
@@ -30,12 +29,6 @@ from slack_harness import (
 )
 
 MakeBot = Callable[..., Bot]
-
-
-@pytest.fixture
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack(usergroups={GROUP: [GROUPIE]}) as fake:
-        yield fake
 
 
 @pytest.fixture

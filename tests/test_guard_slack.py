@@ -15,19 +15,13 @@ from typing import Any
 import httpx
 import pytest
 from fakes import FakeSlack, visible_text
-from slack_harness import APPROVER, GROUP, GROUPIE, STRANGER, Bot, wait_for, write_catalog
+from slack_harness import APPROVER, GROUPIE, STRANGER, Bot, wait_for, write_catalog
 
 from bot import guard
 from bot.config import Secret
 from bot.errors import ApprovalDenied
 
 TOKEN = "guard-test-token"
-
-
-@pytest.fixture
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack(usergroups={GROUP: [GROUPIE]}) as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -26,8 +26,6 @@ from fakes import FakeSlack
 from slack_harness import (
     APPROVER,
     FAST,
-    GROUP,
-    GROUPIE,
     INCIDENT,
     SIGNING_SECRET,
     TOKEN,
@@ -46,12 +44,6 @@ from bot.pagerduty import sign as sign_pagerduty
 from bot.server import READY_PROBE_SECONDS, BotApp, HttpServer
 
 PD_SECRET = "pd-secret"
-
-
-@pytest.fixture
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack(usergroups={GROUP: [GROUPIE]}) as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -70,12 +70,6 @@ OTHER = Incident(id="PDB001", title="Database errors", service="db", env="stagin
 
 
 @pytest.fixture
-def slack() -> Iterator[FakeSlack]:
-    with FakeSlack(usergroups={GROUP: [GROUPIE]}) as fake:
-        yield fake
-
-
-@pytest.fixture
 def make_bot(tmp_path: Path, slack: FakeSlack) -> Iterator[MakeBot]:
     """Start a bot on tmp_path's catalog and database; a second call is a restart."""
     bots: list[Bot] = []
