@@ -126,6 +126,12 @@ class Config:
         "PAGERDUTY_API_URL", "https://api.pagerduty.com", "PagerDuty REST API base URL."
     )
     workers: int = _setting("RUNBOOK_WORKERS", 4, "Worker threads running steps and deliveries.")
+    intake_process: int = _setting(
+        "RUNBOOK_INTAKE_PROCESS",
+        1,
+        "1: PagerDuty deliveries are answered by a process of their own, whose answers "
+        "never wait behind the bot's work; 0: one process.",
+    )
     shutdown_grace: float = _setting(
         "RUNBOOK_SHUTDOWN_GRACE", 50.0, "Seconds running steps get to finish on SIGTERM."
     )
@@ -172,6 +178,19 @@ class Config:
             if str(f.type) == "Secret" and isinstance(values.get(f.name), str):
                 values[f.name] = Secret(values[f.name])
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment `from_env` reads back into an equal Config (for the bot's
+        own child processes)."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Secret):
+                value = value.reveal()
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            out[f.metadata["env"]] = str(value)
+        return out
 
     @property
     def socket_mode(self) -> bool:

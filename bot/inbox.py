@@ -150,7 +150,7 @@ class Inbox:
             self._wake.clear()
             wait = 1.0
             try:
-                self.store.inbox_receive()
+                self.store.inbox_receive(self.catalog_commit())
                 if self.clock() >= next_sweep:
                     self.store.inbox_unpark()
                     self.store.inbox_expire_parked(self.store.clock() - PARKED_SECONDS)
@@ -242,7 +242,7 @@ class Inbox:
         """Apply every queued item here and now (simulate, tests); returns how many."""
         applied = 0
         while applied < limit:
-            self.store.inbox_receive()
+            self.store.inbox_receive(self.catalog_commit())
             ready = self.store.inbox_ready(1)
             if not ready:
                 return applied

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -470,15 +471,26 @@ class HttpServer:
     are closed on the loop's own thread. Its threads only verify, record and acknowledge.
     """
 
-    def __init__(self, app: WSGIApp, host: str, port: int, *, threads: int = 4) -> None:
+    def __init__(
+        self,
+        app: WSGIApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        threads: int = 4,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """Listen on `host`:`port`, or serve `sock`, a socket already listening."""
         from waitress.server import BaseWSGIServer, create_server
 
         self._map: dict[int, Any] = {}
+        where: dict[str, Any] = (
+            {"sockets": [sock]} if sock is not None else {"host": host, "port": port}
+        )
         server = create_server(
             app,
             map=self._map,
-            host=host,
-            port=port,
+            **where,
             threads=threads,
             ident="runbook-bot",
             clear_untrusted_proxy_headers=True,
@@ -527,29 +539,56 @@ class HttpServer:
 
 
 def serve(config: Config) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    # Request threads answer PagerDuty and Slack while workers apply items: hand the GIL
-    # over more often than Python's 5 ms, so an answer never waits behind a busy worker.
+    """Run until SIGTERM/SIGINT, then shut down gracefully.
+
+    With RUNBOOK_INTAKE_PROCESS=1 (the default) the bot binds its port and hands it to
+    its intake front (``bot.front``), which answers PagerDuty and passes every other
+    request to this process's server on a loopback port.
+    """
+    from bot.front import FrontProcess, bind
+
+    # Request threads answer Slack while workers apply items: hand the GIL over more
+    # often than Python's 5 ms, so an answer never waits behind a busy worker.
     sys.setswitchinterval(0.0005)
     app = BotApp(config)
     repaired = app.repair()
     log.info("state repaired: %s", repaired)
-    server = HttpServer(app.wsgi, config.host, config.port, threads=max(4, config.workers))
-    # Serve first (/healthz answers while work resumes), then resume the work.
-    threading.Thread(target=app.start, name="resume", daemon=True).start()
+    listener = bind(config.host, config.port)
+    threads = max(4, config.workers)
+    front: FrontProcess | None = None
+    if config.intake_process:
+        server = HttpServer(app.wsgi, "127.0.0.1", 0, threads=threads)
+        front = FrontProcess(config, listener, server.port, app.inbox.wake)
+    else:
+        server = HttpServer(app.wsgi, sock=listener, threads=threads)
+    stopping = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %s: stopping", signum)
-        server.stop()
+        stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # SIGHUP: read the catalog again now (a storm of them costs at most one more reload).
     signal.signal(signal.SIGHUP, lambda signum, frame: app.source.request_reload())
-    log.info("runbook-bot %s listening on %s:%s", __version__, config.host, server.port)
+    serving = threading.Thread(target=server.serve, name="http", daemon=True)
+    serving.start()
+    if front is not None:
+        front.start()  # from this thread, which lives as long as the process
+    # Serve first (/healthz answers while work resumes), then resume the work.
+    threading.Thread(target=app.start, name="resume", daemon=True).start()
+    log.info(
+        "runbook-bot %s listening on %s:%s", __version__, config.host, listener.getsockname()[1]
+    )
     try:
-        server.serve()
+        while not stopping.wait(1.0) and serving.is_alive():
+            pass
     finally:
+        if front is not None:
+            front.stop()  # it answers what it began (passing on needs this server)
+        server.stop()
+        serving.join()
+        listener.close()
         idle = app.stop()
         app.store.close()
         log.info("stopped")

@@ -98,7 +98,9 @@ def test_a_merged_change_is_served_without_a_restart(catalog: Path, slack: FakeS
         set_check_output(catalog, "checked-v2")
         second = commit(catalog, "check prints v2")
         wait_for(lambda: bot.app.catalog.version == second, what="the new commit served")
-        assert first != second and info_commit() == second
+        # runbook_bot_info follows once the new catalog is stored (the reload's last act)
+        wait_for(lambda: info_commit() == second, what="runbook_bot_info shows it")
+        assert first != second
         bot.open_incident()
         wait_for(lambda: bot.status("check") == "success", what="check ran")
         assert "checked-v2" in bot.step_run("check").output

@@ -58,10 +58,20 @@ class DetailsUnavailable(RunbookBotError):
     """Alert details were not read: PagerDuty did not answer a moment ago."""
 
 
+def count_delivery(outcome: str) -> None:
+    metrics.webhook_deliveries.labels(SOURCE, outcome).inc()
+
+
 class PagerDutyIntake:
-    def __init__(self, config: Config, put: Put) -> None:
+    def __init__(
+        self, config: Config, put: Put, *, counted: Callable[[str], None] = count_delivery
+    ) -> None:
+        """`put` records an item (Inbox.receive); `counted` is told each delivery's
+        outcome: accepted, duplicate or rejected (the intake front passes it on to the
+        bot, whose /metrics shows it)."""
         self.config = config
         self.put = put
+        self.counted = counted
         self.secrets = [
             s.strip() for s in config.pagerduty_webhook_secret.reveal().split(",") if s.strip()
         ]
@@ -136,7 +146,7 @@ class PagerDutyIntake:
             return _json(
                 start_response, "503 Service Unavailable", {"error": "could not record it; retry"}
             )
-        metrics.webhook_deliveries.labels(SOURCE, "accepted" if new else "duplicate").inc()
+        self.counted("accepted" if new else "duplicate")
         return _json(
             start_response,
             "202 Accepted",
@@ -157,7 +167,7 @@ class PagerDutyIntake:
         )
 
     def _reject(self, start_response: Callable[..., Any], status: str, reason: str) -> list[bytes]:
-        metrics.webhook_deliveries.labels(SOURCE, "rejected").inc()
+        self.counted("rejected")
         return _json(start_response, status, {"error": reason})
 
 

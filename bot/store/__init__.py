@@ -48,6 +48,7 @@ from bot.states import (
     RunStatus,
     StepStatus,
 )
+from bot.store import intake
 from bot.store.intake import COLUMNS as _RECEIVED
 from bot.store.intake import IntakeLog
 from bot.store.rows import Approval, InboxItem, Incident, OutboxItem, Run, StepRun
@@ -1076,26 +1077,26 @@ class Store:
         result, a deadline) go straight into the inbox, after what the log received
         before them: receipt order holds across both ways in.
         """
-        values = {
-            "source": source,
-            "key": key,
-            "alt_key": alt_key,
-            "incident_id": incident_id,
-            "kind": str(kind),
-            "payload": json.dumps(payload, default=str),
-            "received_at": self.clock() if received_at is None else received_at,
-            "status": str(status),
-            "detail": detail or None,
-            "catalog_commit": catalog_commit,
-            "processed_at": (
+        values = intake.row(
+            source=source,
+            key=key,
+            alt_key=alt_key,
+            incident_id=incident_id,
+            kind=kind,
+            payload=payload,
+            received_at=self.clock() if received_at is None else received_at,
+            status=status,
+            detail=detail,
+            catalog_commit=catalog_commit,
+            processed_at=(
                 None if status in (InboxStatus.QUEUED, InboxStatus.PARKED) else self.clock()
             ),
-        }
+        )
         if self._intake is not None and waiting:
             return self._intake.record(values)
         with self._receiving:
             if self._intake is not None:
-                self._move_received()
+                self._move_received(catalog_commit)
             with self._lock.urgent() if waiting else self._lock:
                 new = self._insert_received([tuple(values[c] for c in _RECEIVED)]) == 1
                 if new and status is InboxStatus.PARKED:
@@ -1106,24 +1107,32 @@ class Store:
                     self._unpark()
                 return new
 
-    def inbox_receive(self) -> int:
+    def inbox_receive(self, catalog_commit: str = "") -> int:
         """Move what the intake log received into the inbox, in receipt order; how many.
 
         One transaction per batch. A crash after it and before the log learns it is
-        moved moves it again, which the inbox's unique keys ignore.
+        moved moves it again, which the inbox's unique keys ignore. Items recorded by
+        the intake front (which does not load the catalog) get `catalog_commit`, the
+        catalog served when they are moved.
         """
         if self._intake is None:
             return 0
         with self._receiving:  # one mover: receipt order is the order of moving
-            return self._move_received()
+            return self._move_received(catalog_commit)
 
-    def _move_received(self) -> int:
+    def _move_received(self, catalog_commit: str = "") -> int:
         """`inbox_receive()`, for a caller that holds `_receiving`."""
         assert self._intake is not None
         moved = 0
+        stamp = 1 + _RECEIVED.index("catalog_commit")
         while rows := self._intake.pending():
             with self._transaction():
-                self._insert_received([row[1:] for row in rows])
+                self._insert_received(
+                    [
+                        (*row[1:stamp], row[stamp] or catalog_commit, *row[stamp + 1 :])
+                        for row in rows
+                    ]
+                )
                 if any(row[1 + _RECEIVED.index("status")] == "parked" for row in rows):
                     self._parked = True
                     self._unpark()

@@ -18,13 +18,16 @@ what it received into the ``inbox`` table in receipt order (``Store.inbox_receiv
     it is moved: it changes nothing.
   * One mover: the bot that opened the log holds an exclusive lock on
     ``<database>-lock`` for its lifetime, so a second bot on the same SQLite database
-    refuses to start.
+    refuses to start. Its intake front (``bot.front``, a process of the same bot that
+    answers PagerDuty) opens the log as a recorder only (``mover=False``): it records,
+    and never moves or takes the lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import threading
@@ -74,6 +77,36 @@ _ROW = "(" + ", ".join("?" for _ in COLUMNS) + ")"
 GROUP_MAX = 32766 // len(COLUMNS) // 2
 
 
+def row(
+    *,
+    source: str,
+    key: str,
+    incident_id: str,
+    kind: str,
+    payload: Mapping[str, Any],
+    received_at: float,
+    alt_key: str | None = None,
+    catalog_commit: str = "",
+    status: str = "queued",
+    detail: str = "",
+    processed_at: float | None = None,
+) -> dict[str, Any]:
+    """An item as the log and the inbox store it (COLUMNS)."""
+    return {
+        "source": source,
+        "key": key,
+        "alt_key": alt_key,
+        "incident_id": incident_id,
+        "kind": str(kind),
+        "payload": json.dumps(payload, default=str),
+        "received_at": received_at,
+        "status": str(status),
+        "detail": detail or None,
+        "catalog_commit": catalog_commit,
+        "processed_at": processed_at,
+    }
+
+
 def log_path(database: str) -> str:
     return f"{database}-intake"
 
@@ -83,14 +116,16 @@ def lock_path(database: str) -> str:
 
 
 class IntakeLog:
-    def __init__(self, database: str) -> None:
+    def __init__(self, database: str, *, mover: bool = True) -> None:
+        """`mover`: the bot's own log (takes the one-bot lock); False for its intake
+        front, which only records."""
         self.database = database
         self.path = log_path(database)
         self._lock = threading.Lock()  # the connection
         self._turn = threading.Condition()  # whose group commits next
         self._queue: list[_Ticket] = []
         self._committing = False
-        self._owner = _take_lock(database)
+        self._owner = _take_lock(database) if mover else -1
         try:
             conn = sqlite3.connect(
                 f"file:{quote(self.path)}",
@@ -100,7 +135,7 @@ class IntakeLog:
                 timeout=30.0,
             )
         except sqlite3.Error as exc:
-            os.close(self._owner)
+            self._release()
             raise StoreError(f"cannot open the intake log {self.path}: {exc}") from None
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -111,15 +146,20 @@ class IntakeLog:
             )
         except sqlite3.Error as exc:
             conn.close()
-            os.close(self._owner)
+            self._release()
             raise StoreError(f"cannot open the intake log {self.path}: {exc}") from None
         self.conn = conn
 
     def close(self) -> None:
         with self._lock:
             self.conn.close()
-        with contextlib.suppress(OSError):
-            os.close(self._owner)
+        self._release()
+
+    def _release(self) -> None:
+        if self._owner >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._owner)
+            self._owner = -1
 
     def record(self, values: Mapping[str, Any]) -> bool:
         """Record one item unless its key (or alt_key) was seen; True if it is new.
