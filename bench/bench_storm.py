@@ -2,6 +2,7 @@
 
     python bench/bench_storm.py [--runs 3] [--deliveries 1000] [--seconds 10]
                                 [--duplicates 0.2] [--services 50] [--workers 8]
+                                [--intake-process 1]
                                 [--rate-limit-every 25] [--drain last|all|none]
 
 The bot is the real `runbook-bot` process with a generated catalog (one runbook per
@@ -464,6 +465,7 @@ def run_once(args: argparse.Namespace, schedule: list[Send], drain: bool) -> Run
             "RUNBOOK_DB": str(db),
             "RUNBOOK_ENV": "staging",
             "RUNBOOK_WORKERS": str(args.workers),
+            "RUNBOOK_INTAKE_PROCESS": str(args.intake_process),
             "RUNBOOK_LOG_LEVEL": "WARNING",
             "HOST": "127.0.0.1",
             "PORT": str(port),
@@ -582,6 +584,13 @@ def main() -> None:
     parser.add_argument("--duplicates", type=float, default=0.2)
     parser.add_argument("--services", type=int, default=50)
     parser.add_argument("--workers", type=int, default=8, help="RUNBOOK_WORKERS of the bot")
+    parser.add_argument(
+        "--intake-process",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="RUNBOOK_INTAKE_PROCESS of the bot (0: answered in the bot's own process)",
+    )
     parser.add_argument(
         "--rate-limit-every",
         type=int,

@@ -16,7 +16,9 @@ attempt is counted and the incident is retried until the database recovers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -36,6 +38,17 @@ RETRY_PAUSE = 1.0  # seconds an incident waits after an item failed to apply
 PARKED_SECONDS = 3600.0
 UNPARK_SECONDS = 1.0  # how often parked items are checked against recorded messages
 MAX_PAUSE = 30.0
+
+
+BACKGROUND_NICE = 10
+
+
+def background() -> None:
+    """Called by a thread of the bot's own work (applying items, delivering the outbox):
+    when the CPUs are busy, the kernel runs the intake front, which answers PagerDuty,
+    first (Linux: a thread's nice value is its own)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 def database_unusable(exc: BaseException) -> bool:
@@ -127,7 +140,9 @@ class Inbox:
 
     def start(self) -> None:
         self._stopping.clear()
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inbox")
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix="inbox", initializer=background
+        )
         self._dispatcher = threading.Thread(target=self._dispatch, name="inbox", daemon=True)
         self._dispatcher.start()
         self.wake()

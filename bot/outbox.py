@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bot import metrics
+from bot.inbox import background
 from bot.store import OutboxItem, Store
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,9 @@ class OutboxSender:
         self._stopping.clear()
         self._pools = {
             target: ThreadPoolExecutor(
-                max_workers=self.workers, thread_name_prefix=f"outbox-{target}"
+                max_workers=self.workers,
+                thread_name_prefix=f"outbox-{target}",
+                initializer=background,
             )
             for target in self.transports
         }
