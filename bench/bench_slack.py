@@ -13,6 +13,10 @@ waitress with its database on a temporary directory, real step supervisors):
           Slack Web API call between the reaction and the start (the message's update
           follows through the outbox), so neither does the floor.
 
+As `runbook-bot` serves it, the reaction reaches the bot through its intake front
+(``bot.front``: a second process that owns the port and passes Slack's requests on to
+the bot's server over loopback); ``--no-front`` sends it to the bot's server directly.
+
 The bot's own path: bolt verifies, one indexed lookup (which step is this message?) and
 one insert into the inbox, then the answer; the inbox applies the item (one transaction:
 approve, claim), and a warm step supervisor starts the command.
@@ -20,7 +24,7 @@ approve, claim), and a warm step supervisor starts the command.
 Each run interleaves bot and floor iterations (the bot is idle, its outbox flushed, before
 each measurement); several runs give the median and the range of the ratios.
 
-    python bench/bench_slack.py [--runs 5] [--iterations 100] [--warmup 10]
+    python bench/bench_slack.py [--runs 5] [--iterations 100] [--warmup 10] [--no-front]
 
 Target: reaction -> start p99 within 1.5x the floor (median of the runs).
 """
@@ -53,6 +57,7 @@ from bot import effects  # noqa: E402
 from bot.chat.slack import SlackTuning  # noqa: E402
 from bot.config import Config, Secret  # noqa: E402
 from bot.engine import Incident, incident_item  # noqa: E402
+from bot.front import FrontProcess, bind  # noqa: E402
 from bot.server import BotApp, HttpServer  # noqa: E402
 
 TOKEN = "xoxb-bench-token"
@@ -192,7 +197,16 @@ class RunResult:
         return b, f, b / f
 
 
-def one_run(number: int, iterations: int, warmup: int, slack: FakeSlack) -> RunResult:
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def one_run(
+    number: int, iterations: int, warmup: int, slack: FakeSlack, through_front: bool
+) -> RunResult:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         marks = root / "marks"
@@ -213,6 +227,14 @@ def one_run(number: int, iterations: int, warmup: int, slack: FakeSlack) -> RunR
         server = HttpServer(app.wsgi, "127.0.0.1", 0)
         threading.Thread(target=server.serve, daemon=True).start()
         app.start()
+        front = None
+        bot_port = server.port
+        if through_front:  # as `runbook-bot` serves Slack: its intake front passes it on
+            listener = bind("127.0.0.1", 0)
+            front = FrontProcess(config, listener, server.port, app.inbox.wake)
+            front.start()
+            bot_port = listener.getsockname()[1]
+            wait_until(lambda: _answers(bot_port))
         floor = Floor(marks)
         floor_server = HttpServer(floor.wsgi, "127.0.0.1", 0)  # the same server software
         threading.Thread(target=floor_server.serve, daemon=True).start()
@@ -225,7 +247,7 @@ def one_run(number: int, iterations: int, warmup: int, slack: FakeSlack) -> RunR
 
         result = RunResult([], [])
         http = httpx.Client(timeout=10)
-        bot_url = f"http://127.0.0.1:{server.port}/slack/events"
+        bot_url = f"http://127.0.0.1:{bot_port}/slack/events"
         floor_url = f"http://127.0.0.1:{floor_server.port}/slack/events"
         try:
             for n in range(warmup + iterations):
@@ -267,6 +289,9 @@ def one_run(number: int, iterations: int, warmup: int, slack: FakeSlack) -> RunR
                 floor.reap()
         finally:
             http.close()
+            if front is not None:
+                front.stop()
+                listener.close()
             floor_server.stop()
             server.stop()
             app.stop(grace=10)
@@ -279,17 +304,23 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument(
+        "--no-front",
+        action="store_true",
+        help="send reactions to the bot's own server, not through its intake front",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
     results: list[RunResult] = []
     with FakeSlack() as slack:
         for number in range(args.runs):
-            results.append(one_run(number, args.iterations, args.warmup, slack))
+            results.append(one_run(number, args.iterations, args.warmup, slack, not args.no_front))
 
     print(
         f"reaction -> command start, loopback, {args.runs} runs of {args.iterations} "
-        f"iterations (after {args.warmup} warm-up each)"
+        f"iterations (after {args.warmup} warm-up each), "
+        f"{'straight to the bot' if args.no_front else 'through the intake front'}"
     )
     print(
         f"{'run':>4}{'bot p50':>10}{'bot p99':>10}{'floor p50':>11}{'floor p99':>11}"

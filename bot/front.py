@@ -187,7 +187,7 @@ def main(argv: list[str]) -> int:
     server = HttpServer(
         front.wsgi,
         sock=socket.socket(fileno=listen_fd),
-        threads=max(8, config.workers),
+        threads=max(32, 4 * config.workers),  # passed-on long polls hold one each
     )
     signal.signal(signal.SIGTERM, lambda signum, frame: server.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bot stops it (a Ctrl-C reaches both)
