@@ -71,6 +71,10 @@ MAX_WALK = 1_000  # steps one item may walk (a runbook is far shorter; a guard, 
 # from its id, `guard:<timeout seconds>:<function>`: one step the asking program runs.
 GUARD_RUNBOOK_PREFIX = "guard:"
 GUARD_RUNNER = "guard"  # a claimed guard step: the asking program runs it
+# A program that asked, was approved and has not reported its function's end after this
+# long is taken for dead: its step is interrupted (escalated, never run again), and a
+# report that comes later changes nothing.
+GUARD_REPORT_SECONDS = 3600.0
 
 
 def guard_runbook_id(function: str, timeout: float) -> str:
@@ -1343,6 +1347,26 @@ class Engine:
                 "payload": {"step_run_id": a.step_run_id, "notify": False},
             }
             for a in self.store.due_approvals(self.clock())
+        ]
+
+    def due_guard_ends(self) -> list[dict[str, Any]]:
+        """Inbox items ending bot.guard steps whose program never reported (presumed dead):
+        their end's key is the one a report would have, so only one of the two counts."""
+        cutoff = self.clock() - GUARD_REPORT_SECONDS
+        return [
+            {
+                "source": "timer",
+                "key": f"step:{s.id}:{s.attempt}:end",
+                "incident_id": s.incident_id,
+                "kind": InboxKind.INTERRUPTED,
+                "payload": {
+                    "step_run_id": s.id,
+                    "attempt": s.attempt,
+                    "phase": str(Phase.MAIN),  # a guard runbook has one step, in main
+                    "detail": messages.guard_never_reported(GUARD_REPORT_SECONDS),
+                },
+            }
+            for s in self.store.running_steps(runner=GUARD_RUNNER, started_before=cutoff)
         ]
 
     # --- views and notes -------------------------------------------------------------------

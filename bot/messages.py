@@ -236,6 +236,16 @@ INTERRUPTED = (
     "the bot stopped while this step was running and its result could not be recovered; "
     "it was not re-run. Check its effect and continue by hand."
 )
+
+
+def guard_never_reported(seconds: float) -> str:
+    return (
+        f"the program that asked was approved but did not report its function's result "
+        f"within {seconds / 60:g} minutes (it may have died); whether the function ran is "
+        "not known. Check its effect and continue by hand."
+    )
+
+
 SUPERSEDED_DETAIL = (
     "what this step would run changed after it was approved; the approval is void and "
     "a new request follows"

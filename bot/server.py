@@ -370,11 +370,13 @@ class BotApp:
         while not self._stopping.is_set():
             deadline: float | None = None
             try:
-                for item in self.engine.due_expiries():
+                for item in [*self.engine.due_expiries(), *self.engine.due_guard_ends()]:
                     self.inbox.put(**item)
                 deadline = self.store.next_deadline()
             except Exception as exc:
-                log.warning("approval expiry check failed: %s", exc)
+                log.warning(
+                    "timer check (approval deadlines, unreported bot.guard steps) failed: %s", exc
+                )
             if time.monotonic() >= next_checkpoint:
                 try:
                     self.store.checkpoint()

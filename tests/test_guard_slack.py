@@ -19,6 +19,7 @@ from slack_harness import APPROVER, GROUPIE, STRANGER, Bot, wait_for, write_cata
 
 from bot import guard
 from bot.config import Secret
+from bot.engine import GUARD_REPORT_SECONDS
 from bot.errors import ApprovalDenied
 
 TOKEN = "guard-test-token"
@@ -211,3 +212,39 @@ def test_the_docs_example_runs_against_the_bot(bot: Bot, tmp_path: Path) -> None
             process.communicate()
     assert process.returncode == 0 and "flushed 1 cache files" in out
     assert list(cache.iterdir()) == []
+
+
+def test_a_program_that_dies_after_approval_is_not_waited_for_forever(
+    bot: Bot, slack: FakeSlack, request: pytest.FixtureRequest
+) -> None:
+    """Approved, then no report (the program died): after GUARD_REPORT_SECONDS the step
+    is interrupted and escalated by the bot's own timer; a report after that is refused."""
+    http = httpx.Client(base_url=bot.url, headers={"Authorization": f"Bearer {TOKEN}"})
+    request.addfinalizer(http.close)
+    asked = http.post(
+        "/guard/requests",
+        json={
+            "request_id": "dead-program-1",
+            "function": "ops.clear_cache",
+            "message": "Clear the cache of api?",
+            "timeout": 60,
+            "env": "staging",
+        },
+    )
+    assert asked.status_code == 202
+    channel, _ts, _ = bot.button("runbook_approve", "confirm")
+    bot.click(APPROVER, "runbook_approve", "confirm")
+    wait_for(lambda: bot.status("confirm") == "running", what="claimed for the program")
+    assert bot.app.engine.due_guard_ends() == []  # it may still be running its function
+    started = bot.step_run("confirm").started_at or 0.0
+    bot.app.engine.clock = lambda: started + GUARD_REPORT_SECONDS + 1  # an hour later
+    wait_for(lambda: bot.status("confirm") == "interrupted", what="the housekeeping timer")
+    late = http.post("/guard/requests/GRD-dead-program-1/result", json={"ok": True, "detail": ""})
+    assert late.status_code == 409
+    bot.settle()
+    assert bot.status("confirm") == "interrupted"
+    run = bot.app.store.run("GRD-dead-program-1")
+    assert run is not None and run.status == "escalated"
+    assert any("did not report" in visible_text(m) for m in slack.messages(channel)), (
+        "the thread says why"
+    )

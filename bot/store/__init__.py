@@ -953,11 +953,16 @@ class Store:
             )
         ]
 
-    def running_steps(self) -> list[StepRun]:
-        return [
-            StepRun.from_row(r)
-            for r in self.query("SELECT * FROM step_runs WHERE status = 'running' ORDER BY id")
-        ]
+    def running_steps(
+        self, *, runner: str | None = None, started_before: float | None = None
+    ) -> list[StepRun]:
+        """Steps running (claimed by `runner`, started before `started_before`)."""
+        sql, params = "SELECT * FROM step_runs WHERE status = 'running'", list[Any]()
+        if runner is not None:
+            sql, params = sql + " AND runner = ?", [*params, runner]
+        if started_before is not None:
+            sql, params = sql + " AND started_at < ?", [*params, started_before]
+        return [StepRun.from_row(r) for r in self.query(sql + " ORDER BY id", tuple(params))]
 
     def approval(self, step_run_id: int) -> Approval | None:
         row = self.query_one("SELECT * FROM approvals WHERE step_run_id = ?", (step_run_id,))
