@@ -4,7 +4,9 @@ Starts the real `runbook-bot` on the bundled catalog, with Slack enabled against
 local Slack stand-in from tests/fakes (so nothing leaves the machine), waits until it
 answers and settles,
 then reads its resident set size from /proc. The reference is a bare waitress "hello"
-WSGI app started the same way. Target (DESIGN.md): idle bot under 100 MB RSS.
+WSGI app started the same way. Target (DESIGN.md): idle bot under 100 MB RSS, counting
+the bot's process and its intake front (bot.front); the step supervisors kept warm are
+shown beside them (commands run under them, not the bot).
 
     python bench/bench_memory.py [--catalog DIR]
 """
@@ -12,6 +14,7 @@ WSGI app started the same way. Target (DESIGN.md): idle bot under 100 MB RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -47,6 +50,27 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def descendants(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+        for child in children:
+            out += [child, *descendants(child)]
+    return out
+
+
+def role(pid: int) -> str:
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    if b"bot.front" in cmdline:
+        return "intake front"
+    if b"bot.supervise" in cmdline:
+        return "step supervisors (fork server, warm ones)"
+    return "other children"
+
+
 def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -60,7 +84,8 @@ def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def measure(argv: list[str], env: dict[str, str], url: str) -> float:
+def measure(argv: list[str], env: dict[str, str], url: str) -> dict[str, float]:
+    """RSS in MB of the process ("process") and of its children, by role."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_up(url, proc)
@@ -68,7 +93,12 @@ def measure(argv: list[str], env: dict[str, str], url: str) -> float:
             with urllib.request.urlopen(url, timeout=5):
                 pass
         time.sleep(2)  # settle: timers, worker threads started
-        return rss_mb(proc.pid)
+        sizes = {"process": rss_mb(proc.pid)}
+        for child in descendants(proc.pid):
+            with contextlib.suppress(FileNotFoundError, RuntimeError):
+                kind = role(child)
+                sizes[kind] = sizes.get(kind, 0.0) + rss_mb(child)
+        return sizes
     finally:
         proc.terminate()
         proc.wait(30)
@@ -100,9 +130,15 @@ def main() -> None:
         ref_mb = measure(
             [sys.executable, "-c", REFERENCE, str(ref_port)], env, f"http://127.0.0.1:{ref_port}/"
         )
-    print(f"minimal waitress app : {ref_mb:7.1f} MB RSS")
-    print(f"runbook-bot, idle    : {bot_mb:7.1f} MB RSS")
-    print(f"ratio                : {bot_mb / ref_mb:7.2f}x   (target: bot under 100 MB)")
+    ref = ref_mb["process"]
+    bot_total = bot_mb["process"] + bot_mb.get("intake front", 0.0)
+    print(f"minimal waitress app          : {ref:7.1f} MB RSS")
+    print(f"runbook-bot, idle: the bot    : {bot_mb['process']:7.1f} MB RSS")
+    for kind, size in sorted(bot_mb.items()):
+        if kind != "process":
+            print(f"  {kind:<28}: {size:7.1f} MB RSS")
+    print(f"bot + intake front            : {bot_total:7.1f} MB RSS")
+    print(f"ratio                         : {bot_total / ref:7.2f}x   (target: bot under 100 MB)")
 
 
 if __name__ == "__main__":
