@@ -60,7 +60,8 @@ from bot import effects  # noqa: E402
 from bot.chat.slack import ButtonValue, SlackTuning  # noqa: E402
 from bot.config import Config, Secret  # noqa: E402
 from bot.engine import Incident, incident_item  # noqa: E402
-from bot.server import BotApp, HttpServer  # noqa: E402
+from bot.server import BotApp  # noqa: E402
+from bot.web import HttpServer  # noqa: E402
 
 TARGET = 1.5
 RUN_CHANNEL = "CBENCHRUNS"

@@ -58,7 +58,8 @@ from bot.chat.slack import SlackTuning  # noqa: E402
 from bot.config import Config, Secret  # noqa: E402
 from bot.engine import Incident, incident_item  # noqa: E402
 from bot.front import FrontProcess, bind  # noqa: E402
-from bot.server import BotApp, HttpServer  # noqa: E402
+from bot.server import BotApp  # noqa: E402
+from bot.web import HttpServer  # noqa: E402
 
 TOKEN = "xoxb-bench-token"
 SECRET = "bench-signing-secret"

@@ -174,7 +174,7 @@ def _die_with_parent(parent: int) -> None:
 def main(argv: list[str]) -> int:
     """`python -m bot.front LISTEN_FD TELL_FD BOT_PORT PARENT_PID` (started by the bot)."""
     from bot.logs import configure_logging
-    from bot.server import HttpServer
+    from bot.web import HttpServer
 
     listen_fd, tell, bot_port, parent = (int(a) for a in argv)
     _die_with_parent(parent)

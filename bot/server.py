@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -40,7 +39,6 @@ from bot.catalog.source import CatalogSource
 from bot.commands import Commands
 from bot.config import Config
 from bot.engine import GUARD_RUNNER, Engine
-from bot.errors import ConfigError
 from bot.guardapi import PREFIX as GUARD_PREFIX
 from bot.guardapi import GuardApi
 from bot.inbox import Inbox, database_unusable
@@ -50,22 +48,18 @@ from bot.outbox import Budgets, OutboxSender, Transport
 from bot.pagerduty import PagerDutyIntake
 from bot.states import InboxKind
 from bot.store import StepRun, Store
+from bot.web import HttpServer
 
 if TYPE_CHECKING:
     from bot.chat.slack import SlackAdapter, SlackTuning
 
 log = logging.getLogger(__name__)
 
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
 # How often the housekeeping thread copies the SQLite WAL into the database file (so a
 # request never pays for a checkpoint) and looks for expired approval deadlines.
 CHECKPOINT_SECONDS = 1.0
 READY_PROBE_SECONDS = 1.0  # /readyz writes to the database at most this often
 
-# Largest request body waitress accepts (its own default is 1 GiB, spooled to disk and
-# then read by the route). Above it waitress answers 413 and no route sees the request.
-MAX_REQUEST_BODY_BYTES = 1024 * 1024
 SINK_RETRY_SECONDS = 1.0
 
 
@@ -463,81 +457,6 @@ def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any])
         status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
     )
     return [data]
-
-
-class HttpServer:
-    """`app` on waitress (the production server), stoppable from any thread.
-
-    waitress's own `close()` from another thread races with its `select()`; here the loop
-    runs one round at a time, and `stop()` only sets a flag and wakes it, so the sockets
-    are closed on the loop's own thread. Its threads only verify, record and acknowledge.
-    """
-
-    def __init__(
-        self,
-        app: WSGIApp,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        threads: int = 4,
-        sock: socket.socket | None = None,
-    ) -> None:
-        """Listen on `host`:`port`, or serve `sock`, a socket already listening."""
-        from waitress.server import BaseWSGIServer, create_server
-
-        self._map: dict[int, Any] = {}
-        where: dict[str, Any] = (
-            {"sockets": [sock]} if sock is not None else {"host": host, "port": port}
-        )
-        server = create_server(
-            app,
-            map=self._map,
-            **where,
-            threads=threads,
-            ident="runbook-bot",
-            clear_untrusted_proxy_headers=True,
-            max_request_body_size=MAX_REQUEST_BODY_BYTES,
-        )
-        if not isinstance(server, BaseWSGIServer):  # several sockets: not what we asked
-            server.close()
-            raise ConfigError("HOST must be one address to listen on")
-        self._server = server
-        self._stopping = threading.Event()
-        self._closed = False
-
-    @property
-    def port(self) -> int:
-        """The bound port (construct with port=0 for any free one)."""
-        return int(self._server.getsockname()[1])
-
-    def serve(self) -> None:
-        """Serve until `stop()`; then close every connection and wait for running requests."""
-        from waitress import wasyncore
-
-        try:
-            while not self._stopping.is_set():
-                wasyncore.loop(
-                    timeout=1.0,
-                    map=self._map,
-                    use_poll=self._server.adj.asyncore_use_poll,
-                    count=1,
-                )
-        finally:
-            # Before closing: once the wake-up pipe is closed its descriptor number may
-            # be reused, and a late stop() must not write into someone else's file.
-            self._closed = True
-            wasyncore.close_all(self._map, ignore_all=True)
-            self._server.task_dispatcher.shutdown(timeout=5)
-
-    def stop(self) -> None:
-        """Safe from a signal handler: sets a flag and writes a byte to a pipe."""
-        self._stopping.set()
-        if self._closed:
-            return
-        # Wakes the loop at once; if the wake-up pipe is already gone the loop still sees
-        # the flag within its 1 s poll timeout.
-        with contextlib.suppress(OSError):
-            self._server.pull_trigger()
 
 
 def serve(config: Config) -> None:

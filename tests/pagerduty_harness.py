@@ -40,7 +40,8 @@ from bot.chat.slack import SlackTuning
 from bot.config import Config, Secret
 from bot.pagerduty import sign
 from bot.pagerduty.api import set_timeout
-from bot.server import BotApp, HttpServer
+from bot.server import BotApp
+from bot.web import HttpServer
 
 SECRET = "whsec-current"
 OLD_SECRET = "whsec-previous"

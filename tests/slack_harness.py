@@ -35,8 +35,9 @@ from bot import effects
 from bot.chat.slack import SlackTuning
 from bot.config import Config, Secret
 from bot.engine import Incident, incident_item
-from bot.server import BotApp, HttpServer
+from bot.server import BotApp
 from bot.store import InboxItem, StepRun
+from bot.web import HttpServer
 
 TOKEN = "xoxb-test-token"
 SIGNING_SECRET = "test-signing-secret"

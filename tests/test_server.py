@@ -41,7 +41,8 @@ from slack_harness import (
 from bot.config import Config, Secret
 from bot.errors import ConfigError
 from bot.pagerduty import sign as sign_pagerduty
-from bot.server import READY_PROBE_SECONDS, BotApp, HttpServer
+from bot.server import READY_PROBE_SECONDS, BotApp
+from bot.web import HttpServer
 
 PD_SECRET = "pd-secret"
 

@@ -3,6 +3,7 @@
   webhook.py    signature verification and envelope parsing (pure functions)
   intake.py     `POST /pagerduty/webhook`: verified events into the inbox
   writeback.py  the outbox transport adding notes, resolving and escalating incidents
+                (imported where used: the intake front loads only what intake needs)
   api.py        the REST client (`pagerduty` package) and the calls the others share
 
 Errors: `PayloadError` (a `bot.errors.RunbookBotError`) is the one error a webhook body
@@ -14,16 +15,13 @@ PagerDuty did not answer a moment ago (the incident opens without them).
 
 from bot.pagerduty.intake import MAX_BODY_BYTES, PagerDutyIntake
 from bot.pagerduty.webhook import PayloadError, WebhookEvent, parse_event, sign, verify_signature
-from bot.pagerduty.writeback import PagerDutyTransport, thread_link
 
 __all__ = [
     "MAX_BODY_BYTES",
     "PagerDutyIntake",
-    "PagerDutyTransport",
     "PayloadError",
     "WebhookEvent",
     "parse_event",
     "sign",
-    "thread_link",
     "verify_signature",
 ]
