@@ -65,7 +65,7 @@ class Call:
 @dataclass
 class Reply:
     status: int
-    body: Any
+    body: Any  # JSON, or bytes sent as text/plain
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -387,10 +387,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        data = json.dumps(reply.body).encode()
+        # bytes are sent as they are (a pod's log); anything else as JSON
+        raw_body = isinstance(reply.body, bytes)
+        data = reply.body if raw_body else json.dumps(reply.body).encode()
         try:
             self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header(
+                "Content-Type",
+                "text/plain; charset=utf-8" if raw_body else "application/json; charset=utf-8",
+            )
             self.send_header("Content-Length", str(len(data)))
             for name, value in reply.headers.items():
                 self.send_header(name, value)
