@@ -53,8 +53,9 @@ The executor polls the Job (every ``poll_interval`` seconds):
   judged by `executor.conclude` as a local run is (output capped, secrets masked,
   ``expect``). Exit codes are Kubernetes' own: a command killed by a signal reports
   128 + the signal (137 for SIGKILL), not a negative number;
-- ``Failed`` with reason ``DeadlineExceeded``: ``timeout``, with whatever output is still
-  readable (Kubernetes deletes the pod at the deadline, and its log with it);
+- ``Failed`` with reason ``DeadlineExceeded``: ``timeout``. Kubernetes deletes the pod at
+  the deadline, and its log with it, so the executor follows the log (``follow=true``)
+  from the moment it sees the pod: the output is what it read until the pod went;
 - ``Failed`` with no terminated container (its pod deleted, evicted, lost with its node),
   or the Job gone before its end was read: ``interrupted`` ("its pod was lost"); the
   command may or may not have had its effect, and the bot never starts it again.
@@ -110,6 +111,8 @@ RUNNER_PREFIX = "k8s:"
 CONTAINER = "step"
 DEFAULT_TTL_SECONDS = 3600
 DEFAULT_INSTANCE = "runbook-bot"
+# How long a timed-out step waits for the end of its followed log (the pod is going).
+_FOLLOW_DRAIN_SECONDS = 5.0
 
 LABEL_INSTANCE = "runbook-bot.io/instance"
 LABEL_STEP_RUN = "runbook-bot.io/step-run"
@@ -203,13 +206,17 @@ def _resources(value: Any) -> dict[str, dict[str, str]]:
 def api_client_from_environment() -> k8s.ApiClient:
     """An API client configured as a pod is (its service account), else from the
     kubeconfig (``KUBECONFIG``, ``~/.kube/config``); the process-wide default is left as
-    it is."""
+    it is. Raises ``kubernetes.config.ConfigException`` when neither is there."""
     configuration = k8s.Configuration()
     try:
         # The loaders have no type hints (no-untyped-call); they fill `configuration`.
         k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        # KUBECONFIG read now: the client's own default was read when it was imported.
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=os.environ.get("KUBECONFIG") or None,
+            client_configuration=configuration,
+        )
     return k8s.ApiClient(configuration)
 
 
@@ -232,6 +239,27 @@ class _Marker:
 class _Outcome:
     result: executor.ExecutionResult | None  # None: interrupted
     detail: str = ""
+
+
+class _Follower:
+    """Follows a pod's log while it runs, so a pod deleted at its deadline leaves the
+    output it wrote (Kubernetes deletes its log with it)."""
+
+    def __init__(self, tail: executor.OutputTail) -> None:
+        self._tail = tail
+        self._lock = threading.Lock()
+        self.ended = threading.Event()
+
+    def append(self, chunk: bytes) -> None:
+        with self._lock:
+            self._tail.append(chunk)
+
+    def snapshot(self, output_cap: int, secrets: Iterable[str]) -> executor.OutputTail:
+        copy = executor.OutputTail.for_command(output_cap, secrets)
+        with self._lock:
+            copy.append(self._tail.data())
+            copy.total = self._tail.total
+        return copy
 
 
 class _Unreadable(Exception):
@@ -406,12 +434,15 @@ class KubernetesExecutor:
             )
         except ValueError as exc:  # TemplateError and spec errors speak to people
             return _Outcome(_error(f"could not run: {exc}"))
+        try:
+            batch, _core = self._apis()
+        except (k8s_config.ConfigException, OSError) as exc:
+            return _Outcome(_error(f"could not start: no Kubernetes API to run it on ({exc})"))
         marker = _Marker(
             target.namespace, job_name(self.instance, job), job.step_run_id, job.attempt
         )
         self._write_marker(token, marker)
         body = self._job_body(job, target, ready)
-        batch, _core = self._apis()
         deadline = self.clock() + self.api_patience
         while True:
             try:
@@ -456,8 +487,12 @@ class KubernetesExecutor:
         return self._watch(job, marker, ready)
 
     def _watch(self, job: Job, marker: _Marker, ready: executor.Prepared) -> _Outcome:
-        batch, core = self._apis()
+        try:
+            batch, core = self._apis()
+        except (k8s_config.ConfigException, OSError) as exc:
+            return _Outcome(None, f"no Kubernetes API to watch its Job {marker.name} ({exc})")
         started = self.clock()
+        follower: _Follower | None = None
         while True:
             try:
                 found = self._find_job(batch, marker)
@@ -467,7 +502,9 @@ class KubernetesExecutor:
                         f"its Kubernetes Job {marker.namespace}/{marker.name} was deleted "
                         "before the bot read its result",
                     )
-                outcome = self._outcome(core, found, job, marker, ready, started)
+                if follower is None:
+                    follower = self._follow(core, found, job, marker, ready)
+                outcome = self._outcome(core, found, job, marker, ready, started, follower)
                 if outcome is not None:
                     return outcome
             except ApiException as exc:
@@ -485,6 +522,7 @@ class KubernetesExecutor:
         marker: _Marker,
         ready: executor.Prepared,
         started: float,
+        follower: _Follower | None,
     ) -> _Outcome | None:
         """The step's outcome if its Job has ended, else None."""
         status = found.status or k8s.V1JobStatus()
@@ -510,7 +548,11 @@ class KubernetesExecutor:
         notes: list[str] = []
         tail = executor.OutputTail.for_command(job.output_cap, ready.secrets)
         if pod is not None and self._read_log(core, pod, marker.namespace, tail):
-            pass
+            pass  # the whole log, read again: a followed stream may have been cut short
+        elif timed_out and follower is not None:
+            follower.ended.wait(_FOLLOW_DRAIN_SECONDS)
+            tail = follower.snapshot(job.output_cap, ready.secrets)
+            notes.append("output as followed until its pod was deleted")
         elif job.spec.expect and not timed_out:
             # The exit code alone cannot tell what `expect` would have said.
             return _Outcome(None, f"its pod's output was lost (Job {marker.name})")
@@ -530,6 +572,54 @@ class KubernetesExecutor:
             notes=notes,
         )
         return _Outcome(result)
+
+    def _follow(
+        self,
+        core: k8s.CoreV1Api,
+        found: k8s.V1Job,
+        job: Job,
+        marker: _Marker,
+        ready: executor.Prepared,
+    ) -> _Follower | None:
+        """Start following the log of the Job's pod once it has one (None: not yet)."""
+        uid = found.metadata.uid if found.metadata else None
+        pods = core.list_namespaced_pod(
+            marker.namespace,
+            label_selector=f"controller-uid={uid}",
+            _request_timeout=self.request_timeout,
+        ).items
+        running = [p for p in pods if p.status and p.status.phase not in (None, "Pending")]
+        if len(running) != 1 or running[0].metadata is None or not running[0].metadata.name:
+            return None
+        follower = _Follower(executor.OutputTail.for_command(job.output_cap, ready.secrets))
+        name = running[0].metadata.name
+
+        def follow() -> None:
+            try:
+                response: Any = core.read_namespaced_pod_log(
+                    name,
+                    marker.namespace,
+                    container=CONTAINER,
+                    follow=True,
+                    _preload_content=False,
+                    # A quiet command sends nothing for a while; none runs past its deadline.
+                    _request_timeout=(
+                        self.request_timeout,
+                        job.spec.timeout + self.request_timeout,
+                    ),
+                )
+                try:
+                    for chunk in response.stream(65536):
+                        follower.append(chunk)
+                finally:
+                    response.release_conn()
+            except Exception as exc:  # the log is read again at the end, if it still exists
+                log.info("following the log of pod %s stopped: %s", name, type(exc).__name__)
+            finally:
+                follower.ended.set()
+
+        threading.Thread(target=follow, name=f"k8s-log-{job.step_run_id}", daemon=True).start()
+        return follower
 
     def _read_log(
         self, core: k8s.CoreV1Api, pod: k8s.V1Pod, namespace: str, tail: executor.OutputTail

@@ -303,11 +303,17 @@ def test_the_deadline_kills_the_command_and_ends_in_timeout(
     kube: FakeKubernetes, make: Any, tmp_path: Path
 ) -> None:
     pid_file = tmp_path / "pid"
-    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
-    end = run_one(make, job(py(code), timeout=1))
+    # sh, not Python: it starts in milliseconds even on a busy machine, well before the
+    # deadline (which counts from the Job's creation).
+    script = (
+        f"echo $$ > {pid_file}; echo 'checking 3 replicas, password=hunter2hunter2'; exec sleep 60"
+    )
+    end = run_one(make, job(("sh", "-c", script), timeout=2))
 
     assert end.result is not None and end.result["status"] == "timeout"
-    assert end.result["detail"].startswith("killed after 1s timeout")
+    assert end.result["detail"].startswith("killed after 2s timeout")
+    # Kubernetes deleted the pod and its log: the output is what was followed, masked.
+    assert end.result["output"] == "checking 3 replicas, password=********\n"
     pid = int(pid_file.read_text())
     wait_for(lambda: not _alive(pid), what="the command to be killed")
     assert kube.pods_created == {"runbook-bot-step-1-1": 1}
@@ -532,6 +538,47 @@ def _alive(pid: int) -> bool:
     # A zombie counts as gone: the stand-in reaps its children in its own time.
     status = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
     return status != "Z"
+
+
+def test_without_a_client_it_finds_the_api_from_the_kubeconfig(
+    kube: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "stand-in", "cluster": {"server": kube.url}}],
+                "users": [{"name": "bot", "user": {"token": "kubeconfig-token"}}],
+                "contexts": [{"name": "ctx", "context": {"cluster": "stand-in", "user": "bot"}}],
+                "current-context": "ctx",
+            }
+        )
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not inside a pod
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    ends = Ends()
+    kube_executor = KubernetesExecutor(tmp_path / "state", ends, poll_interval=POLL)
+    kube_executor.start(kube_executor.reserve(), job(py("print('OK')")), TARGET)
+    (end,) = ends.wait()
+    kube_executor.close(grace=5)
+    assert end.result is not None and end.result["output"] == "OK\n"
+    assert kube.calls_to("create jobs")[0].headers["authorization"] == "Bearer kubeconfig-token"
+
+
+def test_without_any_api_configured_a_step_is_an_error_and_nothing_is_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    ends = Ends()
+    kube_executor = KubernetesExecutor(tmp_path / "state", ends, poll_interval=POLL)
+    kube_executor.start(kube_executor.reserve(), job(py("print('OK')")), TARGET)
+    (end,) = ends.wait()
+    assert end.result is not None and end.result["status"] == "error"
+    assert "no Kubernetes API to run it on" in end.result["detail"]
+    assert list(tmp_path.glob("state/k8s-*")) == []
 
 
 # --- the target ---------------------------------------------------------------------------

@@ -11,7 +11,8 @@ the Job controller and a kubelet would, for:
   them);
 - ``GET /api/v1/namespaces/NS/pods`` by ``labelSelector`` (``job-name``,
   ``controller-uid`` and their ``batch.kubernetes.io/`` forms, and the template's labels);
-- ``GET /api/v1/namespaces/NS/pods/NAME/log`` (stdout and stderr together, as text).
+- ``GET /api/v1/namespaces/NS/pods/NAME/log`` (stdout and stderr together, as text;
+  with ``follow=true`` streamed, chunked, until the container ends or its pod is deleted).
 
 What it models:
 
@@ -37,7 +38,7 @@ enforced), images (ignored: commands run on this machine, as the test's user), R
 (any request is allowed; the service account is recorded on the pod, not checked,
 unless `service_accounts` names the ones that exist: a Job whose account is missing
 gets no pod, as the real controller cannot create one, until its deadline), watch
-streams and ``follow`` of logs, field selectors, set-based label selectors,
+streams, field selectors, set-based label selectors,
 ``resourceVersion`` conflicts, authentication, finalizers and owner references beyond
 the Job's own pods, and any other kind or API.
 """
@@ -53,6 +54,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -268,8 +270,30 @@ class FakeKubernetes(FakeServer):
             if pod is None:
                 return Reply(404, _status(404, "NotFound", f'pods "{name}" not found'))
             if log and request.method == "GET":
+                if request.query.get("follow") == "true":
+                    return Reply(200, self._follow(pod))
                 return Reply(200, bytes(pod.log))
         return Reply(404, _status(404, "NotFound", "the stand-in does not serve this"))
+
+    def _follow(self, pod: _Pod) -> Iterator[bytes]:
+        """The log so far, then what the container writes, until it ends or its pod is
+        deleted (sent outside the stand-in's lock)."""
+        sent = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda sent=sent: len(pod.log) > sent or self._log_ended(pod), timeout=0.5
+                )
+                data = bytes(pod.log[sent:])
+                ended = self._log_ended(pod)
+            sent += len(data)
+            if data:
+                yield data
+            elif ended or self._stopped:
+                return
+
+    def _log_ended(self, pod: _Pod) -> bool:
+        return pod.terminated is not None or self.pods.get((pod.namespace, pod.name)) is not pod
 
     # -- the Job controller and the kubelet ---------------------------------------------
 
@@ -346,6 +370,7 @@ class FakeKubernetes(FakeServer):
         for chunk in iter(lambda: process.stdout.read1(65536), b""):
             with self._cond:
                 pod.log.extend(chunk)
+                self._cond.notify_all()
         process.stdout.close()
         code = process.wait()
         with self._cond:
