@@ -430,10 +430,26 @@ def test_restart_reattaches_to_a_running_and_to_a_finished_job(
     assert len(kube.calls_to("create jobs")) == 2
 
 
-def test_restart_without_a_marker_says_never_started(make: Any) -> None:
-    # The bot died between the claim and asking for the Job: nothing was asked for.
-    found = make(Ends()).recover([step_of(RUNNER_PREFIX + "abc")], lambda step: job(()))
-    assert found[0].not_started
+def test_restart_without_a_marker_says_never_started(make: Any, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "k8s-garbled.json").write_text("{not json")
+    (state / "k8s-settled.json").write_text("{}")  # its step's end is stored
+    steps = [
+        # The bot died between the claim and asking for the Job: nothing was asked for.
+        step_of(RUNNER_PREFIX + "abc", 1),
+        # A marker that cannot be read: a Job may exist somewhere.
+        step_of(RUNNER_PREFIX + "garbled", 2),
+        # Not a Kubernetes runner at all.
+        step_of("local:xyz", 3),
+    ]
+    found = make(Ends()).recover(steps, lambda step: job((), step_run_id=step.id))
+    assert [(r.not_started, r.interrupted) for r in found] == [
+        (True, False),
+        (False, True),
+        (False, True),
+    ]
+    assert sorted(p.name for p in state.iterdir()) == ["k8s-garbled.json"]
 
 
 def test_restart_finds_a_job_removed_by_its_ttl_interrupted_never_again(

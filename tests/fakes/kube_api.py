@@ -187,22 +187,22 @@ class FakeKubernetes(FakeServer):
             self._cond.notify_all()
 
     def gather(self, name: str, count: int) -> None:
-        """Hold the next `count` calls named `name` until all of them arrived (at most
-        10 s), then answer them: two clients racing, each before the other's next call."""
+        """Hold the answers to the next `count` calls named `name` until all of them were
+        handled (at most 10 s): racing clients each see the state before any next call."""
         with self._cond:
             self._gathering[name] = threading.Barrier(count, timeout=10)
 
     def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes) -> Any:
-        path = target.split("?", 1)[0]
-        name = self.call_name(Request(method, path, {}, {}, {}, None))
+        name = self.call_name(Request(method, target.split("?", 1)[0], {}, {}, {}, None))
         with self._cond:
             barrier = self._gathering.get(name)
+        reply = super()._dispatch(method, target, headers, raw)
         if barrier is not None:
             with contextlib.suppress(threading.BrokenBarrierError):
                 if barrier.wait() == 0:
                     with self._cond:
                         self._gathering.pop(name, None)
-        return super()._dispatch(method, target, headers, raw)
+        return reply
 
     def stop(self) -> None:
         with self._cond:
