@@ -55,7 +55,9 @@ The executor polls the Job (every ``poll_interval`` seconds):
   128 + the signal (137 for SIGKILL), not a negative number;
 - ``Failed`` with reason ``DeadlineExceeded``: ``timeout``. Kubernetes deletes the pod at
   the deadline, and its log with it, so the executor follows the log (``follow=true``)
-  from the moment it sees the pod: the output is what it read until the pod went;
+  from the moment it sees the pod: the output is what it read until the pod went. A Job
+  whose pod was never seen running (unschedulable, no image, no service account) says
+  to ``kubectl describe`` it;
 - ``Failed`` with no terminated container (its pod deleted, evicted, lost with its node),
   or the Job gone before its end was read: ``interrupted`` ("its pod was lost"); the
   command may or may not have had its effect, and the bot never starts it again.
@@ -553,6 +555,13 @@ class KubernetesExecutor:
             follower.ended.wait(_FOLLOW_DRAIN_SECONDS)
             tail = follower.snapshot(job.output_cap, ready.secrets)
             notes.append("output as followed until its pod was deleted")
+        elif timed_out:
+            # Scheduling, the image pull or a missing service account held it: say where
+            # to look, rather than leave a timeout that looks like a slow command.
+            notes.append(
+                "no pod of its Job was seen running; "
+                f"kubectl -n {marker.namespace} describe job {marker.name} says why"
+            )
         elif job.spec.expect and not timed_out:
             # The exit code alone cannot tell what `expect` would have said.
             return _Outcome(None, f"its pod's output was lost (Job {marker.name})")

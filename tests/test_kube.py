@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import py
+from builders import action, catalog, py, runbook, step
 from fakes.kube_api import FakeKubernetes
 from kubernetes import client as k8s
 from slack_harness import wait_for
 
 from bot import executor
-from bot.engine import Job
+from bot.engine import Incident, Job
 from bot.jobs import JobEnd, end_item
 from bot.kube import (
     LABEL_ATTEMPT,
@@ -38,8 +38,9 @@ from bot.kube import (
     KubernetesTarget,
     job_name,
 )
+from bot.local import LocalRuntime
 from bot.states import InboxKind, StepStatus
-from bot.store import StepRun
+from bot.store import StepRun, Store
 
 NS = "payments"
 TARGET = KubernetesTarget.from_mapping(
@@ -296,6 +297,56 @@ def test_a_job_the_api_refuses_is_an_error(kube: FakeKubernetes, make: Any, tmp_
     assert kube.jobs == {} and list((tmp_path / "state").glob("k8s-*")) == []
 
 
+class OnCluster:
+    """What the engine's dispatch does for an action on Kubernetes: its target added."""
+
+    dry_run = False
+
+    def __init__(self, kube_executor: KubernetesExecutor, target: KubernetesTarget) -> None:
+        self.kube_executor = kube_executor
+        self.target = target
+
+    def reserve(self) -> str:
+        return self.kube_executor.reserve()
+
+    def release(self, runner: str) -> None:
+        self.kube_executor.release(runner)
+
+    def start(self, runner: str, a_job: Job) -> None:
+        self.kube_executor.start(runner, a_job, self.target)
+
+
+def test_through_the_engine_each_step_is_a_job_and_its_end_is_applied(
+    kube: FakeKubernetes, make: Any, tmp_path: Path
+) -> None:
+    check = action("check-error-rate", py("print('rate => 0.5')"), expect=[("=> [0-9.]+", False)])
+    verify = action("verify", py("print('ok')"))
+    store = Store(tmp_path / "state.db")
+    try:
+        cat = catalog(runbook("payments-5xx", (step(check), step(verify)), symptoms=("5xx",)))
+        runtime = LocalRuntime(cat, store, default_env="staging")
+        ends = Ends()
+        runtime.engine.executor = OnCluster(make(ends), TARGET)
+        runtime.open(Incident(id="P1", title="Payments API elevated 5xx", service="payments"))
+        for count in (1, 2):  # the first step's end is applied, then the second is claimed
+            runtime.put(**end_item(ends.wait(count)[-1]))
+            runtime.settle()
+
+        done = {s.step_id: s for s in store.step_runs_of("P1")}
+        assert {k: str(s.status) for k, s in done.items()} == {
+            "check-error-rate": "success",
+            "verify": "success",
+        }
+        assert all(s.runner.startswith(RUNNER_PREFIX) for s in done.values())
+        run = store.run("P1", "main")
+        assert run is not None and str(run.status) == "completed"
+        names = {job_name("runbook-bot", job((), step_run_id=s.id)) for s in done.values()}
+        assert kube.jobs_created == dict.fromkeys(names, 1)
+        assert kube.pods_created == dict.fromkeys(names, 1)
+    finally:
+        store.close()
+
+
 # --- timeouts and lost pods -----------------------------------------------------------------
 
 
@@ -317,6 +368,27 @@ def test_the_deadline_kills_the_command_and_ends_in_timeout(
     pid = int(pid_file.read_text())
     wait_for(lambda: not _alive(pid), what="the command to be killed")
     assert kube.pods_created == {"runbook-bot-step-1-1": 1}
+
+
+def test_a_job_whose_pod_never_runs_times_out_and_says_where_to_look(tmp_path: Path) -> None:
+    # The Job's service account does not exist: the Job controller cannot make its pod,
+    # and the Job stays active until its deadline.
+    with FakeKubernetes(service_accounts={(NS, "someone-else")}) as kube:
+        ends = Ends()
+        kube_executor = KubernetesExecutor(
+            tmp_path / "state", ends, api_client=api_client(kube), poll_interval=POLL
+        )
+        kube_executor.start(kube_executor.reserve(), job(py("print('OK')"), timeout=1), TARGET)
+        (end,) = ends.wait()
+        kube_executor.close(grace=5)
+        assert kube.errors == []
+    assert end.result is not None and end.result["status"] == "timeout"
+    assert end.result["output"] == "" and end.result["exit_code"] is None
+    assert (
+        "no pod of its Job was seen running; "
+        "kubectl -n payments describe job runbook-bot-step-1-1 says why"
+    ) in end.result["detail"]
+    assert kube.pods_created == {}
 
 
 def test_a_lost_pod_is_interrupted_and_never_replaced(
@@ -530,7 +602,7 @@ _BOT_PROCESS = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from kubernetes import client as k8s
     from bot import executor
-    from bot.engine import Job
+    from bot.engine import Incident, Job
     from bot.kube import KubernetesExecutor, KubernetesTarget
 
     url, state, command, target = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
