@@ -59,8 +59,9 @@ The executor polls the Job (every ``poll_interval`` seconds):
   whose pod was never seen running (unschedulable, no image, no service account) says
   to ``kubectl describe`` it;
 - ``Failed`` with no terminated container (its pod deleted, evicted, lost with its node),
-  or the Job gone before its end was read: ``interrupted`` ("its pod was lost"); the
-  command may or may not have had its effect, and the bot never starts it again.
+  or the Job gone before its end was read, or a log that cannot be read where ``expect``
+  needs it: ``interrupted`` ("its pod was lost"); the command may or may not have had its
+  effect, and the bot never starts it again.
 
 Its end goes to the sink (a ``step.finished`` or ``step.interrupted`` inbox item, one per
 attempt); only then is the Job deleted (propagation ``Background``) and its marker
@@ -72,10 +73,12 @@ Errors
 ======
 
 `KubernetesTarget.from_mapping` raises ``ValueError`` with a message naming the field.
-A job that cannot be rendered, or a Job the API refuses (400, 403, 404, 422: it was not
-created), ends ``error``. An API that does not answer is asked again for
-``api_patience`` seconds; after that, a Job that may have been created ends
-``interrupted``.
+A job that cannot be rendered, no API configured (neither in a pod nor a kubeconfig),
+or a Job the API refuses (a 4xx answer other than 408, 409 and 429: it was not created)
+ends ``error``. An API that does not answer is asked again for ``api_patience`` seconds;
+after that, a Job that may have been created ends ``interrupted``. While a Job is
+watched, an API that does not answer is asked again every ``poll_interval``, for as long
+as it takes: the Job goes on in the cluster meanwhile.
 """
 
 from __future__ import annotations
@@ -222,6 +225,13 @@ def api_client_from_environment() -> k8s.ApiClient:
     return k8s.ApiClient(configuration)
 
 
+def kubelet_literal(arg: str) -> str:
+    """`arg` as a container command's argument that the kubelet passes on unchanged: it
+    expands ``$(NAME)`` from the container's environment and reads ``$$`` as ``$``, so
+    every ``$`` is written ``$$``."""
+    return arg.replace("$", "$$")
+
+
 def job_name(instance: str, job: Job) -> str:
     """The Job's name: the same for a step run and attempt, whoever asks and when."""
     return f"{instance}-step-{job.step_run_id}-{job.attempt}"
@@ -362,7 +372,9 @@ class KubernetesExecutor:
         No marker: no Job was ever asked for, so ``not_started`` (the engine starts it
         again, with a new runner). A marker: the Job is found by its labels and watched
         (``attached``): its end, or an interruption if it is gone, comes to the sink.
-        Markers no step refers to (their end is stored) are removed.
+        Markers no step refers to (their end is stored) are removed, so `steps` must be
+        every step left on Kubernetes. Even so a wrongly removed marker cannot make a
+        second Job: a restarted step looks for its attempt's Job before creating one.
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
         found: list[Recovery] = []
@@ -711,8 +723,7 @@ class KubernetesExecutor:
         container = k8s.V1Container(
             name=CONTAINER,
             image=target.image,
-            # The kubelet expands $(NAME) in a command; $$ is its escape for a plain $.
-            command=[arg.replace("$", "$$") for arg in ready.argv],
+            command=[kubelet_literal(arg) for arg in ready.argv],
             env=[k8s.V1EnvVar(name=name, value=ready.env[name]) for name in job.spec.env],
             resources=k8s.V1ResourceRequirements(
                 requests=dict(target.resources.get("requests", {})) or None,

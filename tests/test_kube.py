@@ -22,7 +22,10 @@ from typing import Any
 
 import pytest
 from builders import action, catalog, py, runbook, step
-from fakes.kube_api import FakeKubernetes
+from fakes import FakeKubernetes
+from fakes.kube_api import kubelet_expand
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kubernetes import client as k8s
 from slack_harness import wait_for
 
@@ -37,6 +40,7 @@ from bot.kube import (
     KubernetesExecutor,
     KubernetesTarget,
     job_name,
+    kubelet_literal,
 )
 from bot.local import LocalRuntime
 from bot.states import InboxKind, StepStatus
@@ -234,6 +238,15 @@ def test_templated_values_stay_single_arguments(make: Any, command: Any) -> None
     # One argument, byte for byte: no shell split it and the kubelet expanded nothing.
     assert end.result is not None and end.result["output"] == f"<{title}>"
     assert end.result["argv"][-1] == title
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.text(alphabet=st.sampled_from("$()AB_ x{}\\"), max_size=30) | st.text(max_size=30),
+)
+def test_the_kubelet_passes_every_argument_on_unchanged(value: str) -> None:
+    env = {"A": "expanded-a", "B": "", "A_B": "expanded-a-b"}
+    assert kubelet_expand(kubelet_literal(value), env) == value
 
 
 def test_a_shell_action_runs_under_sh_with_its_values_quoted(make: Any) -> None:

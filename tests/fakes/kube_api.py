@@ -345,8 +345,10 @@ class FakeKubernetes(FakeServer):
         job.pod = pod
         self.pods_created[job.name] = self.pods_created.get(job.name, 0) + 1
         container = template["spec"]["containers"][0]
-        env = {e["name"]: _expand(e.get("value", ""), {}) for e in container.get("env") or []}
-        argv = [_expand(arg, env) for arg in container["command"]]
+        env = {
+            e["name"]: kubelet_expand(e.get("value", ""), {}) for e in container.get("env") or []
+        }
+        argv = [kubelet_expand(arg, env) for arg in container["command"]]
         try:
             pod.process = subprocess.Popen(
                 argv,
@@ -446,9 +448,9 @@ class FakeKubernetes(FakeServer):
             pod.phase = "Failed"  # its process was killed: no terminated state to read
 
 
-def _expand(text: str, env: dict[str, str]) -> str:
-    """The kubelet's expansion: ``$(NAME)`` from env (left as it is when unknown), ``$$``
-    is ``$``."""
+def kubelet_expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's expansion of a container's command and env values: ``$(NAME)`` from
+    env (left as it is when unknown), ``$$`` is ``$``, read left to right."""
 
     def replace(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
