@@ -513,8 +513,8 @@ class KubernetesExecutor:
                 if found is None:
                     return _Outcome(
                         None,
-                        f"its Kubernetes Job {marker.namespace}/{marker.name} was deleted "
-                        "before the bot read its result",
+                        f"its Kubernetes Job {marker.namespace}/{marker.name} is gone: "
+                        "deleted, removed by its TTL or never created",
                     )
                 if follower is None:
                     follower = self._follow(core, found, job, marker, ready)

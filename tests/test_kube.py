@@ -562,15 +562,21 @@ def test_restart_finds_a_job_removed_by_its_ttl_interrupted_never_again(
     found = make(ends).recover([step_of(runner)], lambda step: a_job)
     assert found[0].attached
     (end,) = ends.wait()
-    assert end.result is None and "was deleted before the bot read its result" in end.detail
+    assert end.result is None
+    assert "runbook-bot-step-1-1 is gone: deleted, removed by its TTL" in end.detail
     assert len(kube.calls_to("create jobs")) == 1
 
 
+@pytest.mark.parametrize("moment", ["step running", "create in flight"])
 def test_kill_9_of_the_bot_mid_step_then_recovery_in_a_new_process(
-    kube: FakeKubernetes, make: Any, tmp_path: Path
+    kube: FakeKubernetes, make: Any, tmp_path: Path, moment: str
 ) -> None:
     state, gate = tmp_path / "state", tmp_path / "gate"
     a_job = job(gate_command(gate, "print('OK from the pod')"), step_run_id=7)
+    if moment == "create in flight":
+        # The API server takes its time: the bot dies after sending the create, before
+        # the answer; the Job is made all the same.
+        kube.set_latency(2.0, "create jobs")
     bot = subprocess.Popen(
         [
             sys.executable,
@@ -589,9 +595,16 @@ def test_kill_9_of_the_bot_mid_step_then_recovery_in_a_new_process(
         assert bot.stdout is not None
         runner = bot.stdout.readline().strip()
         assert runner.startswith(RUNNER_PREFIX)
-        kube.wait_until(lambda: kube.running_pids(), timeout=15)
+        if moment == "create in flight":
+            kube.wait_until(lambda: "create jobs" in kube.arrived, timeout=15)
+            assert (state / f"k8s-{runner.removeprefix(RUNNER_PREFIX)}.json").exists()
+        else:
+            kube.wait_until(lambda: kube.running_pids(), timeout=15)
         os.kill(bot.pid, signal.SIGKILL)
         bot.wait(10)
+        if moment == "create in flight":
+            assert kube.jobs_created == {}  # killed before the API server made it
+            kube.wait_until(lambda: kube.jobs_created, timeout=15)
     finally:
         if bot.poll() is None:
             bot.kill()
@@ -615,7 +628,7 @@ _BOT_PROCESS = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from kubernetes import client as k8s
     from bot import executor
-    from bot.engine import Incident, Job
+    from bot.engine import Job
     from bot.kube import KubernetesExecutor, KubernetesTarget
 
     url, state, command, target = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]

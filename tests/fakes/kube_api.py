@@ -145,6 +145,7 @@ class FakeKubernetes(FakeServer):
         self.jobs_created: dict[str, int] = {}  # Job name -> times a Job of that name was made
         self._uids = itertools.count(1)
         self._gathering: dict[str, threading.Barrier] = {}
+        self.arrived: list[str] = []  # names of calls as they arrive, before they are handled
         self._ticker = threading.Thread(target=self._tick, name="fake-kube-controller", daemon=True)
         self._ticker.start()
 
@@ -196,6 +197,8 @@ class FakeKubernetes(FakeServer):
         name = self.call_name(Request(method, target.split("?", 1)[0], {}, {}, {}, None))
         with self._cond:
             barrier = self._gathering.get(name)
+            self.arrived.append(name)  # before any latency: the request is in
+            self._cond.notify_all()
         reply = super()._dispatch(method, target, headers, raw)
         if barrier is not None:
             with contextlib.suppress(threading.BrokenBarrierError):
