@@ -645,7 +645,6 @@ def run(
     """
     ready = prepare(spec, context, output_cap=output_cap, secret_patterns=secret_patterns)
     argv, env, masked, shown_argv = ready.argv, ready.env, ready.masked, ready.shown_argv
-    secrets = ready.secrets
     _become_subreaper()
     started = time.monotonic()
     try:
@@ -669,8 +668,7 @@ def run(
             detail=masked(f"could not start: {exc}"),
         )
 
-    longest_secret = max((len(s.encode()) for s in secrets), default=0)
-    tail = _Tail(output_cap + _MASK_SLACK_BYTES + longest_secret)
+    tail = OutputTail.for_command(output_cap, ready.secrets)
     assert process.stdout is not None  # stdout=PIPE
     stop_reading = threading.Event()
     reader = threading.Thread(
@@ -696,28 +694,53 @@ def run(
         stop_reading.set()
         reader.join()
         process.stdout.close()
-    duration = time.monotonic() - started
+    notes: list[str] = []
+    if stragglers and not timed_out:
+        notes.append("stopped processes it left running")
+    if not fully_read:
+        notes.append("stopped reading output held open by a detached process")
+    return conclude(
+        spec,
+        ready,
+        exit_code=process.returncode,
+        output=tail,
+        output_cap=output_cap,
+        duration=time.monotonic() - started,
+        timed_out=timed_out,
+        notes=notes,
+    )
 
-    output = _shown_output(tail, output_cap, masked)
+
+def conclude(
+    spec: CommandSpec,
+    ready: Prepared,
+    *,
+    exit_code: int | None,
+    output: OutputTail,
+    output_cap: int,
+    duration: float,
+    timed_out: bool,
+    notes: Sequence[str] = (),
+) -> ExecutionResult:
+    """The result of a command that ran, wherever it ran (a local process, a Kubernetes
+    Job's pod): its output's tail capped and masked, its status by ``expect`` (a timeout
+    is a timeout whatever the output says), `notes` added to the detail."""
+    shown = _shown_output(output, output_cap, ready.masked)
     status: ResultStatus
     matched: str | None
     if timed_out:
         status, matched = "timeout", None
         detail = f"killed after {spec.timeout:g}s timeout"
     else:
-        status, matched, detail = evaluate_expect(spec.expect, process.returncode, output)
-        if stragglers:
-            detail += "; stopped processes it left running"
-    if not fully_read:
-        detail += "; stopped reading output held open by a detached process"
+        status, matched, detail = evaluate_expect(spec.expect, exit_code, shown)
     return ExecutionResult(
         status=status,
-        exit_code=process.returncode,
-        output=output,
+        exit_code=exit_code,
+        output=shown,
         duration=duration,
-        argv=shown_argv,
+        argv=ready.shown_argv,
         matched=matched,
-        detail=detail,
+        detail="; ".join([detail, *notes]),
     )
 
 
@@ -733,7 +756,7 @@ def _render_env(env: Mapping[str, str], context: Mapping[str, Any]) -> dict[str,
     return rendered
 
 
-def _shown_output(tail: _Tail, cap: int, masked: Callable[[str], str]) -> str:
+def _shown_output(tail: OutputTail, cap: int, masked: Callable[[str], str]) -> str:
     text = masked(tail.data().decode("utf-8", errors="replace"))
     if tail.total <= cap:
         return text
@@ -744,8 +767,15 @@ def _shown_output(tail: _Tail, cap: int, masked: Callable[[str], str]) -> str:
     return f"[... {tail.total - cap} bytes of earlier output dropped ...]\n{text}"
 
 
-class _Tail:
+class OutputTail:
     """The last ``keep`` bytes of a stream, in chunks: memory stays near ``keep``."""
+
+    @classmethod
+    def for_command(cls, output_cap: int, secrets: Iterable[str]) -> OutputTail:
+        """A tail that keeps what `conclude` needs for `output_cap`: a little more than the
+        cap, so secrets crossing the cut are masked whole before cutting."""
+        longest_secret = max((len(s.encode()) for s in secrets), default=0)
+        return cls(output_cap + _MASK_SLACK_BYTES + longest_secret)
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
@@ -764,7 +794,7 @@ class _Tail:
         return b"".join(self._chunks)[-self.keep :]
 
 
-def _pump(fd: int, tail: _Tail, stop: threading.Event) -> None:
+def _pump(fd: int, tail: OutputTail, stop: threading.Event) -> None:
     # select() with a timeout rather than a blocking read, so run() can give up on a pipe
     # that a detached process keeps open.
     with selectors.DefaultSelector() as selector:

@@ -78,10 +78,10 @@ def end_item(end: JobEnd) -> dict[str, Any]:
         **(end.result or {}),
     }
     if end.result is None:
+        # Not only a bot that stopped: a Kubernetes Job's pod can be lost with its node.
         payload["detail"] = (
-            "the bot stopped while this step was running and its result could not be "
-            f"recovered ({end.detail}); it was not re-run. Check its effect and continue "
-            "by hand."
+            f"this step's result could not be known ({end.detail}); it was not re-run. "
+            "Check its effect and continue by hand."
         )
     return {
         "source": "executor",

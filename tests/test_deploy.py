@@ -146,6 +146,26 @@ VALUE_SETS: dict[str, dict[str, Any] | None] = {
         "persistence": {"existingClaim": "runbook-bot-state"},
     },
     "ephemeral": {"persistence": {"enabled": False}},
+    "kubernetes-executor": {
+        "serviceAccount": {"create": True, "automountToken": True},
+        "kubernetes": {
+            "namespaces": ["payments", "search"],
+            "serviceAccounts": [
+                {
+                    "name": "payments-fixer",
+                    "namespace": "payments",
+                    "rules": [
+                        {
+                            "apiGroups": ["apps"],
+                            "resources": ["deployments"],
+                            "verbs": ["get", "patch"],
+                        }
+                    ],
+                },
+                {"name": "search-reader", "namespace": "search", "create": False, "rules": []},
+            ],
+        },
+    },
 }
 
 
@@ -434,6 +454,21 @@ def test_catalog_refresh_commit_and_log_format_reach_the_bot(helm: Any) -> None:
         ),
         ({"catalog": {"refreshSeconds": -1}}, "catalog.refreshSeconds must be 0"),
         ({"logFormat": "xml"}, "logFormat must be text or json"),
+        (
+            {
+                "kubernetes": {"namespaces": ["payments"]},
+                "serviceAccount": {"automountToken": True},
+            },
+            "give it its own service account",
+        ),
+        (
+            {"kubernetes": {"namespaces": ["payments"]}, "serviceAccount": {"create": True}},
+            "needs serviceAccount.automountToken=true",
+        ),
+        (
+            {"kubernetes": {"serviceAccounts": [{"name": "payments-fixer"}]}},
+            "needs a name and a namespace",
+        ),
     ],
     ids=[
         "unknown-source",
@@ -444,6 +479,9 @@ def test_catalog_refresh_commit_and_log_format_reach_the_bot(helm: Any) -> None:
         "git-with-fixed-commit",
         "negative-refresh",
         "log-format",
+        "kubernetes-jobs-as-the-default-account",
+        "kubernetes-jobs-without-a-token",
+        "action-account-without-namespace",
     ],
 )
 def test_values_that_cannot_work_are_refused(
@@ -451,6 +489,55 @@ def test_values_that_cannot_work_are_refused(
 ) -> None:
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
         render(helm, values)
+
+
+def test_the_bot_may_run_jobs_in_the_declared_namespaces_and_nothing_more(helm: Any) -> None:
+    rendered = render(helm, VALUE_SETS["kubernetes-executor"])
+    named = {a["metadata"]["name"]: a for a in rendered.of_kind("ServiceAccount")}
+    assert "namespace" not in named["rb-runbook-bot"]["metadata"]  # the release's
+    assert rendered.pod["serviceAccountName"] == "rb-runbook-bot"
+    assert rendered.pod["automountServiceAccountToken"] is True
+
+    def ours(kind: str) -> list[dict[str, Any]]:
+        return [o for o in rendered.of_kind(kind) if o["metadata"]["name"] == "rb-runbook-bot-jobs"]
+
+    roles = ours("Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["payments", "search"]
+    jobs_verbs = ["create", "get", "list", "delete"]
+    for role in roles:
+        assert role["rules"] == [
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": jobs_verbs},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+            {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        ]
+    bindings = ours("RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["payments", "search"]
+    for binding in bindings:
+        assert binding["roleRef"]["name"] == "rb-runbook-bot-jobs"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "rb-runbook-bot", "namespace": "ops"}
+        ]
+
+
+def test_each_action_account_gets_exactly_its_rules(helm: Any) -> None:
+    rendered = render(helm, VALUE_SETS["kubernetes-executor"])
+    # search-reader exists already (create: false) and has no rules: nothing for it.
+    accounts = {
+        (a["metadata"].get("namespace", "ops"), a["metadata"]["name"])
+        for a in rendered.of_kind("ServiceAccount")
+    }
+    assert accounts == {("ops", "rb-runbook-bot"), ("payments", "payments-fixer")}
+    name = "runbook-action-payments-fixer"
+    role = next(r for r in rendered.of_kind("Role") if r["metadata"]["name"] == name)
+    assert role["metadata"]["namespace"] == "payments"
+    assert role["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "patch"]}
+    ]
+    binding = next(b for b in rendered.of_kind("RoleBinding") if b["metadata"]["name"] == name)
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "payments-fixer", "namespace": "payments"}
+    ]
+    assert not [r for r in rendered.of_kind("Role") if "search-reader" in r["metadata"]["name"]]
 
 
 # -- Dockerfile ------------------------------------------------------------------------------

@@ -77,3 +77,34 @@ def test_runbook_bot_help_names_every_setting() -> None:
             continue  # lists: environment only
         assert f"[env {name}]" in flat, f"runbook-bot --help does not show {name}"
     assert "--catalog-commit" in flat and "--catalog-refresh" in flat and "--log-format" in flat
+
+
+def test_the_kubernetes_guide_follows_the_executor_and_the_chart() -> None:
+    import dataclasses
+
+    import yaml
+
+    from bot import kube
+
+    guide = (REPO / "docs" / "kubernetes.md").read_text("utf-8")
+    for target_field in dataclasses.fields(kube.KubernetesTarget):
+        assert f"| `{target_field.name}` |" in guide, target_field.name
+    for name in dir(kube):
+        if name.startswith("LABEL_"):
+            assert f"`{getattr(kube, name)}`" in guide, name
+    # The bot's Role as documented is the chart's, rule for rule.
+    template = (
+        REPO / "deploy" / "helm" / "runbook-bot" / "templates" / "rbac-kubernetes.yaml"
+    ).read_text("utf-8")
+    chart_rules = yaml.safe_load(template.split("rules:\n", 1)[1].split("---", 1)[0])
+    documented = guide.split("with exactly these rules:", 1)[1].split("```yaml\n", 1)[1]
+    assert yaml.safe_load(documented.split("```", 1)[0]) == chart_rules
+    for value in ("kubernetes.namespaces", "kubernetes.serviceAccounts", "serviceAccount.create"):
+        assert f"`{value}" in guide, value
+    # What the stand-in serves is what the guide says it serves.
+    for path in (
+        "/apis/batch/v1/namespaces/NS/jobs",
+        "/api/v1/namespaces/NS/pods",
+        "/api/v1/namespaces/NS/pods/NAME/log",
+    ):
+        assert f"`{path}`" in guide, path

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,7 +65,7 @@ class Call:
 @dataclass
 class Reply:
     status: int
-    body: Any
+    body: Any  # JSON; bytes sent as text/plain; an iterator of bytes streamed (chunked)
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -387,10 +387,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        data = json.dumps(reply.body).encode()
+        if isinstance(reply.body, Iterator):
+            self._stream(reply)
+            return
+        # bytes are sent as they are (a pod's log); anything else as JSON
+        raw_body = isinstance(reply.body, bytes)
+        data = reply.body if raw_body else json.dumps(reply.body).encode()
         try:
             self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header(
+                "Content-Type",
+                "text/plain; charset=utf-8" if raw_body else "application/json; charset=utf-8",
+            )
             self.send_header("Content-Length", str(len(data)))
             for name, value in reply.headers.items():
                 self.send_header(name, value)
@@ -398,6 +406,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True  # the client gave up waiting (a lost answer, a hang)
+
+    def _stream(self, reply: Reply) -> None:
+        """An iterator of bytes, sent as it comes (chunked): a followed log."""
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for chunk in reply.body:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 

@@ -63,6 +63,20 @@ Where the bot reads its catalog (RUNBOOK_CATALOG), by catalog.source:
 {{- .Values.catalog.configMap.name | default (printf "%s-catalog" (include "runbook-bot.fullname" .)) }}
 {{- end }}
 
+{{/*
+The bot's service account: serviceAccount.name, else the chart's name when the chart
+creates it, else the namespace's "default".
+*/}}
+{{- define "runbook-bot.serviceAccountName" -}}
+{{- if .Values.serviceAccount.name -}}
+{{- .Values.serviceAccount.name }}
+{{- else if .Values.serviceAccount.create -}}
+{{- include "runbook-bot.fullname" . }}
+{{- else -}}
+default
+{{- end }}
+{{- end }}
+
 {{- define "runbook-bot.pvcName" -}}
 {{- .Values.persistence.existingClaim | default (printf "%s-data" (include "runbook-bot.fullname" .)) }}
 {{- end }}
@@ -89,6 +103,19 @@ Refuse values that would deploy a bot that cannot start or cannot find its catal
 {{- end }}
 {{- if not (has .Values.logFormat (list "text" "json")) }}
 {{- fail (printf "logFormat must be text or json (got %q)" .Values.logFormat) }}
+{{- end }}
+{{- if .Values.kubernetes.namespaces }}
+{{- if not (or .Values.serviceAccount.name .Values.serviceAccount.create) }}
+{{- fail "kubernetes.namespaces gives the bot rights to run Jobs: give it its own service account (serviceAccount.create=true or serviceAccount.name), not the namespace's default" }}
+{{- end }}
+{{- if not .Values.serviceAccount.automountToken }}
+{{- fail "kubernetes.namespaces needs serviceAccount.automountToken=true: the bot calls the Kubernetes API with its service account's token" }}
+{{- end }}
+{{- end }}
+{{- range .Values.kubernetes.serviceAccounts }}
+{{- if not (and .name .namespace) }}
+{{- fail "each kubernetes.serviceAccounts entry needs a name and a namespace" }}
+{{- end }}
 {{- end }}
 {{- if not .Values.secrets.existingSecret }}
 {{- fail "secrets.existingSecret must name the Secret holding the Slack and PagerDuty credentials (see deploy/README.md)" }}
