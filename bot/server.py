@@ -6,6 +6,7 @@ Routes:
   GET  /metrics             Prometheus exposition (bot.metrics)
   GET  /healthz             alive: the process serves requests
   GET  /readyz              ready: the database can be written and a catalog is loaded
+  POST /runner/…            pull runners poll for steps and report results (bot.hub)
 
 Request handlers only verify, record in the inbox and acknowledge. The work happens on
 the bot's threads: the inbox consumer applies items per incident (``bot.inbox`` ->
@@ -38,15 +39,19 @@ from bot.catalog.model import Catalog
 from bot.catalog.source import CatalogSource
 from bot.commands import Commands
 from bot.config import Config
-from bot.engine import GUARD_RUNNER, Engine
+from bot.dispatch import Dispatcher
+from bot.engine import GUARD_RUNNER, Engine, Job
 from bot.errors import ConfigError
 from bot.guardapi import PREFIX as GUARD_PREFIX
 from bot.guardapi import GuardApi
+from bot.hub import MAX_LONG_POLLS, RunnerHub
+from bot.hub import PREFIX as RUNNER_ROUTES
 from bot.inbox import Inbox, database_unusable
 from bot.jobs import JobEnd, SupervisedExecutor, end_item
 from bot.messages import environment_warnings
 from bot.outbox import Budgets, OutboxSender, Transport
 from bot.pagerduty import PagerDutyIntake
+from bot.signing import load_or_create_key
 from bot.states import InboxKind
 from bot.store import StepRun, Store
 
@@ -77,12 +82,8 @@ def approver_groups(catalog: Catalog) -> set[str]:
 
 
 def state_dir_for(config: Config) -> Path:
-    """Where step supervisors leave their results: RUNBOOK_STATE_DIR, else beside the
-    SQLite file (``runbook-bot.db`` -> ``runbook-bot-steps/``)."""
-    if config.state_dir:
-        return Path(config.state_dir)
-    db = Path(config.db)
-    return db.with_name(f"{db.stem}-steps")
+    """Where step supervisors leave their results (``Config.state_directory``)."""
+    return config.state_directory
 
 
 class BotApp:
@@ -116,7 +117,18 @@ class BotApp:
             workers=config.workers,
             catalog_commit=lambda: self.engine.catalog.version,
         )
+        # Where claimed steps run: the bot's own host (supervised), pull runners of a pool
+        # (the hub), and a Kubernetes executor once one is passed to the Dispatcher as
+        # `kubernetes=` (bot.kube); without it Kubernetes steps are refused.
         self.executor = SupervisedExecutor(state_dir_for(config), self._job_ended)
+        self.hub = RunnerHub(
+            self.store,
+            self._job_ended,
+            load_or_create_key(config.signing_key_path),
+            note=self._step_waits,
+            lease=config.runner_lease,
+        )
+        self.dispatch = Dispatcher(self.executor, self._job_ended, runners=self.hub)
         self.pagerduty = PagerDutyIntake(config, self.inbox.receive)
         self.slack = self._build_slack(slack_tuning)
         transports: dict[str, Transport] = {}
@@ -143,7 +155,7 @@ class BotApp:
         self.engine = Engine(
             self.source.current(),
             self.store,
-            self.executor,
+            self.dispatch,
             default_env=config.env,
             member_of=self.slack.member_of if self.slack else None,
             bot_users=self.slack.bot_user_ids if self.slack else (),
@@ -253,6 +265,7 @@ class BotApp:
         started are started by `start()`, once the bot serves (start order).
         """
         self.executor.open()
+        self.hub.open()
         # A step whose end is already in the inbox is settled (its supervisor's files are
         # gone once the end is stored): only the others are looked at.
         left = [
@@ -262,7 +275,7 @@ class BotApp:
             # a bot.guard step runs in the program that asked, which reports its end
             and step.runner != GUARD_RUNNER
         ]
-        found = self.executor.recover(left, self.engine.job_for, self._restart)
+        found = self.dispatch.recover(left, self.engine.job_for, self._restart)
         counts = {"results": 0, "interrupted": 0, "restarted": 0, "still_running": 0}
         for recovery in found:
             step = recovery.step
@@ -293,7 +306,7 @@ class BotApp:
                         "the bot stopped while it ran",
                     )
                 )
-            self.executor.forget(step.runner)
+            self.dispatch.forget(step.runner)
         return counts
 
     def _restart(self, step: StepRun) -> None:
@@ -335,6 +348,7 @@ class BotApp:
         if self.slack is not None:
             self.slack.stop()
         self.inbox.stop(timeout=max(0.0, deadline - time.monotonic()))
+        self.hub.close()  # steps on runners go on; their results come after the restart
         idle = self.executor.close(grace=max(0.0, deadline - time.monotonic()))
         # Results that came in meanwhile are in the inbox: the next start applies them.
         self.outbox.stop(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
@@ -362,6 +376,16 @@ class BotApp:
                     raise
                 log.error("cannot record a step result yet (%s); retrying", exc)
                 time.sleep(SINK_RETRY_SECONDS)
+
+    def _step_waits(self, job: Job, note: str) -> None:
+        """An executor says in the thread why a claimed step has not started yet."""
+        self.inbox.put(
+            source="executor",
+            key=f"step:{job.step_run_id}:{job.attempt}:waiting",
+            incident_id=job.incident_id,
+            kind=InboxKind.WAITING,
+            payload={"step_run_id": job.step_run_id, "note": note},
+        )
 
     def _housekeeping_loop(self) -> None:
         """Put expired approval deadlines in the inbox; checkpoint the database."""
@@ -401,6 +425,8 @@ class BotApp:
             if method != "POST":
                 return _json(start_response, "405 Method Not Allowed", {"error": "use POST"})
             return self.pagerduty.wsgi(environ, start_response)
+        if path.startswith(RUNNER_ROUTES):
+            return self.hub.wsgi(environ, start_response)
         if path == GUARD_PREFIX or path.startswith(GUARD_PREFIX + "/"):
             return self.guard_api.wsgi(environ, start_response)
         if path == "/slack/events":
@@ -534,7 +560,9 @@ def serve(config: Config) -> None:
     app = BotApp(config)
     repaired = app.repair()
     log.info("state repaired: %s", repaired)
-    server = HttpServer(app.wsgi, config.host, config.port, threads=max(4, config.workers))
+    # Runners' long polls hold a request thread each: they get threads of their own.
+    threads = max(4, config.workers) + MAX_LONG_POLLS
+    server = HttpServer(app.wsgi, config.host, config.port, threads=threads)
     # Serve first (/healthz answers while work resumes), then resume the work.
     threading.Thread(target=app.start, name="resume", daemon=True).start()
 
