@@ -5,7 +5,8 @@ bot never connects to it. Routes, each with ``Authorization: Bearer <runner toke
 (tokens per pool, stored as sha256 in the state database, revocable with
 ``runbookctl runner token``):
 
-  POST /runner/poll       {"pool", "allow": [action…], "wait": s} -> 200 {"job": signed}
+  POST /runner/poll       {"pool", "allow": [action…], "wait": s} -> 200 {"job": signed,
+                          "lease": job_id}
                           or 204 after up to `wait` seconds with nothing for it (long poll)
   POST /runner/heartbeat  {"jobs": [job_id…]} -> {"held": [job_id…]}: leases extended
   POST /runner/result     {"job_id", "result": {status, exit_code, output, …}}
@@ -308,7 +309,10 @@ class RunnerHub:
                 )
                 if job is not None:
                     self._saw(token)
-                    return _json(start_response, "200 OK", {"job": json.loads(job.payload)})
+                    # `lease`: the id this runner reports a refusal under (the payload's
+                    # own id only counts once its signature verified).
+                    answer = {"job": json.loads(job.payload), "lease": job.job_id}
+                    return _json(start_response, "200 OK", answer)
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping.is_set():
                     self._saw(token)

@@ -9,9 +9,12 @@ it. It runs a step only when all of these hold:
      output cap, secret names and patterns, expectations (``bot.signing``);
   2. it is for this runner's pool, and not expired (by this host's clock);
   3. its action is on this runner's allowlist (``--allow`` / ``--allow-file``);
-  4. its job id was never seen here: the id is written to the runner's own SQLite file
-     (``--state``) before the command starts, so a replayed payload is refused, after a
-     restart too.
+  4. its job id is the one the bot leased it under, and was never seen here: the id is
+     written to the runner's own SQLite file (``--state``) before the command starts, so
+     a replayed payload is refused, after a restart too. (Another runner of the pool has
+     its own file: a payload copied to it could run there until it expires, the action's
+     timeout plus 30 seconds after it was queued. Give each pool only the runners it
+     needs.)
 
 Otherwise it refuses, records the refusal in its file, and reports it to the bot (which
 records and counts it, and ends the step as not run). The command runs as on the bot's
@@ -221,8 +224,11 @@ class PullRunner:
             self.stop.wait(0.2)
             return None
         self._check(response)
-        job = response.json().get("job")
-        return job if isinstance(job, dict) else None
+        answer = response.json()
+        job, lease = answer.get("job"), answer.get("lease")
+        if not isinstance(job, dict) or not isinstance(lease, str):
+            return None
+        return {"message": job, "lease": lease}
 
     def _check(self, response: httpx.Response) -> None:
         if response.status_code in (401, 403):
@@ -232,17 +238,18 @@ class PullRunner:
 
     # --- one step -------------------------------------------------------------------------
 
-    def _take(self, message: dict[str, Any]) -> None:
-        """Check a message; run it in a thread of its own, or refuse it."""
-        unverified = message.get("payload")
-        job_id = str(unverified.get("job_id", "")) if isinstance(unverified, dict) else ""
+    def _take(self, leased: dict[str, Any]) -> None:
+        """Check a leased message; run it in a thread of its own, or refuse it."""
         try:
-            payload = signing.verify(self.public_key, message)
+            payload = signing.verify(self.public_key, leased["message"])
+            if payload["job_id"] != leased["lease"]:
+                raise signing.Refused("replayed", "the payload was issued for another step")
             self._admit(payload)
         except signing.Refused as refused:
             self.slots.release()
-            self._refuse(job_id, refused.reason, refused.detail)
+            self._refuse(leased["lease"], refused.reason, refused.detail)
             return
+        job_id = payload["job_id"]
         with self.lock:
             self.held.add(job_id)
         thread = threading.Thread(target=self._run, args=(payload,), name=job_id, daemon=True)

@@ -8,17 +8,23 @@ often), the step rows, the Slack thread, the refusal log and /metrics.
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fakes import FakeSlack
 from runner_harness import POOL, Runner, create_token, marks, wait_for, write_catalog
 from slack_harness import CHANNEL, Bot
 
 from bot import signing
 from bot.engine import Incident
+from bot.store import RunnerJob
+from runbookctl.cli import cli
 
 pytestmark = pytest.mark.slow
 
@@ -186,3 +192,134 @@ def test_a_runner_killed_mid_step_leaves_it_interrupted_never_run_again(
         assert marks(root / "marks.txt")["PR6:remote"] == 1
     finally:
         bot.stop()
+
+
+# --- tampering: nothing runs, each refusal is recorded ----------------------------------
+#
+# The threat: someone who can write the bot's database (not its signing key) tries to
+# make a runner run something else, or something again. Each test tampers with what the
+# bot queued, as such a person could, and checks that nothing ran, that the refusal is in
+# the refusal log and counted, and that the step ended as not run.
+
+
+def tamper(bot: Bot, job_id: str, **columns: Any) -> None:
+    """Rewrite a queued step's row in the database, outside the bot."""
+    conn = sqlite3.connect(bot.config.db, timeout=10)
+    try:
+        sets = ", ".join(f"{name} = ?" for name in columns)
+        with conn:
+            conn.execute(
+                f"UPDATE runner_jobs SET {sets} WHERE job_id = ?", (*columns.values(), job_id)
+            )
+    finally:
+        conn.close()
+
+
+def queued(bot: Bot, incident_id: str) -> RunnerJob:
+    found = [j for j in bot.app.store.runner_jobs() if j.incident_id == incident_id]
+    assert len(found) == 1
+    return found[0]
+
+
+def refused_step(bot: Bot, incident_id: str, step_id: str, reason: str) -> None:
+    wait_for(lambda: _status(bot, incident_id, step_id) == "error", what="the refusal")
+    done = bot.app.store.step_runs_of(incident_id)[-1]
+    assert f"refused this step ({reason}); it did not run" in done.detail
+
+
+def counted(bot: Bot, side: str, reason: str) -> float:
+    line = f'runbook_runner_refusals_total{{reason="{reason}",side="{side}"}} '
+    for row in bot.http.get("/metrics").text.splitlines():
+        if row.startswith(line):
+            return float(row.split()[-1])
+    return 0.0
+
+
+def test_tampered_argv_is_refused(
+    bot: Bot, runners: list[Runner], public_key: Path, tmp_path: Path, root: Path
+) -> None:
+    bot.open_incident(incident(11))
+    job = queued(bot, "PR11")
+    message = json.loads(job.payload)
+    message["payload"]["argv"] = ["touch", str(root / "evil")]
+    tamper(bot, job.job_id, payload=json.dumps(message))
+    start_runner(bot, runners, public_key, tmp_path)
+    refused_step(bot, "PR11", "remote", "bad_signature")
+    assert refusals(bot) == [("runner", "bad_signature")]
+    assert counted(bot, "runner", "bad_signature") >= 1
+    assert not (root / "evil").exists() and marks(root / "marks.txt") == {}
+
+
+def test_an_expired_payload_is_refused(
+    bot: Bot, runners: list[Runner], public_key: Path, tmp_path: Path, root: Path
+) -> None:
+    bot.open_incident(incident(12))
+    job = queued(bot, "PR12")
+    old = json.loads(job.payload)["payload"]
+    old["expires_at"] = time.time() - 60  # a genuine payload, signed long ago
+    tamper(bot, job.job_id, payload=json.dumps(signing.sign(bot.app.hub.key, old)))
+    start_runner(bot, runners, public_key, tmp_path)
+    refused_step(bot, "PR12", "remote", "expired")
+    assert refusals(bot) == [("runner", "expired")]
+    assert marks(root / "marks.txt") == {}
+
+
+def test_a_replayed_payload_is_refused(
+    bot: Bot, runners: list[Runner], public_key: Path, tmp_path: Path, root: Path
+) -> None:
+    bot.open_incident(incident(13))
+    ran = queued(bot, "PR13")
+    start_runner(bot, runners, public_key, tmp_path)
+    wait_for(lambda: _status(bot, "PR13", "remote") == "success", what="the first run")
+    # The same signed payload, queued again for a new step of another incident.
+    bot.open_incident(incident(14, "other"))
+    again = queued(bot, "PR14")
+    tamper(bot, again.job_id, payload=ran.payload, action="remote")
+    refused_step(bot, "PR14", "remote-other", "replayed")
+    assert refusals(bot) == [("runner", "replayed")]
+    assert marks(root / "marks.txt") == {"PR13:remote": 1}
+
+
+def test_a_payload_signed_by_another_key_is_refused(
+    bot: Bot, runners: list[Runner], tmp_path: Path, root: Path
+) -> None:
+    other = tmp_path / "other.pub"
+    other.write_text(signing.public_pem(Ed25519PrivateKey.generate()))
+    bot.open_incident(incident(15))
+    start_runner(bot, runners, other, tmp_path)
+    refused_step(bot, "PR15", "remote", "bad_signature")
+    assert refusals(bot) == [("runner", "bad_signature")]
+    assert marks(root / "marks.txt") == {}
+
+
+def test_an_action_off_the_allowlist_is_refused(
+    bot: Bot, runners: list[Runner], public_key: Path, tmp_path: Path, root: Path
+) -> None:
+    # The row says `remote` (on the allowlist), the signed payload is `remote-other`.
+    bot.open_incident(incident(16, "other"))
+    job = queued(bot, "PR16")
+    tamper(bot, job.job_id, action="remote")
+    start_runner(bot, runners, public_key, tmp_path, allow=("remote",))
+    refused_step(bot, "PR16", "remote-other", "not_allowed")
+    assert refusals(bot) == [("runner", "not_allowed")]
+    assert marks(root / "marks.txt") == {}
+
+
+def test_a_revoked_token_is_refused_and_the_runner_stops(
+    bot: Bot, runners: list[Runner], public_key: Path, tmp_path: Path, root: Path
+) -> None:
+    token = create_token(Path(bot.config.db), name="gone")
+    revoked = CliRunner().invoke(
+        cli,
+        ["runner", "token", "revoke", "--pool", POOL, "--name", "gone", "--db", bot.config.db],
+    )
+    assert revoked.exit_code == 0, revoked.output
+    bot.open_incident(incident(17))
+    runner = start_runner(bot, runners, public_key, tmp_path, token=token)
+    wait_for(lambda: runner.exited() is not None, what="the runner to stop")
+    assert runner.exited() == 1
+    assert "revoked" in "".join(runner.log)
+    assert refusals(bot) == [("bot", "revoked_token")]
+    assert counted(bot, "bot", "revoked_token") >= 1
+    assert _status(bot, "PR17", "remote") == "running"  # still waiting for a runner
+    assert marks(root / "marks.txt") == {}
