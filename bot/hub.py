@@ -109,6 +109,7 @@ class RunnerHub:
         self._seen_lock = threading.Lock()
         self._polls = threading.BoundedSemaphore(MAX_LONG_POLLS)
         self._stopping = threading.Event()
+        self._polls_ended = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -117,10 +118,15 @@ class RunnerHub:
         self._thread = threading.Thread(target=self._watch, name="runner-hub", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        self._stopping.set()
+    def end_polls(self) -> None:
+        """Answer waiting long polls now (the server is stopping: they would hold it)."""
+        self._polls_ended.set()
         with self._queued:
             self._queued.notify_all()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self.end_polls()
         if self._thread is not None:
             self._thread.join(5)
 
@@ -314,7 +320,7 @@ class RunnerHub:
                     answer = {"job": json.loads(job.payload), "lease": job.job_id}
                     return _json(start_response, "200 OK", answer)
                 left = deadline - time.monotonic()
-                if left <= 0 or self._stopping.is_set():
+                if left <= 0 or self._polls_ended.is_set():
                     self._saw(token)
                     start_response("204 No Content", [("Content-Length", "0")])
                     return [b""]

@@ -193,6 +193,12 @@ class BotApp:
         metrics.track_queues(self.store.count_queued, self.store.count_outbox_pending, owner=self)
 
     @property
+    def http_threads(self) -> int:
+        """Request threads: runners' long polls hold one each, and get their own, so a
+        webhook or a runner's heartbeat never waits behind them."""
+        return max(4, self.config.workers) + MAX_LONG_POLLS
+
+    @property
     def catalog(self) -> Catalog:
         """The catalog new incidents get."""
         return self.engine.catalog
@@ -560,14 +566,13 @@ def serve(config: Config) -> None:
     app = BotApp(config)
     repaired = app.repair()
     log.info("state repaired: %s", repaired)
-    # Runners' long polls hold a request thread each: they get threads of their own.
-    threads = max(4, config.workers) + MAX_LONG_POLLS
-    server = HttpServer(app.wsgi, config.host, config.port, threads=threads)
+    server = HttpServer(app.wsgi, config.host, config.port, threads=app.http_threads)
     # Serve first (/healthz answers while work resumes), then resume the work.
     threading.Thread(target=app.start, name="resume", daemon=True).start()
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %s: stopping", signum)
+        app.hub.end_polls()
         server.stop()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -86,7 +86,7 @@ def test_500_steps_4_runners_kill_one_runner_and_the_bot(tmp_path: Path) -> None
         "RUNBOOK_ENV": "staging",
         "RUNBOOK_WORKERS": "4",
         "RUNBOOK_LOG_LEVEL": "INFO",  # BotProcess reads its port from the log
-        "RUNBOOK_RUNNER_LEASE": "5",
+        "RUNBOOK_RUNNER_LEASE": "3",
         "PAGERDUTY_WEBHOOK_SECRET": PD_SECRET,
     }
     key = tmp_path / "bot.pub"
