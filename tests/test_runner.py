@@ -23,7 +23,7 @@ from slack_harness import CHANNEL, Bot
 
 from bot import signing
 from bot.engine import Incident
-from bot.store import RunnerJob
+from bot.store import RunnerJob, Store
 from runbookctl.cli import cli
 
 pytestmark = pytest.mark.slow
@@ -323,3 +323,74 @@ def test_a_revoked_token_is_refused_and_the_runner_stops(
     assert counted(bot, "bot", "revoked_token") >= 1
     assert _status(bot, "PR17", "remote") == "running"  # still waiting for a runner
     assert marks(root / "marks.txt") == {}
+
+
+def test_an_unknown_token_is_refused_and_recorded(bot: Bot) -> None:
+    answer = bot.http.post(
+        "/runner/poll",
+        json={"pool": POOL, "allow": ["remote"], "wait": 0},
+        headers={"Authorization": "Bearer rbr_not-a-token"},
+    )
+    assert answer.status_code == 401
+    assert refusals(bot) == [("bot", "unknown_token")]
+    assert counted(bot, "bot", "unknown_token") >= 1
+
+
+# --- tokens and keys from runbookctl ------------------------------------------------------
+
+
+def test_runner_tokens_are_created_listed_revoked_and_stored_hashed(tmp_path: Path) -> None:
+    db = str(tmp_path / "state.db")
+    created = CliRunner().invoke(
+        cli, ["runner", "token", "create", "--pool", POOL, "--name", "r9", "--db", db]
+    )
+    assert created.exit_code == 0, created.output
+    token = created.output.strip()
+    assert token.startswith("rbr_") and len(token) > 40
+    listed = CliRunner().invoke(cli, ["runner", "token", "list", "--db", db])
+    assert listed.output.startswith(f"{POOL}\tr9\tcreated ") and "active" in listed.output
+    assert token not in listed.output
+    again = CliRunner().invoke(
+        cli, ["runner", "token", "create", "--pool", POOL, "--name", "r9", "--db", db]
+    )
+    assert again.exit_code == 1 and "already has a token named r9" in again.output
+    revoked = CliRunner().invoke(
+        cli, ["runner", "token", "revoke", "--pool", POOL, "--name", "r9", "--db", db]
+    )
+    assert revoked.exit_code == 0
+    assert "revoked 20" in CliRunner().invoke(cli, ["runner", "token", "list", "--db", db]).output
+    for path in tmp_path.glob("state.db*"):
+        assert token.encode() not in path.read_bytes()
+
+
+def test_the_public_key_runbookctl_prints_verifies_what_the_bot_signs(
+    bot: Bot, tmp_path: Path
+) -> None:
+    key_file = Path(bot.config.state_directory) / "signing.key"
+    printed = CliRunner().invoke(cli, ["runner", "public-key", "--key", str(key_file)])
+    assert printed.exit_code == 0
+    (tmp_path / "printed.pub").write_text(printed.output)
+    public = signing.load_public_key(tmp_path / "printed.pub")
+    message = signing.sign(bot.app.hub.key, {name: 1 for name in signing.FIELDS})
+    assert signing.verify(public, message)["job_id"] == 1
+
+
+# --- simulate runs only what runs here ----------------------------------------------------
+
+
+def test_simulate_execute_does_not_run_a_runner_action_here(root: Path, tmp_path: Path) -> None:
+    from bot.catalog import load_catalog
+    from bot.local import LocalRuntime
+
+    markfile = write_catalog(root)
+    store = Store(tmp_path / "simulate.db")
+    try:
+        runtime = LocalRuntime(load_catalog(root), store, default_env="staging")
+        runtime.open(incident(20, "mixed"))
+        here, remote = store.step_runs_of("PR20")
+        assert str(here.status) == "success"
+        assert str(remote.status) == "error"
+        assert "runbookctl simulate does not reach; nothing ran" in remote.detail
+    finally:
+        store.close()
+    assert marks(markfile) == {"PR20:here": 1}
