@@ -79,9 +79,28 @@ def main(ctx: click.Context, /, **flags: Any) -> None:
     type=click.Path(dir_okay=False),
     help="The runner's own SQLite file: job ids seen, results not yet acknowledged.",
 )
-@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True)
-@click.option("--poll-wait", type=click.FloatRange(0.5, 60), default=20.0, show_default=True)
-@click.option("--heartbeat", type=click.FloatRange(0.05, 60), default=10.0, show_default=True)
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Steps it runs at once.",
+)
+@click.option(
+    "--poll-wait",
+    type=click.FloatRange(0.5, 60),
+    default=20.0,
+    show_default=True,
+    help="Seconds a poll waits at the bot for a step (long poll).",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(0.05, 60),
+    default=10.0,
+    show_default=True,
+    help="Seconds between reports on running steps (keep it well under the bot's "
+    "RUNBOOK_RUNNER_LEASE).",
+)
 def runner(
     url: str,
     pool: str,

@@ -29,7 +29,8 @@ the step's end is in the inbox (one inbox key per attempt: a result is accepted 
     refusal is recorded and counted, and the step ends ``error`` ("did not run").
 
 After a restart the rows are still there: queued and leased steps go on as if nothing
-happened; a claimed step with no row never reached a runner and is started again.
+happened (each lease starts afresh: the bot's own downtime is not a runner's silence); a
+claimed step with no row never reached a runner and is started again.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class RunnerHub:
     # --- lifecycle -----------------------------------------------------------------------
 
     def open(self) -> None:
+        # Runners kept working while the bot was down: they get a full lease to report.
+        self.store.runner_jobs_renew_leases(self.clock() + self.lease)
         self._thread = threading.Thread(target=self._watch, name="runner-hub", daemon=True)
         self._thread.start()
 

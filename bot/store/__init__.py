@@ -1568,6 +1568,16 @@ class Store:
                     held.append(job_id)
         return held
 
+    def runner_jobs_renew_leases(self, lease_until: float) -> int:
+        """Give every leased step `lease_until` (a bot starting again: the time it was
+        down is not its runners' silence)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE runner_jobs SET lease_until = max(lease_until, ?) WHERE state = 'leased'",
+                (lease_until,),
+            )
+            return int(conn.execute("SELECT changes()").fetchone()[0])
+
     def runner_job(self, job_id: str) -> RunnerJob | None:
         row = self.query_one("SELECT * FROM runner_jobs WHERE job_id = ?", (job_id,))
         return RunnerJob.from_row(row) if row else None
