@@ -161,3 +161,52 @@ def _queued(db: Path) -> int:
         finally:
             conn.close()
     return 0
+
+
+def test_a_result_held_while_the_bot_was_down_is_reported_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "catalog"
+    markfile = write_catalog(root, pause=1.0)
+    db = tmp_path / "state.db"
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "RUNBOOK_CATALOG": str(root),
+        "RUNBOOK_DB": str(db),
+        "RUNBOOK_ENV": "staging",
+        "RUNBOOK_LOG_LEVEL": "INFO",
+        # Shorter than the bot is down: a restarted bot must not count its own downtime.
+        "RUNBOOK_RUNNER_LEASE": "2",
+        "PAGERDUTY_WEBHOOK_SECRET": PD_SECRET,
+    }
+    key = tmp_path / "bot.pub"
+    key.write_text(public_pem(load_or_create_key(tmp_path / "state-steps" / "signing.key")))
+    bot = BotProcess(env)
+    runner = Runner(bot.url, create_token(db), key, tmp_path / "r.db", poll_wait=2.0)
+    http = httpx.Client(timeout=10)
+    try:
+        deliver(http, bot.url, 1)
+        wait_for(lambda: marks(markfile)["PF0001:remote"] == 1, what="the command to start")
+        bot.kill()
+        wait_for(
+            lambda: list(taken_by(tmp_path / "r.db").values()) == [True],
+            what="the result in the runner's file",
+        )
+        wait_for(lambda: _age(markfile) > 3.0, timeout=10, what="longer than a lease")
+        bot = BotProcess(env)
+        wait_for(lambda: final_steps(db), timeout=30, what="the step's end")
+        assert next(iter(final_steps(db).values()))[0] == "success"
+        assert marks(markfile) == {"PF0001:remote": 1}
+    finally:
+        runner.kill()
+        with contextlib.suppress(Exception):
+            bot.terminate()
+        http.close()
+
+
+def _age(path: Path) -> float:
+    import time
+
+    return time.time() - path.stat().st_mtime
