@@ -150,6 +150,21 @@ class RunnerHub:
         except ValueError as exc:  # TemplateError and spec errors speak to people
             self.sink(_end(job, _error(f"could not run: {exc}")))
             return
+        try:
+            self._queue(runner, pool, job, argv, env)
+        except Exception:
+            # Not queued, so no runner can have it: it ends as not run, not as lost.
+            log.exception("could not queue step %s for pool %s", job.step_run_id, pool)
+            self.sink(_end(job, _error("could not run: it could not be queued for a runner")))
+            return
+        if not self.connected(pool):
+            self.note(job, messages.runner_waiting(pool, job.spec.timeout))
+        with self._queued:
+            self._queued.notify_all()
+
+    def _queue(
+        self, runner: str, pool: str, job: Job, argv: list[str], env: dict[str, str]
+    ) -> None:
         now = self.clock()
         wait_until = now + job.spec.timeout
         payload = {
@@ -184,10 +199,6 @@ class RunnerHub:
                 wait_until=wait_until,
             )
         )
-        if not self.connected(pool):
-            self.note(job, messages.runner_waiting(pool, job.spec.timeout))
-        with self._queued:
-            self._queued.notify_all()
 
     def recover(
         self,
