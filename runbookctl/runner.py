@@ -89,6 +89,21 @@ def list_(pool: str | None, db: str) -> None:
         click.echo(f"{t.pool}\t{t.name}\tcreated {_when(t.created_at)}\t{revoked}")
 
 
+@runner.command()
+@_db_option
+def refusals(db: str) -> None:
+    """The refusal log: tokens the bot refused, payloads runners refused (newest last)."""
+    with user_errors():
+        store = _store(db)
+        try:
+            found = store.runner_refusals()
+        finally:
+            store.close()
+    for r in found:
+        where = f"{r.pool or '-'}\t{r.job_id or '-'}"
+        click.echo(f"{_when(r.at)}\t{r.side}\t{r.reason}\t{where}\t{r.detail}")
+
+
 @runner.command("public-key")
 @click.option(
     "--key",

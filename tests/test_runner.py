@@ -248,6 +248,8 @@ def test_tampered_argv_is_refused(
     assert refusals(bot) == [("runner", "bad_signature")]
     assert counted(bot, "runner", "bad_signature") >= 1
     assert not (root / "evil").exists() and marks(root / "marks.txt") == {}
+    shown = CliRunner().invoke(cli, ["runner", "refusals", "--db", bot.config.db])
+    assert f"\trunner\tbad_signature\t{POOL}\t{job.job_id}\t" in shown.output
 
 
 def test_an_expired_payload_is_refused(
