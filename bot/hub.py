@@ -20,6 +20,8 @@ env (templates filled as single arguments, as on the bot's own host), signs them
 action the runner allows; heartbeats extend the lease. The row is removed only after
 the step's end is in the inbox (one inbox key per attempt: a result is accepted once).
 
+  * its incident resolves before a runner takes it: it is not handed out, and ends
+    ``error`` ("did not run"; follow-ups of a resolved incident are handed out);
   * nobody takes it before the action's timeout: it ends ``error`` ("did not run"),
     and the thread said it was waiting as soon as it was queued with no runner connected;
   * its runner's lease lapses (the runner died or lost the network): ``interrupted``,
@@ -253,7 +255,7 @@ class RunnerHub:
         """End steps whose runner stopped answering (interrupted) or that no runner took
         in time (error, not run)."""
         self._count_connected()
-        lapsed, unclaimed = self.store.runner_jobs_overdue()
+        lapsed, unclaimed, closed = self.store.runner_jobs_overdue()
         for job in lapsed:
             if self.store.runner_job_take_overdue(job):
                 log.warning("runner lease of %s lapsed: step interrupted", job.job_id)
@@ -262,6 +264,9 @@ class RunnerHub:
             if self.store.runner_job_take_overdue(job):
                 wait = job.wait_until - job.queued_at
                 self.sink(_row_end(job, _error(messages.runner_none_took(job.pool, wait))))
+        for job in closed:
+            if self.store.runner_job_take_overdue(job):
+                self.sink(_row_end(job, _error(messages.RUNNER_INCIDENT_CLOSED)))
 
     # --- HTTP ----------------------------------------------------------------------------
 

@@ -269,6 +269,9 @@ def runner_none_took(pool: str, timeout: float) -> str:
     return f"no runner of pool {pool} took this step within {timeout:g}s; it did not run"
 
 
+RUNNER_INCIDENT_CLOSED = "the incident resolved before a runner took this step; it did not run"
+
+
 def runner_refused(pool: str, reason: str) -> str:
     return f"the runner of pool {pool} refused this step ({reason}); it did not run"
 

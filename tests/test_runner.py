@@ -23,6 +23,7 @@ from slack_harness import CHANNEL, Bot
 
 from bot import signing
 from bot.engine import Incident
+from bot.states import InboxKind
 from bot.store import RunnerJob, Store
 from runbookctl.cli import cli
 
@@ -137,6 +138,26 @@ def test_a_step_no_runner_takes_ends_as_not_run_after_the_action_timeout(
     finally:
         bot.stop()
     assert marks(root / "marks.txt") == {}
+
+
+def test_a_step_whose_incident_resolves_before_a_runner_takes_it_never_runs(
+    bot: Bot, runners: list[Runner], public_key: Path, tmp_path: Path, root: Path
+) -> None:
+    bot.open_incident(incident(9))
+    bot.app.inbox.put(
+        source="pagerduty",
+        key="resolve:PR9",
+        incident_id="PR9",
+        kind=InboxKind.RESOLVED,
+        payload={"actor": "someone", "occurred_at": ""},
+    )
+    wait_for(lambda: _status(bot, "PR9", "remote") == "error", what="the step to end")
+    done = bot.app.store.step_runs_of("PR9")[-1]
+    assert "resolved before a runner took this step; it did not run" in done.detail
+    start_runner(bot, runners, public_key, tmp_path)
+    bot.open_incident(incident(10), settle=False)  # the runner is up and serving
+    wait_for(lambda: _status(bot, "PR10", "remote") == "success", what="the next step")
+    assert marks(root / "marks.txt") == {"PR10:remote": 1}
 
 
 def test_a_kubernetes_step_without_a_kubernetes_executor_is_refused_and_escalates(

@@ -102,6 +102,14 @@ _LINKS_THREAD = ("pd_note", "pd_escalate")
 THREAD_LINK_WAIT = 30.0
 
 
+# A step queued for a runner is handed out only while its incident is open (the last
+# check before a command runs), or when it is a follow-up of a resolved incident.
+_STILL_WANTED = (
+    "(phase = 'on_resolve' OR EXISTS (SELECT 1 FROM incidents WHERE "
+    "incidents.id = runner_jobs.incident_id AND incidents.status = 'open'))"
+)
+
+
 def now() -> float:
     return time.time()
 
@@ -1536,8 +1544,8 @@ class Store:
             row = _one(
                 conn.execute(
                     "SELECT * FROM runner_jobs WHERE pool = ? AND state = 'queued' "
-                    f"AND wait_until > ? AND action IN ({marks}) ORDER BY queued_at, job_id "
-                    "LIMIT 1",
+                    f"AND wait_until > ? AND action IN ({marks}) AND {_STILL_WANTED} "
+                    "ORDER BY queued_at, job_id LIMIT 1",
                     (pool, self.clock(), *actions),
                 )
             )
@@ -1601,8 +1609,11 @@ class Store:
             conn.execute("DELETE FROM runner_jobs WHERE job_id = ?", (job_id,))
         return RunnerJob.from_row(row)
 
-    def runner_jobs_overdue(self) -> tuple[list[RunnerJob], list[RunnerJob]]:
-        """(leased steps whose lease lapsed, queued steps no runner took in time)."""
+    def runner_jobs_overdue(
+        self,
+    ) -> tuple[list[RunnerJob], list[RunnerJob], list[RunnerJob]]:
+        """(leased steps whose lease lapsed, queued steps no runner took in time, queued
+        steps whose incident resolved before a runner took them)."""
         at = self.clock()
         lapsed = self.query(
             "SELECT * FROM runner_jobs WHERE state = 'leased' AND lease_until < ?", (at,)
@@ -1610,7 +1621,14 @@ class Store:
         unclaimed = self.query(
             "SELECT * FROM runner_jobs WHERE state = 'queued' AND wait_until <= ?", (at,)
         )
-        return [RunnerJob.from_row(r) for r in lapsed], [RunnerJob.from_row(r) for r in unclaimed]
+        closed = self.query(
+            f"SELECT * FROM runner_jobs WHERE state = 'queued' AND NOT {_STILL_WANTED}"
+        )
+        return (
+            [RunnerJob.from_row(r) for r in lapsed],
+            [RunnerJob.from_row(r) for r in unclaimed],
+            [RunnerJob.from_row(r) for r in closed],
+        )
 
     def runner_job_take_overdue(self, job: RunnerJob) -> bool:
         """Remove `job` only if it is still as overdue as it was read (a runner's result
