@@ -232,7 +232,7 @@ def one_run(
         bot_port = server.port
         if through_front:  # as `runbook-bot` serves Slack: its intake front passes it on
             listener = bind("127.0.0.1", 0)
-            front = FrontProcess(config, listener, server.port, app.inbox.wake)
+            front = FrontProcess(config, listener, server.port, app.inbox.wake, app.http_threads)
             front.start()
             bot_port = listener.getsockname()[1]
             wait_until(lambda: _answers(bot_port))

@@ -37,6 +37,7 @@ SETTINGS: dict[str, Any] = {
 
 VERBS = ["check", "inspect", "restart", "scale", "drain-queue", "rotate", "flush", "reindex"]
 NOUNS = ["api", "worker", "cache", "queue", "db", "proxy", "search", "scheduler", "cdn", "auth"]
+SETTINGS["runner_pools"] = [{"name": noun} for noun in NOUNS]  # read-only actions run there
 SYMPTOMS = [
     "elevated 5xx",
     r"5\d\d (error )?rate",
@@ -85,6 +86,7 @@ def action_doc(index: int, rng: random.Random) -> dict[str, Any]:
     if index % 2 == 0:
         doc["expect"].append({"pattern": "nothing to do", "allow_failure": True})
     if read_only:
+        doc["executor"] = {"runner": noun}
         doc["safety"] = {
             "requires_approval": False,
             "scopes": ["dev", "staging", "prod"],

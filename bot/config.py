@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from bot.errors import ConfigError
@@ -41,6 +42,7 @@ class Secret:
 
 
 LOG_FORMATS = ("text", "json")
+KUBERNETES_MODES = ("auto", "on", "off")
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -78,6 +80,31 @@ class Config:
         "",
         "Directory where step supervisors record results that outlive the bot "
         "(default: beside the SQLite file, e.g. runbook-bot-steps/).",
+    )
+    signing_key: str = _setting(
+        "RUNBOOK_SIGNING_KEY",
+        "",
+        "File with the Ed25519 private key the bot signs pull runner steps with (default: "
+        "signing.key in the state directory, created if absent; `runbookctl runner "
+        "public-key` prints the public key runners need).",
+    )
+    runner_lease: float = _setting(
+        "RUNBOOK_RUNNER_LEASE",
+        30.0,
+        "Seconds a pull runner may go without reporting on a step it runs before the step "
+        "counts as interrupted (never re-run).",
+    )
+    kubernetes: str = _setting(
+        "RUNBOOK_KUBERNETES",
+        "auto",
+        "Kubernetes Job executor for actions with executor: {kubernetes: …}: auto (on when "
+        "the bot runs in a cluster or KUBECONFIG is set), on, or off (such steps are "
+        "refused).",
+    )
+    kubernetes_instance: str = _setting(
+        "RUNBOOK_KUBERNETES_INSTANCE",
+        "runbook-bot",
+        "Names and labels this bot's Jobs; bots sharing a namespace need different ones.",
     )
     env: str = _setting(
         "RUNBOOK_ENV",
@@ -158,6 +185,12 @@ class Config:
             raise ConfigError(
                 f"RUNBOOK_LOG_FORMAT={self.log_format!r}: use one of {', '.join(LOG_FORMATS)}"
             )
+        if self.kubernetes not in KUBERNETES_MODES:
+            raise ConfigError(
+                f"RUNBOOK_KUBERNETES={self.kubernetes!r}: use one of {', '.join(KUBERNETES_MODES)}"
+            )
+        if self.runner_lease <= 0:
+            raise ConfigError(f"RUNBOOK_RUNNER_LEASE={self.runner_lease!r}: use seconds > 0")
         if self.catalog_refresh < 0:
             raise ConfigError(
                 f"RUNBOOK_CATALOG_REFRESH={self.catalog_refresh!r}: use seconds >= 0 "
@@ -191,6 +224,26 @@ class Config:
                 value = ",".join(value)
             out[f.metadata["env"]] = str(value)
         return out
+
+    @property
+    def state_directory(self) -> Path:
+        """Where step supervisors leave their results and the signing key lives:
+        RUNBOOK_STATE_DIR, else beside the SQLite file (``runbook-bot.db`` ->
+        ``runbook-bot-steps/``)."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        db = Path(self.db)
+        return db.with_name(f"{db.stem}-steps")
+
+    @property
+    def signing_key_path(self) -> Path:
+        return Path(self.signing_key) if self.signing_key else self.state_directory / "signing.key"
+
+    @property
+    def kubernetes_enabled(self) -> bool:
+        if self.kubernetes == "auto":
+            return bool(os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("KUBECONFIG"))
+        return self.kubernetes == "on"
 
     @property
     def socket_mode(self) -> bool:

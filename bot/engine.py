@@ -33,11 +33,13 @@ from typing import Any, Protocol
 from bot import effects, executor, messages, metrics, policy
 from bot.catalog.environment import resolve_environment
 from bot.catalog.model import (
+    LOCAL,
     Action,
     Approvers,
     Catalog,
     Location,
     Match,
+    Placement,
     Runbook,
     Safety,
     Step,
@@ -139,6 +141,7 @@ class Job:
     context: Mapping[str, Any]
     output_cap: int
     secret_patterns: tuple[str, ...]
+    placement: Placement = LOCAL  # where its action says it runs
 
     @property
     def key(self) -> str:
@@ -151,8 +154,9 @@ class Executor(Protocol):
 
     dry_run: bool  # commands are not run: results say what would have run
 
-    def reserve(self) -> str:
-        """A runner id for a step about to be claimed; the claim records it."""
+    def reserve(self, placement: Placement = LOCAL) -> str:
+        """A runner id for a step about to be claimed, where its action says it runs (the
+        id tells which executor has it: ``bot.dispatch``); the claim records it."""
         ...
 
     def release(self, runner: str) -> None:
@@ -295,6 +299,7 @@ class Engine:
             InboxKind.INTERRUPTED: self._interrupted,
             InboxKind.REPAIR: self._repair,
             InboxKind.CATALOG_LOADED: self._catalog_loaded,
+            InboxKind.WAITING: self._waiting,
         }
 
     # --- PagerDuty (and simulated) incident events -----------------------------------------
@@ -443,6 +448,16 @@ class Engine:
         text = str(c.payload.get("note") or "")
         if text:
             self._note(c, incident, text)
+        return InboxStatus.DONE, ""
+
+    def _waiting(self, c: _Context) -> tuple[InboxStatus, str]:
+        """An executor says why a claimed step has not started yet (told in the thread
+        while the step still waits; its end comes later, as every step's does)."""
+        incident = c.u.incident(c.item.incident_id)
+        step = c.u.step_run(int(c.payload["step_run_id"]))
+        if incident is None or step is None or step.status is not StepStatus.RUNNING:
+            return InboxStatus.IGNORED, "the step no longer waits"
+        self._note(c, incident, str(c.payload.get("note") or ""))
         return InboxStatus.DONE, ""
 
     # --- the walk --------------------------------------------------------------------------
@@ -662,7 +677,7 @@ class Engine:
             }
         else:
             # Automatic: created claimed. The unique attempt row is the claim.
-            runner = self.executor.reserve()
+            runner = self.executor.reserve(action.executor)
             values.update(status=StepStatus.RUNNING, runner=runner, started_at=c.u.at)
         created = c.u.create_step_run(values, approval)
         if created is None:  # this attempt exists (an item applied again after a crash)
@@ -784,7 +799,7 @@ class Engine:
             self._executed_event(c, incident, step, actor)
             self._show(c, incident, run, step, claimed, len(steps), approval)
             return claimed
-        runner = self.executor.reserve()
+        runner = self.executor.reserve(action.executor)
         claimed = c.u.set_step(approved, StepStatus.RUNNING, runner=runner)
         if claimed is None:
             self.executor.release(runner)
@@ -868,6 +883,7 @@ class Engine:
             context=self._context(incident, step),
             output_cap=self.output_cap,
             secret_patterns=tuple(self._of(run).settings.secret_patterns),
+            placement=action.executor,
         )
 
     def _finished(self, c: _Context) -> tuple[InboxStatus, str]:
@@ -1316,7 +1332,7 @@ class Engine:
         job = self.job_for(step_run)
         if job is None:
             return
-        runner = self.executor.reserve()
+        runner = self.executor.reserve(job.placement)
         try:
             with self.store.unit(origin=self.origin) as u:
                 moved = u.reassign_runner(step_run, runner)

@@ -170,6 +170,9 @@ class CommandSpec:
     secret_env: Sequence[str] = ()
     expect: Sequence[Expectation] = ()
     cwd: str | None = None
+    # `command` is a final argv and `env` final values, rendered where the step was
+    # claimed (a pull runner runs what the bot rendered and signed): no template is read.
+    rendered: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,11 @@ def _render_param(value: Any, context: Mapping[str, Any], name: str) -> Any:
 
 def render_argv(spec: CommandSpec, context: Mapping[str, Any]) -> list[str]:
     """The argv ``run`` would start, with templates substituted (secrets not masked)."""
-    if spec.shell:
+    if spec.rendered:
+        if isinstance(spec.command, str):
+            raise TemplateError("a rendered command must be a list of arguments")
+        argv = list(spec.command)
+    elif spec.shell:
         if not isinstance(spec.command, str):
             raise TemplateError("a `shell: true` command must be a single string")
         argv = [SHELL, "-c", _render_shell(spec.command, context)]
@@ -623,7 +630,7 @@ def prepare(
     patterns = tuple(_compile_secret_patterns([*DEFAULT_SECRET_PATTERNS, *secret_patterns]))
     evaluate_expect(spec.expect, 0, "")  # invalid regexes fail now, not after the command ran
     argv = render_argv(spec, context)
-    env = {**os.environ, **_render_env(spec.env, context)}
+    env = {**os.environ, **render_env(spec, context)}
     secrets = tuple(env[name] for name in spec.secret_env if env.get(name))
     shown_argv = tuple(mask_secrets(arg, secrets, patterns) for arg in argv)
     return Prepared(argv, env, secrets, patterns, shown_argv)
@@ -744,12 +751,13 @@ def conclude(
     )
 
 
-def _render_env(env: Mapping[str, str], context: Mapping[str, Any]) -> dict[str, str]:
+def render_env(spec: CommandSpec, context: Mapping[str, Any]) -> dict[str, str]:
+    """The variables ``spec.env`` adds to the process's environment, rendered."""
     rendered: dict[str, str] = {}
-    for name, template in env.items():
+    for name, template in spec.env.items():
         if not name or "=" in name or "\x00" in name:
             raise ValueError(f"invalid environment variable name {name!r}")
-        value = _render_text(template, context)
+        value = template if spec.rendered else _render_text(template, context)
         if "\x00" in value:
             raise TemplateError(f"environment variable {name} contains a NUL character")
         rendered[name] = value

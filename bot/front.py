@@ -172,11 +172,11 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m bot.front LISTEN_FD TELL_FD BOT_PORT PARENT_PID` (started by the bot)."""
+    """`bot.front.main LISTEN_FD TELL_FD BOT_PORT PARENT_PID THREADS` (started by the bot)."""
     from bot.logs import configure_logging
     from bot.web import HttpServer
 
-    listen_fd, tell, bot_port, parent = (int(a) for a in argv)
+    listen_fd, tell, bot_port, parent, threads = (int(a) for a in argv)
     _die_with_parent(parent)
     config = Config.from_env()
     configure_logging(config)
@@ -187,7 +187,7 @@ def main(argv: list[str]) -> int:
     server = HttpServer(
         front.wsgi,
         sock=socket.socket(fileno=listen_fd),
-        threads=max(32, 4 * config.workers),  # passed-on long polls hold one each
+        threads=threads,
     )
     signal.signal(signal.SIGTERM, lambda signum, frame: server.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bot stops it (a Ctrl-C reaches both)
@@ -215,8 +215,12 @@ class FrontProcess:
         listener: socket.socket,
         bot_port: int,
         wake: Callable[[], None],
+        threads: int,
     ) -> None:
+        """`threads`: request threads of the front, as many as the bot's server has (a
+        passed-on long poll holds one in each)."""
         self.config = config
+        self.threads = threads
         self.listener = listener
         self.bot_port = bot_port
         self.wake = wake
@@ -244,6 +248,7 @@ class FrontProcess:
             str(self._write_end),
             str(self.bot_port),
             str(os.getpid()),
+            str(self.threads),
         ]
         with self._lock:
             if self._stopping.is_set():

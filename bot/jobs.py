@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot import executor
+from bot import executor, messages
+from bot.catalog.model import LOCAL, Placement
 from bot.engine import Job
 from bot.states import InboxKind
 from bot.store import StepRun
@@ -64,6 +65,7 @@ class JobEnd:
     phase: str
     result: dict[str, Any] | None  # ExecutionResult fields; None: interrupted
     detail: str = ""
+    message: str = ""  # interrupted: the whole text the thread shows, instead of the bot's
 
 
 Sink = Callable[[JobEnd], None]
@@ -77,7 +79,9 @@ def end_item(end: JobEnd) -> dict[str, Any]:
         "phase": end.phase,
         **(end.result or {}),
     }
-    if end.result is None:
+    if end.result is None and end.message:
+        payload["detail"] = end.message
+    elif end.result is None:
         # Not only a bot that stopped: a Kubernetes Job's pod can be lost with its node.
         payload["detail"] = (
             f"this step's result could not be known ({end.detail}); it was not re-run. "
@@ -127,23 +131,39 @@ def run_job(
 
 
 class InlineExecutor:
-    """Runs each command in the calling thread, at once. Nothing survives a crash."""
+    """Runs each command in the calling thread, at once. Nothing survives a crash.
+
+    Only actions that run on the local host (`executor: local`), unless `everywhere`
+    (runbook tests, whose scripted runner stands in for every executor and starts
+    nothing): a runner or Kubernetes action is not run on this machine instead.
+    """
 
     dry_run = False
 
     def __init__(
-        self, sink: Sink, runner: Callable[..., executor.ExecutionResult] = executor.run
+        self,
+        sink: Sink,
+        runner: Callable[..., executor.ExecutionResult] = executor.run,
+        *,
+        everywhere: bool = False,
+        where: str = "runbookctl simulate",
     ) -> None:
         self.sink = sink
         self.runner = runner
+        self.everywhere = everywhere
+        self.where = where
 
-    def reserve(self) -> str:
+    def reserve(self, placement: Placement = LOCAL) -> str:
         return "inline"
 
     def release(self, runner: str) -> None:
         return None
 
     def start(self, runner: str, job: Job) -> None:
+        if job.placement.kind != "local" and not self.everywhere:
+            detail = messages.executor_unavailable(job.placement, self.where)
+            self.sink(_end(job, _error(detail)))
+            return
         self.sink(_end(job, run_job(job, self.runner)))
 
 
@@ -155,7 +175,7 @@ class DryRunExecutor:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
-    def reserve(self) -> str:
+    def reserve(self, placement: Placement = LOCAL) -> str:
         return "dry-run"
 
     def release(self, runner: str) -> None:
@@ -387,7 +407,7 @@ class SupervisedExecutor:
 
     # --- Executor --------------------------------------------------------------------------
 
-    def reserve(self) -> str:
+    def reserve(self, placement: Placement = LOCAL) -> str:
         with self._lock:
             if self._ready:
                 supervisor = self._ready.pop()

@@ -72,7 +72,7 @@ second (from the watch's start: up to one ``poll_interval`` more than the comman
 Errors
 ======
 
-`KubernetesTarget.from_mapping` raises ``ValueError`` with a message naming the field.
+The catalog's schema and lint check an action's ``executor: {kubernetes: …}``.
 A job that cannot be rendered, no API configured (neither in a pod nor a kubeconfig),
 or a Job the API refuses (a 4xx answer other than 408, 409 and 429: it was not created)
 ends ``error``. An API that does not answer is asked again for ``api_patience`` seconds;
@@ -94,8 +94,8 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from bot import executor
+from bot.catalog.model import KubernetesPlacement
 from bot.engine import Job
 from bot.jobs import JobEnd, Recovery, Sink
 from bot.store import StepRun
@@ -127,85 +128,7 @@ LABEL_ACTION = "runbook-bot.io/action"
 ANNOTATION_INCIDENT = "runbook-bot.io/incident-id"  # the exact id, if the label had to change
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_QUANTITY = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[mkMGTPE])?$")
-_RESOURCE_NAME = re.compile(r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _LABEL_VALUE_BAD = re.compile(r"[^A-Za-z0-9._-]+")
-_TARGET_KEYS = ("namespace", "image", "service_account", "resources", "ttl_seconds_after_finished")
-
-
-@dataclass(frozen=True)
-class KubernetesTarget:
-    """Where and as whom an action's Job runs: the catalog's ``executor: {kubernetes: …}``."""
-
-    namespace: str
-    image: str
-    service_account: str
-    # {"requests": {"cpu": "100m"}, "limits": {"memory": "128Mi"}}: Kubernetes quantities
-    resources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    ttl_seconds_after_finished: int = DEFAULT_TTL_SECONDS
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> KubernetesTarget:
-        """A target from its catalog mapping; ``ValueError`` names the field to fix."""
-        if not isinstance(data, Mapping):
-            raise ValueError("executor.kubernetes must be a mapping (namespace, image, ...)")
-        unknown = sorted(set(data) - set(_TARGET_KEYS))
-        if unknown:
-            raise ValueError(
-                f"executor.kubernetes: unknown key(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(_TARGET_KEYS)}"
-            )
-        for key in ("namespace", "image", "service_account"):
-            if not isinstance(data.get(key), str) or not data[key]:
-                raise ValueError(f"executor.kubernetes.{key} is required (a non-empty string)")
-        namespace, image, account = data["namespace"], data["image"], data["service_account"]
-        if len(namespace) > 63 or not _DNS_LABEL.match(namespace):
-            raise ValueError(
-                f"executor.kubernetes.namespace {namespace!r} is not a namespace name "
-                "(lower-case letters, digits and '-', at most 63)"
-            )
-        if len(account) > 253 or not _DNS_SUBDOMAIN.match(account):
-            raise ValueError(
-                f"executor.kubernetes.service_account {account!r} is not a service account "
-                "name (lower-case letters, digits, '-' and '.')"
-            )
-        if any(c.isspace() for c in image):
-            raise ValueError(f"executor.kubernetes.image {image!r} contains white space")
-        ttl = data.get("ttl_seconds_after_finished", DEFAULT_TTL_SECONDS)
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 0:
-            raise ValueError(
-                "executor.kubernetes.ttl_seconds_after_finished must be a whole number of "
-                f"seconds, 0 or more (got {ttl!r})"
-            )
-        return cls(namespace, image, account, _resources(data.get("resources")), ttl)
-
-
-def _resources(value: Any) -> dict[str, dict[str, str]]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ValueError("executor.kubernetes.resources must be a mapping (requests, limits)")
-    found: dict[str, dict[str, str]] = {}
-    for kind, amounts in value.items():
-        if kind not in ("requests", "limits"):
-            raise ValueError(
-                f"executor.kubernetes.resources: unknown key {kind!r}; allowed: requests, limits"
-            )
-        if not isinstance(amounts, Mapping):
-            raise ValueError(f"executor.kubernetes.resources.{kind} must be a mapping")
-        found[kind] = {}
-        for name, amount in amounts.items():
-            text = str(amount) if isinstance(amount, int | float | str) else ""
-            if isinstance(amount, bool) or not _QUANTITY.match(text):
-                raise ValueError(
-                    f"executor.kubernetes.resources.{kind}.{name}: {amount!r} is not a "
-                    "Kubernetes quantity (e.g. 100m, 0.5, 128Mi, 1G)"
-                )
-            if not isinstance(name, str) or not _RESOURCE_NAME.match(name):
-                raise ValueError(f"executor.kubernetes.resources.{kind}: bad name {name!r}")
-            found[kind][name] = text
-    return found
 
 
 def api_client_from_environment() -> k8s.ApiClient:
@@ -288,7 +211,7 @@ class KubernetesExecutor:
     For the engine's dispatch (which knows each action's target):
 
     - `reserve` / `release` / `start(runner, job, target)` as the engine's ``Executor``,
-      `start` with the action's `KubernetesTarget`;
+      `start` with the action's `KubernetesPlacement` (from the catalog);
     - `recover(steps, job_of)` after a restart, for the steps whose runner starts with
       `RUNNER_PREFIX`: a `bot.jobs.Recovery` each; ``not_started`` ones may be started
       again (a new runner), ``attached`` ones end through the sink (a finished Job's
@@ -345,7 +268,7 @@ class KubernetesExecutor:
         """Nothing is held before `start`: there is nothing to give back."""
         return None
 
-    def start(self, runner: str, job: Job, target: KubernetesTarget) -> None:
+    def start(self, runner: str, job: Job, target: KubernetesPlacement) -> None:
         """Create (or find) the step's Job and watch it in a thread; returns at once."""
         token = runner.removeprefix(RUNNER_PREFIX)
         self._watch_in_thread(token, job, lambda: self._create_and_watch(token, job, target))
@@ -438,7 +361,9 @@ class KubernetesExecutor:
             self._running[token] = thread
         thread.start()
 
-    def _create_and_watch(self, token: str, job: Job, target: KubernetesTarget) -> _Outcome | None:
+    def _create_and_watch(
+        self, token: str, job: Job, target: KubernetesPlacement
+    ) -> _Outcome | None:
         try:
             ready = executor.prepare(
                 job.spec,
@@ -711,7 +636,9 @@ class KubernetesExecutor:
 
     # --- the Job ---------------------------------------------------------------------------
 
-    def _job_body(self, job: Job, target: KubernetesTarget, ready: executor.Prepared) -> k8s.V1Job:
+    def _job_body(
+        self, job: Job, target: KubernetesPlacement, ready: executor.Prepared
+    ) -> k8s.V1Job:
         labels = {
             LABEL_INSTANCE: self.instance,
             LABEL_STEP_RUN: str(job.step_run_id),
@@ -741,7 +668,11 @@ class KubernetesExecutor:
             spec=k8s.V1JobSpec(
                 backoff_limit=0,
                 active_deadline_seconds=max(1, math.ceil(job.spec.timeout)),
-                ttl_seconds_after_finished=target.ttl_seconds_after_finished,
+                ttl_seconds_after_finished=(
+                    DEFAULT_TTL_SECONDS
+                    if target.ttl_seconds_after_finished is None
+                    else target.ttl_seconds_after_finished
+                ),
                 template=k8s.V1PodTemplateSpec(
                     metadata=k8s.V1ObjectMeta(labels=labels),
                     spec=k8s.V1PodSpec(

@@ -30,13 +30,16 @@ class LocalRuntime:
         dry_run: bool = False,
         runner: Callable[..., executor_module.ExecutionResult] = executor_module.run,
         clock: Callable[[], float] = now,
+        everywhere: bool = False,
         **engine_options: Any,
     ) -> None:
         self.store = store
         self.clock = clock
         self.inbox = Inbox(store, self._apply, catalog_commit=lambda: self.engine.catalog.version)
         self.executor: InlineExecutor | DryRunExecutor = (
-            DryRunExecutor(self._ended) if dry_run else InlineExecutor(self._ended, runner)
+            DryRunExecutor(self._ended)
+            if dry_run
+            else InlineExecutor(self._ended, runner, everywhere=everywhere)
         )
         self.outbox = OutboxSender(store, transports or {}, clock=clock)
         engine_options.setdefault("chat", bool(transports))

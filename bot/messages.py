@@ -9,7 +9,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bot.catalog.model import Catalog
+from bot.catalog.model import Catalog, KubernetesPlacement, Placement, RunnerPlacement
 from bot.chat.base import IncidentView, StepView
 from bot.states import Refusal, StepStatus
 
@@ -250,6 +250,48 @@ SUPERSEDED_DETAIL = (
     "what this step would run changed after it was approved; the approval is void and "
     "a new request follows"
 )
+
+
+def executor_unavailable(placement: Placement, where: str = "this bot") -> str:
+    """Why a step did not run: its action's executor is not available `where`."""
+    if isinstance(placement, KubernetesPlacement):
+        return (
+            f"this action runs as a Kubernetes Job (namespace {placement.namespace}, service "
+            f"account {placement.service_account}) and {where} has no Kubernetes executor "
+            "configured; nothing ran. Run it by hand, or deploy the bot with Kubernetes access."
+        )
+    if isinstance(placement, RunnerPlacement):
+        return (
+            f"this action runs on a pull runner of pool {placement.pool}, which {where} does "
+            "not reach; nothing ran."
+        )
+    return f"this action runs on the bot's own host, which {where} is not; nothing ran."
+
+
+def runner_waiting(pool: str, timeout: float) -> str:
+    return (
+        f"No runner of pool `{pool}` is connected: this step waits for one, up to "
+        f"{timeout:g}s, then escalates. Nothing runs until a runner of the pool takes it."
+    )
+
+
+def runner_none_took(pool: str, timeout: float) -> str:
+    return f"no runner of pool {pool} took this step within {timeout:g}s; it did not run"
+
+
+RUNNER_INCIDENT_CLOSED = "the incident resolved before a runner took this step; it did not run"
+
+
+def runner_refused(pool: str, reason: str) -> str:
+    return f"the runner of pool {pool} refused this step ({reason}); it did not run"
+
+
+def runner_lost(pool: str) -> str:
+    return (
+        f"the runner of pool {pool} that had this step stopped answering; its outcome is "
+        "unknown and it was not re-run. Check its effect and continue by hand."
+    )
+
 
 _REFUSALS: Mapping[Refusal, str] = {
     Refusal.NOT_A_STEP: "this message is not a step of a runbook",

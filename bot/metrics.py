@@ -182,6 +182,24 @@ outbox_pending = _gauge(
     "runbook_outbox_pending",
     "Effects (Slack messages, PagerDuty write-back) committed and not yet delivered.",
 )
+runners_connected = Gauge(
+    _spec(
+        "runbook_runners_connected",
+        "gauge",
+        ("pool",),
+        "Pull runners connected per pool: polled or reported within the last 30 seconds.",
+    ),
+    "Pull runners connected per pool: polled or reported within the last 30 seconds.",
+    ("pool",),
+    registry=REGISTRY,
+)
+runner_refusals = _counter(
+    "runbook_runner_refusals",
+    "Refusals around pull runners, by side (bot: a token it refused; runner: a payload a "
+    "runner refused) and reason: unknown_token, revoked_token, wrong_pool, bad_signature, "
+    "expired, replayed, not_allowed.",
+    ("side", "reason"),
+)
 bot_info = _info(
     "runbook_bot",
     "Version of the bot and the catalog commit it runs (labels version, catalog_commit).",

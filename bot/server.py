@@ -6,6 +6,7 @@ Routes:
   GET  /metrics             Prometheus exposition (bot.metrics)
   GET  /healthz             alive: the process serves requests
   GET  /readyz              ready: the database can be written and a catalog is loaded
+  POST /runner/…            pull runners poll for steps and report results (bot.hub)
 
 Request handlers only verify, record in the inbox and acknowledge. The work happens on
 the bot's threads: the inbox consumer applies items per incident (``bot.inbox`` ->
@@ -38,20 +39,25 @@ from bot.catalog.model import Catalog
 from bot.catalog.source import CatalogSource
 from bot.commands import Commands
 from bot.config import Config
-from bot.engine import GUARD_RUNNER, Engine
+from bot.dispatch import Dispatcher
+from bot.engine import GUARD_RUNNER, Engine, Job
 from bot.guardapi import PREFIX as GUARD_PREFIX
 from bot.guardapi import GuardApi
+from bot.hub import MAX_LONG_POLLS, RunnerHub
+from bot.hub import PREFIX as RUNNER_ROUTES
 from bot.inbox import Inbox, database_unusable
 from bot.jobs import JobEnd, SupervisedExecutor, end_item
 from bot.messages import environment_warnings
 from bot.outbox import Budgets, OutboxSender, Transport
 from bot.pagerduty import PagerDutyIntake
+from bot.signing import load_or_create_key
 from bot.states import InboxKind
 from bot.store import StepRun, Store
 from bot.web import HttpServer
 
 if TYPE_CHECKING:
     from bot.chat.slack import SlackAdapter, SlackTuning
+    from bot.kube import KubernetesExecutor
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +78,8 @@ def approver_groups(catalog: Catalog) -> set[str]:
 
 
 def state_dir_for(config: Config) -> Path:
-    """Where step supervisors leave their results: RUNBOOK_STATE_DIR, else beside the
-    SQLite file (``runbook-bot.db`` -> ``runbook-bot-steps/``)."""
-    if config.state_dir:
-        return Path(config.state_dir)
-    db = Path(config.db)
-    return db.with_name(f"{db.stem}-steps")
+    """Where step supervisors leave their results (``Config.state_directory``)."""
+    return config.state_directory
 
 
 class BotApp:
@@ -111,7 +113,21 @@ class BotApp:
             workers=config.workers,
             catalog_commit=lambda: self.engine.catalog.version,
         )
+        # Where claimed steps run: the bot's own host (supervised), pull runners of a pool
+        # (the hub), Kubernetes Jobs (bot.kube) when RUNBOOK_KUBERNETES allows; without
+        # it Kubernetes steps are refused.
         self.executor = SupervisedExecutor(state_dir_for(config), self._job_ended)
+        self.hub = RunnerHub(
+            self.store,
+            self._job_ended,
+            load_or_create_key(config.signing_key_path),
+            note=self._step_waits,
+            lease=config.runner_lease,
+        )
+        self.kubernetes = self._build_kubernetes()
+        self.dispatch = Dispatcher(
+            self.executor, self._job_ended, runners=self.hub, kubernetes=self.kubernetes
+        )
         self.pagerduty = PagerDutyIntake(config, self.inbox.receive)
         self.slack = self._build_slack(slack_tuning)
         transports: dict[str, Transport] = {}
@@ -138,7 +154,7 @@ class BotApp:
         self.engine = Engine(
             self.source.current(),
             self.store,
-            self.executor,
+            self.dispatch,
             default_env=config.env,
             member_of=self.slack.member_of if self.slack else None,
             bot_users=self.slack.bot_user_ids if self.slack else (),
@@ -174,6 +190,12 @@ class BotApp:
             lambda: float(self.store.count_pending_approvals()), owner=self
         )
         metrics.track_queues(self.store.count_queued, self.store.count_outbox_pending, owner=self)
+
+    @property
+    def http_threads(self) -> int:
+        """Request threads: runners' long polls hold one each, and get their own, so a
+        webhook or a runner's heartbeat never waits behind them."""
+        return max(4, self.config.workers) + MAX_LONG_POLLS
 
     @property
     def catalog(self) -> Catalog:
@@ -221,6 +243,17 @@ class BotApp:
             log.warning("stored catalog %s cannot be served: %s", version, exc)
             return None
 
+    def _build_kubernetes(self) -> KubernetesExecutor | None:
+        if not self.config.kubernetes_enabled:
+            return None
+        from bot.kube import KubernetesExecutor  # the client takes seconds to import
+
+        return KubernetesExecutor(
+            state_dir_for(self.config) / "kubernetes",
+            self._job_ended,
+            instance=self.config.kubernetes_instance,
+        )
+
     def _build_slack(self, tuning: SlackTuning | None) -> SlackAdapter | None:
         if not self.config.slack_enabled:
             log.warning("SLACK_BOT_TOKEN is not set: threads are not posted anywhere")
@@ -248,6 +281,7 @@ class BotApp:
         started are started by `start()`, once the bot serves (start order).
         """
         self.executor.open()
+        self.hub.open()
         # A step whose end is already in the inbox is settled (its supervisor's files are
         # gone once the end is stored): only the others are looked at.
         left = [
@@ -257,7 +291,7 @@ class BotApp:
             # a bot.guard step runs in the program that asked, which reports its end
             and step.runner != GUARD_RUNNER
         ]
-        found = self.executor.recover(left, self.engine.job_for, self._restart)
+        found = self.dispatch.recover(left, self.engine.job_for, self._restart)
         counts = {"results": 0, "interrupted": 0, "restarted": 0, "still_running": 0}
         for recovery in found:
             step = recovery.step
@@ -288,7 +322,7 @@ class BotApp:
                         "the bot stopped while it ran",
                     )
                 )
-            self.executor.forget(step.runner)
+            self.dispatch.forget(step.runner)
         return counts
 
     def _restart(self, step: StepRun) -> None:
@@ -330,7 +364,10 @@ class BotApp:
         if self.slack is not None:
             self.slack.stop()
         self.inbox.stop(timeout=max(0.0, deadline - time.monotonic()))
+        self.hub.close()  # steps on runners go on; their results come after the restart
         idle = self.executor.close(grace=max(0.0, deadline - time.monotonic()))
+        if self.kubernetes is not None:  # Jobs go on in the cluster; the next start re-attaches
+            idle = self.kubernetes.close(grace=max(0.0, deadline - time.monotonic())) and idle
         # Results that came in meanwhile are in the inbox: the next start applies them.
         self.outbox.stop(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
         if self._timer is not None:
@@ -357,6 +394,16 @@ class BotApp:
                     raise
                 log.error("cannot record a step result yet (%s); retrying", exc)
                 time.sleep(SINK_RETRY_SECONDS)
+
+    def _step_waits(self, job: Job, note: str) -> None:
+        """An executor says in the thread why a claimed step has not started yet."""
+        self.inbox.put(
+            source="executor",
+            key=f"step:{job.step_run_id}:{job.attempt}:waiting",
+            incident_id=job.incident_id,
+            kind=InboxKind.WAITING,
+            payload={"step_run_id": job.step_run_id, "note": note},
+        )
 
     def _housekeeping_loop(self) -> None:
         """Put expired approval deadlines in the inbox; checkpoint the database."""
@@ -398,6 +445,8 @@ class BotApp:
             if method != "POST":
                 return _json(start_response, "405 Method Not Allowed", {"error": "use POST"})
             return self.pagerduty.wsgi(environ, start_response)
+        if path.startswith(RUNNER_ROUTES):
+            return self.hub.wsgi(environ, start_response)
         if path == GUARD_PREFIX or path.startswith(GUARD_PREFIX + "/"):
             return self.guard_api.wsgi(environ, start_response)
         if path == "/slack/events":
@@ -475,17 +524,17 @@ def serve(config: Config) -> None:
     repaired = app.repair()
     log.info("state repaired: %s", repaired)
     listener = bind(config.host, config.port)
-    threads = max(4, config.workers)
     front: FrontProcess | None = None
     if config.intake_process:
-        server = HttpServer(app.wsgi, "127.0.0.1", 0, threads=threads)
-        front = FrontProcess(config, listener, server.port, app.inbox.wake)
+        server = HttpServer(app.wsgi, "127.0.0.1", 0, threads=app.http_threads)
+        front = FrontProcess(config, listener, server.port, app.inbox.wake, app.http_threads)
     else:
-        server = HttpServer(app.wsgi, sock=listener, threads=threads)
+        server = HttpServer(app.wsgi, sock=listener, threads=app.http_threads)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %s: stopping", signum)
+        app.hub.end_polls()  # runners' long polls answered now: they come back later
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -149,6 +149,7 @@ class InboxKind(StrEnum):
     INTERRUPTED = "step.interrupted"  # its outcome cannot be known
     REPAIR = "incident.repair"  # show what was never shown, settle what was left half-done
     CATALOG_LOADED = "catalog.loaded"  # a new catalog: re-check what waits for approval
+    WAITING = "step.waiting"  # an executor: the claimed step waits (no runner of its pool)
 
 
 class Refusal(StrEnum):

@@ -23,6 +23,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("runbookctl.promote", "promote"),
     "test": ("runbookctl.runbooktest", "test"),
     "runs": ("runbookctl.runs", "runs"),
+    "runner": ("runbookctl.runner", "runner"),
 }
 
 

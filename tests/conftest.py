@@ -18,13 +18,15 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLED_CATALOG = REPO / "runbooks"
 
 _PREFIXES = ("SLACK_", "PAGERDUTY_", "RUNBOOK_")
+# ... and no cluster: a test of the Kubernetes executor points it at the stand-in itself.
+_NAMES = ("PORT", "HOST", "KUBECONFIG", "KUBERNETES_SERVICE_HOST")
 
 
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """No token or setting from the developer's shell leaks into a test."""
     for name in list(os.environ):
-        if name.startswith(_PREFIXES) or name in ("PORT", "HOST"):
+        if name.startswith(_PREFIXES) or name in _NAMES:
             monkeypatch.delenv(name, raising=False)
 
 

@@ -289,7 +289,7 @@ class Bot:
         self.config = Config(**settings)
         self.app = BotApp(self.config, slack_tuning=tuning, outbox_backoff=backoff)
         self.repaired = self.app.repair()
-        self.server = HttpServer(self.app.wsgi, "127.0.0.1", 0)
+        self.server = HttpServer(self.app.wsgi, "127.0.0.1", 0, threads=self.app.http_threads)
         self._thread = threading.Thread(target=self.server.serve, name="waitress", daemon=True)
         self._thread.start()
         self.app.start()
@@ -305,6 +305,7 @@ class Bot:
             return
         self._stopped = True
         self.http.close()
+        self.app.hub.end_polls()  # as `serve` does on SIGTERM: runners' long polls end now
         self.server.stop()
         self._thread.join(10)
         self.app.stop(grace=grace)

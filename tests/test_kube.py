@@ -9,6 +9,7 @@ old one stopped watching, or after its process was killed with SIGKILL.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,23 +23,25 @@ from typing import Any
 
 import pytest
 from builders import action, catalog, py, runbook, step
-from fakes import FakeKubernetes
+from fakes import FakeKubernetes, FakeSlack
 from fakes.kube_api import kubelet_expand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubernetes import client as k8s
-from slack_harness import wait_for
+from runner_harness import marks, write_catalog
+from slack_harness import Bot, wait_for
 
 from bot import executor
+from bot.catalog.model import KubernetesPlacement
+from bot.dispatch import Dispatcher
 from bot.engine import Incident, Job
-from bot.jobs import JobEnd, end_item
+from bot.jobs import InlineExecutor, JobEnd, end_item
 from bot.kube import (
     LABEL_ATTEMPT,
     LABEL_INCIDENT,
     LABEL_STEP_RUN,
     RUNNER_PREFIX,
     KubernetesExecutor,
-    KubernetesTarget,
     job_name,
     kubelet_literal,
 )
@@ -47,14 +50,12 @@ from bot.states import InboxKind, StepStatus
 from bot.store import StepRun, Store
 
 NS = "payments"
-TARGET = KubernetesTarget.from_mapping(
-    {
-        "namespace": NS,
-        "image": "registry.example.com/ops/tools:1.4",
-        "service_account": "payments-fixer",
-        "resources": {"requests": {"cpu": "50m"}, "limits": {"memory": "64Mi", "cpu": 1}},
-        "ttl_seconds_after_finished": 300,
-    }
+TARGET = KubernetesPlacement(
+    namespace=NS,
+    image="registry.example.com/ops/tools:1.4",
+    service_account="payments-fixer",
+    resources={"requests": {"cpu": "50m"}, "limits": {"memory": "64Mi", "cpu": "1"}},
+    ttl_seconds_after_finished=300,
 )
 POLL = 0.02
 REPO = Path(__file__).resolve().parent.parent
@@ -153,7 +154,7 @@ def make(kube: FakeKubernetes, tmp_path: Path) -> Iterator[Any]:
         one.close(grace=5)
 
 
-def run_one(make: Any, a_job: Job, target: KubernetesTarget = TARGET) -> JobEnd:
+def run_one(make: Any, a_job: Job, target: KubernetesPlacement = TARGET) -> JobEnd:
     ends = Ends()
     kube_executor = make(ends)
     kube_executor.start(kube_executor.reserve(), a_job, target)
@@ -310,36 +311,22 @@ def test_a_job_the_api_refuses_is_an_error(kube: FakeKubernetes, make: Any, tmp_
     assert kube.jobs == {} and list((tmp_path / "state").glob("k8s-*")) == []
 
 
-class OnCluster:
-    """What the engine's dispatch does for an action on Kubernetes: its target added."""
-
-    dry_run = False
-
-    def __init__(self, kube_executor: KubernetesExecutor, target: KubernetesTarget) -> None:
-        self.kube_executor = kube_executor
-        self.target = target
-
-    def reserve(self) -> str:
-        return self.kube_executor.reserve()
-
-    def release(self, runner: str) -> None:
-        self.kube_executor.release(runner)
-
-    def start(self, runner: str, a_job: Job) -> None:
-        self.kube_executor.start(runner, a_job, self.target)
-
-
 def test_through_the_engine_each_step_is_a_job_and_its_end_is_applied(
     kube: FakeKubernetes, make: Any, tmp_path: Path
 ) -> None:
-    check = action("check-error-rate", py("print('rate => 0.5')"), expect=[("=> [0-9.]+", False)])
-    verify = action("verify", py("print('ok')"))
+    on_cluster = {"executor": TARGET}
+    check = dataclasses.replace(
+        action("check-error-rate", py("print('rate => 0.5')"), expect=[("=> [0-9.]+", False)]),
+        **on_cluster,
+    )
+    verify = dataclasses.replace(action("verify", py("print('ok')")), **on_cluster)
     store = Store(tmp_path / "state.db")
     try:
         cat = catalog(runbook("payments-5xx", (step(check), step(verify)), symptoms=("5xx",)))
         runtime = LocalRuntime(cat, store, default_env="staging")
         ends = Ends()
-        runtime.engine.executor = OnCluster(make(ends), TARGET)
+        # The bot's own dispatch: the action's placement says Kubernetes.
+        runtime.engine.executor = Dispatcher(InlineExecutor(ends), ends, kubernetes=make(ends))
         runtime.open(Incident(id="P1", title="Payments API elevated 5xx", service="payments"))
         for count in (1, 2):  # the first step's end is applied, then the second is claimed
             runtime.put(**end_item(ends.wait(count)[-1]))
@@ -542,8 +529,8 @@ def test_restart_finds_a_job_removed_by_its_ttl_interrupted_never_again(
 ) -> None:
     gate = tmp_path / "gate"
     a_job = job(gate_command(gate))
-    short = KubernetesTarget.from_mapping(
-        {
+    short = KubernetesPlacement(
+        **{
             "namespace": NS,
             "image": "tools",
             "service_account": "fixer",
@@ -629,7 +616,8 @@ _BOT_PROCESS = textwrap.dedent(
     from kubernetes import client as k8s
     from bot import executor
     from bot.engine import Job
-    from bot.kube import KubernetesExecutor, KubernetesTarget
+    from bot.catalog.model import KubernetesPlacement
+    from bot.kube import KubernetesExecutor
 
     url, state, command, target = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
     api = k8s.ApiClient(k8s.Configuration(host=url))
@@ -638,7 +626,7 @@ _BOT_PROCESS = textwrap.dedent(
     print(runner, flush=True)
     spec = executor.CommandSpec(command=tuple(command), timeout=20.0)
     job = Job(7, 1, "Q1PAYMENTS", "main", "check-error-rate", spec, {}, 10_000, ())
-    bot.start(runner, job, KubernetesTarget.from_mapping(json.loads(target)))
+    bot.start(runner, job, KubernetesPlacement(**json.loads(target)))
     time.sleep(600)
     """
 )
@@ -654,9 +642,8 @@ def _alive(pid: int) -> bool:
     return status != "Z"
 
 
-def test_without_a_client_it_finds_the_api_from_the_kubeconfig(
-    kube: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def use_kubeconfig(kube: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KUBECONFIG names the stand-in, as an operator's kubeconfig names a cluster."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
         json.dumps(
@@ -672,6 +659,41 @@ def test_without_a_client_it_finds_the_api_from_the_kubeconfig(
     )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not inside a pod
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+
+
+def test_the_bot_runs_a_kubernetes_action_as_a_job_once_a_cluster_is_configured(
+    kube: FakeKubernetes, slack: FakeSlack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole bot (RUNBOOK_KUBERNETES=auto, KUBECONFIG set): the catalog's Kubernetes
+    action runs as one Job, its result reaches the thread, nothing runs on the bot's host
+    instead."""
+    root = tmp_path / "catalog"
+    write_catalog(root)
+    use_kubeconfig(kube, tmp_path, monkeypatch)
+    bot = Bot(root, slack)
+    try:
+        incident = Incident(id="PK1", title="edge trouble", service="kube", env="staging")
+        bot.open_incident(incident, settle=False)
+
+        def status() -> str:
+            runs = bot.app.store.step_runs_of("PK1")
+            return str(runs[-1].status) if runs else ""
+
+        wait_for(lambda: status() == "success", what="the Job's result applied")
+        done = bot.app.store.step_runs_of("PK1")[-1]
+        assert done.runner.startswith(RUNNER_PREFIX) and done.output.strip() == "OK"
+        assert marks(root / "marks.txt") == {"PK1:in-cluster": 1}
+        assert list(kube.jobs_created.values()) == [1] and list(kube.pods_created.values()) == [1]
+        run = bot.app.store.run("PK1")
+        assert run is not None and str(run.status) == "completed"
+    finally:
+        bot.stop()
+
+
+def test_without_a_client_it_finds_the_api_from_the_kubeconfig(
+    kube: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_kubeconfig(kube, tmp_path, monkeypatch)
     ends = Ends()
     kube_executor = KubernetesExecutor(tmp_path / "state", ends, poll_interval=POLL)
     kube_executor.start(kube_executor.reserve(), job(py("print('OK')")), TARGET)
@@ -693,59 +715,6 @@ def test_without_any_api_configured_a_step_is_an_error_and_nothing_is_marked(
     assert end.result is not None and end.result["status"] == "error"
     assert "no Kubernetes API to run it on" in end.result["detail"]
     assert list(tmp_path.glob("state/k8s-*")) == []
-
-
-# --- the target ---------------------------------------------------------------------------
-
-
-def test_a_target_from_its_catalog_mapping() -> None:
-    target = KubernetesTarget.from_mapping(
-        {"namespace": "ops", "image": "tools:1", "service_account": "fixer"}
-    )
-    assert target.resources == {} and target.ttl_seconds_after_finished == 3600
-
-
-@pytest.mark.parametrize(
-    ("mapping", "message"),
-    [
-        ({"image": "i", "service_account": "s"}, "namespace is required"),
-        ({"namespace": "Ops", "image": "i", "service_account": "s"}, "not a namespace name"),
-        ({"namespace": "ops", "image": "a b", "service_account": "s"}, "white space"),
-        ({"namespace": "ops", "image": "i", "service_account": "S_1"}, "not a service account"),
-        (
-            {"namespace": "ops", "image": "i", "service_account": "s", "ttl": 1},
-            "unknown key(s) ttl",
-        ),
-        (
-            {"namespace": "ops", "image": "i", "service_account": "s", "resources": {"max": {}}},
-            "unknown key 'max'",
-        ),
-        (
-            {
-                "namespace": "ops",
-                "image": "i",
-                "service_account": "s",
-                "resources": {"limits": {"memory": "lots"}},
-            },
-            "resources.limits.memory: 'lots' is not a Kubernetes quantity",
-        ),
-        (
-            {
-                "namespace": "ops",
-                "image": "i",
-                "service_account": "s",
-                "ttl_seconds_after_finished": -1,
-            },
-            "ttl_seconds_after_finished must be a whole number",
-        ),
-    ],
-)
-def test_a_bad_target_is_refused_with_the_field_named(
-    mapping: dict[str, Any], message: str
-) -> None:
-    with pytest.raises(ValueError, match=r"executor\.kubernetes") as caught:
-        KubernetesTarget.from_mapping(mapping)
-    assert message in str(caught.value)
 
 
 def test_the_stand_in_runs_one_pod_per_job_even_when_asked_twice(kube: FakeKubernetes) -> None:

@@ -65,6 +65,7 @@ command:
   - restart
   - deployment/app      # the only deployment we restart
 timeout: 60s            # a rollout takes ~40 s
+executor: local         # production actions say where they run (lint RB044)
 expect:
   - pattern: "restarted"
 safety:
@@ -84,6 +85,7 @@ MULTI = """\
 # first check
 id: check-disk
 command: "df -h /"
+executor: local
 expect:
   - pattern: '\\d+%'
 safety: {requires_approval: false, scopes: [dev, staging]}
@@ -91,6 +93,7 @@ safety: {requires_approval: false, scopes: [dev, staging]}
 # second check: no safety block, so it runs in no production environment
 id: check-load
 command: ["uptime"]
+executor: local
 expect:
 - pattern: "load average"   # a different list indent than the others
 # end of check-load
@@ -98,6 +101,7 @@ expect:
 ---
 id: check-memory
 command: "free -m"
+executor: local
 expect:
   - pattern: "Mem:"
 ...
@@ -107,6 +111,7 @@ AUTO_CHECK = f"""\
 id: auto-check
 description: Prints OK. Safe for automation.
 command: ["{PY}", "-c", "print('OK')"]
+executor: local
 expect:
   - pattern: "^OK$"
 safety:

@@ -29,17 +29,21 @@ from bot.catalog.diagnostics import Diagnostic
 from bot.catalog.model import (
     DEFAULT_APPROVAL_TIMEOUT_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
+    LOCAL,
     Action,
     Approvers,
     Catalog,
     Environment,
     Escalation,
     Expectation,
+    KubernetesPlacement,
     Location,
     Match,
     OnFailure,
+    Placement,
     Promotion,
     Runbook,
+    RunnerPlacement,
     Safety,
     Settings,
     Step,
@@ -294,6 +298,11 @@ def build_settings(doc: SourceDoc | None) -> Settings:
         secret_patterns=tuple(data.get("secret_patterns", ())),
         promotion_min_runs=int(promotion.get("min_successful_runs", Settings.promotion_min_runs)),
         promotion_window=parse_duration(promotion.get("window"), Settings.promotion_window),
+        runner_pools=tuple(pool["name"] for pool in data.get("runner_pools", ())),
+        service_accounts=tuple(
+            (account["namespace"], account["name"])
+            for account in data.get("kubernetes", {}).get("service_accounts", ())
+        ),
         location=Location(doc.file, *doc.where(())),
     )
 
@@ -346,7 +355,25 @@ def build_action(
         ),
         safety=safety,
         inline=inline,
+        executor=placement(data.get("executor")),
     )
+
+
+def placement(data: Any) -> Placement:
+    """The model of an `executor:` value the schema accepted (absent: local)."""
+    if isinstance(data, dict) and "runner" in data:
+        return RunnerPlacement(pool=data["runner"])
+    if isinstance(data, dict) and "kubernetes" in data:
+        job = data["kubernetes"]
+        resources = job.get("resources", {})
+        return KubernetesPlacement(
+            namespace=job["namespace"],
+            image=job["image"],
+            service_account=job["service_account"],
+            resources={kind: dict(values) for kind, values in resources.items()},
+            ttl_seconds_after_finished=job.get("ttl_seconds_after_finished"),
+        )
+    return LOCAL
 
 
 def _on_failure(data: Any, actions: dict[str, Action]) -> OnFailure:

@@ -88,6 +88,47 @@ class Safety:
 
 
 @dataclass(frozen=True)
+class LocalPlacement:
+    """`executor: local`: on the bot's own host, under its step supervisors."""
+
+    kind: Literal["local"] = "local"
+
+    def __str__(self) -> str:
+        return "local"
+
+
+@dataclass(frozen=True)
+class RunnerPlacement:
+    """`executor: {runner: POOL}`: a pull runner of POOL, where the systems are."""
+
+    pool: str
+    kind: Literal["runner"] = "runner"
+
+    def __str__(self) -> str:
+        return f"runner pool {self.pool}"
+
+
+@dataclass(frozen=True)
+class KubernetesPlacement:
+    """`executor: {kubernetes: …}`: a Kubernetes Job in `namespace`, as `service_account`."""
+
+    namespace: str
+    image: str
+    service_account: str
+    # {"requests": {"cpu": "100m"}, "limits": {"memory": "128Mi"}}
+    resources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    ttl_seconds_after_finished: int | None = None
+    kind: Literal["kubernetes"] = "kubernetes"
+
+    def __str__(self) -> str:
+        return f"Kubernetes namespace {self.namespace}"
+
+
+Placement = LocalPlacement | RunnerPlacement | KubernetesPlacement
+LOCAL = LocalPlacement()
+
+
+@dataclass(frozen=True)
 class Action:
     id: str
     command: str | tuple[str, ...]
@@ -104,6 +145,7 @@ class Action:
     # Run by the program that asked (a bot.guard decorator), never by the bot: the bot
     # only asks for approval and records what the program reports.
     external: bool = False
+    executor: Placement = LOCAL  # where the command runs
 
     @property
     def command_text(self) -> str:
@@ -189,6 +231,8 @@ class Settings:
     secret_patterns: tuple[str, ...] = ()
     promotion_min_runs: int = 3
     promotion_window: float = 30 * 86400.0
+    runner_pools: tuple[str, ...] = ()  # pools `executor: {runner: POOL}` may name
+    service_accounts: tuple[tuple[str, str], ...] = ()  # (namespace, name) for Kubernetes
     location: Location | None = None
 
     @property

@@ -70,6 +70,14 @@ Codes (E: error, W: warning; `runbookctl lint --strict` fails on warnings too):
   RB043 E unmeetable-approvals  ``safety.approvals``/``self_approval`` on an action that
                              runs without approval, or more approvals than its listed
                              approvers (users only) could give
+  RB044 E missing-executor   an action scoped to a production environment does not say
+                             where it runs (``executor:``)
+  RB045 E unknown-executor-target  ``executor: {runner: POOL}`` names a pool not under
+                             ``runner_pools``, or ``executor: {kubernetes: …}`` a service
+                             account not under ``kubernetes.service_accounts`` (in its
+                             namespace)
+  RB046 W local-production   a production-scoped action runs ``local``: on the bot's own
+                             host, with the bot's credentials
 """
 
 from __future__ import annotations
@@ -506,6 +514,86 @@ def unpromoted_production_scopes(ctx: Context) -> Iterator[Diagnostic]:
                     "evidence_url)",
                     fix,
                     (*base, "safety", "scopes", i),
+                )
+
+
+def _production_scopes(ctx: Context, data: dict[str, Any]) -> list[str]:
+    return [env for env in _safety(data).get("scopes", ()) if ctx.settings.is_production(env)]
+
+
+@rule
+def executors(ctx: Context) -> Iterator[Diagnostic]:
+    """RB044/RB045/RB046: where a command runs is said, declared, and not the bot's
+    own host in production."""
+    if ctx.settings_broken:
+        return  # pools, service accounts and production are in the settings
+    pools = ctx.settings.runner_pools
+    accounts = ctx.settings.service_accounts
+    for doc, base, data, ident in ctx.guarded():
+        if ctx.dropped(doc, *base, "executor"):
+            continue  # written, wrongly: the schema error says so
+        production = _production_scopes(ctx, data)
+        chosen = data.get("executor")
+        if chosen is None:
+            if production:
+                yield doc.diagnostic(
+                    "RB044",
+                    "missing-executor",
+                    f"{_what(base, ident)} is scoped to production environment "
+                    f"{production[0]!r} and does not say where it runs",
+                    "add `executor: {runner: POOL}` (a pull runner beside the systems) or "
+                    "`executor: {kubernetes: {namespace, image, service_account}}`; "
+                    "`executor: local` runs it on the bot's own host",
+                    (*base, "safety", "scopes", _safety(data)["scopes"].index(production[0])),
+                )
+            continue
+        if chosen == "local":
+            if production:
+                yield doc.diagnostic(
+                    "RB046",
+                    "local-production",
+                    f"{_what(base, ident)} runs on the bot's own host (`executor: local`) in "
+                    f"production environment {production[0]!r}",
+                    "run it where the systems are, with only the rights it needs: "
+                    "`executor: {runner: POOL}` or `executor: {kubernetes: {…}}`",
+                    (*base, "executor"),
+                    severity="warning",
+                )
+            continue
+        if "runner" in chosen and chosen["runner"] not in pools:
+            pool = chosen["runner"]
+            fix = (
+                f"declare it in the catalog: `runner_pools: [{{name: {pool}}}]`"
+                if not pools
+                else f"use one of: {', '.join(pools)}, or declare it under `runner_pools`"
+            )
+            yield doc.diagnostic(
+                "RB045",
+                "unknown-executor-target",
+                f"{_what(base, ident)} names runner pool {pool!r}, which the catalog does "
+                "not declare",
+                _suggest(pool, pools, fix),
+                (*base, "executor", "runner"),
+            )
+        if "kubernetes" in chosen:
+            job = chosen["kubernetes"]
+            account = (job["namespace"], job["service_account"])
+            if account not in accounts:
+                names = [f"{n}/{a}" for n, a in accounts]
+                fix = (
+                    "declare it in the catalog under `kubernetes: {service_accounts: "
+                    f"[{{namespace: {account[0]}, name: {account[1]}}}]}}`"
+                )
+                if names:
+                    fix = f"use one of: {', '.join(names)}, or " + fix
+                yield doc.diagnostic(
+                    "RB045",
+                    "unknown-executor-target",
+                    f"{_what(base, ident)} runs as Kubernetes service account "
+                    f"{account[1]!r} in namespace {account[0]!r}, which the catalog does "
+                    "not declare",
+                    fix,
+                    (*base, "executor", "kubernetes", "service_account"),
                 )
 
 

@@ -278,6 +278,7 @@ def run_test(catalog: Catalog, test: RunbookTest, *, db: str = ":memory:") -> Ve
             store,
             transports={"slack": thread},
             runner=runner,
+            everywhere=True,  # the scripted runner stands in for every executor
             clock=clock,
             default_env=test.runbook_env,
             member_of=lambda user, group: user in members.get(group, ()),

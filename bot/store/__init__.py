@@ -51,7 +51,17 @@ from bot.states import (
 from bot.store import intake
 from bot.store.intake import COLUMNS as _RECEIVED
 from bot.store.intake import IntakeLog
-from bot.store.rows import Approval, InboxItem, Incident, OutboxItem, Run, StepRun
+from bot.store.rows import (
+    Approval,
+    InboxItem,
+    Incident,
+    OutboxItem,
+    Run,
+    RunnerJob,
+    RunnerRefusal,
+    RunnerToken,
+    StepRun,
+)
 from bot.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = [
@@ -63,6 +73,9 @@ __all__ = [
     "Incident",
     "OutboxItem",
     "Run",
+    "RunnerJob",
+    "RunnerRefusal",
+    "RunnerToken",
     "StepRun",
     "Store",
     "Unit",
@@ -88,6 +101,14 @@ _ABOUT_A_MESSAGE = ("update_step", "react")
 # that a Slack outage does not hold PagerDuty back.
 _LINKS_THREAD = ("pd_note", "pd_escalate")
 THREAD_LINK_WAIT = 30.0
+
+
+# A step queued for a runner is handed out only while its incident is open (the last
+# check before a command runs), or when it is a follow-up of a resolved incident.
+_STILL_WANTED = (
+    "(phase = 'on_resolve' OR EXISTS (SELECT 1 FROM incidents WHERE "
+    "incidents.id = runner_jobs.incident_id AND incidents.status = 'open'))"
+)
 
 
 def now() -> float:
@@ -1463,3 +1484,202 @@ class Store:
             (key,),
         )
         return (str(row["posted_channel"]), str(row["ts"])) if row else None
+
+    # --- pull runners (bot.hub) ------------------------------------------------------------
+
+    def runner_token_create(self, pool: str, name: str, token_sha256: str) -> RunnerToken:
+        """A new token for `pool` (`name` unique in the pool; its sha256 only is kept)."""
+        try:
+            with self._transaction() as conn:
+                cursor = conn.execute(
+                    "INSERT INTO runner_tokens (pool, name, token_sha256, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (pool, name, token_sha256, self.clock()),
+                )
+                row = _one(
+                    conn.execute("SELECT * FROM runner_tokens WHERE id = ?", (cursor.lastrowid,))
+                )
+        except sqlite3.IntegrityError:
+            raise StoreError(
+                f"pool {pool} already has a token named {name}: choose another --name, or "
+                "revoke that one first"
+            ) from None
+        assert row is not None
+        return RunnerToken.from_row(row)
+
+    def runner_token_revoke(self, pool: str, name: str) -> RunnerToken | None:
+        """Revoke the token `name` of `pool` (None: no such token, or already revoked)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE runner_tokens SET revoked_at = ? WHERE pool = ? AND name = ? "
+                "AND revoked_at IS NULL",
+                (self.clock(), pool, name),
+            )
+            if conn.execute("SELECT changes()").fetchone()[0] == 0:
+                return None
+            row = _one(
+                conn.execute(
+                    "SELECT * FROM runner_tokens WHERE pool = ? AND name = ?", (pool, name)
+                )
+            )
+        return RunnerToken.from_row(row) if row else None
+
+    def runner_tokens(self, pool: str | None = None) -> list[RunnerToken]:
+        if pool is None:
+            rows = self.query("SELECT * FROM runner_tokens ORDER BY pool, name")
+        else:
+            rows = self.query("SELECT * FROM runner_tokens WHERE pool = ? ORDER BY name", (pool,))
+        return [RunnerToken.from_row(r) for r in rows]
+
+    def runner_token_by_hash(self, token_sha256: str) -> RunnerToken | None:
+        row = self.query_one("SELECT * FROM runner_tokens WHERE token_sha256 = ?", (token_sha256,))
+        return RunnerToken.from_row(row) if row else None
+
+    def runner_job_queue(self, job: RunnerJob) -> None:
+        """Queue a claimed step for its pool (again after a restart: kept as it is)."""
+        values = {f: getattr(job, f) for f in RunnerJob.__dataclass_fields__}
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        with self._transaction() as conn:
+            conn.execute(
+                f"INSERT OR IGNORE INTO runner_jobs ({columns}) VALUES ({marks})",
+                tuple(values.values()),
+            )
+
+    def runner_job_lease(
+        self, pool: str, actions: Sequence[str], token_id: int, lease_until: float
+    ) -> RunnerJob | None:
+        """The oldest queued step of `pool` for one of `actions`, leased to `token_id`
+        (atomically: two runners never get the same step)."""
+        if not actions:
+            return None
+        marks = ", ".join("?" for _ in actions)
+        with self._transaction() as conn:
+            row = _one(
+                conn.execute(
+                    "SELECT * FROM runner_jobs WHERE pool = ? AND state = 'queued' "
+                    f"AND wait_until > ? AND action IN ({marks}) AND {_STILL_WANTED} "
+                    "ORDER BY queued_at, job_id LIMIT 1",
+                    (pool, self.clock(), *actions),
+                )
+            )
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE runner_jobs SET state = 'leased', token_id = ?, lease_until = ? "
+                "WHERE job_id = ?",
+                (token_id, lease_until, row["job_id"]),
+            )
+        return RunnerJob.from_row(
+            {**row, "state": "leased", "token_id": token_id, "lease_until": lease_until}
+        )
+
+    def runner_job_extend(
+        self, job_ids: Sequence[str], token_id: int, lease_until: float
+    ) -> list[str]:
+        """Extend the leases `token_id` holds on `job_ids`; the ids it still holds."""
+        held: list[str] = []
+        with self._transaction() as conn:
+            for job_id in job_ids:
+                conn.execute(
+                    "UPDATE runner_jobs SET lease_until = ? WHERE job_id = ? "
+                    "AND state = 'leased' AND token_id = ?",
+                    (lease_until, job_id, token_id),
+                )
+                if conn.execute("SELECT changes()").fetchone()[0]:
+                    held.append(job_id)
+        return held
+
+    def runner_jobs_renew_leases(self, lease_until: float) -> int:
+        """Give every leased step `lease_until` (a bot starting again: the time it was
+        down is not its runners' silence)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE runner_jobs SET lease_until = max(lease_until, ?) WHERE state = 'leased'",
+                (lease_until,),
+            )
+            return int(conn.execute("SELECT changes()").fetchone()[0])
+
+    def runner_job(self, job_id: str) -> RunnerJob | None:
+        row = self.query_one("SELECT * FROM runner_jobs WHERE job_id = ?", (job_id,))
+        return RunnerJob.from_row(row) if row else None
+
+    def runner_jobs(self, pool: str | None = None) -> list[RunnerJob]:
+        if pool is None:
+            rows = self.query("SELECT * FROM runner_jobs ORDER BY queued_at, job_id")
+        else:
+            rows = self.query(
+                "SELECT * FROM runner_jobs WHERE pool = ? ORDER BY queued_at, job_id", (pool,)
+            )
+        return [RunnerJob.from_row(r) for r in rows]
+
+    def runner_job_take(self, job_id: str, token_id: int | None = None) -> RunnerJob | None:
+        """Remove the step's row (its end is in the inbox); with `token_id`, only while
+        that runner holds it. None: not there (already ended) or held by another."""
+        with self._transaction() as conn:
+            row = _one(conn.execute("SELECT * FROM runner_jobs WHERE job_id = ?", (job_id,)))
+            if row is None or (token_id is not None and row["token_id"] != token_id):
+                return None
+            conn.execute("DELETE FROM runner_jobs WHERE job_id = ?", (job_id,))
+        return RunnerJob.from_row(row)
+
+    def runner_jobs_overdue(
+        self,
+    ) -> tuple[list[RunnerJob], list[RunnerJob], list[RunnerJob]]:
+        """(leased steps whose lease lapsed, queued steps no runner took in time, queued
+        steps whose incident resolved before a runner took them)."""
+        at = self.clock()
+        lapsed = self.query(
+            "SELECT * FROM runner_jobs WHERE state = 'leased' AND lease_until < ?", (at,)
+        )
+        unclaimed = self.query(
+            "SELECT * FROM runner_jobs WHERE state = 'queued' AND wait_until <= ?", (at,)
+        )
+        closed = self.query(
+            f"SELECT * FROM runner_jobs WHERE state = 'queued' AND NOT {_STILL_WANTED}"
+        )
+        return (
+            [RunnerJob.from_row(r) for r in lapsed],
+            [RunnerJob.from_row(r) for r in unclaimed],
+            [RunnerJob.from_row(r) for r in closed],
+        )
+
+    def runner_job_take_overdue(self, job: RunnerJob) -> bool:
+        """Remove `job` only if it is still as overdue as it was read (a runner's result
+        or heartbeat in between wins)."""
+        with self._transaction() as conn:
+            if job.state == "leased":
+                conn.execute(
+                    "DELETE FROM runner_jobs WHERE job_id = ? AND state = 'leased' "
+                    "AND lease_until < ?",
+                    (job.job_id, self.clock()),
+                )
+            else:
+                conn.execute(
+                    "DELETE FROM runner_jobs WHERE job_id = ? AND state = 'queued'",
+                    (job.job_id,),
+                )
+            return bool(conn.execute("SELECT changes()").fetchone()[0])
+
+    def record_runner_refusal(
+        self,
+        side: str,
+        reason: str,
+        *,
+        pool: str = "",
+        token_id: int | None = None,
+        job_id: str = "",
+        detail: str = "",
+    ) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO runner_refusals (at, side, reason, pool, token_id, job_id, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self.clock(), side, reason, pool, token_id, job_id, detail),
+            )
+
+    def runner_refusals(self) -> list[RunnerRefusal]:
+        return [
+            RunnerRefusal.from_row(r)
+            for r in self.query("SELECT * FROM runner_refusals ORDER BY id")
+        ]

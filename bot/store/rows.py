@@ -228,3 +228,52 @@ class OutboxItem(_Row):
         object.__setattr__(self, "payload", _json(self.payload))
         if self.error is None:
             object.__setattr__(self, "error", "")
+
+
+@dataclass(frozen=True)
+class RunnerToken(_Row):
+    """A pull runner's credential (only its sha256 is stored)."""
+
+    id: int
+    pool: str
+    name: str
+    token_sha256: str
+    created_at: float
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class RunnerJob(_Row):
+    """A claimed step for a runner pool, queued or leased (``bot.hub``)."""
+
+    job_id: str
+    pool: str
+    action: str
+    step_run_id: int
+    attempt: int
+    incident_id: str
+    phase: str
+    payload: str  # the signed message, as sent
+    state: str  # 'queued' or 'leased'
+    queued_at: float
+    wait_until: float
+    token_id: int | None = None
+    lease_until: float | None = None
+
+
+@dataclass(frozen=True)
+class RunnerRefusal(_Row):
+    """One refusal: by the bot (a token) or by a runner (a payload)."""
+
+    id: int
+    at: float
+    side: str  # 'bot' or 'runner'
+    reason: str
+    pool: str = ""
+    token_id: int | None = None
+    job_id: str = ""
+    detail: str = ""

@@ -17,7 +17,14 @@ Migrations 1 to 3 built the first version's tables; 4 replaced its delivery queu
 in-memory message bookkeeping with the inbox and the outbox; 5 keeps served catalogs; 6
 marks each audit row with its origin (the bot, `runbookctl simulate` or `runbookctl test`);
 7 adds the two-person rule (approvals.required, approved_by, starter, self_approval) and
-who started a manual run (incidents.started_by).
+who started a manual run (incidents.started_by); 8 adds pull runners: their tokens
+(hashed, revocable), the steps handed to them and the refusals on either side.
+
+  runner_tokens      one row per pull runner token: its pool, its sha256, when revoked
+  runner_jobs        a claimed step for a runner pool: its signed payload, queued or
+                     leased to a runner until its lease lapses; deleted once it ended
+  runner_refusals    the event log of refusals: a token the bot refused, a payload a
+                     runner refused (bad signature, expired, replayed, not allowed)
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -446,6 +453,32 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     conn.execute("ALTER TABLE incidents ADD COLUMN started_by TEXT NOT NULL DEFAULT ''")
 
 
+def _migration_8(db: sqlite_utils.Database) -> None:
+    # Pull runners (bot.hub). Tokens are stored as sha256 only: the database never holds
+    # what a runner presents. A step's row lives while it is queued or leased; the inbox
+    # item of its end is what records the outcome.
+    conn = db.conn
+    conn.execute(
+        "CREATE TABLE runner_tokens (id INTEGER PRIMARY KEY, pool TEXT NOT NULL, "
+        "name TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, "
+        "revoked_at REAL)"
+    )
+    conn.execute("CREATE UNIQUE INDEX runner_tokens_name ON runner_tokens (pool, name)")
+    conn.execute(
+        "CREATE TABLE runner_jobs (job_id TEXT PRIMARY KEY, pool TEXT NOT NULL, "
+        "action TEXT NOT NULL, step_run_id INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+        "incident_id TEXT NOT NULL, phase TEXT NOT NULL, payload TEXT NOT NULL, "
+        "state TEXT NOT NULL DEFAULT 'queued', token_id INTEGER, lease_until REAL, "
+        "queued_at REAL NOT NULL, wait_until REAL NOT NULL)"
+    )
+    conn.execute("CREATE INDEX runner_jobs_queue ON runner_jobs (pool, state, queued_at)")
+    conn.execute(
+        "CREATE TABLE runner_refusals (id INTEGER PRIMARY KEY, at REAL NOT NULL, "
+        "side TEXT NOT NULL, reason TEXT NOT NULL, pool TEXT NOT NULL DEFAULT '', "
+        "token_id INTEGER, job_id TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '')"
+    )
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migration_1,
     2: _migration_2,
@@ -454,4 +487,5 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     5: _migration_5,
     6: _migration_6,
     7: _migration_7,
+    8: _migration_8,
 }
