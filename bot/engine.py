@@ -653,6 +653,7 @@ class Engine:
         }
         approval: dict[str, Any] | None = None
         runner = ""
+        limited: tuple[str, str] | None = None
         if skip_reason:
             values.update(status=StepStatus.SKIPPED, reason=skip_reason, finished_at=c.u.at)
         elif render_error:
@@ -675,6 +676,8 @@ class Engine:
                 "catalog_commit": cat.version,
                 **_two_person(action, incident),
             }
+        elif limited := self._limit_reached(c, action):
+            values.update(status=StepStatus.BLOCKED, detail=limited[1], finished_at=c.u.at)
         else:
             # Automatic: created claimed. The unique attempt row is the claim.
             runner = self.executor.reserve(action.executor)
@@ -686,7 +689,12 @@ class Engine:
             existing = c.u.latest_step_run(run.id, index)
             assert existing is not None
             return existing
-        self._on_step_created(c, incident, run, runbook, steps, step, created, decision.reason)
+        if limited:
+            metrics.steps_limited.labels(action.id, limited[0]).inc()
+            reason = limited[1]
+        else:
+            reason = decision.reason
+        self._on_step_created(c, incident, run, runbook, steps, step, created, reason)
         if runner:
             c.jobs.append((runner, self._job(incident, run, step, created)))
         return created
@@ -738,6 +746,23 @@ class Engine:
             c.u.emit(effects.post_step(view, incident.channel))
             if approval is not None:
                 c.u.emit(effects.offer_reactions(incident.id, created.id, incident.channel))
+
+    def _limit_reached(self, c: _Context, action: Action) -> tuple[str, str] | None:
+        """(limit, why) when starting a step of `action` now would pass one of its limits:
+        then it does not run (a circuit breaker), else None."""
+        limits = action.limits
+        if limits.max_concurrent is None and limits.max_per_hour is None:
+            return None
+        running, last_hour = c.u.action_usage(action.id, c.u.at - 3600.0)
+        if limits.max_concurrent is not None and running >= limits.max_concurrent:
+            return "max_concurrent", messages.limit_reached(
+                action.id, "max_concurrent", limits.max_concurrent, running
+            )
+        if limits.max_per_hour is not None and last_hour >= limits.max_per_hour:
+            return "max_per_hour", messages.limit_reached(
+                action.id, "max_per_hour", limits.max_per_hour, last_hour
+            )
+        return None
 
     def _executed_event(self, c: _Context, incident: IncidentRow, step: Step, actor: str) -> None:
         if not self.executor.dry_run:
@@ -791,6 +816,15 @@ class Engine:
         ):
             self._supersede(c, incident, run, cat, runbook, step, approved, approval, command)
             return None
+        if limited := self._limit_reached(c, action):
+            closed = c.u.set_step(approved, StepStatus.BLOCKED, detail=limited[1])
+            if closed is not None:
+                metrics.steps_limited.labels(action.id, limited[0]).inc()
+                c.u.event(
+                    incident, Event.BLOCKED, step_id=step.id, action=action.id, detail=limited[1]
+                )
+                self._show(c, incident, run, step, closed, len(steps), approval)
+            return closed
         if action.external:  # the program that asked runs it, and reports its result
             claimed = c.u.set_step(approved, StepStatus.RUNNING, runner=GUARD_RUNNER)
             if claimed is None:

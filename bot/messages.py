@@ -238,6 +238,18 @@ INTERRUPTED = (
 )
 
 
+def limit_reached(action: str, limit: str, allowed: int, now: int) -> str:
+    """Why a step was not run: its action reached one of its limits."""
+    if limit == "max_concurrent":
+        what = f"{now} of its steps are running (limits.max_concurrent: {allowed})"
+    else:
+        what = f"{now} of its steps started in the last hour (limits.max_per_hour: {allowed})"
+    return (
+        f"not run: {action} reached its limit, {what}. A remediation firing this often is "
+        "not fixing anything: look at the cause, and run it by hand if it is still needed."
+    )
+
+
 def guard_never_reported(seconds: float) -> str:
     return (
         f"the program that asked was approved but did not report its function's result "

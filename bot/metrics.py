@@ -140,6 +140,12 @@ steps_blocked = _counter(
     "scopes (or the scope lacks a promotion record).",
     ("service", "action", "env"),
 )
+steps_limited = _counter(
+    "runbook_steps_limited",
+    "Steps not run because their action reached one of its limits (limit: max_concurrent "
+    "or max_per_hour): the circuit breaker; the run escalates.",
+    ("action", "limit"),
+)
 incidents = _counter(
     "runbook_incidents",
     "Incidents received, by whether a runbook matched (matched: yes or no).",

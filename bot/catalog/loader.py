@@ -37,6 +37,7 @@ from bot.catalog.model import (
     Escalation,
     Expectation,
     KubernetesPlacement,
+    Limits,
     Location,
     Match,
     OnFailure,
@@ -295,6 +296,7 @@ def build_settings(doc: SourceDoc | None) -> Settings:
         approval_timeout=parse_duration(
             defaults.get("approval_timeout"), DEFAULT_APPROVAL_TIMEOUT_SECONDS
         ),
+        limits=limits(defaults.get("limits")),
         secret_patterns=tuple(data.get("secret_patterns", ())),
         promotion_min_runs=int(promotion.get("min_successful_runs", Settings.promotion_min_runs)),
         promotion_window=parse_duration(promotion.get("window"), Settings.promotion_window),
@@ -356,7 +358,14 @@ def build_action(
         safety=safety,
         inline=inline,
         executor=placement(data.get("executor")),
+        limits=limits(data.get("limits")).over(settings.limits),
     )
+
+
+def limits(data: Any) -> Limits:
+    """The model of a `limits:` value the schema accepted (absent: none)."""
+    data = data if isinstance(data, dict) else {}
+    return Limits(data.get("max_concurrent"), data.get("max_per_hour"))
 
 
 def placement(data: Any) -> Placement:

@@ -125,6 +125,24 @@ class KubernetesPlacement:
 
 
 Placement = LocalPlacement | RunnerPlacement | KubernetesPlacement
+
+
+@dataclass(frozen=True)
+class Limits:
+    """`limits:` of an action (or the catalog's `defaults`): how many of its steps may run
+    at once and may start in an hour, across incidents. None: no limit."""
+
+    max_concurrent: int | None = None
+    max_per_hour: int | None = None
+
+    def over(self, defaults: Limits) -> Limits:
+        """These limits, each unset one taken from `defaults`."""
+        return Limits(
+            self.max_concurrent if self.max_concurrent is not None else defaults.max_concurrent,
+            self.max_per_hour if self.max_per_hour is not None else defaults.max_per_hour,
+        )
+
+
 LOCAL = LocalPlacement()
 
 
@@ -146,6 +164,7 @@ class Action:
     # only asks for approval and records what the program reports.
     external: bool = False
     executor: Placement = LOCAL  # where the command runs
+    limits: Limits = Limits()  # with the catalog's defaults applied
 
     @property
     def command_text(self) -> str:
@@ -228,6 +247,7 @@ class Settings:
     services: Mapping[str, str] = field(default_factory=dict)  # service name/id -> environment
     default_timeout: float = DEFAULT_TIMEOUT_SECONDS
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT_SECONDS
+    limits: Limits = Limits()  # defaults.limits: for actions that set none of their own
     secret_patterns: tuple[str, ...] = ()
     promotion_min_runs: int = 3
     promotion_window: float = 30 * 86400.0

@@ -309,6 +309,16 @@ class Unit:
         row = _one(self.conn.execute("SELECT * FROM step_runs WHERE id = ?", (step_run_id,)))
         return StepRun.from_row(row) if row else None
 
+    def action_usage(self, action: str, since: float) -> tuple[int, int]:
+        """Steps of `action` running now, and started at or after `since`, across
+        incidents (what its `limits` are checked against)."""
+        running, started = self.conn.execute(
+            "SELECT (SELECT count(*) FROM step_runs WHERE action = ? AND status = 'running'), "
+            "(SELECT count(*) FROM step_runs WHERE action = ? AND started_at >= ?)",
+            (action, action, since),
+        ).fetchone()
+        return int(running), int(started)
+
     def latest_step_run(self, run_id: int, step_index: int) -> StepRun | None:
         row = _one(
             self.conn.execute(

@@ -18,7 +18,8 @@ in-memory message bookkeeping with the inbox and the outbox; 5 keeps served cata
 marks each audit row with its origin (the bot, `runbookctl simulate` or `runbookctl test`);
 7 adds the two-person rule (approvals.required, approved_by, starter, self_approval) and
 who started a manual run (incidents.started_by); 8 adds pull runners: their tokens
-(hashed, revocable), the steps handed to them and the refusals on either side.
+(hashed, revocable), the steps handed to them and the refusals on either side; 9 indexes
+step runs by action and start, for the actions' limits.
 
   runner_tokens      one row per pull runner token: its pool, its sha256, when revoked
   runner_jobs        a claimed step for a runner pool: its signed payload, queued or
@@ -35,7 +36,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -479,6 +480,11 @@ def _migration_8(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_9(db: sqlite_utils.Database) -> None:
+    # An action's limits (max_concurrent, max_per_hour) are checked before each start.
+    db.conn.execute("CREATE INDEX step_runs_action_started ON step_runs (action, started_at)")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migration_1,
     2: _migration_2,
@@ -488,4 +494,5 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     6: _migration_6,
     7: _migration_7,
     8: _migration_8,
+    9: _migration_9,
 }
