@@ -13,7 +13,10 @@ stand-ins of tests/fakes. Of the deliveries, `--duplicates` are PagerDuty retryi
 answers every Nth new ``chat.postMessage`` with 429 ``Retry-After: 1``.
 
 The reference, in the same run and on the same schedule: a minimal waitress app (its own
-process, like the bot) that only verifies the signature and answers 202.
+process, like the bot) that only verifies the signature and answers 202. The deliveries
+are sent, and their answers timed, from a process of their own (64 threads): the stand-ins
+serve the bot from this process, and a sender sharing their interpreter lock would count
+their work as the bot's.
 
 Reported, per run and over the runs:
   * acknowledgement latency p50 / p99 / max of both, answers over 5 s (PagerDuty's
@@ -298,6 +301,50 @@ def storm_schedule(
     return sorted(sends, key=lambda s: s.at)
 
 
+def fire_apart(url: str, schedule: list[Send], work: Path) -> Fired:
+    """`fire` in a process of its own: the stand-ins of Slack and PagerDuty serve the
+    bot from this process's threads, and a sender sharing their interpreter lock would
+    time their work into the bot's answers (the reference has no such load)."""
+    plan = work / "schedule.json"
+    plan.write_text(
+        json.dumps(
+            [[s.at, s.body.decode(), s.webhook_id, s.event_id, s.duplicate] for s in schedule]
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, __file__, "--fire", url, "--schedule", str(plan)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    data = json.loads(out)
+    return Fired(
+        latencies=data["latencies"],
+        statuses=Counter({int(k): v for k, v in data["statuses"].items()}),
+        answers=Counter(data["answers"]),
+        acked_events=set(data["acked_events"]),
+        errors=data["errors"],
+    )
+
+
+def fire_main(url: str, plan: Path) -> None:
+    """The sender process: the schedule from `plan`, the outcome as JSON on stdout."""
+    schedule = [
+        Send(at, body.encode(), w, e, d) for at, body, w, e, d in json.loads(plan.read_text())
+    ]
+    result = fire(url, schedule)
+    json.dump(
+        {
+            "latencies": result.latencies,
+            "statuses": result.statuses,
+            "answers": result.answers,
+            "acked_events": sorted(result.acked_events),
+            "errors": result.errors,
+        },
+        sys.stdout,
+    )
+
+
 def fire(url: str, schedule: list[Send], senders: int = 64) -> Fired:
     result = Fired()
     lock = threading.Lock()
@@ -454,7 +501,7 @@ def run_once(args: argparse.Namespace, schedule: list[Send], drain: bool) -> Run
             f"http://127.0.0.1:{port}/",
             work / "minimal.log",
         ):
-            minimal = fire(f"http://127.0.0.1:{port}/pagerduty/webhook", schedule)
+            minimal = fire_apart(f"http://127.0.0.1:{port}/pagerduty/webhook", schedule, work)
 
         # 2. the bot
         port = free_port()
@@ -481,7 +528,7 @@ def run_once(args: argparse.Namespace, schedule: list[Send], drain: bool) -> Run
         outbox_drained: float | None = None
         with process([runbook_bot()], env, f"http://127.0.0.1:{port}/healthz", work / "bot.log"):
             started = time.monotonic()
-            bot = fire(f"http://127.0.0.1:{port}/pagerduty/webhook", schedule)
+            bot = fire_apart(f"http://127.0.0.1:{port}/pagerduty/webhook", schedule, work)
             deadline = started + args.drain_timeout
             queued = "SELECT count(*) FROM inbox WHERE source = 'pagerduty' AND status = 'queued'"
             while (not_moved(db) or query(db, queued)[0][0]) and time.monotonic() < deadline:
@@ -606,9 +653,14 @@ def main() -> None:
     )
     parser.add_argument("--drain-timeout", type=float, default=3600.0)
     parser.add_argument("--minimal-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--fire", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--schedule", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.minimal_server:
         serve_minimal(args.minimal_server)
+        return
+    if args.fire:
+        fire_main(args.fire, args.schedule)
         return
 
     schedule = storm_schedule(args.deliveries, args.seconds, args.duplicates, args.services)
