@@ -48,6 +48,7 @@ from bench_slack import (  # noqa: E402
     TOKEN,
     RunResult,
     percentile,
+    ratio_table,
     reaction,
     signed,
     started_at,
@@ -246,23 +247,7 @@ def main() -> int:
         f"button click vs reaction -> command start, loopback, {args.runs} runs of "
         f"{args.iterations} iterations (after {args.warmup} warm-up each)"
     )
-    print(
-        f"{'run':>4}{'click p50':>11}{'click p99':>11}{'react p50':>11}{'react p99':>11}"
-        f"{'ratio p50':>11}{'ratio p99':>11}"
-    )
-    for number, result in enumerate(results, 1):
-        c50, r50, x50 = result.row(50)
-        c99, r99, x99 = result.row(99)
-        print(
-            f"{number:>4}{c50:9.2f}ms{c99:9.2f}ms{r50:9.2f}ms{r99:9.2f}ms{x50:10.2f}x{x99:10.2f}x"
-        )
-    p50s = [r.row(50)[2] for r in results]
-    p99s = [r.row(99)[2] for r in results]
-    print(
-        f"ratio p50: median {statistics.median(p50s):.2f}x (range {min(p50s):.2f}x to "
-        f"{max(p50s):.2f}x); ratio p99: median {statistics.median(p99s):.2f}x "
-        f"(range {min(p99s):.2f}x to {max(p99s):.2f}x)"
-    )
+    p99s = ratio_table(results, "click", "react")
     click_p99 = statistics.median(percentile(r.bot, 99) * 1000 for r in results)
     print(f"click -> start p99, median of the runs: {click_p99:.2f}ms")
     print()

@@ -33,13 +33,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from bench_slack import RunResult, percentile, wait_until  # noqa: E402
+from bench_slack import RunResult, percentile, ratio_table, wait_until  # noqa: E402
 from runner_harness import Runner, create_token  # noqa: E402
 
 from bot.config import Config  # noqa: E402
 from bot.engine import Incident, incident_item  # noqa: E402
-from bot.server import BotApp, HttpServer  # noqa: E402
+from bot.server import BotApp  # noqa: E402
 from bot.signing import public_pem  # noqa: E402
+from bot.web import HttpServer  # noqa: E402
 
 POOL = "bench"
 FINAL = ("success", "failed", "error", "timeout", "interrupted")
@@ -150,23 +151,7 @@ def main() -> int:
         f"trigger -> step result: pull runner vs the bot's own host, loopback, {args.runs} "
         f"runs of {args.iterations} iterations (after {args.warmup} warm-up each)"
     )
-    print(
-        f"{'run':>4}{'runner p50':>12}{'runner p99':>12}{'local p50':>11}{'local p99':>11}"
-        f"{'ratio p50':>11}{'ratio p99':>11}"
-    )
-    for number, result in enumerate(results, 1):
-        b50, f50, x50 = result.row(50)
-        b99, f99, x99 = result.row(99)
-        print(
-            f"{number:>4}{b50:10.2f}ms{b99:10.2f}ms{f50:9.2f}ms{f99:9.2f}ms{x50:10.2f}x{x99:10.2f}x"
-        )
-    p50s = [r.row(50)[2] for r in results]
-    p99s = [r.row(99)[2] for r in results]
-    print(
-        f"ratio p50: median {statistics.median(p50s):.2f}x (range {min(p50s):.2f}x to "
-        f"{max(p50s):.2f}x); ratio p99: median {statistics.median(p99s):.2f}x "
-        f"(range {min(p99s):.2f}x to {max(p99s):.2f}x)"
-    )
+    ratio_table(results, "runner", "local")
     runner_p99 = statistics.median(percentile(r.bot, 99) * 1000 for r in results)
     local_p99 = statistics.median(percentile(r.floor, 99) * 1000 for r in results)
     print(f"p99, median of the runs: runner {runner_p99:.2f}ms, local {local_p99:.2f}ms")

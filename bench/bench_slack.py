@@ -198,6 +198,30 @@ class RunResult:
         return b, f, b / f
 
 
+def ratio_table(results: list[RunResult], left: str, right: str) -> list[float]:
+    """Print each run's p50/p99 of `left` (RunResult.bot) and `right` (.floor) and their
+    ratios, then the median and range of the ratios; the p99 ratios."""
+    print(
+        f"{'run':>4}{left + ' p50':>12}{left + ' p99':>12}{right + ' p50':>12}"
+        f"{right + ' p99':>12}{'ratio p50':>11}{'ratio p99':>11}"
+    )
+    for number, result in enumerate(results, 1):
+        b50, f50, r50 = result.row(50)
+        b99, f99, r99 = result.row(99)
+        print(
+            f"{number:>4}{b50:10.2f}ms{b99:10.2f}ms{f50:10.2f}ms{f99:10.2f}ms"
+            f"{r50:10.2f}x{r99:10.2f}x"
+        )
+    p50s = [r.row(50)[2] for r in results]
+    p99s = [r.row(99)[2] for r in results]
+    print(
+        f"ratio p50: median {statistics.median(p50s):.2f}x (range {min(p50s):.2f}x to "
+        f"{max(p50s):.2f}x); ratio p99: median {statistics.median(p99s):.2f}x "
+        f"(range {min(p99s):.2f}x to {max(p99s):.2f}x)"
+    )
+    return p99s
+
+
 def _answers(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
@@ -323,23 +347,7 @@ def main() -> int:
         f"iterations (after {args.warmup} warm-up each), "
         f"{'straight to the bot' if args.no_front else 'through the intake front'}"
     )
-    print(
-        f"{'run':>4}{'bot p50':>10}{'bot p99':>10}{'floor p50':>11}{'floor p99':>11}"
-        f"{'ratio p50':>11}{'ratio p99':>11}"
-    )
-    for number, result in enumerate(results, 1):
-        b50, f50, r50 = result.row(50)
-        b99, f99, r99 = result.row(99)
-        print(
-            f"{number:>4}{b50:8.2f}ms{b99:8.2f}ms{f50:9.2f}ms{f99:9.2f}ms{r50:10.2f}x{r99:10.2f}x"
-        )
-    p50s = [r.row(50)[2] for r in results]
-    p99s = [r.row(99)[2] for r in results]
-    print(
-        f"ratio p50: median {statistics.median(p50s):.2f}x (range {min(p50s):.2f}x to "
-        f"{max(p50s):.2f}x); ratio p99: median {statistics.median(p99s):.2f}x "
-        f"(range {min(p99s):.2f}x to {max(p99s):.2f}x)"
-    )
+    p99s = ratio_table(results, "bot", "floor")
     met = statistics.median(p99s) <= TARGET
     verdict = "met" if met else "NOT met"
     print(f"target (p99 within {TARGET}x the floor, median of the runs): {verdict}")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
-from bot import messages
+from bot import executor, messages
 from bot.catalog.model import LOCAL, KubernetesPlacement, Placement, RunnerPlacement
 from bot.engine import Job
 from bot.jobs import JobEnd, Recovery, Sink
@@ -125,7 +125,7 @@ class Dispatcher:
             job.attempt,
             job.incident_id,
             job.phase,
-            _refused(self.unavailable(job.placement)),
+            executor.not_run(self.unavailable(job.placement)),
         )
 
     # --- after a restart -------------------------------------------------------------------
@@ -150,7 +150,7 @@ class Dispatcher:
             elif step.runner.startswith(REFUSED_PREFIX):
                 job = job_of(step)
                 reason = self.unavailable(job.placement) if job else "its executor is gone"
-                found.append(Recovery(step, result=_refused(reason)))
+                found.append(Recovery(step, result=executor.not_run(reason)))
             else:
                 local.append(step)
         found += self.local.recover(local, job_of, restart)
@@ -173,14 +173,3 @@ class Dispatcher:
         placed = self._placed(runner)
         if placed is not None:
             placed.forget(runner)
-
-
-def _refused(detail: str) -> dict[str, Any]:
-    return {
-        "status": "error",
-        "exit_code": None,
-        "output": "",
-        "duration": 0.0,
-        "argv": [],
-        "detail": detail,
-    }

@@ -519,6 +519,20 @@ def _position_in(stack: list[str]) -> str:
 # --- secrets -------------------------------------------------------------------------------
 
 
+def not_run(detail: str) -> dict[str, Any]:
+    """The result, as executors report it (``ExecutionResult`` as a mapping), of a command
+    that did not run: status ``error``, `detail` saying why."""
+    return {
+        "status": "error",
+        "exit_code": None,
+        "output": "",
+        "duration": 0.0,
+        "argv": [],
+        "matched": None,
+        "detail": detail,
+    }
+
+
 def mask_secrets(
     text: str,
     secrets: Iterable[str],

@@ -150,14 +150,16 @@ class RunnerHub:
             argv = executor.render_argv(job.spec, job.context)
             env = executor.render_env(job.spec, job.context)
         except ValueError as exc:  # TemplateError and spec errors speak to people
-            self.sink(_end(job, _error(f"could not run: {exc}")))
+            self.sink(_end(job, executor.not_run(f"could not run: {exc}")))
             return
         try:
             self._queue(runner, pool, job, argv, env)
         except Exception:
             # Not queued, so no runner can have it: it ends as not run, not as lost.
             log.exception("could not queue step %s for pool %s", job.step_run_id, pool)
-            self.sink(_end(job, _error("could not run: it could not be queued for a runner")))
+            self.sink(
+                _end(job, executor.not_run("could not run: it could not be queued for a runner"))
+            )
             return
         if not self.connected(pool):
             self.note(job, messages.runner_waiting(pool, job.spec.timeout))
@@ -263,10 +265,12 @@ class RunnerHub:
         for job in unclaimed:
             if self.store.runner_job_take_overdue(job):
                 wait = job.wait_until - job.queued_at
-                self.sink(_row_end(job, _error(messages.runner_none_took(job.pool, wait))))
+                self.sink(
+                    _row_end(job, executor.not_run(messages.runner_none_took(job.pool, wait)))
+                )
         for job in closed:
             if self.store.runner_job_take_overdue(job):
-                self.sink(_row_end(job, _error(messages.RUNNER_INCIDENT_CLOSED)))
+                self.sink(_row_end(job, executor.not_run(messages.RUNNER_INCIDENT_CLOSED)))
 
     # --- HTTP ----------------------------------------------------------------------------
 
@@ -388,7 +392,7 @@ class RunnerHub:
         )
         row = self.store.runner_job(job_id)
         if row is not None and row.token_id == token.id:
-            self.sink(_row_end(row, _error(messages.runner_refused(row.pool, reason))))
+            self.sink(_row_end(row, executor.not_run(messages.runner_refused(row.pool, reason))))
             self.store.runner_job_take(job_id, token.id)
         return _json(start_response, "200 OK", {"recorded": True})
 
@@ -412,18 +416,6 @@ def _result_values(result: Mapping[str, Any]) -> dict[str, Any]:
         "argv": argv,
         "matched": result.get("matched") if isinstance(result.get("matched"), str) else None,
         "detail": str(result.get("detail") or ""),
-    }
-
-
-def _error(detail: str) -> dict[str, Any]:
-    return {
-        "status": "error",
-        "exit_code": None,
-        "output": "",
-        "duration": 0.0,
-        "argv": [],
-        "matched": None,
-        "detail": detail,
     }
 
 

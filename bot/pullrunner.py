@@ -289,10 +289,12 @@ class PullRunner:
                 )
             )
         except ValueError as exc:  # a spec error, before anything started
-            outcome = _error(f"could not run: {exc}")
+            outcome = executor.not_run(f"could not run: {exc}")
         except Exception as exc:  # a bug here: told without its text (it could hold a secret)
             log.exception("step %s failed in the runner", job_id)
-            outcome = _error(f"could not run: unexpected {type(exc).__name__} in the runner")
+            outcome = executor.not_run(
+                f"could not run: unexpected {type(exc).__name__} in the runner"
+            )
         try:
             self.ledger.finish(job_id, outcome)
             log.info("step %s (%s): %s", job_id, payload["action"], outcome["status"])
@@ -338,18 +340,6 @@ class PullRunner:
                 continue
             with contextlib.suppress(httpx.TransportError):
                 self.http.post("/runner/heartbeat", json={"jobs": held})
-
-
-def _error(detail: str) -> dict[str, Any]:
-    return {
-        "status": "error",
-        "exit_code": None,
-        "output": "",
-        "duration": 0.0,
-        "argv": [],
-        "matched": None,
-        "detail": detail,
-    }
 
 
 def _error_of(response: httpx.Response) -> str:

@@ -142,15 +142,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             if isinstance(exc, ValueError)
             else f"could not run: unexpected {type(exc).__name__} in the step supervisor"
         )
-        return {
-            "status": "error",
-            "exit_code": None,
-            "output": "",
-            "duration": 0.0,
-            "argv": [],
-            "matched": None,
-            "detail": detail,
-        }
+        return executor.not_run(detail)
 
 
 if __name__ == "__main__":
