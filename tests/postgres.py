@@ -82,6 +82,10 @@ class Cluster:
             "--encoding=UTF8",
             "--no-instructions",
         )  # fmt: skip
+        self.start_server()
+
+    def start_server(self) -> None:
+        """Start the server of the initialized cluster (again, after `stop_server`)."""
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
@@ -94,6 +98,10 @@ class Cluster:
             "-l", str(self.root / "server.log"),
             "-w", "start",
         )  # fmt: skip
+
+    def stop_server(self) -> None:
+        """Stop the server, dropping every client's connection (`start_server` again)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError):

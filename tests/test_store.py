@@ -205,11 +205,11 @@ def test_a_fresh_database_is_at_the_current_schema_in_wal_mode(db_path: Path) ->
         assert "catalog_commit" in columns(db_path, table), table
 
 
-def test_reopening_keeps_the_data_and_migrates_nothing_twice(db_path: Path) -> None:
-    first = Store(db_path)
+def test_reopening_keeps_the_data_and_migrates_nothing_twice(db_target: str) -> None:
+    first = Store(db_target)
     open_incident(first)
     first.close()
-    again = Store(db_path)
+    again = Store(db_target)
     assert must(again.incident("P1")).title == "Payments API elevated 5xx"
     assert again.schema_version == SCHEMA_VERSION
     again.close()
@@ -578,14 +578,14 @@ def test_step_changes_follow_the_table_and_record_their_times(store: Store) -> N
     assert store.running_steps() == []
 
 
-def test_exactly_one_of_many_workers_claims_a_step(db_path: Path) -> None:
-    first = Store(db_path)
+def test_exactly_one_of_many_workers_claims_a_step(db_target: str) -> None:
+    first = Store(db_target)
     _incident, run = open_incident(first)
     step, _approval = awaiting(first, run)
     with first.unit() as u:
         approved = must(u.set_step(step, StepStatus.APPROVED))
     first.close()
-    workers = [Store(db_path) for _ in range(8)]
+    workers = [Store(db_target) for _ in range(8)]
     barrier = threading.Barrier(len(workers))
     claims: list[StepRun] = []
 
@@ -712,8 +712,8 @@ def test_events_and_effects_commit_with_the_change(store: Store) -> None:
     )
 
 
-def test_an_item_applied_by_another_worker_raises_already_applied(db_path: Path) -> None:
-    mine, theirs = Store(db_path), Store(db_path)
+def test_an_item_applied_by_another_worker_raises_already_applied(db_target: str) -> None:
+    mine, theirs = Store(db_target), Store(db_target)
     incident, _run = open_incident(mine)
     put(mine, "e1")
     (item,) = mine.inbox_ready(10)
@@ -889,13 +889,13 @@ def test_one_bot_per_sqlite_database(db_path: Path) -> None:
     Store(db_path, intake_log=True).close()  # free again once the first let go
 
 
-def test_the_inbox_dedupes_by_key_and_alt_key_across_reopening(db_path: Path) -> None:
-    store = Store(db_path)
+def test_the_inbox_dedupes_by_key_and_alt_key_across_reopening(db_target: str) -> None:
+    store = Store(db_target)
     assert put(store, "pagerduty:event:E1", alt_key="pagerduty:delivery:D1")
     assert not put(store, "pagerduty:event:E1", alt_key="pagerduty:delivery:D2")  # same event
     assert not put(store, "pagerduty:event:E2", alt_key="pagerduty:delivery:D1")  # a retry
     store.close()
-    reopened = Store(db_path)
+    reopened = Store(db_target)
     assert not put(reopened, "pagerduty:event:E1")
     assert not put(reopened, "pagerduty:event:E3", alt_key="pagerduty:delivery:D1")
     assert put(reopened, "pagerduty:event:E3", alt_key="pagerduty:delivery:D3")

@@ -50,7 +50,16 @@ from bot.states import (
     StepStatus,
 )
 from bot.store import intake
-from bot.store.backend import PgConnection, display, integrity_errors, is_postgres, unreachable
+from bot.store.backend import (
+    PgConnection,
+    display,
+    integrity_errors,
+    is_postgres,
+    unreachable,
+)
+from bot.store.backend import (
+    reason as libpq_reason,
+)
 from bot.store.intake import COLUMNS as _RECEIVED
 from bot.store.intake import IntakeLog
 from bot.store.rows import (
@@ -120,6 +129,10 @@ _STILL_WANTED = (
 # holds for its lifetime, and the lock every writing transaction takes first.
 BOT_LOCK = 0x72756E62_6F6F6B01  # "runbook" 1
 WRITE_LOCK = 0x72756E62_6F6F6B02
+# Seconds a request waits for a PostgreSQL connection while the server is unreachable.
+CONNECT_WAIT = 3.0
+# ... and once it is known to be down, until a connection comes back.
+DOWN_WAIT = 0.2
 
 
 def now() -> float:
@@ -809,6 +822,7 @@ class Store:
         self._pool: ConnectionPool | None = None
         self._holder: Any = None  # PostgreSQL: the session holding the one-bot lock
         self._active: PgConnection | None = None  # PostgreSQL: the lock holder's connection
+        self._down = ""  # PostgreSQL: why the server could not be reached, while it cannot
         self._lock = _StoreLock()
         self._parked = True  # may a parked inbox item exist? (checked at the first unpark)
         self._checkpointer: sqlite3.Connection | None = None  # its own, see checkpoint()
@@ -871,7 +885,9 @@ class Store:
             self._holder = first
         else:
             first.close()
-        self._pool_timeout = timeout
+        # Only a lost server makes a request wait for a connection (the store's lock
+        # lends one at a time): fail fast then, so the request gets its 503 in time.
+        self._pool_timeout = min(timeout, CONNECT_WAIT)
         self._pool = ConnectionPool(
             self.url,
             min_size=1,
@@ -880,13 +896,18 @@ class Store:
             # A connection is checked as it leaves the pool: one the server dropped (a
             # restart, a failover) is replaced instead of failing the request it was for.
             check=ConnectionPool.check_connection,
-            timeout=timeout,
+            timeout=self._pool_timeout,
             name="runbook-bot",
             open=False,
         )
         try:
             self._pool.open(wait=True, timeout=timeout)
             self._migrate()
+        except psycopg.Error as exc:
+            self.close()
+            raise StoreError(
+                f"cannot prepare the database {self.path}: {libpq_reason(exc)}"
+            ) from None
         except BaseException:
             self.close()
             raise
@@ -908,7 +929,7 @@ class Store:
             "(SELECT oid FROM pg_database WHERE datname = current_database())",
             (BOT_LOCK & 0xFFFFFFFF,),
         ).fetchone()
-        holder = f"{row[0]} from {row[1] or 'a local socket'}" if row else "?"
+        holder = f"{row[0]} from {row[1] or 'a local socket'}" if row else "a session"
         raise StoreError(
             f"another runbook-bot ({holder}) is using {self.path}: one bot per database "
             "until replicas land"
@@ -973,10 +994,16 @@ class Store:
         """Copy committed WAL pages into the database file; (pages in the WAL, copied).
 
         For a background thread. It uses a connection of its own and not the store's
-        lock, and PASSIVE never waits for readers or the writer. Nothing to do on
-        PostgreSQL, whose server checkpoints.
+        lock, and PASSIVE never waits for readers or the writer.
         """
-        if self.path == ":memory:" or self._pool is not None:
+        if self._pool is not None:
+            # Nothing to copy: the server checkpoints. The bot's one-bot lock lives in a
+            # session, which a lost server takes with it: the bot takes it again here.
+            if self._holder is not None:
+                with self._lock:
+                    self._check_bot_lock()
+            return 0, 0
+        if self.path == ":memory:":
             return 0, 0
         if self._intake is not None:
             self._intake.checkpoint()
@@ -1017,15 +1044,34 @@ class Store:
         from psycopg_pool import PoolTimeout
 
         assert self._pool is not None
+        # While the server is known to be down, a session waits briefly for the pool
+        # (which keeps reconnecting in the background): every thread queued on the
+        # store's lock would otherwise wait in turn, and a request behind them for long.
+        wait = DOWN_WAIT if self._down else self._pool_timeout
         try:
-            with self._pool.connection(timeout=self._pool_timeout) as raw:
+            with self._pool.connection(timeout=wait) as raw:
+                self._down = ""
                 self._active = PgConnection(raw)
                 try:
                     yield self._active
                 finally:
                     self._active = None
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+        except PoolTimeout:
+            self._down = self._down or self._why_unreachable()
+            raise StoreError(f"cannot reach the database {self.path}: {self._down}") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._down = libpq_reason(exc)
             raise unreachable(self.url, exc) from None
+
+    def _why_unreachable(self) -> str:
+        """The pool only says it timed out: one direct attempt gives libpq's reason."""
+        import psycopg
+
+        try:
+            psycopg.connect(self.url, connect_timeout=2).close()
+        except psycopg.Error as exc:
+            return libpq_reason(exc)
+        return "no connection came back in time"
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:

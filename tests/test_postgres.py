@@ -1,0 +1,259 @@
+"""PostgreSQL as the store's backend, where it differs from SQLite: its schema, one bot per
+database, unreachable servers, a server restart under a running store and bot, and a bot
+served end to end (a signed PagerDuty delivery to the Slack thread).
+
+The store and engine tests run on both backends (the `store` and `db_target` fixtures in
+conftest.py); these are the rest. The server is real (tests/postgres.py).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from fakes import FakeSlack
+from postgres import Cluster
+from slack_harness import APPROVER, Bot, wait_for, write_catalog
+from test_server import PD_SECRET, deliver, triggered
+
+from bot.config import Secret
+from bot.errors import StoreError
+from bot.store import SCHEMA_VERSION, Store
+from bot.store.backend import display, is_postgres
+from bot.store.schema import MIGRATIONS, POSTGRES_BASELINE, POSTGRES_MIGRATIONS, TABLES
+
+
+def _put(store: Store, key: str, alt_key: str | None = None) -> bool:
+    return store.inbox_put(
+        source="pagerduty",
+        key=key,
+        alt_key=alt_key,
+        incident_id="P1",
+        kind="incident.triggered",
+        payload={"n": key},
+    )
+
+
+def test_runbook_db_names_a_backend() -> None:
+    assert is_postgres("postgresql://bot@db:5432/runbook")
+    assert is_postgres("postgres://db/runbook")
+    assert not is_postgres("./runbook-bot.db")
+    assert not is_postgres("/var/lib/postgresql.db")
+    assert display("postgresql://bot:s3cret@db.internal:6432/runbook?sslmode=require") == (
+        "postgresql://bot@db.internal:6432/runbook"
+    )
+
+
+def test_every_migration_after_the_baseline_exists_for_both_backends() -> None:
+    later = set(range(POSTGRES_BASELINE + 1, SCHEMA_VERSION + 1))
+    assert later == set(POSTGRES_MIGRATIONS), "a migration needs a PostgreSQL step too"
+    assert set(MIGRATIONS) == set(range(1, SCHEMA_VERSION + 1))
+
+
+def test_a_fresh_database_is_created_at_the_current_schema(pg_url: str) -> None:
+    store = Store(pg_url)
+    assert store.schema_version == SCHEMA_VERSION
+    tables = {
+        r["table_name"]
+        for r in store.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+    }
+    assert tables == {"meta"} | {name for name, _ in TABLES}
+    # Unique constraints, not memory, dedupe: both keys, across reopening.
+    assert _put(store, "pagerduty:event:E1", "pagerduty:delivery:D1")
+    assert not _put(store, "pagerduty:event:E2", "pagerduty:delivery:D1")
+    store.close()
+    again = Store(pg_url)
+    assert not _put(again, "pagerduty:event:E1")
+    assert [i.key for i in again.inbox_items()] == ["pagerduty:event:E1"]
+    again.close()
+
+
+def test_a_newer_schema_is_refused_with_a_clear_error(pg_url: str) -> None:
+    Store(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="schema version 99, newer than this bot"):
+        Store(pg_url)
+
+
+def test_one_bot_per_postgresql_database(pg_url: str) -> None:
+    first = Store(pg_url, intake_log=True)
+    assert first.intake is None  # no intake log: items go straight into the inbox
+    with pytest.raises(StoreError) as refused:
+        Store(pg_url, intake_log=True)
+    message = str(refused.value)
+    assert "another runbook-bot (" in message
+    assert "one bot per database until replicas land" in message
+    reader = Store(pg_url)  # runbookctl and reports still open it
+    assert reader.schema_version == SCHEMA_VERSION
+    reader.close()
+    first.close()
+    Store(pg_url, intake_log=True).close()  # free again once the first let go
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_unreachable_server_is_named_with_libpqs_reason_and_no_password() -> None:
+    port = _free_port()
+    with pytest.raises(StoreError) as refused:
+        Store(f"postgresql://bot:s3cret@127.0.0.1:{port}/runbook")
+    message = str(refused.value)
+    assert f"cannot reach the database postgresql://bot@127.0.0.1:{port}/runbook" in message
+    assert "Connection refused" in message
+    assert "s3cret" not in message
+
+
+def test_a_role_without_rights_is_told_why_and_its_password_never_shown(
+    postgres: Cluster, pg_url: str
+) -> None:
+    with psycopg.connect(postgres.url(), autocommit=True) as conn:
+        conn.execute("CREATE ROLE checker LOGIN PASSWORD 's3cret'")
+    url = pg_url.replace("runbook@", "checker:s3cret@")
+    with pytest.raises(StoreError) as refused:
+        Store(url)
+    message = str(refused.value)
+    assert message.startswith("cannot prepare the database postgresql://checker@127.0.0.1:")
+    assert "permission denied for schema public" in message
+    assert "s3cret" not in message
+
+
+@pytest.fixture
+def own_cluster(postgres: Cluster) -> Iterator[Cluster]:
+    """A PostgreSQL server of the test's own, to restart (the session's serves the rest)."""
+    cluster = Cluster(postgres.bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_the_store_reconnects_by_itself_after_a_server_restart(own_cluster: Cluster) -> None:
+    url = own_cluster.create_database()
+    store = Store(url, intake_log=True, busy_timeout=1.0)
+    assert _put(store, "pagerduty:event:E1")
+    own_cluster.stop_server()
+    with pytest.raises(StoreError, match=r"cannot reach the database .*127\.0\.0\.1"):
+        store.probe_write()
+    with pytest.raises(StoreError, match="cannot reach the database"):
+        _put(store, "pagerduty:event:E2")
+    own_cluster.start_server()
+    wait_for(lambda: _ready(store), timeout=30, what="the store to write again")
+    assert _put(store, "pagerduty:event:E2")
+    assert [i.key for i in store.inbox_items()] == ["pagerduty:event:E1", "pagerduty:event:E2"]
+    # The one-bot lock was taken again with the new session: a second bot is refused.
+    with pytest.raises(StoreError, match="another runbook-bot"):
+        Store(url, intake_log=True)
+    store.close()
+
+
+def _ready(store: Store) -> bool:
+    try:
+        store.probe_write()
+    except StoreError:
+        return False
+    return True
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Path:
+    write_catalog(tmp_path)
+    return tmp_path
+
+
+def _bot(catalog: Path, slack: FakeSlack, url: str) -> Bot:
+    return Bot(
+        catalog,
+        slack,
+        db=url,
+        state_dir=str(catalog / "steps"),
+        pagerduty_webhook_secret=Secret(PD_SECRET),
+    )
+
+
+def test_the_bot_serves_a_page_end_to_end_on_postgresql(
+    catalog: Path, slack: FakeSlack, pg_url: str
+) -> None:
+    """A signed PagerDuty delivery → the thread and its steps in Slack → an approval →
+    the guarded step runs once; a redelivery changes nothing; a second bot is refused."""
+    bot = _bot(catalog, slack, pg_url)
+    try:
+        assert bot.http.get("/readyz").json()["status"] == "ready"
+        assert deliver(bot.http, triggered("PPG1")).status_code == 202
+        assert deliver(bot.http, triggered("PPG1")).status_code == 202  # a retry: no effect
+        bot.settle()
+        assert bot.status("check") == "success"
+        assert bot.status("guarded") == "awaiting_approval"
+        assert bot.react(APPROVER, "white_check_mark").status_code == 200
+        wait_for(lambda: bot.status("after") == "success", what="the run to go on")
+        bot.settle()
+        assert bot.runs() == ["ran"]  # the guarded command ran once
+        thread = [c for c in slack.calls_to("chat.postMessage") if c.params.get("thread_ts")]
+        assert len(thread) >= 3  # the steps, in the thread
+        roots = [c for c in slack.calls_to("chat.postMessage") if not c.params.get("thread_ts")]
+        assert len(roots) == 1  # one thread for the incident
+        with pytest.raises(StoreError, match="one bot per database"):
+            _bot(catalog, slack, pg_url)
+    finally:
+        bot.stop()
+
+
+def test_readyz_says_503_while_postgresql_is_down_and_the_bot_recovers_by_itself(
+    catalog: Path, slack: FakeSlack, own_cluster: Cluster
+) -> None:
+    bot = _bot(catalog, slack, own_cluster.create_database())
+    try:
+        assert deliver(bot.http, triggered("PPG1")).status_code == 202
+        bot.settle()
+        own_cluster.stop_server()
+        not_ready = wait_for(
+            lambda: (r := bot.http.get("/readyz")).status_code == 503 and r,
+            timeout=30,
+            what="/readyz to say not ready",
+        )
+        assert (
+            "cannot reach the database postgresql://runbook@127.0.0.1"
+            in (not_ready.json()["reason"])
+        )
+        refused = deliver(bot.http, triggered("PPG2"))
+        assert refused.status_code == 503  # not acknowledged: PagerDuty retries
+        assert bot.http.get("/healthz").status_code == 200  # alive all along
+        own_cluster.start_server()
+        wait_for(lambda: bot.http.get("/readyz").status_code == 200, timeout=30, what="ready")
+        assert deliver(bot.http, triggered("PPG2")).status_code == 202
+        wait_for(lambda: bot.app.store.incident("PPG2"), what="the retried delivery applied")
+        bot.settle()
+        assert bot.status("check") == "success"
+    finally:
+        bot.stop()
+
+
+def test_pagerduty_may_post_to_a_bot_on_postgresql_with_a_pooled_client(
+    catalog: Path, slack: FakeSlack, pg_url: str
+) -> None:
+    """Deliveries from several connections at once are all recorded, each once."""
+    import concurrent.futures
+
+    bot = _bot(catalog, slack, pg_url)
+    try:
+        bodies = [triggered(f"PC{n:02d}") for n in range(20)] * 2
+        with (
+            httpx.Client(base_url=bot.url, timeout=10) as http,
+            concurrent.futures.ThreadPoolExecutor(8) as pool,
+        ):
+            codes = list(pool.map(lambda b: deliver(http, b).status_code, bodies))
+        assert set(codes) == {202}
+        items = bot.app.store.inbox_items(source="pagerduty")
+        assert sorted(i.incident_id for i in items) == [f"PC{n:02d}" for n in range(20)]
+    finally:
+        bot.stop()
