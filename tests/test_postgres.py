@@ -8,9 +8,11 @@ conftest.py); these are the rest. The server is real (tests/postgres.py).
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -257,3 +259,119 @@ def test_pagerduty_may_post_to_a_bot_on_postgresql_with_a_pooled_client(
         assert sorted(i.incident_id for i in items) == [f"PC{n:02d}" for n in range(20)]
     finally:
         bot.stop()
+
+
+# --- runbookctl db migrate-to -------------------------------------------------------------
+
+
+def _sqlite_with_history(path: Path) -> None:
+    """A bot's SQLite database: incidents run by the real engine (commands run, a request
+    rejected, one still waiting for approval), and a delivery the intake log acknowledged
+    but never moved into the inbox (the bot stopped first)."""
+    from builders import Clock, action, catalog, py, runbook, step
+
+    from bot.engine import Incident
+    from bot.local import LocalRuntime
+
+    store = Store(path)
+    clock = Clock(t=1_800_000_000.0)
+    ok = action("check-error-rate", py("print('rate => 0.1')"), expect=[("=>", False)])
+    flush = action("clear-cache", py("print('OK')"), approval=True, approval_timeout=600)
+    cat = catalog(runbook("payments", [step(ok), step(flush)]))
+    runtime = LocalRuntime(cat, store, clock=clock, default_env="staging")
+    for incident_id in ("P1", "P2", "P3"):
+        runtime.open(Incident(id=incident_id, title="5xx", service="payments"))
+        clock.advance(30)
+    (first,) = store.pending_approvals("P1")
+    runtime.decide(first.step_run_id, APPROVER)
+    (second,) = store.pending_approvals("P2")
+    runtime.decide(second.step_run_id, APPROVER, "reject")
+    store.close()
+    bot = Store(path, intake_log=True)
+    assert bot.inbox_put(
+        source="pagerduty",
+        key="pagerduty:event:LATE",
+        incident_id="P9",
+        kind="incident.triggered",
+        payload={},
+        waiting=True,
+    )
+    assert bot.intake is not None and bot.intake.count_pending() == 1
+    bot.close()
+
+
+def _ctl(*args: str) -> Any:
+    from click.testing import CliRunner
+
+    from runbookctl.cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+_REPORTS = (
+    ("report", "overrides"),
+    ("report", "actions"),
+    ("report", "approvals"),
+    ("report", "events", "--limit", "1000"),
+    ("runs", "list"),
+    ("runs", "show", "P1"),
+)
+
+
+def test_migrate_to_copies_everything_and_reports_read_the_same(
+    tmp_path: Path, pg_url: str
+) -> None:
+    sqlite_db = tmp_path / "state.db"
+    _sqlite_with_history(sqlite_db)
+    moved = _ctl("db", "migrate-to", pg_url, "--db", str(sqlite_db))
+    assert moved.exit_code == 0, moved.output
+    assert "set RUNBOOK_DB to it" in moved.output
+    for args in _REPORTS:
+        before = _ctl(*args, "--db", str(sqlite_db), "--format", "json")
+        after = _ctl(*args, "--db", pg_url, "--format", "json")
+        assert before.exit_code == after.exit_code == 0, (args, before.output, after.output)
+        assert json.loads(after.output) == json.loads(before.output), args
+
+    old, new = Store(sqlite_db), Store(pg_url)
+    try:
+        for table, _identity in TABLES:
+            assert new.query(f"SELECT * FROM {table} ORDER BY 1") == old.query(
+                f"SELECT * FROM {table} ORDER BY 1"
+            ), table
+        waiting = new.pending_approvals()
+        assert "P3" in {a.incident_id for a in waiting}
+        assert waiting == old.pending_approvals()
+        assert "pagerduty:event:LATE" in [i.key for i in new.inbox_items()]  # the intake log's
+        # The ids go on after the copied ones.
+        top = max(i.id for i in new.inbox_items())
+        assert _put(new, "pagerduty:event:AFTER")
+        assert new.inbox_items()[-1].id == top + 1
+    finally:
+        old.close()
+        new.close()
+
+    again = _ctl("db", "migrate-to", pg_url, "--db", str(sqlite_db))
+    assert again.exit_code == 1
+    assert "is not empty (" in again.output and "copies into an empty database only" in again.output
+
+
+def test_migrate_to_refuses_while_the_bot_runs(tmp_path: Path, pg_url: str) -> None:
+    sqlite_db = tmp_path / "state.db"
+    running = Store(sqlite_db, intake_log=True)
+    try:
+        refused = _ctl("db", "migrate-to", pg_url, "--db", str(sqlite_db))
+    finally:
+        running.close()
+    assert refused.exit_code == 1
+    assert "stop the bot before moving its database" in refused.output
+    target = Store(pg_url)
+    assert target.incidents() == []
+    target.close()
+
+
+def test_migrate_to_needs_a_postgresql_url(tmp_path: Path) -> None:
+    sqlite_db = tmp_path / "state.db"
+    Store(sqlite_db).close()
+    refused = _ctl("db", "migrate-to", str(tmp_path / "other.db"), "--db", str(sqlite_db))
+    assert refused.exit_code == 1
+    assert "is not a PostgreSQL URL" in refused.output

@@ -77,11 +77,27 @@ class PgConnection:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         return self.raw.execute(translate(sql), [_param(p) for p in params])
 
+    def close(self) -> None:
+        self.raw.close()
+
     @property
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
         return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+
+def connect_readonly(url: str) -> PgConnection:
+    """A read-only session (reports): it can never change what it reads."""
+    import psycopg
+
+    try:
+        raw = psycopg.connect(
+            url, autocommit=True, connect_timeout=10, options="-c default_transaction_read_only=on"
+        )
+    except psycopg.Error as exc:
+        raise unreachable(url, exc) from None
+    return PgConnection(raw)
 
 
 def integrity_errors() -> tuple[type[Exception], ...]:
