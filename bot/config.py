@@ -84,7 +84,8 @@ class Config:
         "RUNBOOK_STATE_DIR",
         "",
         "Directory where step supervisors record results that outlive the bot "
-        "(default: beside the SQLite file, e.g. runbook-bot-steps/).",
+        "(default: beside the SQLite file, e.g. runbook-bot-steps/; with PostgreSQL, "
+        "./runbook-bot-steps).",
     )
     signing_key: str = _setting(
         "RUNBOOK_SIGNING_KEY",
