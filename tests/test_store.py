@@ -2137,3 +2137,50 @@ def test_the_store_lock_goes_to_urgent_waiters_first_then_in_arrival_order() -> 
     assert order == ["intake", "first", "second"]
     lock.acquire()  # free again: taken at once
     lock.release()
+
+
+# --- pull runners' tables and catalog snapshots ---------------------------------------------
+
+
+def test_runner_tokens_jobs_and_refusals_behave_alike_on_each_backend(db_target: str) -> None:
+    from bot.store import RunnerJob
+
+    now = [T0]
+    store = Store(db_target, clock=lambda: now[0])
+    token = store.runner_token_create("linux", "web-1", "a" * 64)
+    with pytest.raises(StoreError, match="already has a token named web-1"):
+        store.runner_token_create("linux", "web-1", "b" * 64)
+    assert store.runner_token_by_hash("a" * 64) == token
+    open_incident(store)
+    job = RunnerJob(
+        job_id="J1", pool="linux", action="flush", step_run_id=1, attempt=1,
+        incident_id="P1", phase="main", payload="{}", state="queued",
+        queued_at=T0, wait_until=T0 + 60,
+    )  # fmt: skip
+    store.runner_job_queue(job)
+    store.runner_job_queue(job)  # again after a restart: kept as it is
+    assert store.runner_job_lease("linux", ["other"], token.id, T0 + 30) is None
+    leased = must(store.runner_job_lease("linux", ["flush"], token.id, T0 + 30))
+    assert (leased.state, leased.token_id) == ("leased", token.id)
+    assert store.runner_job_lease("linux", ["flush"], token.id, T0 + 30) is None  # once
+    assert store.runner_job_extend(["J1", "J2"], token.id, T0 + 40) == ["J1"]
+    assert store.runner_jobs_renew_leases(T0 + 35) == 1
+    assert must(store.runner_job("J1")).lease_until == T0 + 40  # never shortened
+    assert store.runner_jobs_renew_leases(T0 + 50) == 1
+    assert must(store.runner_job("J1")).lease_until == T0 + 50
+    now[0] = T0 + 51
+    lapsed, unclaimed, closed = store.runner_jobs_overdue()
+    assert [j.job_id for j in lapsed] == ["J1"] and unclaimed == closed == []
+    assert store.runner_job_take_overdue(lapsed[0])
+    assert not store.runner_job_take_overdue(lapsed[0])  # gone already
+    assert must(store.runner_token_revoke("linux", "web-1")).revoked_at == T0 + 51
+    assert store.runner_token_revoke("linux", "web-1") is None
+    store.record_runner_refusal("bot", "revoked", pool="linux", token_id=token.id)
+    (refusal,) = store.runner_refusals()
+    assert (refusal.reason, refusal.token_id) == ("revoked", token.id)
+    store.save_catalog("v1", b"\x00snapshot one")
+    now[0] += 1
+    store.save_catalog("v2", b"snapshot two")
+    assert store.catalog_snapshot() == b"snapshot two"
+    assert store.catalog_snapshot("v1") == b"\x00snapshot one"
+    store.close()
