@@ -1,4 +1,4 @@
-"""The repository: durable state, the inbox, the outbox and the audit log, in one SQLite file.
+"""The repository: durable state, the inbox, the outbox and the audit log, in one database.
 
 Only this package knows tables and SQL. Callers ask for a state change by name and get
 typed rows back (``bot.store.rows``):
@@ -18,6 +18,13 @@ typed rows back (``bot.store.rows``):
 Why SQLite: one bot process owns the file, WAL mode lets ``runbookctl report`` read while
 the bot writes, and a commit survives the bot being killed. Every row names the catalog
 version it was decided under.
+
+PostgreSQL is the second backend (``RUNBOOK_DB=postgresql://…``; ``bot.store.backend``):
+the same API, the same SQL text where both speak it, the same schema version. What
+differs is plumbing: a connection pool that reconnects, an advisory lock per writing
+transaction instead of ``BEGIN IMMEDIATE``, an advisory lock per bot instead of the
+``<db>-lock`` file, no intake log (a commit is durable when it returns, and the server
+takes concurrent writers), and no checkpoints or syncs.
 """
 
 from __future__ import annotations

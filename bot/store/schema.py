@@ -1,4 +1,5 @@
-"""The database schema and its migrations (schema version in ``meta``).
+"""The database schema and its migrations (schema version in ``meta``), for SQLite and
+PostgreSQL (the PostgreSQL part, and how a migration covers both, is at the end).
 
 Tables:
   incidents          one row per PagerDuty incident (or simulated one)
