@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from fakes import FakeSlack
 from postgres import Cluster
-from slack_harness import APPROVER, Bot, wait_for, write_catalog
+from slack_harness import APPROVER, Bot, BotProcess, process_env, wait_for, write_catalog
 from test_server import PD_SECRET, deliver, triggered
 
 from bot.config import Secret
@@ -48,6 +48,14 @@ def test_runbook_db_names_a_backend() -> None:
     assert display("postgresql://bot:s3cret@db.internal:6432/runbook?sslmode=require") == (
         "postgresql://bot@db.internal:6432/runbook"
     )
+
+
+def test_the_state_directory_never_derives_from_a_url() -> None:
+    from bot.config import Config
+
+    on_postgres = Config(db="postgresql://bot:s3cret@db:5432/runbook")
+    assert on_postgres.state_directory == Path("runbook-bot-steps")
+    assert Config(db="/var/lib/rb/state.db").state_directory == Path("/var/lib/rb/state-steps")
 
 
 def test_every_migration_after_the_baseline_exists_for_both_backends() -> None:
@@ -375,3 +383,33 @@ def test_migrate_to_needs_a_postgresql_url(tmp_path: Path) -> None:
     refused = _ctl("db", "migrate-to", str(tmp_path / "other.db"), "--db", str(sqlite_db))
     assert refused.exit_code == 1
     assert "is not a PostgreSQL URL" in refused.output
+
+
+def test_the_installed_bot_serves_postgresql_in_one_process_without_an_intake_log(
+    catalog: Path, slack: FakeSlack, pg_url: str
+) -> None:
+    """`runbook-bot` with RUNBOOK_DB=postgresql://…: the intake front is SQLite's (it
+    records into the intake log), so the bot answers PagerDuty itself; a delivery is in
+    the inbox when it is acknowledged, and the page runs."""
+    env = process_env(
+        catalog,
+        slack,
+        RUNBOOK_DB=pg_url,
+        RUNBOOK_STATE_DIR=str(catalog / "steps"),
+        PAGERDUTY_WEBHOOK_SECRET=PD_SECRET,
+    )
+    bot = BotProcess(env)
+    try:
+        with httpx.Client(base_url=bot.url, timeout=10) as http:
+            assert http.get("/readyz").json()["status"] == "ready"
+            assert deliver(http, triggered("PPROC")).status_code == 202
+            wait_for(lambda: slack.calls_to("chat.postMessage"), timeout=30, what="the thread")
+    finally:
+        code = bot.terminate()
+    assert code == 0, "".join(bot.log)
+    assert not any("intake front started" in line for line in bot.log)
+    assert not list(catalog.glob("*-intake*"))  # no intake log anywhere
+    store = Store(pg_url)
+    assert [i.incident_id for i in store.inbox_items(source="pagerduty")] == ["PPROC"]
+    assert store.incident("PPROC") is not None
+    store.close()
