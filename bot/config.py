@@ -219,6 +219,15 @@ class Config:
                 values[f.name] = Secret(values[f.name])
         return cls(**values)
 
+    def __repr__(self) -> str:
+        # Secrets print as stars (Secret); a PostgreSQL URL may carry a password too.
+        from bot.store.backend import display, is_postgres
+
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if is_postgres(self.db):
+            shown["db"] = display(self.db)
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     def to_env(self) -> dict[str, str]:
         """The environment `from_env` reads back into an equal Config (for the bot's
         own child processes)."""

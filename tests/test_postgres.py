@@ -56,6 +56,8 @@ def test_the_state_directory_never_derives_from_a_url() -> None:
     on_postgres = Config(db="postgresql://bot:s3cret@db:5432/runbook")
     assert on_postgres.state_directory == Path("runbook-bot-steps")
     assert Config(db="/var/lib/rb/state.db").state_directory == Path("/var/lib/rb/state-steps")
+    assert "s3cret" not in repr(on_postgres)
+    assert "db='postgresql://bot@db:5432/runbook'" in repr(on_postgres)
 
 
 def test_every_migration_after_the_baseline_exists_for_both_backends() -> None:
