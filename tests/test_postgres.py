@@ -415,3 +415,32 @@ def test_the_installed_bot_serves_postgresql_in_one_process_without_an_intake_lo
     assert [i.incident_id for i in store.inbox_items(source="pagerduty")] == ["PPROC"]
     assert store.incident("PPROC") is not None
     store.close()
+
+
+def test_runbookctl_names_an_unreachable_or_foreign_database_without_its_password(
+    tmp_path: Path, pg_url: str
+) -> None:
+    port = _free_port()
+    url = f"postgresql://bot:s3cret@127.0.0.1:{port}/runbook"
+    for args in (("runs", "list", "--db", url), ("report", "actions", "--db", url)):
+        refused = _ctl_raw(*args)
+        assert refused.exit_code == 1, args
+        assert f"cannot reach the database postgresql://bot@127.0.0.1:{port}/runbook" in (
+            refused.output
+        )
+        assert "s3cret" not in refused.output
+    foreign = _ctl_raw("runs", "list", "--db", pg_url)  # a database the bot never opened
+    assert foreign.exit_code == 1 and "is not a runbook-bot database" in foreign.output
+    sqlite_db = tmp_path / "state.db"
+    Store(sqlite_db).close()
+    moved = _ctl_raw("db", "migrate-to", url, "--db", str(sqlite_db))
+    assert moved.exit_code == 1 and "cannot reach the database" in moved.output
+    assert "s3cret" not in moved.output
+
+
+def _ctl_raw(*args: str) -> Any:
+    from click.testing import CliRunner
+
+    from runbookctl.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
