@@ -2184,3 +2184,41 @@ def test_runner_tokens_jobs_and_refusals_behave_alike_on_each_backend(db_target:
     assert store.catalog_snapshot() == b"snapshot two"
     assert store.catalog_snapshot("v1") == b"\x00snapshot one"
     store.close()
+
+
+def test_a_queued_runner_step_is_leased_once_however_many_stores_race(db_target: str) -> None:
+    """`runner_job_lease` reads, then writes: only the write lock every transaction takes
+    first (BEGIN IMMEDIATE; PostgreSQL's transaction advisory lock) keeps two stores, as
+    two processes would be, from leasing the same step."""
+    from bot.store import RunnerJob
+
+    first = Store(db_target, clock=lambda: T0)
+    open_incident(first)
+    token = first.runner_token_create("linux", "web-1", "c" * 64)
+    for n in range(4):
+        first.runner_job_queue(
+            RunnerJob(
+                job_id=f"J{n}", pool="linux", action="flush", step_run_id=n + 1, attempt=1,
+                incident_id="P1", phase="main", payload="{}", state="queued",
+                queued_at=T0 + n, wait_until=T0 + 60,
+            )
+        )  # fmt: skip
+    first.close()
+    stores = [Store(db_target, clock=lambda: T0) for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+    leased: list[str] = []
+
+    def lease(store: Store) -> None:
+        barrier.wait()
+        job = store.runner_job_lease("linux", ["flush"], token.id, T0 + 30)
+        if job is not None:
+            leased.append(job.job_id)
+
+    threads = [threading.Thread(target=lease, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(leased) == ["J0", "J1", "J2", "J3"]  # each once, none twice
+    for s in stores:
+        s.close()
