@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -1374,7 +1374,10 @@ class Store:
         )
         if self._intake is not None and waiting:
             return self._intake.record(values)
-        with self._receiving:
+        # `_receiving` orders the intake log's moves and direct puts; without a log
+        # (PostgreSQL) a request's put must not queue behind a step result's in it: it
+        # goes straight to the store's fast lane.
+        with self._receiving if self._intake is not None else nullcontext():
             if self._intake is not None:
                 self._move_received(catalog_commit)
             with self._session(urgent=waiting):
