@@ -62,7 +62,7 @@ from bot.jobs import InlineExecutor, JobEnd, end_item
 from bot.outbox import OutboxSender, Retry, Sent
 from bot.states import InboxKind
 from bot.store import OutboxItem, Store
-from bot.store.backend import display
+from bot.store.backend import display, is_postgres
 
 # Concrete alert titles for the generator's symptom patterns.
 TITLES = [
@@ -356,14 +356,16 @@ def spread(values: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
 def fresh_postgres_database(url: str) -> str:
     """A new empty database on the server of `url`; its URL."""
     import uuid
+    from urllib.parse import urlsplit
 
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     name = f"bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    return make_conninfo(**{**conninfo_to_dict(url), "dbname": name})
+    fresh = urlsplit(url)._replace(path=f"/{name}").geturl()  # a URL: RUNBOOK_DB's form
+    assert is_postgres(fresh), fresh
+    return fresh
 
 
 def main() -> None:
@@ -445,7 +447,8 @@ def bench(args: argparse.Namespace) -> None:
         print(f"\n3. time again, the store on PostgreSQL ({where}), a database per run")
         pg_step, pg_incident = [], []
         for _run in range(args.runs):
-            total, steps = run_engine(catalog, cases, fresh_postgres_database(args.postgres))
+            database = fresh_postgres_database(args.postgres)
+            total, steps = run_engine(catalog, cases, database)
             pg_step.append(total / max(steps, 1))
             pg_incident.append(total / len(cases))
         print(f"   per incident  {spread(pg_incident, 1e3, '{:.2f}')} ms")
