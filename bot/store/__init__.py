@@ -35,6 +35,7 @@ import socket
 import sqlite3
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -140,6 +141,8 @@ WRITE_LOCK = 0x72756E62_6F6F6B02
 CONNECT_WAIT = 3.0
 # ... and once it is known to be down, until a connection comes back.
 DOWN_WAIT = 0.2
+# A pooled connection idle this long is checked before it is lent again.
+CHECK_IDLE = 1.0
 
 
 def now() -> float:
@@ -830,6 +833,7 @@ class Store:
         self._holder: Any = None  # PostgreSQL: the session holding the one-bot lock
         self._active: PgConnection | None = None  # PostgreSQL: the lock holder's connection
         self._down = ""  # PostgreSQL: why the server could not be reached, while it cannot
+        self._used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._lock = _StoreLock()
         self._parked = True  # may a parked inbox item exist? (checked at the first unpark)
         self._checkpointer: sqlite3.Connection | None = None  # its own, see checkpoint()
@@ -900,9 +904,10 @@ class Store:
             min_size=1,
             max_size=4,
             kwargs={"autocommit": True},
-            # A connection is checked as it leaves the pool: one the server dropped (a
-            # restart, a failover) is replaced instead of failing the request it was for.
-            check=ConnectionPool.check_connection,
+            # A connection is checked as it leaves the pool when it sat idle, or while
+            # the server is known to have gone: one the server dropped (a restart, a
+            # failover) is replaced instead of failing the request it was for.
+            check=self._check_connection,
             timeout=self._pool_timeout,
             name="runbook-bot",
             open=False,
@@ -918,6 +923,16 @@ class Store:
         except BaseException:
             self.close()
             raise
+
+    def _check_connection(self, conn: Any) -> None:
+        """The pool's check, skipped for a connection in use a moment ago: a round trip
+        per session halved the engine's throughput, and a connection that just worked
+        is very likely still there (if not, that one session fails, and the next ones,
+        with the server marked down, are checked)."""
+        from psycopg_pool import ConnectionPool
+
+        if self._down or time.monotonic() - self._used.get(conn, 0.0) >= CHECK_IDLE:
+            ConnectionPool.check_connection(conn)
 
     def _take_bot_lock(self, conn: Any) -> None:
         """One bot per PostgreSQL database (until replicas land): a session-level advisory
@@ -1063,6 +1078,7 @@ class Store:
                     yield self._active
                 finally:
                     self._active = None
+                    self._used[raw] = time.monotonic()
         except PoolTimeout:
             self._down = self._down or self._why_unreachable()
             raise StoreError(f"cannot reach the database {self.path}: {self._down}") from None
