@@ -38,7 +38,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -1000,6 +1000,10 @@ class Store:
         if self._pool is not None:
             self._pool.close()
             if self._holder is not None:
+                # Unlocked before closing: a closed session's locks go only once its
+                # server process has ended, and a bot restarting at once would be refused.
+                with suppress(Exception):
+                    self._holder.execute("SELECT pg_advisory_unlock(%s)", (BOT_LOCK,))
                 self._holder.close()
                 self._holder = None
             return
