@@ -1,6 +1,7 @@
 """The state machine's own cost: SQL per automatic step, and time per step and incident.
 
     python bench/bench_engine.py [--runbooks 2000] [--steps 20000] [--incidents 200] [--runs 5]
+                                 [--postgres URL|local]
 
 1. SQL per automatic step (the figure of the durable-state-machine issue: at most 20
    statements and 4 write transactions). Every statement the bot's connection executes
@@ -16,6 +17,10 @@
    per incident (match, record, thread, every step, approvals given as a responder would)
    and per step, beside references measured in the same run: ``next_steps`` alone (the
    bare catalog lookup) and the bare ``sqlite3`` rows of one step.
+
+3. With ``--postgres``: part 2 again with the store on PostgreSQL (a fresh database per
+   run, created through ``URL``, whose role needs CREATEDB; ``local`` starts a throwaway
+   server with tests/postgres.py), and the ratio of the two backends' time per step.
 
 Every figure is the median of ``--runs`` runs, with their range.
 """
@@ -57,6 +62,7 @@ from bot.jobs import InlineExecutor, JobEnd, end_item
 from bot.outbox import OutboxSender, Retry, Sent
 from bot.states import InboxKind
 from bot.store import OutboxItem, Store
+from bot.store.backend import display, is_postgres
 
 # Concrete alert titles for the generator's symptom patterns.
 TITLES = [
@@ -113,7 +119,7 @@ class InstantSlack:
 class Pipeline:
     """The bot's pipeline without HTTP: inbox and outbox threads, engine, executor."""
 
-    def __init__(self, catalog: Catalog, db: Path, workers: int = 4) -> None:
+    def __init__(self, catalog: Catalog, db: str | Path, workers: int = 4) -> None:
         self.store = Store(db, intake_log=True)  # as the bot's
         self.inbox = Inbox(self.store, self._apply, workers=workers)
         self.executor = InlineExecutor(self._ended, noop_runner)
@@ -252,7 +258,7 @@ def incidents_for(catalog: Catalog, count: int, seed: int = 7) -> list[Incident]
     return chosen
 
 
-def run_engine(catalog: Catalog, cases: list[Incident], db: Path) -> tuple[float, int]:
+def run_engine(catalog: Catalog, cases: list[Incident], db: str | Path) -> tuple[float, int]:
     """Seconds for all incidents (each walked to its end, approvals given), steps walked."""
     pipeline = Pipeline(catalog, db)
     store = pipeline.store
@@ -347,13 +353,52 @@ def spread(values: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
     )
 
 
+def fresh_postgres_database(url: str) -> str:
+    """A new empty database on the server of `url`; its URL."""
+    import uuid
+    from urllib.parse import urlsplit
+
+    import psycopg
+
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    fresh = urlsplit(url)._replace(path=f"/{name}").geturl()  # a URL: RUNBOOK_DB's form
+    assert is_postgres(fresh), fresh
+    return fresh
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runbooks", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--incidents", type=int, default=200)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--postgres",
+        metavar="URL|local",
+        help="also time the engine on PostgreSQL: a server's URL, or `local` (a throwaway one)",
+    )
     args = parser.parse_args()
+    cluster = None
+    if args.postgres == "local":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from postgres import Cluster, binaries
+
+        bindir = binaries()
+        if bindir is None:
+            parser.error("--postgres local: PostgreSQL is not installed")
+        cluster = Cluster(bindir)
+        cluster.start()
+        args.postgres = cluster.url()
+    try:
+        bench(args)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
         root = Path(scratch)
         print("1. SQL per automatic step (traced on the bot's connection)")
@@ -396,6 +441,20 @@ def main() -> None:
         incident_ratio = spread([a / b for a, b in zip(per_incident, lookups, strict=True)])
         print(f"   ratio  per step / bare rows           {step_ratio}x")
         print(f"   ratio  per incident / next_steps      {incident_ratio}x")
+        if not args.postgres:
+            return
+        where = display(args.postgres)
+        print(f"\n3. time again, the store on PostgreSQL ({where}), a database per run")
+        pg_step, pg_incident = [], []
+        for _run in range(args.runs):
+            database = fresh_postgres_database(args.postgres)
+            total, steps = run_engine(catalog, cases, database)
+            pg_step.append(total / max(steps, 1))
+            pg_incident.append(total / len(cases))
+        print(f"   per incident  {spread(pg_incident, 1e3, '{:.2f}')} ms")
+        print(f"   per step      {spread(pg_step, 1e6, '{:.0f}')} µs")
+        backend_ratio = spread([a / b for a, b in zip(pg_step, per_step, strict=True)])
+        print(f"   ratio  per step PostgreSQL / SQLite   {backend_ratio}x")
 
 
 if __name__ == "__main__":

@@ -74,12 +74,18 @@ class Config:
         "Seconds between checks of the catalog for changes (0: no periodic checks; SIGHUP "
         "reloads at once). A catalog with errors is never loaded.",
     )
-    db: str = _setting("RUNBOOK_DB", "./runbook-bot.db", "SQLite file for state and audit.")
+    db: str = _setting(
+        "RUNBOOK_DB",
+        "./runbook-bot.db",
+        "State and audit: a SQLite file, or a postgresql:// URL (libpq conninfo; PG* "
+        "variables fill in what it leaves out). One bot per database.",
+    )
     state_dir: str = _setting(
         "RUNBOOK_STATE_DIR",
         "",
         "Directory where step supervisors record results that outlive the bot "
-        "(default: beside the SQLite file, e.g. runbook-bot-steps/).",
+        "(default: beside the SQLite file, e.g. runbook-bot-steps/; with PostgreSQL, "
+        "./runbook-bot-steps).",
     )
     signing_key: str = _setting(
         "RUNBOOK_SIGNING_KEY",
@@ -157,7 +163,8 @@ class Config:
         "RUNBOOK_INTAKE_PROCESS",
         1,
         "1: PagerDuty deliveries are answered by a process of their own, whose answers "
-        "never wait behind the bot's work; 0: one process.",
+        "never wait behind the bot's work; 0: one process. SQLite only: with PostgreSQL "
+        "the bot serves in one process.",
     )
     shutdown_grace: float = _setting(
         "RUNBOOK_SHUTDOWN_GRACE", 50.0, "Seconds running steps get to finish on SIGTERM."
@@ -212,6 +219,15 @@ class Config:
                 values[f.name] = Secret(values[f.name])
         return cls(**values)
 
+    def __repr__(self) -> str:
+        # Secrets print as stars (Secret); a PostgreSQL URL may carry a password too.
+        from bot.store.backend import display, is_postgres
+
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if is_postgres(self.db):
+            shown["db"] = display(self.db)
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     def to_env(self) -> dict[str, str]:
         """The environment `from_env` reads back into an equal Config (for the bot's
         own child processes)."""
@@ -229,9 +245,11 @@ class Config:
     def state_directory(self) -> Path:
         """Where step supervisors leave their results and the signing key lives:
         RUNBOOK_STATE_DIR, else beside the SQLite file (``runbook-bot.db`` ->
-        ``runbook-bot-steps/``)."""
+        ``runbook-bot-steps/``), or ``./runbook-bot-steps`` with PostgreSQL."""
         if self.state_dir:
             return Path(self.state_dir)
+        if self.db.startswith(("postgresql://", "postgres://")):
+            return Path("runbook-bot-steps")
         db = Path(self.db)
         return db.with_name(f"{db.stem}-steps")
 

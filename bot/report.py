@@ -1,7 +1,9 @@
-"""Reports over the audit log, for `runbookctl report` and anyone with the SQLite file.
+"""Reports over the audit log, for `runbookctl report` and anyone with the database.
 
-Read-only: the database is opened with ``mode=ro`` (WAL lets it read while the bot
-writes), and a missing file is an error rather than a new empty database.
+Read-only: a SQLite file is opened with ``mode=ro`` (WAL lets it read while the bot
+writes), and a missing file is an error rather than a new empty database; a PostgreSQL
+database (``postgresql://…``) in a read-only session. The queries are written in the SQL
+both speak (a count of rows matching is ``SUM(CASE WHEN … THEN 1 ELSE 0 END)``).
 
   overrides   steps that needed a human (``requires_manual``), per action: the users'
               dashboard query, as they wrote it
@@ -36,6 +38,7 @@ from typing import Any
 from bot.catalog.model import Catalog
 from bot.errors import ConfigError, StoreError
 from bot.states import ApprovalStatus, Event
+from bot.store.backend import PgConnection, connect_readonly, display, is_postgres
 
 # The dashboards' query, verbatim: if this ever fails, our users' dashboards do too.
 OVERRIDES_SQL = (
@@ -74,8 +77,13 @@ class Report:
         return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
+Reader = sqlite3.Connection | PgConnection
+
+
+def connect(path: str | Path) -> Reader:
     """Open the state database read-only; a clear error when it is missing or foreign."""
+    if is_postgres(path):
+        return _connect_postgres(str(path))
     db = Path(path)
     if not db.is_file():
         raise StoreError(
@@ -90,6 +98,17 @@ def connect(path: str | Path) -> sqlite3.Connection:
     if "automation_events" not in tables:
         conn.close()
         raise StoreError(f"{db} is not a runbook-bot database (no automation_events table)")
+    return conn
+
+
+def _connect_postgres(url: str) -> PgConnection:
+    conn = connect_readonly(url)
+    row = conn.execute("SELECT to_regclass('automation_events') IS NOT NULL").fetchone()
+    if not (row and row[0]):
+        conn.close()
+        raise StoreError(
+            f"{display(url)} is not a runbook-bot database (no automation_events table)"
+        )
     return conn
 
 
@@ -120,7 +139,7 @@ def _where(clauses: list[str], params: list[Any], column: str, value: Any, op: s
         params.append(value)
 
 
-def overrides(conn: sqlite3.Connection, since: float | None = None) -> Report:
+def overrides(conn: Reader, since: float | None = None) -> Report:
     if since is None:
         rows = conn.execute(OVERRIDES_SQL).fetchall()
     else:
@@ -133,14 +152,12 @@ def overrides(conn: sqlite3.Connection, since: float | None = None) -> Report:
     return Report("Steps that needed a human, per action", ("action", "overrides"), rows)
 
 
-def actions(
-    conn: sqlite3.Connection, since: float | None = None, action: str | None = None
-) -> Report:
+def actions(conn: Reader, since: float | None = None, action: str | None = None) -> Report:
     clauses = [f"status IN ({', '.join('?' for _ in OUTCOMES)})", "action IS NOT NULL"]
     params: list[Any] = list(OUTCOMES)
     _where(clauses, params, "ts", since, ">=")
     _where(clauses, params, "action", action)
-    sums = ", ".join(f"sum(status = '{s}')" for s in OUTCOMES)
+    sums = ", ".join(_count_if(f"status = '{s}'") for s in OUTCOMES)
     rows = conn.execute(
         f"SELECT action, count(*), {sums} FROM automation_events "
         f"WHERE {' AND '.join(clauses)} GROUP BY action ORDER BY count(*) DESC, action",
@@ -166,9 +183,7 @@ def actions(
     )
 
 
-def approvals(
-    conn: sqlite3.Connection, since: float | None = None, action: str | None = None
-) -> Report:
+def approvals(conn: Reader, since: float | None = None, action: str | None = None) -> Report:
     clauses: list[str] = ["1 = 1"]
     params: list[Any] = []
     _where(clauses, params, "requested_at", since, ">=")
@@ -203,6 +218,15 @@ def approvals(
     )
 
 
+def _count_if(condition: str) -> str:
+    return f"SUM(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+
+
+_APPROVED = _count_if("status = 'approved'")
+_SUCCEEDED = _count_if("status IN ('succeeded', 'allowed_failure')")
+_FAILED = _count_if("status IN ('failed', 'timed_out', 'error')")
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
@@ -214,7 +238,7 @@ def _seconds(value: float) -> float:
 
 
 def events(
-    conn: sqlite3.Connection,
+    conn: Reader,
     *,
     incident: str | None = None,
     action: str | None = None,
@@ -263,7 +287,7 @@ _STEP_ENDS = (
 _RUN_ENDS = (str(Event.ESCALATED), str(Event.RESOLVED), str(Event.REOPENED))
 
 
-def runs(conn: sqlite3.Connection, *, since: float | None = None, limit: int = 100) -> Report:
+def runs(conn: Reader, *, since: float | None = None, limit: int = 100) -> Report:
     """One row per incident the audit log knows, newest first."""
     clauses: list[str] = ["1 = 1"]
     params: list[Any] = []
@@ -271,8 +295,7 @@ def runs(conn: sqlite3.Connection, *, since: float | None = None, limit: int = 1
     rows = conn.execute(
         "SELECT incident_id, MIN(ts), MAX(ts), MAX(service), MAX(runbook_id), MAX(env), "
         "COUNT(DISTINCT step_id), "
-        "SUM(status = 'approved'), SUM(status IN ('succeeded', 'allowed_failure')), "
-        "SUM(status IN ('failed', 'timed_out', 'error')), "
+        f"{_APPROVED}, {_SUCCEEDED}, {_FAILED}, "
         "(SELECT e2.status FROM automation_events e2 WHERE e2.incident_id = e.incident_id "
         " ORDER BY e2.ts DESC, e2.id DESC LIMIT 1) "
         f"FROM automation_events e WHERE {' AND '.join(clauses)} "
@@ -287,7 +310,7 @@ def runs(conn: sqlite3.Connection, *, since: float | None = None, limit: int = 1
     return Report("Runs, newest first (`runbookctl runs show INCIDENT` for one)", columns, shown)
 
 
-def run(conn: sqlite3.Connection, incident: str) -> Report:
+def run(conn: Reader, incident: str) -> Report:
     """One incident's steps from the audit log: what was decided, by whom, and the result."""
     rows = conn.execute(
         "SELECT ts, step_id, action, env, status, actor, detail FROM automation_events "

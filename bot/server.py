@@ -478,7 +478,7 @@ class BotApp:
                 self.store.probe_write()
                 reason = ""
             except Exception as exc:
-                reason = f"the database {self.config.db} cannot be written: {exc}"
+                reason = f"the database {self.store.path} cannot be written: {exc}"
                 log.error("%s", reason)
             self._ready = (time.monotonic(), reason)
             return reason
@@ -525,7 +525,9 @@ def serve(config: Config) -> None:
     log.info("state repaired: %s", repaired)
     listener = bind(config.host, config.port)
     front: FrontProcess | None = None
-    if config.intake_process:
+    # The intake front records into the SQLite intake log; PostgreSQL takes concurrent
+    # writers, so with it a request's item goes straight into the inbox, in one process.
+    if config.intake_process and not app.store.postgres:
         server = HttpServer(app.wsgi, "127.0.0.1", 0, threads=app.http_threads)
         front = FrontProcess(config, listener, server.port, app.inbox.wake, app.http_threads)
     else:

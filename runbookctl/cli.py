@@ -24,6 +24,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("runbookctl.runbooktest", "test"),
     "runs": ("runbookctl.runs", "runs"),
     "runner": ("runbookctl.runner", "runner"),
+    "db": ("runbookctl.db", "db"),
 }
 
 

@@ -40,7 +40,7 @@ def state_db_option(fn: F) -> F:
         type=click.Path(dir_okay=False),
         default=default_db,
         show_default="$RUNBOOK_DB or ./runbook-bot.db",
-        help="The bot's SQLite state file (opened read-only).",
+        help="The bot's state: a SQLite file or a postgresql:// URL (opened read-only).",
     )(fn)
 
 

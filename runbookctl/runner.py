@@ -29,7 +29,7 @@ def _db_option(fn: click.decorators.FC) -> click.decorators.FC:
         type=click.Path(dir_okay=False),
         default=default_db,
         show_default="$RUNBOOK_DB or ./runbook-bot.db",
-        help="The bot's SQLite state file.",
+        help="The bot's state: a SQLite file or a postgresql:// URL.",
     )(fn)
 
 

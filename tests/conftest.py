@@ -11,6 +11,7 @@ import pytest
 
 if TYPE_CHECKING:
     from fakes import FakeSlack
+    from postgres import Cluster
 
     from bot.store import Store
 
@@ -20,6 +21,9 @@ BUNDLED_CATALOG = REPO / "runbooks"
 _PREFIXES = ("SLACK_", "PAGERDUTY_", "RUNBOOK_")
 # ... and no cluster: a test of the Kubernetes executor points it at the stand-in itself.
 _NAMES = ("PORT", "HOST", "KUBECONFIG", "KUBERNETES_SERVICE_HOST")
+# Read before `clean_environ` clears RUNBOOK_*: CI sets it, so a machine without
+# PostgreSQL fails there instead of quietly testing one backend.
+REQUIRE_POSTGRES = os.environ.get("RUNBOOK_REQUIRE_POSTGRES") == "1"
 
 
 @pytest.fixture(autouse=True)
@@ -41,12 +45,49 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state.db"
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A real PostgreSQL server for the session (tests/postgres.py)."""
+    from postgres import Cluster, binaries
+
+    bindir = binaries()
+    if bindir is None:
+        reason = (
+            "PostgreSQL is not installed (no initdb/pg_ctl under PG_BINDIR, pg_config "
+            "--bindir or /usr/lib/postgresql/*/bin): apt-get install postgresql"
+        )
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"RUNBOOK_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)
+    cluster = Cluster(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
-    """A fresh store on a real SQLite file (the import waits: lint tests need no store)."""
+def pg_url(postgres: Cluster) -> str:
+    """A fresh, empty PostgreSQL database per test; its URL."""
+    return postgres.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_target(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """A fresh database per test on each backend: a SQLite file, a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return str(db_path)
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def store(db_target: str) -> Iterator[Store]:
+    """A fresh store on each backend (the import waits: lint tests need no store)."""
     from bot.store import Store
 
-    s = Store(db_path)
+    s = Store(db_target)
     yield s
     s.close()
 

@@ -54,6 +54,7 @@ def ran(path: Path) -> list[str]:
 class Harness:
     def __init__(self, store: Store, tmp: Path) -> None:
         self.store = store
+        self.target = ""  # the database: a SQLite file or a PostgreSQL URL
         self.tmp = tmp
         self.marks = tmp / "marks.txt"
         self.chat = RecordingTransport()
@@ -127,9 +128,12 @@ class Harness:
 
 
 @pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    store = Store(tmp_path / "state.db")
-    yield Harness(store, tmp_path)
+def h(tmp_path: Path, db_target: str) -> Iterator[Harness]:
+    """The engine over a fresh store, on each backend."""
+    store = Store(db_target)
+    harness = Harness(store, tmp_path)
+    harness.target = db_target
+    yield harness
     store.close()
 
 
@@ -762,7 +766,7 @@ def test_an_item_applied_by_another_worker_is_not_applied_again(h: Harness, tmp_
         payload={"step_run_id": step_run_id, "user": APPROVER, "channel": "#incidents"},
     )
     (item,) = h.store.inbox_ready(1)
-    other = Store(tmp_path / "state.db")
+    other = Store(h.target)
     second = LocalRuntime(cat, other, default_env="staging", clock=h.clock)
     h.rt.engine.apply(item)
     second.engine.apply(item)  # the same (now stale) item, from another worker

@@ -208,8 +208,8 @@ def test_invalid_declarations_fail_at_import_time() -> None:
         guard.require_confirmation("x", timeout=0)
 
 
-def test_decisions_are_audited_when_a_store_is_configured(marker: Path, db_path: Path) -> None:
-    store = Store(db_path)
+def test_decisions_are_audited_when_a_store_is_configured(marker: Path, db_target: str) -> None:
+    store = Store(db_target)  # on each backend
     guard.configure(env="staging", confirmer=Scripted("approved"), store=store, service="payments")
     clear_cache = make_clear_cache(marker)
     clear_cache("one")

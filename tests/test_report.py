@@ -18,14 +18,16 @@ from bot.errors import ConfigError, StoreError
 from bot.local import LocalRuntime
 from bot.states import ApprovalStatus
 from bot.store import Store
+from bot.store.backend import is_postgres
 from runbookctl.cli import cli
 
 
 @pytest.fixture
-def audit_db(tmp_path: Path) -> Path:
+def audit_db(db_target: str) -> str:
     """A database filled by the real state machine: approvals decided, commands run and
-    failed, a request expired (everything enters the inbox as the bot's intake puts it)."""
-    db = tmp_path / "audit.db"
+    failed, a request expired (everything enters the inbox as the bot's intake puts it).
+    On each backend: a SQLite file, a PostgreSQL URL."""
+    db = db_target
     store = Store(db)
     clock = Clock(t=1_800_000_000.0)
     ok = action("check-error-rate", py("print('rate => 0.1')"), expect=[("=>", False)])
@@ -69,7 +71,7 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(cli, ["report", *args], catch_exceptions=False)
 
 
-def test_overrides_is_the_users_query(audit_db: Path) -> None:
+def test_overrides_is_the_users_query(audit_db: str) -> None:
     result = invoke("overrides", "--db", str(audit_db), "--format", "json")
     assert result.exit_code == 0, result.output
     # clear-cache asked three times, restart twice (P2 stopped at the rejection)
@@ -79,7 +81,7 @@ def test_overrides_is_the_users_query(audit_db: Path) -> None:
     ]
 
 
-def test_overrides_table(audit_db: Path) -> None:
+def test_overrides_table(audit_db: str) -> None:
     result = invoke("overrides", "--db", str(audit_db))
     assert result.exit_code == 0
     lines = result.output.splitlines()
@@ -88,7 +90,7 @@ def test_overrides_table(audit_db: Path) -> None:
     assert lines[4].split() == ["restart", "2"]
 
 
-def test_success_rate_per_action(audit_db: Path) -> None:
+def test_success_rate_per_action(audit_db: str) -> None:
     result = invoke("actions", "--db", str(audit_db), "--format", "json")
     assert result.exit_code == 0, result.output
     rows = {r["action"]: r for r in json.loads(result.output)}
@@ -101,7 +103,7 @@ def test_success_rate_per_action(audit_db: Path) -> None:
     assert [r["action"] for r in json.loads(only.output)] == ["flaky"]
 
 
-def test_approval_wait_times(audit_db: Path) -> None:
+def test_approval_wait_times(audit_db: str) -> None:
     result = invoke("approvals", "--db", str(audit_db), "--format", "csv")
     assert result.exit_code == 0, result.output
     rows = {r["action"]: r for r in csv.DictReader(io.StringIO(result.output))}
@@ -144,7 +146,7 @@ def test_a_request_voided_by_a_changed_command_is_counted_as_void(tmp_path: Path
     assert row["requests"] == 2 and row["wait_p50_s"] is None
 
 
-def test_events_filters(audit_db: Path) -> None:
+def test_events_filters(audit_db: str) -> None:
     result = invoke("events", "--db", str(audit_db), "--incident", "P2", "--format", "json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
@@ -171,7 +173,7 @@ def test_events_filters(audit_db: Path) -> None:
     assert json.loads(since.output) == []
 
 
-def test_db_from_the_environment(audit_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_db_from_the_environment(audit_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBOOK_DB", str(audit_db))
     result = invoke("overrides", "--format", "csv")
     assert result.exit_code == 0
@@ -200,13 +202,18 @@ def test_a_foreign_database_is_an_error(tmp_path: Path) -> None:
         report.connect(tmp_path / "empty.db")
 
 
-def test_reading_never_writes(audit_db: Path) -> None:
-    before = audit_db.read_bytes()
+def test_reading_never_writes(audit_db: str) -> None:
+    snapshot = b"" if is_postgres(audit_db) else Path(audit_db).read_bytes()
     conn = report.connect(audit_db)
-    with pytest.raises(Exception, match="readonly"):
+    before = report.events(conn, limit=1000).rows
+    with pytest.raises(Exception, match=r"readonly|read-only"):
         conn.execute("DELETE FROM automation_events")
     conn.close()
-    assert audit_db.read_bytes() == before
+    conn = report.connect(audit_db)
+    assert report.events(conn, limit=1000).rows == before
+    conn.close()
+    if snapshot:
+        assert Path(audit_db).read_bytes() == snapshot
 
 
 def test_empty_reports_say_so(tmp_path: Path) -> None:

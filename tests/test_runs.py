@@ -19,9 +19,10 @@ OTHER = "UOTHER"
 
 
 @pytest.fixture
-def audit_db(tmp_path: Path) -> Path:
-    """Two incidents through the real state machine: one approved and run, one rejected."""
-    db = tmp_path / "audit.db"
+def audit_db(db_target: str) -> str:
+    """Two incidents through the real state machine: one approved and run, one rejected
+    (on each backend: a SQLite file, a PostgreSQL URL)."""
+    db = db_target
     store = Store(db)
     clock = Clock(t=1_800_000_000.0)
     check = action("check", py("print('fine')"))
@@ -44,7 +45,7 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(cli, ["runs", *args], catch_exceptions=False)
 
 
-def test_list_shows_every_incident_newest_first(audit_db: Path) -> None:
+def test_list_shows_every_incident_newest_first(audit_db: str) -> None:
     result = invoke("list", "--db", str(audit_db), "--format", "json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
@@ -56,7 +57,7 @@ def test_list_shows_every_incident_newest_first(audit_db: Path) -> None:
     assert text.startswith("Runs, newest first") and "P1" in text and "P2" in text
 
 
-def test_show_gives_each_steps_decision_approver_and_result(audit_db: Path) -> None:
+def test_show_gives_each_steps_decision_approver_and_result(audit_db: str) -> None:
     result = invoke("show", "P1", "--db", str(audit_db), "--format", "json")
     assert result.exit_code == 0, result.output
     check, flush = json.loads(result.output)
@@ -73,7 +74,7 @@ def test_show_gives_each_steps_decision_approver_and_result(audit_db: Path) -> N
     assert text.startswith("Incident P1") and "needs approval" in text and APPROVER in text
 
 
-def test_an_unknown_incident_or_database_is_a_clear_error(audit_db: Path, tmp_path: Path) -> None:
+def test_an_unknown_incident_or_database_is_a_clear_error(audit_db: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["runs", "show", "PNOPE", "--db", str(audit_db)])
     assert result.exit_code == 1
     assert "no audit rows for incident 'PNOPE'" in result.output and "runs list" in result.output

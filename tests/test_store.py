@@ -205,11 +205,11 @@ def test_a_fresh_database_is_at_the_current_schema_in_wal_mode(db_path: Path) ->
         assert "catalog_commit" in columns(db_path, table), table
 
 
-def test_reopening_keeps_the_data_and_migrates_nothing_twice(db_path: Path) -> None:
-    first = Store(db_path)
+def test_reopening_keeps_the_data_and_migrates_nothing_twice(db_target: str) -> None:
+    first = Store(db_target)
     open_incident(first)
     first.close()
-    again = Store(db_path)
+    again = Store(db_target)
     assert must(again.incident("P1")).title == "Payments API elevated 5xx"
     assert again.schema_version == SCHEMA_VERSION
     again.close()
@@ -578,14 +578,14 @@ def test_step_changes_follow_the_table_and_record_their_times(store: Store) -> N
     assert store.running_steps() == []
 
 
-def test_exactly_one_of_many_workers_claims_a_step(db_path: Path) -> None:
-    first = Store(db_path)
+def test_exactly_one_of_many_workers_claims_a_step(db_target: str) -> None:
+    first = Store(db_target)
     _incident, run = open_incident(first)
     step, _approval = awaiting(first, run)
     with first.unit() as u:
         approved = must(u.set_step(step, StepStatus.APPROVED))
     first.close()
-    workers = [Store(db_path) for _ in range(8)]
+    workers = [Store(db_target) for _ in range(8)]
     barrier = threading.Barrier(len(workers))
     claims: list[StepRun] = []
 
@@ -712,8 +712,8 @@ def test_events_and_effects_commit_with_the_change(store: Store) -> None:
     )
 
 
-def test_an_item_applied_by_another_worker_raises_already_applied(db_path: Path) -> None:
-    mine, theirs = Store(db_path), Store(db_path)
+def test_an_item_applied_by_another_worker_raises_already_applied(db_target: str) -> None:
+    mine, theirs = Store(db_target), Store(db_target)
     incident, _run = open_incident(mine)
     put(mine, "e1")
     (item,) = mine.inbox_ready(10)
@@ -889,13 +889,13 @@ def test_one_bot_per_sqlite_database(db_path: Path) -> None:
     Store(db_path, intake_log=True).close()  # free again once the first let go
 
 
-def test_the_inbox_dedupes_by_key_and_alt_key_across_reopening(db_path: Path) -> None:
-    store = Store(db_path)
+def test_the_inbox_dedupes_by_key_and_alt_key_across_reopening(db_target: str) -> None:
+    store = Store(db_target)
     assert put(store, "pagerduty:event:E1", alt_key="pagerduty:delivery:D1")
     assert not put(store, "pagerduty:event:E1", alt_key="pagerduty:delivery:D2")  # same event
     assert not put(store, "pagerduty:event:E2", alt_key="pagerduty:delivery:D1")  # a retry
     store.close()
-    reopened = Store(db_path)
+    reopened = Store(db_target)
     assert not put(reopened, "pagerduty:event:E1")
     assert not put(reopened, "pagerduty:event:E3", alt_key="pagerduty:delivery:D1")
     assert put(reopened, "pagerduty:event:E3", alt_key="pagerduty:delivery:D3")
@@ -2137,3 +2137,88 @@ def test_the_store_lock_goes_to_urgent_waiters_first_then_in_arrival_order() -> 
     assert order == ["intake", "first", "second"]
     lock.acquire()  # free again: taken at once
     lock.release()
+
+
+# --- pull runners' tables and catalog snapshots ---------------------------------------------
+
+
+def test_runner_tokens_jobs_and_refusals_behave_alike_on_each_backend(db_target: str) -> None:
+    from bot.store import RunnerJob
+
+    now = [T0]
+    store = Store(db_target, clock=lambda: now[0])
+    token = store.runner_token_create("linux", "web-1", "a" * 64)
+    with pytest.raises(StoreError, match="already has a token named web-1"):
+        store.runner_token_create("linux", "web-1", "b" * 64)
+    assert store.runner_token_by_hash("a" * 64) == token
+    open_incident(store)
+    job = RunnerJob(
+        job_id="J1", pool="linux", action="flush", step_run_id=1, attempt=1,
+        incident_id="P1", phase="main", payload="{}", state="queued",
+        queued_at=T0, wait_until=T0 + 60,
+    )  # fmt: skip
+    store.runner_job_queue(job)
+    store.runner_job_queue(job)  # again after a restart: kept as it is
+    assert store.runner_job_lease("linux", ["other"], token.id, T0 + 30) is None
+    leased = must(store.runner_job_lease("linux", ["flush"], token.id, T0 + 30))
+    assert (leased.state, leased.token_id) == ("leased", token.id)
+    assert store.runner_job_lease("linux", ["flush"], token.id, T0 + 30) is None  # once
+    assert store.runner_job_extend(["J1", "J2"], token.id, T0 + 40) == ["J1"]
+    assert store.runner_jobs_renew_leases(T0 + 35) == 1
+    assert must(store.runner_job("J1")).lease_until == T0 + 40  # never shortened
+    assert store.runner_jobs_renew_leases(T0 + 50) == 1
+    assert must(store.runner_job("J1")).lease_until == T0 + 50
+    now[0] = T0 + 51
+    lapsed, unclaimed, closed = store.runner_jobs_overdue()
+    assert [j.job_id for j in lapsed] == ["J1"] and unclaimed == closed == []
+    assert store.runner_job_take_overdue(lapsed[0])
+    assert not store.runner_job_take_overdue(lapsed[0])  # gone already
+    assert must(store.runner_token_revoke("linux", "web-1")).revoked_at == T0 + 51
+    assert store.runner_token_revoke("linux", "web-1") is None
+    store.record_runner_refusal("bot", "revoked", pool="linux", token_id=token.id)
+    (refusal,) = store.runner_refusals()
+    assert (refusal.reason, refusal.token_id) == ("revoked", token.id)
+    store.save_catalog("v1", b"\x00snapshot one")
+    now[0] += 1
+    store.save_catalog("v2", b"snapshot two")
+    assert store.catalog_snapshot() == b"snapshot two"
+    assert store.catalog_snapshot("v1") == b"\x00snapshot one"
+    store.close()
+
+
+def test_a_queued_runner_step_is_leased_once_however_many_stores_race(db_target: str) -> None:
+    """`runner_job_lease` reads, then writes: only the write lock every transaction takes
+    first (BEGIN IMMEDIATE; PostgreSQL's transaction advisory lock) keeps two stores, as
+    two processes would be, from leasing the same step."""
+    from bot.store import RunnerJob
+
+    first = Store(db_target, clock=lambda: T0)
+    open_incident(first)
+    token = first.runner_token_create("linux", "web-1", "c" * 64)
+    for n in range(4):
+        first.runner_job_queue(
+            RunnerJob(
+                job_id=f"J{n}", pool="linux", action="flush", step_run_id=n + 1, attempt=1,
+                incident_id="P1", phase="main", payload="{}", state="queued",
+                queued_at=T0 + n, wait_until=T0 + 60,
+            )
+        )  # fmt: skip
+    first.close()
+    stores = [Store(db_target, clock=lambda: T0) for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+    leased: list[str] = []
+
+    def lease(store: Store) -> None:
+        barrier.wait()
+        job = store.runner_job_lease("linux", ["flush"], token.id, T0 + 30)
+        if job is not None:
+            leased.append(job.job_id)
+
+    threads = [threading.Thread(target=lease, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(leased) == ["J0", "J1", "J2", "J3"]  # each once, none twice
+    for s in stores:
+        s.close()

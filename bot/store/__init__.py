@@ -1,4 +1,4 @@
-"""The repository: durable state, the inbox, the outbox and the audit log, in one SQLite file.
+"""The repository: durable state, the inbox, the outbox and the audit log, in one database.
 
 Only this package knows tables and SQL. Callers ask for a state change by name and get
 typed rows back (``bot.store.rows``):
@@ -18,20 +18,29 @@ typed rows back (``bot.store.rows``):
 Why SQLite: one bot process owns the file, WAL mode lets ``runbookctl report`` read while
 the bot writes, and a commit survives the bot being killed. Every row names the catalog
 version it was decided under.
+
+PostgreSQL is the second backend (``RUNBOOK_DB=postgresql://…``; ``bot.store.backend``):
+the same API, the same SQL text where both speak it, the same schema version. What
+differs is plumbing: a connection pool that reconnects, an advisory lock per writing
+transaction instead of ``BEGIN IMMEDIATE``, an advisory lock per bot instead of the
+``<db>-lock`` file, no intake log (a commit is durable when it returns, and the server
+takes concurrent writers), and no checkpoints or syncs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
@@ -49,6 +58,16 @@ from bot.states import (
     StepStatus,
 )
 from bot.store import intake
+from bot.store.backend import (
+    PgConnection,
+    display,
+    integrity_errors,
+    is_postgres,
+    unreachable,
+)
+from bot.store.backend import (
+    reason as libpq_reason,
+)
 from bot.store.intake import COLUMNS as _RECEIVED
 from bot.store.intake import IntakeLog
 from bot.store.rows import (
@@ -62,7 +81,10 @@ from bot.store.rows import (
     RunnerToken,
     StepRun,
 )
-from bot.store.schema import MIGRATIONS, SCHEMA_VERSION
+from bot.store.schema import MIGRATIONS, SCHEMA_VERSION, postgres_statements
+
+if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -109,6 +131,18 @@ _STILL_WANTED = (
     "(phase = 'on_resolve' OR EXISTS (SELECT 1 FROM incidents WHERE "
     "incidents.id = runner_jobs.incident_id AND incidents.status = 'open'))"
 )
+
+
+# PostgreSQL advisory lock keys (any 64-bit numbers of our own): the one-bot lock a bot
+# holds for its lifetime, and the lock every writing transaction takes first.
+BOT_LOCK = 0x72756E62_6F6F6B01  # "runbook" 1
+WRITE_LOCK = 0x72756E62_6F6F6B02
+# Seconds a request waits for a PostgreSQL connection while the server is unreachable.
+CONNECT_WAIT = 3.0
+# ... and once it is known to be down, until a connection comes back.
+DOWN_WAIT = 0.2
+# A pooled connection idle this long is checked before it is lent again.
+CHECK_IDLE = 1.0
 
 
 def now() -> float:
@@ -226,7 +260,7 @@ class Unit:
     on (another worker or replica was first): the caller re-reads and decides again.
     """
 
-    def __init__(self, conn: sqlite3.Connection, at: float, origin: Origin = Origin.BOT) -> None:
+    def __init__(self, conn: Any, at: float, origin: Origin = Origin.BOT) -> None:
         self.conn = conn
         self.at = at
         self.origin = origin  # what its audit rows come from (promotion counts only the bot's)
@@ -760,8 +794,30 @@ def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
             time.sleep(0.005)
 
 
+# `Store._unpark` on PostgreSQL: jsonb where SQLite has json_set/json_extract.
+_UNPARK_POSTGRES = (
+    "UPDATE inbox SET status = 'queued', incident_id = o.incident_id, "
+    "payload = jsonb_set(inbox.payload::jsonb, '{step_run_id}', "
+    "to_jsonb(CAST(substr(o.key, 6) AS BIGINT)))::text FROM outbox AS o "
+    "WHERE inbox.status = 'parked' AND o.key LIKE 'step:%' AND o.ts IS NOT NULL "
+    "AND o.ts = inbox.payload::jsonb ->> 'ts' "
+    "AND o.posted_channel = inbox.payload::jsonb ->> 'channel'"
+)
+
+
 class Store:
-    """Thread-safe access to the state database. One connection, serialized by a lock."""
+    """Thread-safe access to the state database, SQLite or PostgreSQL.
+
+    Everything that touches the database takes the store's lock, so one thread at a time
+    works on it and a unit reads what it wrote itself. SQLite: one connection. PostgreSQL:
+    a pool (``psycopg_pool``) that replaces connections lost with the server, so the
+    store works again by itself once the server does; each state change's transaction
+    first takes a transaction-level advisory lock, the PostgreSQL counterpart of SQLite's
+    ``BEGIN IMMEDIATE``: writers, in this process or another (``runbookctl``), commit one
+    at a time, and every conditional update sees the status it checks committed.
+    """
+
+    db: sqlite_utils.Database  # SQLite only (its migrations use sqlite-utils)
 
     def __init__(
         self,
@@ -771,16 +827,35 @@ class Store:
         busy_timeout: float = 30.0,
         intake_log: bool = False,
     ) -> None:
-        """Open (creating it if need be) and migrate the database at `path`.
+        """Open (creating it if need be) and migrate the database at `path`: a SQLite
+        file, or a ``postgresql://`` URL.
 
         `busy_timeout`: seconds a write waits for another connection's write lock (another
-        process on the same file, e.g. `runbookctl`) before it fails.
-        `intake_log`: the bot's own store: intake records in the intake log
-        (``bot.store.intake``), whose leftovers are moved into the inbox now, and no
-        other bot may open the database while this one has it.
+        process on the same file, e.g. `runbookctl`) before it fails; on PostgreSQL, also
+        how long a request waits for a connection while the server is unreachable.
+        `intake_log`: the bot's own store. SQLite: intake records in the intake log
+        (``bot.store.intake``), whose leftovers are moved into the inbox now. Either
+        backend: no other bot may open the database while this one has it.
         """
-        self.path = str(path)
         self.clock = clock
+        self.url = ""
+        self._pool: ConnectionPool | None = None
+        self._holder: Any = None  # PostgreSQL: the session holding the one-bot lock
+        self._active: PgConnection | None = None  # PostgreSQL: the lock holder's connection
+        self._down = ""  # PostgreSQL: why the server could not be reached, while it cannot
+        self._used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._lock = _StoreLock()
+        self._parked = True  # may a parked inbox item exist? (checked at the first unpark)
+        self._checkpointer: sqlite3.Connection | None = None  # its own, see checkpoint()
+        self._checkpoint_lock = threading.Lock()
+        self._intake: IntakeLog | None = None
+        self._receiving = threading.Lock()
+        if is_postgres(path):
+            self.url = str(path)
+            self.path = display(self.url)
+            self._open_postgres(busy_timeout, one_bot=intake_log)
+            return
+        self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -802,13 +877,7 @@ class Store:
             conn.close()
             raise StoreError(f"cannot open the database {self.path}: {exc}") from None
         self.db = sqlite_utils.Database(conn)
-        self.conn = conn
-        self._lock = _StoreLock()
-        self._parked = True  # may a parked inbox item exist? (checked at the first unpark)
-        self._checkpointer: sqlite3.Connection | None = None  # its own, see checkpoint()
-        self._checkpoint_lock = threading.Lock()
-        self._intake: IntakeLog | None = None
-        self._receiving = threading.Lock()
+        self._sqlite = conn
         try:
             self._migrate()
             if intake_log and self.path != ":memory:":
@@ -820,12 +889,134 @@ class Store:
             conn.close()
             raise
 
+    def _open_postgres(self, timeout: float, *, one_bot: bool) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        try:  # one connection first: its failure says why (the pool's would only time out)
+            first = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise unreachable(self.url, exc) from None
+        if one_bot:
+            try:
+                self._take_bot_lock(first)
+            except BaseException:
+                first.close()
+                raise
+            self._holder = first
+        else:
+            first.close()
+        # Only a lost server makes a request wait for a connection (the store's lock
+        # lends one at a time): fail fast then, so the request gets its 503 in time.
+        self._pool_timeout = min(timeout, CONNECT_WAIT)
+        self._pool = ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=4,
+            kwargs={"autocommit": True},
+            # A connection is checked as it leaves the pool when it sat idle, or while
+            # the server is known to have gone: one the server dropped (a restart, a
+            # failover) is replaced instead of failing the request it was for.
+            check=self._check_connection,
+            timeout=self._pool_timeout,
+            name="runbook-bot",
+            open=False,
+        )
+        try:
+            self._pool.open(wait=True, timeout=timeout)
+            self._migrate()
+        except psycopg.Error as exc:
+            self.close()
+            raise StoreError(
+                f"cannot prepare the database {self.path}: {libpq_reason(exc)}"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_connection(self, conn: Any) -> None:
+        """The pool's check, skipped for a connection in use a moment ago: a round trip
+        per session halved the engine's throughput, and a connection that just worked
+        is very likely still there (if not, that one session fails, and the next ones,
+        with the server marked down, are checked)."""
+        from psycopg_pool import ConnectionPool
+
+        if self._down or time.monotonic() - self._used.get(conn, 0.0) >= CHECK_IDLE:
+            ConnectionPool.check_connection(conn)
+
+    def _take_bot_lock(self, conn: Any) -> None:
+        """One bot per PostgreSQL database (until replicas land): a session-level advisory
+        lock, held for the bot's lifetime by a connection of its own."""
+        conn.execute(
+            "SELECT set_config('application_name', %s, false)",
+            (f"runbook-bot pid {os.getpid()} on {socket.gethostname()}"[:63],),
+        )
+        (taken,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (BOT_LOCK,)).fetchone()
+        if taken:
+            return
+        row = conn.execute(
+            "SELECT a.application_name, a.client_addr FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+            "AND l.granted AND l.objid = %s AND l.database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())",
+            (BOT_LOCK & 0xFFFFFFFF,),
+        ).fetchone()
+        holder = f"{row[0]} from {row[1] or 'a local socket'}" if row else "a session"
+        raise StoreError(
+            f"another runbook-bot ({holder}) is using {self.path}: one bot per database "
+            "until replicas land"
+        )
+
+    def _check_bot_lock(self) -> None:
+        """The one-bot lock is held by a session: after a lost connection, take it again."""
+        import psycopg
+
+        holder = self._holder
+        try:
+            holder.execute("SELECT 1")
+            return
+        except psycopg.Error:
+            holder.close()
+        try:
+            fresh = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        except psycopg.Error as exc:
+            raise unreachable(self.url, exc) from None
+        try:
+            self._take_bot_lock(fresh)
+        except BaseException:
+            fresh.close()
+            raise
+        self._holder = fresh
+
+    @property
+    def postgres(self) -> bool:
+        return self._pool is not None
+
+    @property
+    def conn(self) -> Any:
+        """The connection of the thread holding the store's lock (SQLite: the one)."""
+        if self._pool is None:
+            return self._sqlite
+        if self._active is None:
+            raise StoreError("the store's PostgreSQL connection is only lent inside a session")
+        return self._active
+
     @property
     def intake(self) -> IntakeLog | None:
         """The intake log of the bot's store (None for others)."""
         return self._intake
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            if self._holder is not None:
+                # Unlocked before closing: a closed session's locks go only once its
+                # server process has ended, and a bot restarting at once would be refused.
+                with suppress(Exception):
+                    self._holder.execute("SELECT pg_advisory_unlock(%s)", (BOT_LOCK,))
+                self._holder.close()
+                self._holder = None
+            return
         if self._intake is not None:
             self._intake.close()
         with self._checkpoint_lock:
@@ -833,7 +1024,7 @@ class Store:
                 self._checkpointer.close()
                 self._checkpointer = None
         with self._lock:
-            self.conn.close()
+            self._sqlite.close()
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy committed WAL pages into the database file; (pages in the WAL, copied).
@@ -841,6 +1032,13 @@ class Store:
         For a background thread. It uses a connection of its own and not the store's
         lock, and PASSIVE never waits for readers or the writer.
         """
+        if self._pool is not None:
+            # Nothing to copy: the server checkpoints. The bot's one-bot lock lives in a
+            # session, which a lost server takes with it: the bot takes it again here.
+            if self._holder is not None:
+                with self._lock:
+                    self._check_bot_lock()
+            return 0, 0
         if self.path == ":memory:":
             return 0, 0
         if self._intake is not None:
@@ -859,12 +1057,72 @@ class Store:
     # --- plumbing ----------------------------------------------------------------------
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _session(self, urgent: bool = False) -> Iterator[Any]:
+        """The store's lock (`urgent`: its fast lane) and the connection to use under it.
+
+        PostgreSQL: a pooled connection, lent for the outermost session of the thread
+        holding the lock (nested ones share it, so a unit reads its own writes). A lost
+        server is a `StoreError` naming it, and the pool reconnects by itself.
+        """
+        self._lock.acquire(urgent)
+        try:
+            if self._pool is None:
+                yield self._sqlite
+            elif self._active is not None:
+                yield self._active
+            else:
+                yield from self._lend()
+        finally:
+            self._lock.release()
+
+    def _lend(self) -> Iterator[PgConnection]:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        assert self._pool is not None
+        # While the server is known to be down, a session waits briefly for the pool
+        # (which keeps reconnecting in the background): every thread queued on the
+        # store's lock would otherwise wait in turn, and a request behind them for long.
+        wait = DOWN_WAIT if self._down else self._pool_timeout
+        try:
+            with self._pool.connection(timeout=wait) as raw:
+                self._down = ""
+                self._active = PgConnection(raw)
+                try:
+                    yield self._active
+                finally:
+                    self._active = None
+                    self._used[raw] = time.monotonic()
+        except PoolTimeout:
+            self._down = self._down or self._why_unreachable()
+            raise StoreError(f"cannot reach the database {self.path}: {self._down}") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._down = libpq_reason(exc)
+            raise unreachable(self.url, exc) from None
+
+    def _why_unreachable(self) -> str:
+        """The pool only says it timed out: one direct attempt gives libpq's reason."""
+        import psycopg
+
+        try:
+            psycopg.connect(self.url, connect_timeout=2).close()
+        except psycopg.Error as exc:
+            return libpq_reason(exc)
+        return "no connection came back in time"
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
         """BEGIN IMMEDIATE … COMMIT, rolled back on any error, a failed COMMIT included
         (a full disk can refuse it): the connection is never left inside a transaction,
-        so the store works again by itself once the disk does."""
-        with self._lock:
-            conn = self.conn
+        so the store works again by itself once the disk does.
+
+        PostgreSQL: BEGIN, then the write lock (see the class), … COMMIT."""
+        with self._session() as conn:
+            if self._pool is not None:
+                with conn.raw.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+                    yield conn
+                return
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -894,10 +1152,17 @@ class Store:
                     f"{self.path} has schema version {current}, newer than this bot "
                     f"({SCHEMA_VERSION}): upgrade runbook-bot or use another RUNBOOK_DB"
                 )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                MIGRATIONS[version](self.db)
+            if current == SCHEMA_VERSION:
+                return
+            if self._pool is not None:
+                for statement in postgres_statements(current):
+                    conn.execute(statement)
+            else:
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[version](self.db)
             conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION),),
             )
 
@@ -908,8 +1173,8 @@ class Store:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Read-only diagnostics (reports, tests). State changes go through `unit()`."""
-        with self._lock:
-            return _dict_rows(self.conn.execute(sql, params))
+        with self._session() as conn:
+            return _dict_rows(conn.execute(sql, params))
 
     def query_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
         rows = self.query(sql, params)
@@ -920,8 +1185,22 @@ class Store:
 
         Rewriting a small row needs no new page, so it succeeds on a full disk: the probe
         also asks for room to grow (free space on the file system, and pages below
-        SQLite's own limit), which every new delivery needs.
+        SQLite's own limit), which every new delivery needs. PostgreSQL: a committed
+        write, and the bot's one-bot lock still held (taken again after a lost session).
         """
+        if self._pool is None:
+            self._probe_room()
+        elif self._holder is not None:
+            with self._lock:
+                self._check_bot_lock()
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('write_probe', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(self.clock()),),
+            )
+
+    def _probe_room(self) -> None:
         if self.path != ":memory:":
             stats = os.statvfs(Path(self.path).parent)
             free = stats.f_bavail * stats.f_frsize
@@ -931,18 +1210,13 @@ class Store:
                     f"{self.path}"
                 )
         with self._lock:
-            pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
-            limit = self.conn.execute("PRAGMA max_page_count").fetchone()[0]
-            spare = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+            pages = self._sqlite.execute("PRAGMA page_count").fetchone()[0]
+            limit = self._sqlite.execute("PRAGMA max_page_count").fetchone()[0]
+            spare = self._sqlite.execute("PRAGMA freelist_count").fetchone()[0]
         if limit - pages + spare < MIN_FREE_PAGES:
             raise StoreError(
                 f"database or disk is full: {self.path} is at its size limit "
                 f"({pages} of {limit} pages)"
-            )
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', ?)",
-                (str(self.clock()),),
             )
 
     # --- reads -----------------------------------------------------------------------------
@@ -1046,7 +1320,7 @@ class Store:
         values.setdefault("ts", self.clock())
         columns = ", ".join(values)
         marks = ", ".join("?" for _ in values)
-        with self._lock:
+        with self._session():
             self.conn.execute(
                 f"INSERT INTO automation_events ({columns}) VALUES ({marks})",
                 tuple(values.values()),
@@ -1130,10 +1404,13 @@ class Store:
         )
         if self._intake is not None and waiting:
             return self._intake.record(values)
-        with self._receiving:
+        # `_receiving` orders the intake log's moves and direct puts; without a log
+        # (PostgreSQL) a request's put must not queue behind a step result's in it: it
+        # goes straight to the store's fast lane.
+        with self._receiving if self._intake is not None else nullcontext():
             if self._intake is not None:
                 self._move_received(catalog_commit)
-            with self._lock.urgent() if waiting else self._lock:
+            with self._session(urgent=waiting):
                 new = self._insert_received([tuple(values[c] for c in _RECEIVED)]) == 1
                 if new and status is InboxStatus.PARKED:
                     # Its message may have been recorded between the caller's lookup and
@@ -1183,8 +1460,8 @@ class Store:
         what must not be undone: the intake log letting go of a moved batch (else a
         power loss could take an item from both), a step's command starting (else its
         claim could be lost and the step run again)."""
-        if self.path == ":memory:":
-            return
+        if self.path == ":memory:" or self._pool is not None:
+            return  # PostgreSQL: a commit is durable once it returns
         try:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
         except FileNotFoundError:
@@ -1209,6 +1486,8 @@ class Store:
     def _unpark(self) -> int:
         """Parked items whose message is now recorded join its incident, about its step,
         in their place of receipt (their `id`). Call with the lock held."""
+        if self._pool is not None:
+            return int(self.conn.execute(_UNPARK_POSTGRES).rowcount)
         released = self.conn.execute(
             "UPDATE inbox SET status = 'queued', incident_id = o.incident_id, "
             "payload = json_set(inbox.payload, '$.step_run_id', "
@@ -1222,7 +1501,7 @@ class Store:
     def inbox_unpark(self) -> int:
         """Release parked items whose message is known (the inbox calls it every second:
         another process, or a crash, may have recorded the message)."""
-        with self._lock:
+        with self._session():
             released = self._unpark()
             self._parked = (
                 self.conn.execute("SELECT 1 FROM inbox WHERE status = 'parked' LIMIT 1").fetchone()
@@ -1232,15 +1511,17 @@ class Store:
 
     def inbox_expire_parked(self, before: float) -> int:
         """Parked items received before `before` were about someone else's message."""
-        with self._lock:
+        with self._session():
             if not self._parked:
                 return 0
-            return self.conn.execute(
-                "UPDATE inbox SET status = 'ignored', processed_at = ?, "
-                "detail = 'not about a message of the bot' "
-                "WHERE status = 'parked' AND received_at < ?",
-                (self.clock(), before),
-            ).rowcount
+            return int(
+                self.conn.execute(
+                    "UPDATE inbox SET status = 'ignored', processed_at = ?, "
+                    "detail = 'not about a message of the bot' "
+                    "WHERE status = 'parked' AND received_at < ?",
+                    (self.clock(), before),
+                ).rowcount
+            )
 
     def inbox_ready(self, limit: int, exclude: Iterable[str] = ()) -> list[InboxItem]:
         """The oldest queued item of each incident, oldest first (skipping `exclude`)."""
@@ -1261,7 +1542,7 @@ class Store:
 
     def inbox_attempt_failed(self, item: InboxItem, detail: str, *, give_up: bool) -> None:
         """Applying `item` raised: count the attempt; after the last, keep it as failed."""
-        with self._lock:
+        with self._session():
             self.conn.execute(
                 "UPDATE inbox SET attempts = attempts + 1, detail = ?, status = ?, "
                 "processed_at = ? WHERE id = ? AND status = 'queued'",
@@ -1312,7 +1593,7 @@ class Store:
         the due heads of lanes not excluded only.
         """
         skip = set(exclude)
-        with self._lock:
+        with self._session():
             heads = self.conn.execute(
                 "SELECT o.id, o.lane, o.next_at FROM outbox o WHERE o.id IN (SELECT min(id) "
                 "FROM outbox WHERE status = 'pending' GROUP BY lane) ORDER BY o.next_at, o.id"
@@ -1340,7 +1621,7 @@ class Store:
     def outbox_lane_head(self, lane: str, at: float) -> OutboxItem | None:
         """The first pending effect of `lane` if it can be sent at `at` (a sender that
         just delivered the one before it goes on with it, without another look)."""
-        with self._lock:
+        with self._session():
             head = self.conn.execute(
                 "SELECT id, next_at FROM outbox WHERE status = 'pending' AND lane = ? "
                 "ORDER BY id LIMIT 1",
@@ -1401,7 +1682,7 @@ class Store:
 
         One statement in the common case: this runs once per message on the hot path.
         """
-        with self._lock:
+        with self._session():
             conn = self.conn
             changed = conn.execute(
                 "UPDATE outbox SET status = 'sent', ts = coalesce(?, ts), "
@@ -1430,7 +1711,7 @@ class Store:
     ) -> None:
         """Deliver it again at `next_at`. `attempted`: the call may have reached the other
         side (counted: a later try looks before posting again)."""
-        with self._lock:
+        with self._session():
             self.conn.execute(
                 "UPDATE outbox SET attempts = attempts + ?, next_at = ?, error = ? "
                 "WHERE id = ? AND status = 'pending'",
@@ -1438,7 +1719,7 @@ class Store:
             )
 
     def outbox_failed(self, item: OutboxItem, error: str) -> None:
-        with self._lock:
+        with self._session():
             self.conn.execute(
                 "UPDATE outbox SET status = 'failed', attempts = attempts + 1, error = ? "
                 "WHERE id = ? AND status = 'pending'",
@@ -1448,7 +1729,7 @@ class Store:
     def outbox_set_payload(self, item: OutboxItem, payload: Mapping[str, Any]) -> None:
         """Remember a decision the sender made before a call whose outcome may be unknown
         (e.g. the escalation level it asks for), so a retry asks for the same."""
-        with self._lock:
+        with self._session():
             self.conn.execute(
                 "UPDATE outbox SET payload = ? WHERE id = ?", (json.dumps(payload), item.id)
             )
@@ -1477,7 +1758,7 @@ class Store:
     def message_at(self, channel: str, ts: str) -> tuple[str, str] | None:
         """(message key, incident id) of the bot's message at (channel, ts), if any. On the
         way to answering Slack: it takes the store's fast lane, as `inbox_put` does."""
-        with self._lock.urgent():
+        with self._session(urgent=True):
             row = _one(
                 self.conn.execute(
                     "SELECT key, incident_id FROM outbox WHERE ts = ? AND key IS NOT NULL "
@@ -1501,15 +1782,14 @@ class Store:
         """A new token for `pool` (`name` unique in the pool; its sha256 only is kept)."""
         try:
             with self._transaction() as conn:
-                cursor = conn.execute(
-                    "INSERT INTO runner_tokens (pool, name, token_sha256, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (pool, name, token_sha256, self.clock()),
-                )
                 row = _one(
-                    conn.execute("SELECT * FROM runner_tokens WHERE id = ?", (cursor.lastrowid,))
+                    conn.execute(
+                        "INSERT INTO runner_tokens (pool, name, token_sha256, created_at) "
+                        "VALUES (?, ?, ?, ?) RETURNING *",
+                        (pool, name, token_sha256, self.clock()),
+                    )
                 )
-        except sqlite3.IntegrityError:
+        except integrity_errors():
             raise StoreError(
                 f"pool {pool} already has a token named {name}: choose another --name, or "
                 "revoke that one first"
@@ -1520,12 +1800,12 @@ class Store:
     def runner_token_revoke(self, pool: str, name: str) -> RunnerToken | None:
         """Revoke the token `name` of `pool` (None: no such token, or already revoked)."""
         with self._transaction() as conn:
-            conn.execute(
+            revoked = conn.execute(
                 "UPDATE runner_tokens SET revoked_at = ? WHERE pool = ? AND name = ? "
                 "AND revoked_at IS NULL",
                 (self.clock(), pool, name),
-            )
-            if conn.execute("SELECT changes()").fetchone()[0] == 0:
+            ).rowcount
+            if revoked == 0:
                 return None
             row = _one(
                 conn.execute(
@@ -1552,7 +1832,7 @@ class Store:
         marks = ", ".join("?" for _ in values)
         with self._transaction() as conn:
             conn.execute(
-                f"INSERT OR IGNORE INTO runner_jobs ({columns}) VALUES ({marks})",
+                f"INSERT INTO runner_jobs ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING",
                 tuple(values.values()),
             )
 
@@ -1591,12 +1871,11 @@ class Store:
         held: list[str] = []
         with self._transaction() as conn:
             for job_id in job_ids:
-                conn.execute(
+                if conn.execute(
                     "UPDATE runner_jobs SET lease_until = ? WHERE job_id = ? "
                     "AND state = 'leased' AND token_id = ?",
                     (lease_until, job_id, token_id),
-                )
-                if conn.execute("SELECT changes()").fetchone()[0]:
+                ).rowcount:
                     held.append(job_id)
         return held
 
@@ -1604,11 +1883,14 @@ class Store:
         """Give every leased step `lease_until` (a bot starting again: the time it was
         down is not its runners' silence)."""
         with self._transaction() as conn:
-            conn.execute(
-                "UPDATE runner_jobs SET lease_until = max(lease_until, ?) WHERE state = 'leased'",
-                (lease_until,),
+            # CASE, not max(): SQLite's two-argument max() is min()'s twin in no other SQL
+            return int(
+                conn.execute(
+                    "UPDATE runner_jobs SET lease_until = CASE WHEN lease_until > ? "
+                    "THEN lease_until ELSE ? END WHERE state = 'leased'",
+                    (lease_until, lease_until),
+                ).rowcount
             )
-            return int(conn.execute("SELECT changes()").fetchone()[0])
 
     def runner_job(self, job_id: str) -> RunnerJob | None:
         row = self.query_one("SELECT * FROM runner_jobs WHERE job_id = ?", (job_id,))
@@ -1659,17 +1941,17 @@ class Store:
         or heartbeat in between wins)."""
         with self._transaction() as conn:
             if job.state == "leased":
-                conn.execute(
+                cursor = conn.execute(
                     "DELETE FROM runner_jobs WHERE job_id = ? AND state = 'leased' "
                     "AND lease_until < ?",
                     (job.job_id, self.clock()),
                 )
             else:
-                conn.execute(
+                cursor = conn.execute(
                     "DELETE FROM runner_jobs WHERE job_id = ? AND state = 'queued'",
                     (job.job_id,),
                 )
-            return bool(conn.execute("SELECT changes()").fetchone()[0])
+            return bool(cursor.rowcount)
 
     def record_runner_refusal(
         self,
