@@ -1,6 +1,7 @@
 """Limits per action (`limits: {max_concurrent, max_per_hour}`): the circuit breaker.
 
-The engine on a real SQLite store (bot.local.LocalRuntime, the harness clock), commands
+The engine on a real store, SQLite and PostgreSQL (bot.local.LocalRuntime, the harness
+clock), commands
 as real subprocesses; where a step must still be running when the next one is tried, an
 executor that keeps its jobs stands for a long command (it starts nothing and reports
 the end when the test says so).
@@ -26,8 +27,9 @@ from bot.store import Store
 
 
 @pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    store = Store(tmp_path / "state.db")
+def h(tmp_path: Path, db_target: str) -> Iterator[Harness]:
+    """The engine over a fresh store, on each backend (SQLite, PostgreSQL)."""
+    store = Store(db_target)
     yield Harness(store, tmp_path)
     store.close()
 

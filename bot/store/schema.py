@@ -667,8 +667,10 @@ TABLES: tuple[tuple[str, str | None], ...] = (
     ("runner_refusals", "id"),
 )
 
-# Version -> statements, for migrations after POSTGRES_BASELINE (none yet).
-POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+# Version -> statements, for migrations after POSTGRES_BASELINE.
+POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    9: ("CREATE INDEX step_runs_action_started ON step_runs (action, started_at)",),
+}
 
 
 def postgres_statements(current: int) -> list[str]:
