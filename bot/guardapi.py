@@ -26,6 +26,7 @@ from bot.config import Config
 from bot.engine import Incident, guard_runbook_id, incident_item
 from bot.states import InboxKind, Phase, StepStatus
 from bot.store import Store
+from bot.web import BadRequest, json_object
 
 PREFIX = "/guard/requests"
 ID_PREFIX = "GRD-"
@@ -65,13 +66,13 @@ class GuardApi:
         rest = str(environ.get("PATH_INFO", "")).removeprefix(PREFIX).strip("/")
         try:
             if not rest and method == "POST":
-                return self._ask(self._body(environ), start_response)
+                return self._ask(json_object(environ, MAX_BODY), start_response)
             parts = rest.split("/")
             if len(parts) == 1 and parts[0] and method == "GET":
                 return self._status(parts[0], start_response)
             if len(parts) == 2 and parts[1] == "result" and method == "POST":
-                return self._result(parts[0], self._body(environ), start_response)
-        except _BadRequest as exc:
+                return self._result(parts[0], json_object(environ, MAX_BODY), start_response)
+        except BadRequest as exc:
             return _json(start_response, "400 Bad Request", {"error": str(exc)})
         return _json(start_response, "404 Not Found", {"error": "no such guard route"})
 
@@ -85,40 +86,25 @@ class GuardApi:
             token.strip().encode(), expected.encode()
         )
 
-    def _body(self, environ: dict[str, Any]) -> dict[str, Any]:
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            raise _BadRequest("no Content-Length") from None
-        if length > MAX_BODY:
-            raise _BadRequest(f"body over {MAX_BODY} bytes")
-        try:
-            body = json.loads(environ["wsgi.input"].read(length) or b"null")
-        except ValueError:
-            raise _BadRequest("the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise _BadRequest("the body is not a JSON object")
-        return body
-
     def _ask(self, body: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if set(body) != {"request_id", "function", "message", "timeout", "env"}:
-            raise _BadRequest("expected exactly request_id, function, message, timeout, env")
+            raise BadRequest("expected exactly request_id, function, message, timeout, env")
         request_id, function, message = body["request_id"], body["function"], body["message"]
         timeout, env = body["timeout"], body["env"]
         if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
-            raise _BadRequest("request_id: 8 to 64 letters, digits, - or _")
+            raise BadRequest("request_id: 8 to 64 letters, digits, - or _")
         if not isinstance(function, str) or not _FUNCTION.fullmatch(function):
-            raise _BadRequest("function: a Python dotted name")
+            raise BadRequest("function: a Python dotted name")
         if not isinstance(message, str) or not 0 < len(message) <= MAX_MESSAGE:
-            raise _BadRequest(f"message: 1 to {MAX_MESSAGE} characters")
+            raise BadRequest(f"message: 1 to {MAX_MESSAGE} characters")
         if (
             isinstance(timeout, bool)
             or not isinstance(timeout, int | float)
             or not 1 <= timeout <= MAX_TIMEOUT
         ):
-            raise _BadRequest(f"timeout: seconds from 1 to {MAX_TIMEOUT:g}")
+            raise BadRequest(f"timeout: seconds from 1 to {MAX_TIMEOUT:g}")
         if not isinstance(env, str) or not _ENV.fullmatch(env):
-            raise _BadRequest("env: an environment name")
+            raise BadRequest("env: an environment name")
         incident_id = ID_PREFIX + request_id
         item = incident_item(
             Incident(id=incident_id, title=message, service="bot.guard", env=env),
@@ -156,7 +142,7 @@ class GuardApi:
         self, incident_id: str, body: dict[str, Any], start_response: StartResponse
     ) -> Iterable[bytes]:
         if set(body) != {"ok", "detail"} or not isinstance(body["ok"], bool):
-            raise _BadRequest("expected exactly ok (true or false) and detail")
+            raise BadRequest("expected exactly ok (true or false) and detail")
         detail = str(body["detail"])[:500]
         running = [
             s for s in self.store.step_runs_of(incident_id) if s.status is StepStatus.RUNNING
@@ -185,10 +171,6 @@ class GuardApi:
 
 
 _NOT_AUTHORIZED = "send Authorization: Bearer <RUNBOOK_GUARD_TOKEN> (unset: no one may ask)"
-
-
-class _BadRequest(Exception):
-    pass
 
 
 def _json(start_response: StartResponse, status: str, body: dict[str, Any]) -> list[bytes]:

@@ -54,6 +54,7 @@ from bot.catalog.model import LOCAL, Placement, RunnerPlacement
 from bot.engine import Job
 from bot.jobs import JobEnd, Recovery, Sink
 from bot.store import RunnerJob, RunnerToken, StepRun, Store
+from bot.web import BadRequest, json_object
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ class RunnerHub:
             return _json(start_response, "401 Unauthorized", {"error": refusal})
         self._saw(token)
         try:
-            body = _body(environ)
+            body = json_object(environ, MAX_BODY, empty_is_object=True)
             if path == "poll":
                 return self._poll(token, body, start_response)
             if path == "heartbeat":
@@ -292,7 +293,7 @@ class RunnerHub:
                 return self._result(token, body, start_response)
             if path == "refusal":
                 return self._refusal(token, body, start_response)
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return _json(start_response, "400 Bad Request", {"error": str(exc)})
         return _json(start_response, "404 Not Found", {"error": "no such runner route"})
 
@@ -326,7 +327,7 @@ class RunnerHub:
                 {"error": f"this token is for pool {token.pool}, not {pool}"},
             )
         if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
-            raise _BadRequest("allow must be a list of action ids")
+            raise BadRequest("allow must be a list of action ids")
         wait = min(MAX_POLL_WAIT, max(0.0, float(body.get("wait") or 0.0)))
         if not self._polls.acquire(blocking=False):
             return _json(start_response, "429 Too Many Requests", {"error": "poll again"})
@@ -358,7 +359,7 @@ class RunnerHub:
     ) -> Iterable[bytes]:
         jobs = body.get("jobs")
         if not isinstance(jobs, list) or not all(isinstance(j, str) for j in jobs):
-            raise _BadRequest("jobs must be a list of job ids")
+            raise BadRequest("jobs must be a list of job ids")
         held = self.store.runner_job_extend(jobs, token.id, self.clock() + self.lease)
         return _json(start_response, "200 OK", {"held": held})
 
@@ -368,7 +369,7 @@ class RunnerHub:
         job_id = body.get("job_id")
         result = body.get("result")
         if not isinstance(job_id, str) or not isinstance(result, dict):
-            raise _BadRequest("a result needs job_id and result")
+            raise BadRequest("a result needs job_id and result")
         values = _result_values(result)
         row = self.store.runner_job(job_id)
         if row is None or row.token_id != token.id or row.state != "leased":
@@ -385,7 +386,7 @@ class RunnerHub:
         job_id = str(body.get("job_id") or "")[:200]
         reason = str(body.get("reason") or "")
         if reason not in RUNNER_REASONS:
-            raise _BadRequest(f"reason must be one of {', '.join(RUNNER_REASONS)}")
+            raise BadRequest(f"reason must be one of {', '.join(RUNNER_REASONS)}")
         detail = str(body.get("detail") or "")[:500]
         self._refused(
             "runner", reason, pool=token.pool, token_id=token.id, job_id=job_id, detail=detail
@@ -400,13 +401,13 @@ class RunnerHub:
 def _result_values(result: Mapping[str, Any]) -> dict[str, Any]:
     status = result.get("status")
     if status not in RESULT_STATUSES:
-        raise _BadRequest(f"result status must be one of {', '.join(RESULT_STATUSES)}")
+        raise BadRequest(f"result status must be one of {', '.join(RESULT_STATUSES)}")
     exit_code = result.get("exit_code")
     if exit_code is not None and not isinstance(exit_code, int):
-        raise _BadRequest("exit_code must be an integer or null")
+        raise BadRequest("exit_code must be an integer or null")
     argv = result.get("argv") or []
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        raise _BadRequest("argv must be a list of strings")
+        raise BadRequest("argv must be a list of strings")
     duration = result.get("duration")
     return {
         "status": status,
@@ -425,26 +426,6 @@ def _end(job: Job, result: dict[str, Any]) -> JobEnd:
 
 def _row_end(row: RunnerJob, result: dict[str, Any] | None, message: str = "") -> JobEnd:
     return JobEnd(row.step_run_id, row.attempt, row.incident_id, row.phase, result, message=message)
-
-
-class _BadRequest(Exception):
-    pass
-
-
-def _body(environ: dict[str, Any]) -> dict[str, Any]:
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise _BadRequest("no Content-Length") from None
-    if length > MAX_BODY:
-        raise _BadRequest(f"body over {MAX_BODY} bytes")
-    try:
-        body = json.loads(environ["wsgi.input"].read(length) or b"{}")
-    except ValueError:
-        raise _BadRequest("the body is not JSON") from None
-    if not isinstance(body, dict):
-        raise _BadRequest("the body is not a JSON object")
-    return body
 
 
 def _json(start_response: StartResponse, status: str, body: dict[str, Any]) -> list[bytes]:

@@ -7,6 +7,7 @@ imports this module alone and so starts without the engine's modules.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -15,6 +16,32 @@ from typing import Any
 from bot.errors import ConfigError
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class BadRequest(Exception):
+    """What a route cannot take from a request; answered 400 with this text."""
+
+
+def json_object(
+    environ: dict[str, Any], max_bytes: int, *, empty_is_object: bool = False
+) -> dict[str, Any]:
+    """The request's body, a JSON object of at most `max_bytes` (an empty body is `{}`
+    when `empty_is_object`); BadRequest says what is wrong with it."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise BadRequest("no Content-Length") from None
+    if length > max_bytes:
+        raise BadRequest(f"body over {max_bytes} bytes")
+    raw = environ["wsgi.input"].read(length)
+    try:
+        body = json.loads(raw or (b"{}" if empty_is_object else b"null"))
+    except ValueError:
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body is not a JSON object")
+    return body
+
 
 # Largest request body waitress accepts (its own default is 1 GiB, spooled to disk and
 # then read by the route). Above it waitress answers 413 and no route sees the request.

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from hypothesis import strategies as st
 from kubernetes import client as k8s
 from runner_harness import marks, write_catalog
 from slack_harness import Bot, wait_for
+from test_jobs import Ends
 
 from bot import executor
 from bot.catalog.model import KubernetesPlacement
@@ -106,24 +106,6 @@ def step_of(runner: str, step_run_id: int = 1, attempt: int = 1) -> StepRun:
         status=StepStatus.RUNNING,
         runner=runner,
     )
-
-
-class Ends:
-    """A sink that keeps job ends, and lets tests wait for them."""
-
-    def __init__(self) -> None:
-        self.ends: list[JobEnd] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, end: JobEnd) -> None:
-        with self._cond:
-            self.ends.append(end)
-            self._cond.notify_all()
-
-    def wait(self, count: int = 1, timeout: float = 20.0) -> list[JobEnd]:
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.ends) >= count, timeout), self.ends
-            return list(self.ends)
 
 
 @pytest.fixture
@@ -611,7 +593,7 @@ def test_kill_9_of_the_bot_mid_step_then_recovery_in_a_new_process(
 
 _BOT_PROCESS = textwrap.dedent(
     """
-    import json, sys, time
+    import json, sys, threading
     sys.path.insert(0, sys.argv[1])
     from kubernetes import client as k8s
     from bot import executor
@@ -627,7 +609,7 @@ _BOT_PROCESS = textwrap.dedent(
     spec = executor.CommandSpec(command=tuple(command), timeout=20.0)
     job = Job(7, 1, "Q1PAYMENTS", "main", "check-error-rate", spec, {}, 10_000, ())
     bot.start(runner, job, KubernetesPlacement(**json.loads(target)))
-    time.sleep(600)
+    threading.Event().wait()  # until the test kills this process
     """
 )
 
