@@ -78,7 +78,15 @@ class Config:
         "RUNBOOK_DB",
         "./runbook-bot.db",
         "State and audit: a SQLite file, or a postgresql:// URL (libpq conninfo; PG* "
-        "variables fill in what it leaves out). One bot per database.",
+        "variables fill in what it leaves out). SQLite: one bot per file; PostgreSQL: "
+        "any number of replicas share it.",
+    )
+    replica_id: str = _setting(
+        "RUNBOOK_REPLICA_ID",
+        "",
+        "This replica's name among those sharing a PostgreSQL database (default: host name "
+        "and port). Keep it stable across restarts on the same state directory (a pod "
+        "name): a restarted replica then recovers the steps its supervisors finished.",
     )
     state_dir: str = _setting(
         "RUNBOOK_STATE_DIR",
