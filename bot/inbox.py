@@ -68,8 +68,11 @@ class Inbox:
         max_attempts: int = 3,
         catalog_commit: Callable[[], str] = lambda: "",
         clock: Callable[[], float] = time.monotonic,
+        mine: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
+        # Replicas: the incidents this one applies items of (`bot.replicas`); None: all.
+        self.mine = mine
         self.apply = apply
         self.workers = max(1, workers)
         self.max_attempts = max_attempts
@@ -188,7 +191,7 @@ class Inbox:
         if free <= 0:
             return 1.0
         assert self._pool is not None
-        for item in self.store.inbox_ready(free, exclude=skip):
+        for item in self.store.inbox_ready(free, exclude=skip, accept=self.mine):
             with self._lock:
                 if item.incident_id in self._busy:
                     continue
@@ -202,6 +205,8 @@ class Inbox:
             while item is not None and not self._stopping.is_set():
                 if not self._apply(item):
                     return
+                if self.mine is not None and not self.mine(incident_id):
+                    return  # it passed to another replica
                 item = self.store.inbox_next(incident_id)
         except Exception as exc:
             log.warning("inbox of incident %s: %s", incident_id, exc)

@@ -219,8 +219,8 @@ class _Supervisor:
         self.token = token
         self.reader = conn.makefile("rb")
 
-    def send(self, job: Job) -> None:
-        self.conn.sendall((json.dumps(_job_message(job)) + "\n").encode())
+    def send(self, job: Job, record: str = "") -> None:
+        self.conn.sendall((json.dumps(_job_message(job, record)) + "\n").encode())
 
     def result_line(self) -> str:
         """The result it sends when the command ends ("" if it died first)."""
@@ -354,8 +354,13 @@ class SupervisedExecutor:
         *,
         warm: int = 2,
         python: str = sys.executable,
+        record: str = "",
     ) -> None:
         self.state_dir = Path(state_dir)
+        # Replicas (a postgresql:// URL): each supervisor also records its result in the
+        # shared inbox itself, so it counts even when this replica dies and never returns
+        # (its files are then on a disk no survivor reads).
+        self.record = record
         self.sink = sink
         self.warm = warm
         self.python = python
@@ -485,7 +490,7 @@ class SupervisedExecutor:
                 return
             # Only now, with the supervisor holding its lock, may the job reach it.
             with contextlib.suppress(OSError):  # it died: the files below say what happened
-                supervisor.send(job)
+                supervisor.send(job, self.record)
             result = _parse(supervisor.result_line())
             supervisor.dismiss()
             if result is None:
@@ -635,9 +640,9 @@ class SupervisedExecutor:
                     (self.state_dir / f"{token}.{suffix}").unlink()
 
 
-def _job_message(job: Job) -> dict[str, Any]:
+def _job_message(job: Job, record: str = "") -> dict[str, Any]:
     spec = job.spec
-    return {
+    message: dict[str, Any] = {
         "step_run_id": job.step_run_id,
         "attempt": job.attempt,
         "spec": {
@@ -652,6 +657,12 @@ def _job_message(job: Job) -> dict[str, Any]:
         "output_cap": job.output_cap,
         "secret_patterns": [p if isinstance(p, str) else p.pattern for p in job.secret_patterns],
     }
+    if record:
+        # The inbox item of the job's end (`end_item`) but for its result, which the
+        # supervisor adds: the same key as the bot's own report, so only one counts.
+        item = end_item(JobEnd(job.step_run_id, job.attempt, job.incident_id, job.phase, {}))
+        message["record"] = {"db": record, "item": item}
+    return message
 
 
 def _parse(line: str) -> dict[str, Any] | None:

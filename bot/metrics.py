@@ -188,6 +188,28 @@ outbox_pending = _gauge(
     "runbook_outbox_pending",
     "Effects (Slack messages, PagerDuty write-back) committed and not yet delivered.",
 )
+replicas_alive = _gauge(
+    "runbook_replicas_alive",
+    "Replicas sharing the PostgreSQL database that were alive at this replica's last "
+    "heartbeat (itself included).",
+)
+replica_leases = Gauge(
+    _spec(
+        "runbook_replica_leases",
+        "gauge",
+        ("lease",),
+        "1 while this replica holds the lease of a singleton (outbox, timers), else 0.",
+    ),
+    "1 while this replica holds the lease of a singleton (outbox, timers), else 0.",
+    ("lease",),
+    registry=REGISTRY,
+)
+lease_takeovers = _counter(
+    "runbook_lease_takeovers_total",
+    "Times this replica took the lease of a singleton (at start, or from a replica that "
+    "died or stopped).",
+    ("lease",),
+)
 runners_connected = Gauge(
     _spec(
         "runbook_runners_connected",

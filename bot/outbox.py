@@ -162,8 +162,12 @@ class OutboxSender:
         clock: Callable[[], float] = time.time,
         backoff_first: float = BACKOFF_FIRST,
         backoff_max: float = BACKOFF_MAX,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
+        # Replicas: send only while this replica holds the outbox lease (`bot.replicas`),
+        # so one sender keeps each lane in order and paced; None: always.
+        self.gate = gate
         self.transports = dict(transports)
         self.budgets = budgets or Budgets()
         self.workers = max(1, workers)
@@ -239,7 +243,15 @@ class OutboxSender:
             # look reads the outbox, and intake must never queue behind a crowd of them.
             self._stopping.wait(max(0.0, began + LOOK_SECONDS - time.monotonic()))
 
+    def _allowed(self) -> bool:
+        return self.gate is None or self.gate()
+
     def _send_due(self) -> float:
+        if not self._allowed():
+            # When the lease comes (back) to us, the heads may have been on their way from
+            # the replica that had it: they are looked for before they are sent again.
+            self._first_look = True
+            return 1.0
         at = self.clock()
         with self._lock:
             busy = set(self._busy)
@@ -281,7 +293,7 @@ class OutboxSender:
         not of the sender's looks."""
         try:
             next_item: OutboxItem | None = item
-            while next_item is not None and not self._stopping.is_set():
+            while next_item is not None and not self._stopping.is_set() and self._allowed():
                 self.deliver(next_item, transport)
                 at = self.clock()
                 next_item = self.store.outbox_lane_head(item.lane, at)

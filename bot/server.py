@@ -41,15 +41,18 @@ from bot.commands import Commands
 from bot.config import Config
 from bot.dispatch import Dispatcher
 from bot.engine import GUARD_RUNNER, Engine, Job
+from bot.errors import ConfigError
 from bot.guardapi import PREFIX as GUARD_PREFIX
 from bot.guardapi import GuardApi
 from bot.hub import MAX_LONG_POLLS, RunnerHub
 from bot.hub import PREFIX as RUNNER_ROUTES
 from bot.inbox import Inbox, database_unusable
-from bot.jobs import JobEnd, SupervisedExecutor, end_item
+from bot.jobs import RUNNER_PREFIX as LOCAL_PREFIX
+from bot.jobs import JobEnd, Recovery, SupervisedExecutor, end_item
 from bot.messages import environment_warnings
 from bot.outbox import Budgets, OutboxSender, Transport
 from bot.pagerduty import PagerDutyIntake
+from bot.replicas import Replicas, replica_name
 from bot.signing import load_or_create_key
 from bot.states import InboxKind
 from bot.store import StepRun, Store
@@ -77,9 +80,35 @@ def approver_groups(catalog: Catalog) -> set[str]:
     return {group for approvers in declared for group in approvers.groups}
 
 
+# A step of a replica that died is interrupted only once its supervisor, which may still
+# be running it on that replica's host, can no longer report: after its timeout and this.
+RECORD_GRACE_SECONDS = 30.0
+
+
 def state_dir_for(config: Config) -> Path:
-    """Where step supervisors leave their results (``Config.state_directory``)."""
+    """Where step supervisors leave their results (``Config.state_directory``); with
+    replicas (PostgreSQL), a directory per replica under it."""
+    if config.db.startswith(("postgresql://", "postgres://")):
+        return config.state_directory / replica_name(config.replica_id, config.port)
     return config.state_directory
+
+
+def _lock_state_dir(path: Path, replica: str) -> Any:
+    """One process per replica's state directory (its steps' files are recovered by that
+    replica's next process): an exclusive lock, held while the process lives."""
+    import fcntl
+
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / "replica.lock", "a+b")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"another process serves replica {replica} from {path}: give each replica "
+            "its own RUNBOOK_REPLICA_ID (or state directory)"
+        ) from None
+    return handle
 
 
 class BotApp:
@@ -98,6 +127,15 @@ class BotApp:
     ) -> None:
         self.config = config
         self.store = Store(config.db, intake_log=True)
+        # PostgreSQL: this bot is one of any number of replicas (bot.replicas); SQLite: the
+        # only bot (its intake log's lock makes sure), and every singleton is its own.
+        self.replicas: Replicas | None = None
+        if self.store.postgres:
+            replica = replica_name(config.replica_id, config.port)
+            self._state_lock = _lock_state_dir(state_dir_for(config), replica)
+            self.store.owner = replica
+            self.replicas = Replicas(self.store, replica, on_lease=self._lease_changed)
+            self.replicas.join()
         # The catalog lives in Git: checked every RUNBOOK_CATALOG_REFRESH seconds and on
         # SIGHUP, linted before it is served, never served broken (bot.catalog.source).
         self.source = CatalogSource(
@@ -112,11 +150,14 @@ class BotApp:
             self._apply,
             workers=config.workers,
             catalog_commit=lambda: self.engine.catalog.version,
+            mine=self.replicas.mine if self.replicas else None,
         )
         # Where claimed steps run: the bot's own host (supervised), pull runners of a pool
         # (the hub), Kubernetes Jobs (bot.kube) when RUNBOOK_KUBERNETES allows; without
         # it Kubernetes steps are refused.
-        self.executor = SupervisedExecutor(state_dir_for(config), self._job_ended)
+        self.executor = SupervisedExecutor(
+            state_dir_for(config), self._job_ended, record=config.db if self.replicas else ""
+        )
         self.hub = RunnerHub(
             self.store,
             self._job_ended,
@@ -150,6 +191,7 @@ class BotApp:
             workers=max(4, config.workers),
             backoff_first=first,
             backoff_max=most,
+            gate=self._holds("outbox") if self.replicas else None,
         )
         self.engine = Engine(
             self.source.current(),
@@ -290,8 +332,15 @@ class BotApp:
             if not self.store.has_item(f"step:{step.id}:{step.attempt}:end")
             # a bot.guard step runs in the program that asked, which reports its end
             and step.runner != GUARD_RUNNER
+            # replicas: another's steps are its own (or, once it died, `take_over_steps`)
+            and step.owner in ("", self.store.owner)
         ]
         found = self.dispatch.recover(left, self.engine.job_for, self._restart)
+        return self._settle(found, "the bot stopped while it ran")
+
+    def _settle(self, found: Iterable[Recovery], stopped: str) -> dict[str, int]:
+        """Act on what recovery found: results and interruptions into the inbox, steps
+        that never started kept for `start()`; counts of each."""
         counts = {"results": 0, "interrupted": 0, "restarted": 0, "still_running": 0}
         for recovery in found:
             step = recovery.step
@@ -313,14 +362,7 @@ class BotApp:
             else:
                 counts["interrupted"] += 1
                 self._job_ended(
-                    JobEnd(
-                        step.id,
-                        step.attempt,
-                        step.incident_id,
-                        job.phase,
-                        None,
-                        "the bot stopped while it ran",
-                    )
+                    JobEnd(step.id, step.attempt, step.incident_id, job.phase, None, stopped)
                 )
             self.dispatch.forget(step.runner)
         return counts
@@ -335,6 +377,11 @@ class BotApp:
         never_started, self._never_started = self._never_started, []
         for step in never_started:
             self._restart(step)
+        if self.replicas is not None:
+            self._beating = threading.Thread(
+                target=self.replicas.run, args=(self._stopping,), name="replica", daemon=True
+            )
+            self._beating.start()
         self.inbox.start()
         self.outbox.start()
         if self.slack is not None:
@@ -372,6 +419,9 @@ class BotApp:
         self.outbox.stop(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
         if self._timer is not None:
             self._timer.join(5)  # it may be mid-checkpoint: let it finish before the store closes
+        if self.replicas is not None:
+            self.replicas.leave()  # survivors take its share and leases at their next beat
+            self._state_lock.close()
         if self.writeback is not None:
             self.writeback.close()
         self.pagerduty.close()
@@ -395,6 +445,74 @@ class BotApp:
                 log.error("cannot record a step result yet (%s); retrying", exc)
                 time.sleep(SINK_RETRY_SECONDS)
 
+    # --- replicas ----------------------------------------------------------------------
+
+    def _holds(self, lease: str) -> Callable[[], bool]:
+        replicas = self.replicas
+        assert replicas is not None
+        return lambda: replicas.holds(lease)
+
+    def _lease_changed(self, lease: str, held: bool) -> None:
+        if lease == "outbox" and held and hasattr(self, "outbox"):
+            self.outbox.wake()
+
+    def take_over_steps(self) -> dict[str, int]:
+        """Steps left running by replicas that died (the timers lease's holder does this).
+
+        Nothing is run again. A local step's supervisor records its result in the inbox
+        itself, even with its replica dead: the step waits for it until its timeout (and
+        `RECORD_GRACE_SECONDS`) has passed, then is interrupted. A Kubernetes Job is
+        looked for in the cluster and watched from here. Pull runners' and bot.guard
+        steps report to any replica (the hub's leases cover a runner that dies).
+        """
+        assert self.replicas is not None
+        counts = {"waiting": 0, "interrupted": 0, "adopted": 0}
+        for step in self.store.running_steps():
+            if (
+                not step.owner
+                or not self.replicas.dead(step.owner)
+                or step.runner == GUARD_RUNNER
+                or step.runner.startswith("runner:")
+                or self.store.has_item(f"step:{step.id}:{step.attempt}:end")
+            ):
+                continue
+            job = self.engine.job_for(step)
+            if step.runner.startswith(LOCAL_PREFIX) or job is None:
+                timeout = job.spec.timeout if job is not None else 0.0
+                if time.time() < (step.started_at or 0.0) + timeout + RECORD_GRACE_SECONDS:
+                    counts["waiting"] += 1
+                    continue
+                counts["interrupted"] += 1
+                log.warning(
+                    "incident %s step %s: replica %s died while it ran and no result came",
+                    step.incident_id, step.step_id, step.owner,
+                )  # fmt: skip
+                self._job_ended(
+                    JobEnd(
+                        step.id,
+                        step.attempt,
+                        step.incident_id,
+                        job.phase if job is not None else self._phase_of(step),
+                        None,
+                        f"replica {step.owner} stopped while it ran",
+                    )
+                )
+                continue
+            adopted = self.store.adopt_step(step, self.replicas.id)
+            if adopted is not None:
+                counts["adopted"] += 1
+                found = self.dispatch.recover([adopted], self.engine.job_for, self._restart)
+                self._settle(found, f"replica {step.owner} stopped while it ran")
+                never_started, self._never_started = self._never_started, []
+                for waiting in never_started:
+                    self._restart(waiting)
+        return counts
+
+    def _phase_of(self, step: StepRun) -> str:
+        with self.store.unit() as u:
+            run = u.run_by_id(step.run_id)
+        return str(run.phase) if run is not None else "main"
+
     def _step_waits(self, job: Job, note: str) -> None:
         """An executor says in the thread why a claimed step has not started yet."""
         self.inbox.put(
@@ -411,12 +529,17 @@ class BotApp:
         while not self._stopping.is_set():
             deadline: float | None = None
             try:
-                for item in [*self.engine.due_expiries(), *self.engine.due_guard_ends()]:
-                    self.inbox.put(**item)
-                deadline = self.store.next_deadline()
+                if self.replicas is None or self.replicas.holds("timers"):
+                    for item in [*self.engine.due_expiries(), *self.engine.due_guard_ends()]:
+                        self.inbox.put(**item)
+                    deadline = self.store.next_deadline()
+                    if self.replicas is not None:
+                        self.take_over_steps()
             except Exception as exc:
                 log.warning(
-                    "timer check (approval deadlines, unreported bot.guard steps) failed: %s", exc
+                    "timer check (approval deadlines, unreported bot.guard steps, steps of "
+                    "replicas that died) failed: %s",
+                    exc,
                 )
             if time.monotonic() >= next_checkpoint:
                 try:

@@ -20,7 +20,10 @@ Each supervisor:
      ``bot.executor.run``: no shell, timeout that kills the process group, output capped
      and masked, ``expect`` evaluated, exactly as in the bot;
   4. writes ``TOKEN.result`` (atomically: a temporary file renamed), sends the result as
-     a JSON line to a bot that is still listening, and exits.
+     a JSON line to a bot that is still listening;
+  5. with replicas on PostgreSQL, also puts the result in the shared inbox itself (under
+     the key of the bot's own report: one counts), so a result outlives a replica that
+     never comes back; then exits.
 
 A bot restarted after a crash reads the files: a result is used as if nothing happened;
 ``started`` without a result (this process was killed too) is an interruption; neither
@@ -37,6 +40,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -111,7 +115,43 @@ def _supervise(state_dir: Path, address: str, token: str) -> int:
     _write(state_dir / f"{token}.result", outcome)
     with contextlib.suppress(OSError):  # the bot is gone: it reads the file later
         bot.sendall((json.dumps(outcome) + "\n").encode())
+    if job.get("record"):
+        _record(job["record"], outcome)
     return 0
+
+
+RECORD_TRIES = 8
+
+
+def _record(record: dict[str, Any], outcome: dict[str, Any]) -> None:
+    """Put the job's end in the shared inbox (replicas on PostgreSQL): under the key the
+    bot's own report has, so whichever comes first counts and the other changes nothing.
+    Retried while the database is away (about two minutes); the result file stays."""
+    import psycopg
+
+    from bot.store import intake
+
+    item = record["item"]
+    values = intake.row(
+        source=item["source"],
+        key=item["key"],
+        incident_id=item["incident_id"],
+        kind=item["kind"],
+        payload={**item["payload"], **outcome},
+        received_at=time.time(),
+    )
+    columns = intake.COLUMNS
+    sql = (
+        f"INSERT INTO inbox ({', '.join(columns)}) "
+        f"VALUES ({', '.join('%s' for _ in columns)}) ON CONFLICT DO NOTHING"
+    )
+    for attempt in range(RECORD_TRIES):
+        try:
+            with psycopg.connect(record["db"], autocommit=True, connect_timeout=5) as conn:
+                conn.execute(sql, [values[c] for c in columns])
+            return
+        except psycopg.Error:
+            time.sleep(min(30.0, 2.0**attempt))
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:

@@ -22,23 +22,25 @@ version it was decided under.
 PostgreSQL is the second backend (``RUNBOOK_DB=postgresql://…``; ``bot.store.backend``):
 the same API, the same SQL text where both speak it, the same schema version. What
 differs is plumbing: a connection pool that reconnects, an advisory lock per writing
-transaction instead of ``BEGIN IMMEDIATE``, an advisory lock per bot instead of the
-``<db>-lock`` file, no intake log (a commit is durable when it returns, and the server
-takes concurrent writers), and no checkpoints or syncs.
+transaction instead of ``BEGIN IMMEDIATE``, no intake log (a commit is durable when it
+returns, and the server takes concurrent writers), and no checkpoints or syncs. Several
+bots (replicas) may share it: ``bot.replicas`` says who is alive and who holds each
+singleton's lease, and the conditional updates below, one writer at a time, keep any
+item from being applied twice or out of turn whichever replica tries.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,9 +135,8 @@ _STILL_WANTED = (
 )
 
 
-# PostgreSQL advisory lock keys (any 64-bit numbers of our own): the one-bot lock a bot
-# holds for its lifetime, and the lock every writing transaction takes first.
-BOT_LOCK = 0x72756E62_6F6F6B01  # "runbook" 1
+# PostgreSQL advisory lock key (any 64-bit number of our own): the lock every writing
+# transaction takes first.
 WRITE_LOCK = 0x72756E62_6F6F6B02
 # Seconds a request waits for a PostgreSQL connection while the server is unreachable.
 CONNECT_WAIT = 3.0
@@ -150,7 +151,18 @@ def now() -> float:
 
 
 class AlreadyApplied(Exception):
-    """Another worker applied this inbox item first; this attempt changed nothing."""
+    """Another worker applied this inbox item first, or an older item of its incident is
+    still queued; this attempt changed nothing."""
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What one heartbeat found (`Store.beat`)."""
+
+    at: float  # the database's time
+    held: Mapping[str, int] = field(default_factory=dict)  # lease -> fence
+    alive: tuple[str, ...] = ()  # replicas seen lately, this one included
+    refused: str = ""  # why this process may not serve as the replica it named
 
 
 class Effect:
@@ -260,10 +272,11 @@ class Unit:
     on (another worker or replica was first): the caller re-reads and decides again.
     """
 
-    def __init__(self, conn: Any, at: float, origin: Origin = Origin.BOT) -> None:
+    def __init__(self, conn: Any, at: float, origin: Origin = Origin.BOT, owner: str = "") -> None:
         self.conn = conn
         self.at = at
         self.origin = origin  # what its audit rows come from (promotion counts only the bot's)
+        self.owner = owner  # the replica whose claims these are (PostgreSQL), or ""
         self._events: list[tuple[Any, ...]] = []
         self._effects: list[Effect] = []
 
@@ -538,6 +551,8 @@ class Unit:
         """Insert one attempt of a step (None if that attempt exists), with its approval
         request in the same transaction."""
         row = {**values, "status": str(values["status"]), "created_at": self.at}
+        if row.get("runner") and self.owner:
+            row["owner"] = self.owner
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         found = _one(
@@ -571,6 +586,8 @@ class Unit:
         states.check(step.status, new)
         if new is StepStatus.RUNNING:
             values.setdefault("started_at", self.at)
+            if self.owner:
+                values.setdefault("owner", self.owner)
         elif new.terminal:
             values.setdefault("finished_at", self.at)
         sets = ", ".join(f"{k} = ?" for k in ("status", *values))
@@ -603,9 +620,9 @@ class Unit:
         """A running step whose command provably never started gets a new runner."""
         row = _one(
             self.conn.execute(
-                "UPDATE step_runs SET runner = ? WHERE id = ? AND status = 'running' "
-                "AND coalesce(runner, '') = ? RETURNING *",
-                (runner, step.id, step.runner),
+                "UPDATE step_runs SET runner = ?, owner = ? WHERE id = ? "
+                "AND status = 'running' AND coalesce(runner, '') = ? RETURNING *",
+                (runner, self.owner or None, step.id, step.runner),
             )
         )
         return StepRun.from_row(row) if row else None
@@ -670,12 +687,16 @@ class Unit:
 
     def finish_item(self, item: InboxItem, status: InboxStatus, detail: str = "") -> None:
         """Mark the item applied, in the transaction of what it changed. Raises
-        `AlreadyApplied` (rolling all of it back) when another worker applied it first."""
+        `AlreadyApplied` (rolling all of it back) when another worker or replica applied
+        it first, or when an older item of its incident is still queued: items apply in
+        receipt order whoever applies them (writers commit one at a time, so what this
+        checks holds at the commit)."""
         states.check(item.status, status)
         changed = self.conn.execute(
             "UPDATE inbox SET status = ?, detail = ?, processed_at = ? "
-            "WHERE id = ? AND status = 'queued'",
-            (str(status), detail or None, self.at, item.id),
+            "WHERE id = ? AND status = 'queued' AND NOT EXISTS (SELECT 1 FROM inbox o "
+            "WHERE o.status = 'queued' AND o.incident_id = ? AND o.id < ?)",
+            (str(status), detail or None, self.at, item.id, item.incident_id, item.id),
         ).rowcount
         if changed != 1:
             raise AlreadyApplied(item.id)
@@ -834,13 +855,16 @@ class Store:
         process on the same file, e.g. `runbookctl`) before it fails; on PostgreSQL, also
         how long a request waits for a connection while the server is unreachable.
         `intake_log`: the bot's own store. SQLite: intake records in the intake log
-        (``bot.store.intake``), whose leftovers are moved into the inbox now. Either
-        backend: no other bot may open the database while this one has it.
+        (``bot.store.intake``), whose leftovers are moved into the inbox now, and no
+        other bot may open the file while this one has it. PostgreSQL: none of that;
+        any number of replicas share the database (``bot.replicas``).
         """
         self.clock = clock
         self.url = ""
+        # The replica this store's claims are made for (`bot.replicas`; PostgreSQL): each
+        # step it starts records it, so a survivor knows whose steps a dead one left.
+        self.owner = ""
         self._pool: ConnectionPool | None = None
-        self._holder: Any = None  # PostgreSQL: the session holding the one-bot lock
         self._active: PgConnection | None = None  # PostgreSQL: the lock holder's connection
         self._down = ""  # PostgreSQL: why the server could not be reached, while it cannot
         self._used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
@@ -853,7 +877,7 @@ class Store:
         if is_postgres(path):
             self.url = str(path)
             self.path = display(self.url)
-            self._open_postgres(busy_timeout, one_bot=intake_log)
+            self._open_postgres(busy_timeout)
             return
         self.path = str(path)
         if self.path != ":memory:":
@@ -889,23 +913,14 @@ class Store:
             conn.close()
             raise
 
-    def _open_postgres(self, timeout: float, *, one_bot: bool) -> None:
+    def _open_postgres(self, timeout: float) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool
 
         try:  # one connection first: its failure says why (the pool's would only time out)
-            first = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            psycopg.connect(self.url, autocommit=True, connect_timeout=10).close()
         except psycopg.Error as exc:
             raise unreachable(self.url, exc) from None
-        if one_bot:
-            try:
-                self._take_bot_lock(first)
-            except BaseException:
-                first.close()
-                raise
-            self._holder = first
-        else:
-            first.close()
         # Only a lost server makes a request wait for a connection (the store's lock
         # lends one at a time): fail fast then, so the request gets its 503 in time.
         self._pool_timeout = min(timeout, CONNECT_WAIT)
@@ -944,50 +959,6 @@ class Store:
         if self._down or time.monotonic() - self._used.get(conn, 0.0) >= CHECK_IDLE:
             ConnectionPool.check_connection(conn)
 
-    def _take_bot_lock(self, conn: Any) -> None:
-        """One bot per PostgreSQL database (until replicas land): a session-level advisory
-        lock, held for the bot's lifetime by a connection of its own."""
-        conn.execute(
-            "SELECT set_config('application_name', %s, false)",
-            (f"runbook-bot pid {os.getpid()} on {socket.gethostname()}"[:63],),
-        )
-        (taken,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (BOT_LOCK,)).fetchone()
-        if taken:
-            return
-        row = conn.execute(
-            "SELECT a.application_name, a.client_addr FROM pg_locks l "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-            "AND l.granted AND l.objid = %s AND l.database = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database())",
-            (BOT_LOCK & 0xFFFFFFFF,),
-        ).fetchone()
-        holder = f"{row[0]} from {row[1] or 'a local socket'}" if row else "a session"
-        raise StoreError(
-            f"another runbook-bot ({holder}) is using {self.path}: one bot per database "
-            "until replicas land"
-        )
-
-    def _check_bot_lock(self) -> None:
-        """The one-bot lock is held by a session: after a lost connection, take it again."""
-        import psycopg
-
-        holder = self._holder
-        try:
-            holder.execute("SELECT 1")
-            return
-        except psycopg.Error:
-            holder.close()
-        try:
-            fresh = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
-        except psycopg.Error as exc:
-            raise unreachable(self.url, exc) from None
-        try:
-            self._take_bot_lock(fresh)
-        except BaseException:
-            fresh.close()
-            raise
-        self._holder = fresh
-
     @property
     def postgres(self) -> bool:
         return self._pool is not None
@@ -1009,13 +980,6 @@ class Store:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
-            if self._holder is not None:
-                # Unlocked before closing: a closed session's locks go only once its
-                # server process has ended, and a bot restarting at once would be refused.
-                with suppress(Exception):
-                    self._holder.execute("SELECT pg_advisory_unlock(%s)", (BOT_LOCK,))
-                self._holder.close()
-                self._holder = None
             return
         if self._intake is not None:
             self._intake.close()
@@ -1033,12 +997,7 @@ class Store:
         lock, and PASSIVE never waits for readers or the writer.
         """
         if self._pool is not None:
-            # Nothing to copy: the server checkpoints. The bot's one-bot lock lives in a
-            # session, which a lost server takes with it: the bot takes it again here.
-            if self._holder is not None:
-                with self._lock:
-                    self._check_bot_lock()
-            return 0, 0
+            return 0, 0  # nothing to copy: the server checkpoints
         if self.path == ":memory:":
             return 0, 0
         if self._intake is not None:
@@ -1138,7 +1097,7 @@ class Store:
 
         `origin`: what its audit rows come from (the bot, simulate or runbook tests)."""
         with self._transaction() as conn:
-            unit = Unit(conn, self.clock() if at is None else at, origin)
+            unit = Unit(conn, self.clock() if at is None else at, origin, self.owner)
             yield unit
             unit._flush()
 
@@ -1186,13 +1145,10 @@ class Store:
         Rewriting a small row needs no new page, so it succeeds on a full disk: the probe
         also asks for room to grow (free space on the file system, and pages below
         SQLite's own limit), which every new delivery needs. PostgreSQL: a committed
-        write, and the bot's one-bot lock still held (taken again after a lost session).
+        write.
         """
         if self._pool is None:
             self._probe_room()
-        elif self._holder is not None:
-            with self._lock:
-                self._check_bot_lock()
         with self._transaction() as conn:
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('write_probe', ?) "
@@ -1523,15 +1479,27 @@ class Store:
                 ).rowcount
             )
 
-    def inbox_ready(self, limit: int, exclude: Iterable[str] = ()) -> list[InboxItem]:
-        """The oldest queued item of each incident, oldest first (skipping `exclude`)."""
+    def inbox_ready(
+        self,
+        limit: int,
+        exclude: Iterable[str] = (),
+        accept: Callable[[str], bool] | None = None,
+    ) -> list[InboxItem]:
+        """The oldest queued item of each incident, oldest first (skipping `exclude`, and
+        incidents `accept` declines: another replica's)."""
         skip = set(exclude)
+        # With `accept`, about one incident in as many replicas as there are is taken.
+        wanted = (limit + len(skip)) * (1 if accept is None else 8)
         rows = self.query(
             "SELECT * FROM inbox WHERE id IN (SELECT min(id) FROM inbox "
             "WHERE status = 'queued' GROUP BY incident_id) ORDER BY id LIMIT ?",
-            (limit + len(skip),),
+            (wanted,),
         )
-        return [InboxItem.from_row(r) for r in rows if r["incident_id"] not in skip][:limit]
+        return [
+            InboxItem.from_row(r)
+            for r in rows
+            if r["incident_id"] not in skip and (accept is None or accept(r["incident_id"]))
+        ][:limit]
 
     def inbox_next(self, incident_id: str) -> InboxItem | None:
         row = self.query_one(
@@ -1577,6 +1545,109 @@ class Store:
 
     def has_item(self, key: str) -> bool:
         return self.query_one("SELECT 1 AS found FROM inbox WHERE key = ?", (key,)) is not None
+
+    # --- replicas (bot.replicas) ----------------------------------------------------------
+
+    def beat(
+        self,
+        replica: str,
+        holder: str,
+        *,
+        host: str,
+        leases: Iterable[str],
+        ttl: float,
+        dead_after: float,
+    ) -> Beat:
+        """One heartbeat of `holder`, the process serving as `replica`, in one transaction:
+        its row in ``replicas``, each of `leases` renewed or taken when free or lapsed
+        (for `ttl` seconds), and who is alive (seen within `dead_after` seconds).
+
+        Times are the database's (PostgreSQL: the server's clock, which every replica
+        shares). A replica's row held by another process, seen lately from another host,
+        is not taken (`Beat.refused`): two processes must not serve as one replica.
+        """
+        with self._transaction() as conn:
+            at = self._database_now(conn)
+            row = conn.execute(
+                "SELECT holder, host, seen_at FROM replicas WHERE id = ?", (replica,)
+            ).fetchone()
+            if row is not None and row[0] != holder and row[1] != host and row[2] > at - dead_after:
+                return Beat(at, refused=f"{replica} is served by a process on {row[1]}")
+            conn.execute(
+                "INSERT INTO replicas (id, holder, host, pid, started_at, seen_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "holder = excluded.holder, host = excluded.host, pid = excluded.pid, "
+                "started_at = CASE WHEN replicas.holder = excluded.holder "
+                "THEN replicas.started_at ELSE excluded.started_at END, seen_at = excluded.seen_at",
+                (replica, holder, host, os.getpid(), at, at),
+            )
+            held: dict[str, int] = {}
+            for name in leases:
+                fence = self._lease(conn, name, holder, at, ttl)
+                if fence is not None:
+                    held[name] = fence
+            alive = [
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT id FROM replicas WHERE seen_at > ? ORDER BY id", (at - dead_after,)
+                ).fetchall()
+            ]
+            return Beat(at, held=held, alive=tuple(alive))
+
+    @staticmethod
+    def _lease(conn: Any, name: str, holder: str, at: float, ttl: float) -> int | None:
+        """Renew or take lease `name` for `holder`: its fence (a counter that grows at each
+        change of holder), or None when another holder's lease runs."""
+        row = conn.execute(
+            "SELECT holder, expires_at, fence FROM leases WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO leases (name, holder, expires_at, fence) VALUES (?, ?, ?, 1)",
+                (name, holder, at + ttl),
+            )
+            return 1
+        if row[0] == holder:
+            conn.execute("UPDATE leases SET expires_at = ? WHERE name = ?", (at + ttl, name))
+            return int(row[2])
+        if row[1] > at:
+            return None
+        conn.execute(
+            "UPDATE leases SET holder = ?, expires_at = ?, fence = fence + 1 WHERE name = ?",
+            (holder, at + ttl, name),
+        )
+        return int(row[2]) + 1
+
+    def leave(self, replica: str, holder: str) -> None:
+        """`holder` stops serving: its leases and its place among the living are free now
+        (a survivor takes over at its next heartbeat rather than after the lease lapses)."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE leases SET expires_at = 0 WHERE holder = ?", (holder,))
+            conn.execute(
+                "UPDATE replicas SET seen_at = 0 WHERE id = ? AND holder = ?", (replica, holder)
+            )
+
+    def leases(self) -> list[dict[str, Any]]:
+        """Every lease: name, holder, expires_at (database time), fence."""
+        return self.query("SELECT * FROM leases ORDER BY name")
+
+    def adopt_step(self, step: StepRun, owner: str) -> StepRun | None:
+        """A running step of a replica that died becomes `owner`'s to watch (None: it moved
+        on, or another survivor adopted it first)."""
+        with self._transaction() as conn:
+            row = _one(
+                conn.execute(
+                    "UPDATE step_runs SET owner = ? WHERE id = ? AND status = 'running' "
+                    "AND coalesce(owner, '') = ? RETURNING *",
+                    (owner, step.id, step.owner),
+                )
+            )
+        return StepRun.from_row(row) if row else None
+
+    def _database_now(self, conn: Any) -> float:
+        if self._pool is None:
+            return self.clock()
+        return float(conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
 
     # --- the outbox ------------------------------------------------------------------------
 

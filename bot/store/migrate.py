@@ -18,7 +18,7 @@ from typing import Any
 from bot.errors import StoreError
 from bot.store import Store
 from bot.store.backend import is_postgres
-from bot.store.schema import TABLES
+from bot.store.schema import TABLES, TRANSIENT_TABLES
 
 
 def migrate_to(sqlite_path: str, url: str, *, batch: int = 1000) -> dict[str, int]:
@@ -50,7 +50,7 @@ def _copy(source: Store, target: Store, batch: int) -> dict[str, int]:
         for r in source.query(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
         )
-    } - {"meta"}
+    } - {"meta", *TRANSIENT_TABLES}
     unknown = names - {name for name, _ in TABLES}
     if unknown:  # a migration added a table and forgot bot.store.schema.TABLES
         raise StoreError(f"cannot copy tables {sorted(unknown)}: not in bot.store.schema.TABLES")

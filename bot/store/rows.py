@@ -108,6 +108,7 @@ class StepRun(_Row):
     output: str = ""
     detail: str = ""
     runner: str = ""
+    owner: str = ""  # the replica that claimed it (PostgreSQL; "" on SQLite)
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
@@ -116,7 +117,7 @@ class StepRun(_Row):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", StepStatus(self.status))
-        for name in ("decision", "reason", "command", "output", "detail", "runner"):
+        for name in ("decision", "reason", "command", "output", "detail", "runner", "owner"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, "")
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -486,6 +486,24 @@ def _migration_9(db: sqlite_utils.Database) -> None:
     db.conn.execute("CREATE INDEX step_runs_action_started ON step_runs (action, started_at)")
 
 
+# Replicas sharing a PostgreSQL database (bot.replicas): who is alive, who holds each
+# singleton's lease, and which replica claimed each running step. SQLite has one bot,
+# and the same tables, unused, so that both backends keep one schema.
+_REPLICAS = (
+    "CREATE TABLE replicas (id TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+    "host TEXT NOT NULL DEFAULT '', pid INTEGER, started_at {real} NOT NULL, "
+    "seen_at {real} NOT NULL)",
+    "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+    "expires_at {real} NOT NULL, fence {integer} NOT NULL)",
+    "ALTER TABLE step_runs ADD COLUMN owner TEXT",
+)
+
+
+def _migration_10(db: sqlite_utils.Database) -> None:
+    for statement in _REPLICAS:
+        db.conn.execute(statement.format(real="REAL", integer="INTEGER"))
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migration_1,
     2: _migration_2,
@@ -496,6 +514,7 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     7: _migration_7,
     8: _migration_8,
     9: _migration_9,
+    10: _migration_10,
 }
 
 
@@ -667,9 +686,14 @@ TABLES: tuple[tuple[str, str | None], ...] = (
     ("runner_refusals", "id"),
 )
 
+# Tables `migrate-to` leaves behind: who was alive and held leases on the source (one
+# bot on SQLite) says nothing about the replicas that will share the target.
+TRANSIENT_TABLES = ("replicas", "leases")
+
 # Version -> statements, for migrations after POSTGRES_BASELINE.
 POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {
     9: ("CREATE INDEX step_runs_action_started ON step_runs (action, started_at)",),
+    10: tuple(s.format(real="double precision", integer="bigint") for s in _REPLICAS),
 }
 
 
