@@ -205,7 +205,7 @@ replica_leases = Gauge(
     registry=REGISTRY,
 )
 lease_takeovers = _counter(
-    "runbook_lease_takeovers_total",
+    "runbook_lease_takeovers",
     "Times this replica took the lease of a singleton (at start, or from a replica that "
     "died or stopped).",
     ("lease",),

@@ -25,7 +25,10 @@ or out of turn; it only rolls back an attempt. On top of that:
   database stops sending before another may start. Each change of holder increases the
   lease's fence. A replica that stops cleanly gives its leases up at once.
 
-Times compared across replicas are the database server's.
+Times compared across replicas are the database server's. A commit that queues inbox
+items or effects notifies (``pg_notify``, from a trigger), and each replica listens
+(`Wakeups`): an item recorded by one replica is applied by another, and an effect
+committed anywhere is sent by the outbox's holder, without waiting for a poll.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from bot import metrics
 from bot.errors import ConfigError
@@ -201,3 +204,33 @@ class Replicas:
             self.store.leave(self.id, self.holder)
         except Exception as exc:
             log.warning("replica %s could not give up its leases: %s", self.id, exc)
+
+
+class Wakeups:
+    """LISTEN on the channels the database notifies when inbox items or effects are
+    queued, and call each channel's callback (``runbook_inbox``, ``runbook_outbox``).
+
+    On its own connection, taken again after a lost one; every callback is called after
+    each (re)connection, for what was queued while nobody listened.
+    """
+
+    def __init__(self, url: str, callbacks: Mapping[str, Callable[[], None]]) -> None:
+        self.url = url
+        self.callbacks = dict(callbacks)
+
+    def run(self, stopping: threading.Event) -> None:
+        import psycopg
+
+        while not stopping.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                    for channel in self.callbacks:
+                        conn.execute(f"LISTEN {channel}")
+                    for callback in self.callbacks.values():
+                        callback()
+                    while not stopping.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            self.callbacks[note.channel]()
+            except psycopg.Error as exc:
+                log.warning("listening for other replicas' commits failed: %s", exc)
+                stopping.wait(BEAT_SECONDS)

@@ -52,7 +52,7 @@ from bot.jobs import JobEnd, Recovery, SupervisedExecutor, end_item
 from bot.messages import environment_warnings
 from bot.outbox import Budgets, OutboxSender, Transport
 from bot.pagerduty import PagerDutyIntake
-from bot.replicas import Replicas, replica_name
+from bot.replicas import Replicas, Wakeups, replica_name
 from bot.signing import load_or_create_key
 from bot.states import InboxKind
 from bot.store import StepRun, Store
@@ -378,10 +378,16 @@ class BotApp:
         for step in never_started:
             self._restart(step)
         if self.replicas is not None:
-            self._beating = threading.Thread(
+            threading.Thread(
                 target=self.replicas.run, args=(self._stopping,), name="replica", daemon=True
+            ).start()
+            wakeups = Wakeups(
+                self.config.db,
+                {"runbook_inbox": self.inbox.wake, "runbook_outbox": self.outbox.wake},
             )
-            self._beating.start()
+            threading.Thread(
+                target=wakeups.run, args=(self._stopping,), name="wakeups", daemon=True
+            ).start()
         self.inbox.start()
         self.outbox.start()
         if self.slack is not None:

@@ -693,7 +693,17 @@ TRANSIENT_TABLES = ("replicas", "leases")
 # Version -> statements, for migrations after POSTGRES_BASELINE.
 POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {
     9: ("CREATE INDEX step_runs_action_started ON step_runs (action, started_at)",),
-    10: tuple(s.format(real="double precision", integer="bigint") for s in _REPLICAS),
+    10: (
+        *(s.format(real="double precision", integer="bigint") for s in _REPLICAS),
+        # Every commit that queues inbox items or effects wakes the replicas listening
+        # (`bot.replicas`): the one responsible for the incident, the outbox's sender.
+        "CREATE FUNCTION runbook_notify() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_notify(TG_ARGV[0], ''); RETURN NULL; END $$",
+        "CREATE TRIGGER inbox_notify AFTER INSERT ON inbox FOR EACH STATEMENT "
+        "EXECUTE FUNCTION runbook_notify('runbook_inbox')",
+        "CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH STATEMENT "
+        "EXECUTE FUNCTION runbook_notify('runbook_outbox')",
+    ),
 }
 
 
