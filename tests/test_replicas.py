@@ -9,18 +9,27 @@ between real stores, the share of incidents, the order every replica applies ite
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from fakes import FakeSlack
+from fault_harness import free_port
 from hypothesis import given
 from hypothesis import strategies as st
 from replica_harness import run_chaos
+from slack_harness import APPROVER, Bot, process_env, wait_for, write_catalog
+from test_server import PD_SECRET, deliver, triggered
 
+from bot.config import Secret
 from bot.replicas import responsible
 from bot.states import InboxStatus
-from bot.store import AlreadyApplied, Store
+from bot.store import AlreadyApplied, StepRun, Store
 
 # Read here: the tests' environment is cleaned of RUNBOOK_* before each test.
 KILLS = int(os.environ.get("RUNBOOK_CHAOS_KILLS") or 100)
@@ -128,3 +137,130 @@ def test_an_item_is_applied_only_after_the_older_items_of_its_incident(store: St
     with pytest.raises(AlreadyApplied), store.unit() as u:
         u.finish_item(second, InboxStatus.DONE)  # applied already
     assert [i.status for i in store.inbox_items()] == [InboxStatus.DONE] * 2
+
+
+# --- a replica that dies for good: its steps --------------------------------------------------
+
+
+def _its_incident(replica: str, replicas: tuple[str, ...], prefix: str) -> str:
+    """An incident id the share gives to `replica` among `replicas`."""
+    return next(
+        f"{prefix}{n}" for n in range(1000) if responsible(f"{prefix}{n}", replicas) == replica
+    )
+
+
+class _Pair:
+    """Replica b in this process (its parts within reach), replica a a real `runbook-bot`
+    process that the test kills; one PostgreSQL database, one Slack stand-in."""
+
+    def __init__(self, root: Path, slack: FakeSlack, url: str) -> None:
+        self.root = root
+        self.b = Bot(
+            root,
+            slack,
+            db=url,
+            replica_id="b",
+            state_dir=str(root / "state"),
+            pagerduty_webhook_secret=Secret(PD_SECRET),
+        )
+        # b came first: it holds the leases; a only takes its share of incidents
+        replicas = self.b.app.replicas
+        assert replicas is not None
+        wait_for(lambda: replicas.holds("outbox"), what="b to hold the outbox lease")
+        # a real process, its output in a file: its step supervisors, which outlive it,
+        # keep what it had as stderr
+        env = process_env(
+            root,
+            slack,
+            RUNBOOK_DB=url,
+            RUNBOOK_REPLICA_ID="a",
+            RUNBOOK_STATE_DIR=str(root / "state"),
+            RUNBOOK_SLACK_PACING="off",
+            PORT=str(free_port()),
+        )
+        with (root / "a.log").open("ab") as log:
+            self.a = subprocess.Popen(
+                [str(Path(sys.executable).parent / "runbook-bot")], env=env, stdout=log, stderr=log
+            )
+        wait_for(self._both_alive, what="both replicas to be alive")
+
+    def _both_alive(self) -> bool:
+        rows = self.b.app.store.query("SELECT id FROM replicas WHERE seen_at > 0 ORDER BY id")
+        return [r["id"] for r in rows] == ["a", "b"]
+
+    def close(self) -> None:
+        (self.root / "gate").touch()  # a command still waiting may end
+        self.kill_a()
+        self.b.stop()
+
+    def kill_a(self) -> None:
+        if self.a.poll() is None:
+            self.a.kill()
+        self.a.wait(10)
+
+
+def _started_on_a(pair: _Pair, incident_id: str) -> StepRun:
+    """The guarded step of `incident_id`, approved through b and started by a."""
+    b = pair.b
+    replicas = b.app.replicas
+    assert replicas is not None
+    wait_for(lambda: not replicas.mine(incident_id), what="b to count a among the living")
+    assert deliver(b.http, triggered(incident_id)).status_code == 202
+    wait_for(lambda: b.step_runs("guarded", incident_id), what="the guarded step")
+    assert b.react(APPROVER, "white_check_mark", incident_id=incident_id).status_code == 200
+    wait_for(lambda: b.runs() == ["ran"], what="the command to start")
+    step = b.step_run("guarded", incident_id)
+    assert (step.status, step.owner) == ("running", "a")
+    return step
+
+
+def test_a_result_recorded_after_its_replica_died_for_good_is_used(
+    tmp_path: Path, slack: FakeSlack, pg_url: str
+) -> None:
+    write_catalog(tmp_path)
+    (tmp_path / "gate").unlink()  # the guarded command waits for it
+    pair = _Pair(tmp_path, slack, pg_url)
+    try:
+        incident_id = _its_incident("a", ("a", "b"), "PDEAD")
+        step = _started_on_a(pair, incident_id)
+        pair.kill_a()  # for good; its step supervisor lives on
+        (tmp_path / "gate").touch()  # the command ends: the supervisor records the result
+        done = wait_for(
+            lambda: (s := pair.b.app.store.step_run(step.id)) and s.status != "running" and s,
+            timeout=30,
+            what="b to apply the result a's supervisor recorded",
+        )
+        assert done.status == "success"
+        assert pair.b.runs() == ["ran"]  # never run again
+        wait_for(lambda: pair.b.step_run("after", incident_id).status == "success")
+    finally:
+        pair.close()
+
+
+def test_a_step_whose_replica_and_supervisor_died_is_interrupted_not_run_again(
+    tmp_path: Path, slack: FakeSlack, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bot.server
+
+    monkeypatch.setattr(bot.server, "RECORD_GRACE_SECONDS", 0.0)
+    write_catalog(tmp_path)
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(catalog.read_text().replace("timeout: 20s", "timeout: 3s"))
+    (tmp_path / "gate").unlink()
+    pair = _Pair(tmp_path, slack, pg_url)
+    try:
+        incident_id = _its_incident("a", ("a", "b"), "PLOST")
+        step = _started_on_a(pair, incident_id)
+        pair.kill_a()
+        for started in (tmp_path / "state" / "a").glob("*.started"):
+            os.kill(json.loads(started.read_text())["pid"], signal.SIGKILL)  # the supervisor
+        done = wait_for(
+            lambda: (s := pair.b.app.store.step_run(step.id)) and s.status != "running" and s,
+            timeout=30,
+            what="b to interrupt the step once its result could no longer come",
+        )
+        assert done.status == "interrupted"
+        assert "replica a stopped while it ran" in done.detail
+        assert pair.b.runs() == ["ran"]  # never run again
+    finally:
+        pair.close()

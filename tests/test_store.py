@@ -173,7 +173,7 @@ def pending(store: Store) -> list[OutboxItem]:
 
 def test_a_fresh_database_is_at_the_current_schema_in_wal_mode(db_path: Path) -> None:
     store = Store(db_path)
-    assert store.schema_version == SCHEMA_VERSION == 9
+    assert store.schema_version == SCHEMA_VERSION == 10
     assert store.query_one("PRAGMA journal_mode") == {"journal_mode": "wal"}
     store.close()
     assert {
