@@ -26,11 +26,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import click
 import kubernetes_validate
 import pytest
 import yaml
 
 from bot.config import Config
+from runbookctl.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -118,9 +120,9 @@ class Rendered:
         return {e["name"]: e for e in self.bot["env"]}
 
 
-def render(helm: Any, values: dict[str, Any] | None = None) -> Rendered:
+def render(helm: Any, values: dict[str, Any] | None = None, release: str = "rb") -> Rendered:
     with helm.Chart.load(str(CHART)) as chart:
-        manifests = chart.render(values, name="rb", namespace="ops")
+        manifests = chart.render(values, name=release, namespace="ops")
     objects: list[dict[str, Any]] = []
     notes = ""
     for path, text in sorted(manifests.items()):
@@ -975,3 +977,45 @@ def test_readme_covers_every_deployment_step() -> None:
     for name in ("SLACK_BOT_TOKEN", "PAGERDUTY_WEBHOOK_SECRET"):
         assert f"{name}=" in text
     assert "one replica" in text.lower()
+    # Several replicas on PostgreSQL, and the way there from SQLite.
+    assert re.search(r"create secret generic runbook-bot-db \\\n\s+--from-literal=url=", text)
+    assert "--set database.existingSecret=runbook-bot-db" in text
+    assert "--set signingKey.existingSecret=" in text
+    assert "scale deployment/runbook-bot --replicas=0" in text
+    assert "runbookctl db migrate-to" in text
+
+
+def test_readme_migration_pod_copies_the_release_claim_into_the_database_secret(
+    helm: Any, tmp_path: Path
+) -> None:
+    """The Pod that deploy/README.md applies to move from SQLite is valid Kubernetes,
+    mounts the claim the chart made for release runbook-bot, reads the URL from the
+    Secret the README makes, and runs a runbookctl command line that parses."""
+    text = README.read_text("utf-8")
+    block = re.search(r"<<'YAML'\n(.*?)\nYAML\n", text, re.S)
+    assert block, "the migration Pod is a heredoc ending in YAML"
+    pod = yaml.safe_load(block.group(1))
+    kubernetes_validate.validate(pod, KUBE_VERSIONS[0], strict=True)
+
+    claim = render(helm, None, release="runbook-bot").one("PersistentVolumeClaim")
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    (container,) = pod["spec"]["containers"]
+    assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/data"}]
+    (env,) = container["env"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "runbook-bot-db", "key": "url"}
+
+    # Kubernetes puts the variable's value in place of $(NAME); then click parses it,
+    # with the claim's file at a path that exists here.
+    sqlite = tmp_path / "runbook-bot.db"
+    sqlite.touch()
+    given = {f"$({env['name']})": PG_URL, "/data/runbook-bot.db": str(sqlite)}
+    program, group_name, command_name, *args = [given.get(a, a) for a in container["command"]]
+    assert program == "runbookctl"
+    ctx = click.Context(cli)
+    group = cli.get_command(ctx, group_name)
+    assert isinstance(group, click.Group)
+    command = group.get_command(ctx, command_name)
+    assert command is not None
+    parsed = command.make_context(command_name, args, parent=ctx)
+    assert parsed.params == {"url": PG_URL, "sqlite_path": str(sqlite)}
