@@ -26,11 +26,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import click
 import kubernetes_validate
 import pytest
 import yaml
 
 from bot.config import Config
+from runbookctl.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -69,6 +71,12 @@ FULL_VALUES: dict[str, Any] = {
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops"}],
 }
+# Several replicas on PostgreSQL: the URL and the runner signing key from Secrets.
+POSTGRES_VALUES: dict[str, Any] = {
+    "database": {"existingSecret": "runbook-bot-db"},
+    "signingKey": {"existingSecret": "runbook-bot-signing"},
+}
+PG_URL = "postgresql://runbook@db.internal:5432/runbook"
 
 
 # -- Helm ------------------------------------------------------------------------------------
@@ -112,9 +120,9 @@ class Rendered:
         return {e["name"]: e for e in self.bot["env"]}
 
 
-def render(helm: Any, values: dict[str, Any] | None = None) -> Rendered:
+def render(helm: Any, values: dict[str, Any] | None = None, release: str = "rb") -> Rendered:
     with helm.Chart.load(str(CHART)) as chart:
-        manifests = chart.render(values, name="rb", namespace="ops")
+        manifests = chart.render(values, name=release, namespace="ops")
     objects: list[dict[str, Any]] = []
     notes = ""
     for path, text in sorted(manifests.items()):
@@ -146,6 +154,7 @@ VALUE_SETS: dict[str, dict[str, Any] | None] = {
         "persistence": {"existingClaim": "runbook-bot-state"},
     },
     "ephemeral": {"persistence": {"enabled": False}},
+    "postgresql": POSTGRES_VALUES,
     "kubernetes-executor": {
         "serviceAccount": {"create": True, "automountToken": True},
         "kubernetes": {
@@ -204,15 +213,128 @@ def test_defaults_render_the_bot_its_service_and_its_volume_only(helm: Any) -> N
     assert rendered.bot["image"] == "runbook-bot:0.1.0"
 
 
-def test_exactly_one_replica_replaced_by_recreate_whatever_the_values(helm: Any) -> None:
-    rendered = render(helm, {"replicaCount": 3, "replicas": 3})
+def test_sqlite_runs_one_replica_replaced_by_recreate_on_its_claim(helm: Any) -> None:
+    for values in (None, {"replicaCount": 1}):
+        rendered = render(helm, values)
+        deployment = rendered.one("Deployment")
+        assert deployment["spec"]["replicas"] == 1
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+        assert rendered.of_kind("PodDisruptionBudget") == []
+        assert "one pod only" in rendered.notes.lower()
+        claim = rendered.one("PersistentVolumeClaim")
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        env = rendered.env()
+        assert env["RUNBOOK_DB"] == {"name": "RUNBOOK_DB", "value": "/data/runbook-bot.db"}
+        assert "RUNBOOK_REPLICA_ID" not in env
+
+
+@pytest.mark.parametrize("count", [0, 2, 3])
+def test_sqlite_refuses_any_other_replica_count(helm: Any, count: int) -> None:
+    with pytest.raises(helm.HelmRenderError, match=f"replicaCount={count}: SQLite is one replica"):
+        render(helm, {"replicaCount": count})
+
+
+def test_postgresql_runs_two_replicas_rolling_with_a_disruption_budget(helm: Any) -> None:
+    rendered = render(helm, {"database": {"existingSecret": "runbook-bot-db"}})
     deployment = rendered.one("Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert "one pod only" in rendered.notes.lower()
-    claim = rendered.one("PersistentVolumeClaim")
-    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    budget = rendered.one("PodDisruptionBudget")
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["spec"]["minAvailable"] == 1
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert "2 replicas on PostgreSQL" in rendered.notes
+    assert "WARNING: no signingKey.existingSecret" in rendered.notes
+
+    env = rendered.env()
+    assert env["RUNBOOK_DB"] == {
+        "name": "RUNBOOK_DB",
+        "valueFrom": {"secretKeyRef": {"name": "runbook-bot-db", "key": "url"}},
+    }
+    assert env["RUNBOOK_REPLICA_ID"] == {
+        "name": "RUNBOOK_REPLICA_ID",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    }
+    # No claim: the database is elsewhere, and a ReadWriteOnce claim cannot follow pods
+    # spread over nodes. The state directory is each pod's own emptyDir.
+    assert rendered.of_kind("PersistentVolumeClaim") == []
+    assert not [v for v in rendered.pod["volumes"] if "persistentVolumeClaim" in v]
+
+
+def test_postgresql_takes_the_replica_count_and_key_it_is_given(helm: Any) -> None:
+    values = {"database": {"existingSecret": "prod-db", "secretKey": "dsn"}, "replicaCount": 3}
+    rendered = render(helm, values)
+    assert rendered.one("Deployment")["spec"]["replicas"] == 3
+    ref = rendered.env()["RUNBOOK_DB"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "prod-db", "key": "dsn"}
+    assert rendered.one("PodDisruptionBudget")["spec"]["minAvailable"] == 1
+
+    single = render(helm, {**values, "replicaCount": 1})
+    assert single.one("Deployment")["spec"]["replicas"] == 1
+    assert single.of_kind("PodDisruptionBudget") == []  # it would block every drain
+    unbudgeted = render(helm, {**values, "podDisruptionBudget": {"enabled": False}})
+    assert unbudgeted.of_kind("PodDisruptionBudget") == []
+
+    with pytest.raises(helm.HelmRenderError, match="replicaCount=0: run at least 1 replica"):
+        render(helm, {**values, "replicaCount": 0})
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_the_bot_writes_its_state_where_a_volume_is_mounted(
+    helm: Any, values: dict[str, Any] | None
+) -> None:
+    """The root filesystem is read-only: the database file (SQLite), the step
+    supervisors' state directory and the created signing key must be on writable mounts,
+    and a signing key from a Secret on its mount."""
+    rendered = render(helm, values)
+    env = {name: e.get("value", "") for name, e in rendered.env().items()}
+    postgres = "secretKeyRef" in rendered.env()["RUNBOOK_DB"].get("valueFrom", {})
+    if postgres:
+        env["RUNBOOK_DB"] = PG_URL
+    config = Config.from_env(env)
+    mounts = {Path(m["mountPath"]): m for m in rendered.bot["volumeMounts"]}
+
+    def mount_of(path: Path) -> dict[str, Any]:
+        found = [mounts[m] for m in mounts if path.is_relative_to(m)]
+        assert found, f"{path} is on the read-only root filesystem"
+        return max(found, key=lambda m: len(m["mountPath"]))
+
+    writable = [config.state_directory]
+    if not postgres:
+        writable.append(Path(config.db))
+    if not config.signing_key:
+        writable.append(config.signing_key_path)
+    for path in writable:
+        assert not mount_of(path).get("readOnly", False), path
+    if config.signing_key:
+        mount = mount_of(config.signing_key_path)
+        volume = next(v for v in rendered.pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "runbook-bot-signing"
+        assert volume["secret"]["items"] == [{"key": "signing.key", "path": "signing.key"}]
+        assert config.signing_key_path.name == "signing.key"
+
+
+def test_every_replica_signs_with_the_key_from_the_secret(helm: Any) -> None:
+    rendered = render(helm, {**POSTGRES_VALUES, "replicaCount": 4})
+    env = rendered.env()
+    assert env["RUNBOOK_SIGNING_KEY"]["value"] == "/etc/runbook-bot/signing/signing.key"
+    mount = next(m for m in rendered.bot["volumeMounts"] if m["name"] == "signing-key")
+    assert mount == {
+        "name": "signing-key",
+        "mountPath": "/etc/runbook-bot/signing",
+        "readOnly": True,
+    }
+    assert 'signed with the key in Secret "runbook-bot-signing"' in rendered.notes
+    assert "WARNING" not in rendered.notes
+    # Without one, every pod creates its own key in its emptyDir.
+    assert (
+        "RUNBOOK_SIGNING_KEY" not in render(helm, {"database": POSTGRES_VALUES["database"]}).env()
+    )
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -260,13 +382,18 @@ def test_state_lives_on_the_claim_at_runbook_db(helm: Any) -> None:
     assert data["persistentVolumeClaim"]["claimName"] == "runbook-bot-state"
 
 
-def test_probes_ask_healthz_on_the_served_port(helm: Any) -> None:
-    bot = render(helm).bot
+@pytest.mark.parametrize("values", [None, POSTGRES_VALUES], ids=["sqlite", "postgresql"])
+def test_probes_ask_healthz_and_readyz_on_the_served_port(
+    helm: Any, values: dict[str, Any] | None
+) -> None:
+    rendered = render(helm, values)
+    bot = rendered.bot
     ports = {p["name"]: p["containerPort"] for p in bot["ports"]}
     assert ports == {"http": 3000}
-    assert render(helm).env()["PORT"]["value"] == "3000"
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert bot[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+    assert rendered.env()["PORT"]["value"] == "3000"
+    # Alive while the process serves; ready (given traffic) while it can write its database.
+    assert bot["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert bot["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
 
 
 def test_credentials_come_only_from_the_named_secret(helm: Any) -> None:
@@ -300,6 +427,11 @@ def test_values_yaml_names_secrets_but_holds_no_credential() -> None:
     assert not re.search(r"xox[abpe]-|xapp-|u\+[A-Za-z0-9_-]{16,}|[A-Za-z0-9+/]{32,}", text)
     # Outside `secrets.keys`, no value is named after a credential either.
     assert not CREDENTIALS & set(_all_keys(values))
+    # The database URL may carry a password: only the name of a Secret holding it.
+    assert values["database"] == {"existingSecret": "", "secretKey": "url"}
+    assert values["signingKey"] == {"existingSecret": "", "secretKey": "signing.key"}
+    # (comments may say `postgresql://...`, never name a server)
+    assert not re.search(r"postgres(ql)?://[^.\s'\"]", text)
 
 
 def _all_keys(tree: Any) -> Iterator[str]:
@@ -455,6 +587,16 @@ def test_catalog_refresh_commit_and_log_format_reach_the_bot(helm: Any) -> None:
         ({"catalog": {"refreshSeconds": -1}}, "catalog.refreshSeconds must be 0"),
         ({"logFormat": "xml"}, "logFormat must be text or json"),
         (
+            {"database": {"url": PG_URL}},
+            "database.url: the database URL may carry a password, so it is never a value",
+        ),
+        ({"database": {"existingSecret": "db", "secretKey": ""}}, "database.secretKey must"),
+        ({"signingKey": {"existingSecret": "k", "secretKey": ""}}, "signingKey.secretKey must"),
+        (
+            {"database": {"existingSecret": "db"}, "replicaCount": 2.5},
+            "replicaCount must be a whole number",
+        ),
+        (
             {
                 "kubernetes": {"namespaces": ["payments"]},
                 "serviceAccount": {"automountToken": True},
@@ -479,6 +621,10 @@ def test_catalog_refresh_commit_and_log_format_reach_the_bot(helm: Any) -> None:
         "git-with-fixed-commit",
         "negative-refresh",
         "log-format",
+        "database-url-in-values",
+        "database-without-key",
+        "signing-key-without-key",
+        "fractional-replicas",
         "kubernetes-jobs-as-the-default-account",
         "kubernetes-jobs-without-a-token",
         "action-account-without-namespace",
@@ -831,3 +977,45 @@ def test_readme_covers_every_deployment_step() -> None:
     for name in ("SLACK_BOT_TOKEN", "PAGERDUTY_WEBHOOK_SECRET"):
         assert f"{name}=" in text
     assert "one replica" in text.lower()
+    # Several replicas on PostgreSQL, and the way there from SQLite.
+    assert re.search(r"create secret generic runbook-bot-db \\\n\s+--from-literal=url=", text)
+    assert "--set database.existingSecret=runbook-bot-db" in text
+    assert "--set signingKey.existingSecret=" in text
+    assert "scale deployment/runbook-bot --replicas=0" in text
+    assert "runbookctl db migrate-to" in text
+
+
+def test_readme_migration_pod_copies_the_release_claim_into_the_database_secret(
+    helm: Any, tmp_path: Path
+) -> None:
+    """The Pod that deploy/README.md applies to move from SQLite is valid Kubernetes,
+    mounts the claim the chart made for release runbook-bot, reads the URL from the
+    Secret the README makes, and runs a runbookctl command line that parses."""
+    text = README.read_text("utf-8")
+    block = re.search(r"<<'YAML'\n(.*?)\nYAML\n", text, re.S)
+    assert block, "the migration Pod is a heredoc ending in YAML"
+    pod = yaml.safe_load(block.group(1))
+    kubernetes_validate.validate(pod, KUBE_VERSIONS[0], strict=True)
+
+    claim = render(helm, None, release="runbook-bot").one("PersistentVolumeClaim")
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    (container,) = pod["spec"]["containers"]
+    assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": "/data"}]
+    (env,) = container["env"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "runbook-bot-db", "key": "url"}
+
+    # Kubernetes puts the variable's value in place of $(NAME); then click parses it,
+    # with the claim's file at a path that exists here.
+    sqlite = tmp_path / "runbook-bot.db"
+    sqlite.touch()
+    given = {f"$({env['name']})": PG_URL, "/data/runbook-bot.db": str(sqlite)}
+    program, group_name, command_name, *args = [given.get(a, a) for a in container["command"]]
+    assert program == "runbookctl"
+    ctx = click.Context(cli)
+    group = cli.get_command(ctx, group_name)
+    assert isinstance(group, click.Group)
+    command = group.get_command(ctx, command_name)
+    assert command is not None
+    parsed = command.make_context(command_name, args, parent=ctx)
+    assert parsed.params == {"url": PG_URL, "sqlite_path": str(sqlite)}

@@ -77,6 +77,27 @@ default
 {{- end }}
 {{- end }}
 
+{{/*
+"true" when the bot keeps its state in PostgreSQL (database.existingSecret names the Secret
+holding the URL), "" for SQLite on the chart's volume.
+*/}}
+{{- define "runbook-bot.postgres" -}}
+{{- if .Values.database.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+The number of pods: replicaCount, else 2 on PostgreSQL and 1 on SQLite. Validated in
+runbook-bot.validate.
+*/}}
+{{- define "runbook-bot.replicas" -}}
+{{- $count := .Values.replicaCount }}
+{{- if or (kindIs "invalid" $count) (eq (toString $count) "") }}
+{{- ternary 2 1 (eq (include "runbook-bot.postgres" .) "true") }}
+{{- else }}
+{{- $count }}
+{{- end }}
+{{- end }}
+
 {{- define "runbook-bot.pvcName" -}}
 {{- .Values.persistence.existingClaim | default (printf "%s-data" (include "runbook-bot.fullname" .)) }}
 {{- end }}
@@ -116,6 +137,26 @@ Refuse values that would deploy a bot that cannot start or cannot find its catal
 {{- if not (and .name .namespace) }}
 {{- fail "each kubernetes.serviceAccounts entry needs a name and a namespace" }}
 {{- end }}
+{{- end }}
+{{- if hasKey .Values.database "url" }}
+{{- fail "database.url: the database URL may carry a password, so it is never a value; put it in a Secret (kubectl create secret generic runbook-bot-db --from-literal=url='postgresql://...') and set database.existingSecret=runbook-bot-db" }}
+{{- end }}
+{{- if and .Values.database.existingSecret (not .Values.database.secretKey) }}
+{{- fail "database.secretKey must name the key of database.existingSecret that holds the postgresql:// URL" }}
+{{- end }}
+{{- if and .Values.signingKey.existingSecret (not .Values.signingKey.secretKey) }}
+{{- fail "signingKey.secretKey must name the key of signingKey.existingSecret that holds the PEM private key" }}
+{{- end }}
+{{- $replicas := include "runbook-bot.replicas" . }}
+{{- if not (regexMatch "^[0-9]+$" $replicas) }}
+{{- fail (printf "replicaCount must be a whole number (got %q)" $replicas) }}
+{{- end }}
+{{- if include "runbook-bot.postgres" . }}
+{{- if lt (atoi $replicas) 1 }}
+{{- fail (printf "replicaCount=%s: run at least 1 replica (leave it empty for 2)" $replicas) }}
+{{- end }}
+{{- else if ne $replicas "1" }}
+{{- fail (printf "replicaCount=%s: SQLite is one replica (one database file on a ReadWriteOnce volume, and a second bot on it refuses to start). Leave replicaCount empty, or set database.existingSecret to run several replicas on PostgreSQL (deploy/README.md, \"Several replicas on PostgreSQL\")" $replicas) }}
 {{- end }}
 {{- if not .Values.secrets.existingSecret }}
 {{- fail "secrets.existingSecret must name the Secret holding the Slack and PagerDuty credentials (see deploy/README.md)" }}
