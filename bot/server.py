@@ -158,6 +158,14 @@ class BotApp:
         self.executor = SupervisedExecutor(
             state_dir_for(config), self._job_ended, record=config.db if self.replicas else ""
         )
+        if self.replicas is not None and not config.signing_key_path.exists():
+            # Each replica would make a key of its own; a runner trusts one public key.
+            log.warning(
+                "no signing key at %s: this replica makes its own, and pull runners accept "
+                "the steps of one replica only; give every replica the same key "
+                "(RUNBOOK_SIGNING_KEY, e.g. from a Secret)",
+                config.signing_key_path,
+            )
         self.hub = RunnerHub(
             self.store,
             self._job_ended,

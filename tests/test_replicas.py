@@ -264,3 +264,74 @@ def test_a_step_whose_replica_and_supervisor_died_is_interrupted_not_run_again(
         assert pair.b.runs() == ["ran"]  # never run again
     finally:
         pair.close()
+
+
+# --- a replica cut off from the database ----------------------------------------------------
+
+
+def test_a_replica_cut_off_from_the_database_stops_and_comes_back_by_itself(
+    tmp_path: Path, slack: FakeSlack, pg_url: str
+) -> None:
+    """Replica a reaches PostgreSQL through a relay the test cuts: a answers 503 on
+    /readyz and lets its leases go, b takes them and a's share of the incidents; once
+    the relay is back, a is ready again and takes its share, without a restart."""
+    from fakes import TcpProxy
+
+    write_catalog(tmp_path)
+    port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy("127.0.0.1", port)
+    a = Bot(
+        tmp_path,
+        slack,
+        db=proxy.url(pg_url),
+        replica_id="a",
+        state_dir=str(tmp_path / "state"),
+        pagerduty_webhook_secret=Secret(PD_SECRET),
+    )
+    a_replicas = a.app.replicas
+    assert a_replicas is not None
+    wait_for(lambda: a_replicas.holds("outbox") and a_replicas.holds("timers"))
+    b = Bot(
+        tmp_path,
+        slack,
+        db=pg_url,
+        replica_id="b",
+        state_dir=str(tmp_path / "state"),
+        pagerduty_webhook_secret=Secret(PD_SECRET),
+    )
+    b_replicas = b.app.replicas
+    assert b_replicas is not None
+    try:
+        first = _its_incident("a", ("a", "b"), "PCUT")
+        wait_for(lambda: not b_replicas.mine(first), what="b to count a among the living")
+        proxy.cut()
+        wait_for(lambda: a.http.get("/readyz").status_code == 503, what="a to be not ready")
+        assert "cannot reach the database" in a.http.get("/readyz").json()["reason"]
+        wait_for(lambda: not a_replicas.holds("outbox"), what="a to stop sending")
+        wait_for(
+            lambda: b_replicas.holds("outbox") and b_replicas.holds("timers"),
+            timeout=10,
+            what="b to take the leases within 10 s",
+        )
+        # a's share is b's now: an incident that was a's is applied by b, posted by b
+        assert deliver(b.http, triggered(first)).status_code == 202
+        check = wait_for(
+            lambda: (s := b.step_runs("check", first)) and s[-1].status == "success" and s[-1]
+        )
+        assert check.owner == "b"
+        wait_for(lambda: b.app.store.message_ref(f"root:{first}"), what="b to post the thread")
+        proxy.restore()
+        wait_for(lambda: a.http.get("/readyz").status_code == 200, timeout=30, what="a ready")
+        wait_for(lambda: not b_replicas.mine(first), timeout=10, what="a back among the living")
+        second = _its_incident("a", ("a", "b"), "PBACK")
+        assert deliver(b.http, triggered(second)).status_code == 202
+        check = wait_for(
+            lambda: (s := b.step_runs("check", second)) and s[-1].status == "success" and s[-1]
+        )
+        assert check.owner == "a"  # a applies its share again
+        roots = [c for c in slack.calls_to("chat.postMessage") if not c.params.get("thread_ts")]
+        assert len(roots) == 2  # one thread per incident
+    finally:
+        a.stop()
+        b.stop()
+        proxy.close()
