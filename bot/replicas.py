@@ -150,7 +150,7 @@ class Replicas:
             self._changed(name, held, beat.held.get(name))
         return beat
 
-    def _forget_lapsed(self, everything: bool = False) -> None:
+    def _forget_lapsed(self, everything: bool = False, given_up: bool = False) -> None:
         now = self.clock()
         with self._lock:
             lapsed = [
@@ -161,13 +161,15 @@ class Replicas:
             if everything:
                 self._alive = ()
         for name in lapsed:
-            self._changed(name, False, None)
+            self._changed(name, False, None, given_up)
 
-    def _changed(self, name: str, held: bool, fence: int | None) -> None:
+    def _changed(self, name: str, held: bool, fence: int | None, given_up: bool = False) -> None:
         metrics.replica_leases.labels(name).set(1 if held else 0)
         if held:
             metrics.lease_takeovers.labels(name).inc()
             log.info("replica %s now holds the %s lease (fence %s)", self.id, name, fence)
+        elif given_up:
+            log.info("replica %s gives up the %s lease", self.id, name)
         else:
             log.warning("replica %s no longer holds the %s lease", self.id, name)
         try:
@@ -199,7 +201,7 @@ class Replicas:
     def leave(self) -> None:
         """Stop cleanly: give up the leases and the share now, so survivors take over at
         their next heartbeat rather than when the leases lapse."""
-        self._forget_lapsed(everything=True)
+        self._forget_lapsed(everything=True, given_up=True)
         try:
             self.store.leave(self.id, self.holder)
         except Exception as exc:
