@@ -36,7 +36,9 @@ KILLS = int(os.environ.get("RUNBOOK_CHAOS_KILLS") or 100)
 
 
 def test_chaos_kill_9_of_random_replicas_in_a_storm(tmp_path: Path, pg_url: str) -> None:
-    counts = run_chaos(tmp_path, pg_url, replicas=3, incidents=40, kills=KILLS, seed=20261202)
+    counts = run_chaos(
+        tmp_path, pg_url, replicas=3, incidents=30, kills=KILLS, interval=0.8, seed=20261202
+    )
     print(counts.summary())
     assert counts.kills == KILLS
     assert counts.steps_run_twice == 0
