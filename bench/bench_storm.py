@@ -965,42 +965,60 @@ def spread(values: list[float], fmt: str = "{:.1f}", unit: str = "") -> str:
     return f"{mid}{unit} ({low}-{high})"
 
 
+SUMMARY_COLUMNS = (  # (title, width): each column right-aligned, two spaces apart
+    ("ack p50", 20),
+    ("ack p99", 22),
+    ("ack max", 22),
+    ("p99/ref", 22),
+    (">5 s", 5),
+    ("lost", 5),
+    ("roots/incident", 14),
+    ("inbox drain", 20),
+    ("outbox drain", 20),
+    ("log warn/err", 12),
+)
+
+
+def summary_row(label: str, cells: list[str]) -> str:
+    padded = [f"{c:>{w}}" for c, (_, w) in zip(cells, SUMMARY_COLUMNS, strict=False)]
+    return f"  {label:<24}" + "".join("  " + c for c in padded)
+
+
 def report_summary(by_setup: dict[Setup, list[Run]]) -> None:
-    """One row per setup (and the reference's): medians over the runs, (min-max) range."""
+    """One row per setup (and the reference's): medians over the runs, (min-max) range;
+    roots per incident: the counts seen (1 alone once the outbox drained)."""
     print(
-        "\nsummary, median over the runs (range); ack times in ms, drains in s after the "
+        "\nsummary, median over the runs (min-max); ack times in ms, drains in s after the "
         "first delivery:"
     )
-    header = (
-        f"  {'setup':<24}{'ack p50':>18}{'ack p99':>20}{'ack max':>20}{'p99/ref':>22}"
-        f"{'>5 s':>6}{'lost':>6}{'roots/incident':>16}{'inbox drain':>18}"
-        f"{'outbox drain':>18}{'log warn/err':>14}"
-    )
-    print(header)
+    print(summary_row("setup", [title for title, _ in SUMMARY_COLUMNS]))
     first = next(iter(by_setup.values()))
-    minimals = [r.minimal for r in first]
-    rows: list[tuple[str, list[Fired], list[Run]]] = [("minimal reference", minimals, [])]
+    rows: list[tuple[str, list[Fired], list[Run]]] = [
+        ("minimal reference", [r.minimal for r in first], [])
+    ]
     rows += [(setup.label, [r.bot for r in runs], runs) for setup, runs in by_setup.items()]
     for label, fired, runs in rows:
-        p50 = [statistics.median(f.latencies) * 1e3 for f in fired if f.latencies]
-        p99 = [percentile(f.latencies, 0.99) * 1e3 for f in fired if f.latencies]
-        top = [max(f.latencies) * 1e3 for f in fired if f.latencies]
-        over = sum(1 for f in fired for v in f.latencies if v > ACK_LIMIT)
-        line = f"  {label:<24}{spread(p50):>18}{spread(p99):>20}{spread(top):>20}"
+        answered = [f.latencies for f in fired if f.latencies]
+        cells = [
+            spread([statistics.median(lat) * 1e3 for lat in answered]),
+            spread([percentile(lat, 0.99) * 1e3 for lat in answered]),
+            spread([max(lat) * 1e3 for lat in answered]),
+        ]
+        over = str(sum(1 for lat in answered for v in lat if v > ACK_LIMIT))
         if not runs:
-            print(line + f"{'1x':>22}{over:>6}")
+            print(summary_row(label, [*cells, "1x", over]))
             continue
-        roots = sorted({k for r in runs for k in r.threads})
         outbox = [r.outbox_drained for r in runs if r.outbox_drained is not None]
-        print(
-            line
-            + f"{spread([r.p99_ratio for r in runs], '{:.2f}', 'x'):>22}{over:>6}"
-            + f"{sum(r.lost for r in runs):>6}"
-            + f"{','.join(map(str, roots)):>16}"
-            + f"{spread([r.inbox_drained for r in runs]):>18}"
-            + f"{spread(outbox):>18}"
-            + f"{sum(sum(r.findings.values()) for r in runs):>14}"
-        )
+        cells += [
+            spread([r.p99_ratio for r in runs], "{:.2f}", "x"),
+            over,
+            str(sum(r.lost for r in runs)),
+            ",".join(str(k) for k in sorted({k for r in runs for k in r.threads})),
+            spread([r.inbox_drained for r in runs]),
+            spread(outbox),
+            str(sum(sum(r.findings.values()) for r in runs)),
+        ]
+        print(summary_row(label, cells))
 
 
 if __name__ == "__main__":
