@@ -4,6 +4,7 @@
                                 [--duplicates 0.2] [--services 50] [--workers 8]
                                 [--intake-process 1]
                                 [--rate-limit-every 25] [--drain last|all|none]
+                                [--setups sqlite,pg1,pg2] [--postgres local|URL]
 
 The bot is the real `runbook-bot` process with a generated catalog (one runbook per
 service, its own channel; step 1 a safe-for-automation `echo`, step 2 a guarded one that
@@ -18,11 +19,19 @@ are sent, and their answers timed, from a process of their own (64 threads): the
 serve the bot from this process, and a sender sharing their interpreter lock would count
 their work as the bot's.
 
+Setups (`--setups`, measured in turn in every run, each against that run's reference and
+with stand-ins of its own): ``sqlite``, one bot on a SQLite file (the default); ``pgN``,
+N replicas sharing one PostgreSQL database (bot.replicas), each with its own port and
+RUNBOOK_REPLICA_ID, the sender spreading the deliveries over them round-robin as a load
+balancer would (so a retry or a replay may reach another replica than its original).
+`--postgres` names the server: ``local`` starts a throwaway one (tests/postgres.py);
+every setup run gets a fresh database.
+
 Reported, per run and over the runs:
   * acknowledgement latency p50 / p99 / max of both, answers over 5 s (PagerDuty's
     limit), and the bot/minimal p99 ratio (median and range over the runs; aim: <= 2);
   * deliveries lost: events acknowledged with a 202 that the bot's inbox did not apply
-    (must be 0); duplicates recognised;
+    (must be 0; read from the shared inbox on PostgreSQL); duplicates recognised;
   * threads per incident: root messages per incident in the stand-in Slack (must be 1);
   * Slack calls per method, counted by the stand-in over sliding windows, beside Slack's
     documented limits: ``chat.postMessage`` about 1 per second per channel (short bursts
@@ -32,7 +41,9 @@ Reported, per run and over the runs:
     post retried after a 429 waited its ``Retry-After``;
   * drain: when every delivery was applied (inbox), and when everything they caused was
     delivered to Slack (outbox; paced by Slack's limits, so minutes). `--drain` says in
-    which runs to wait for the outbox (default: the last one).
+    which runs to wait for the outbox (default: the last one);
+  * warnings and errors in the bot's (each replica's) log;
+  * at the end, a table with one row per setup.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,6 +71,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -67,12 +80,15 @@ import httpx  # noqa: E402
 from fakes import FakePagerDuty, FakeSlack, make_alert  # noqa: E402
 from fakes.base import Reply, Request  # noqa: E402
 from pagerduty_harness import (  # noqa: E402
+    OUTSTANDING,
     free_port,
     not_moved,
-    outstanding_in,
     query,
     runbook_bot,
 )
+
+from bot.replicas import BEAT_SECONDS  # noqa: E402
+from bot.store.backend import display, is_postgres  # noqa: E402
 
 SECRET = "bench-webhook-secret"
 PD_TOKEN = "bench-pd-token"
@@ -301,7 +317,7 @@ def storm_schedule(
     return sorted(sends, key=lambda s: s.at)
 
 
-def fire_apart(url: str, schedule: list[Send], work: Path) -> Fired:
+def fire_apart(urls: list[str], schedule: list[Send], work: Path) -> Fired:
     """`fire` in a process of its own: the stand-ins of Slack and PagerDuty serve the
     bot from this process's threads, and a sender sharing their interpreter lock would
     time their work into the bot's answers (the reference has no such load)."""
@@ -312,7 +328,7 @@ def fire_apart(url: str, schedule: list[Send], work: Path) -> Fired:
         )
     )
     out = subprocess.run(
-        [sys.executable, __file__, "--fire", url, "--schedule", str(plan)],
+        [sys.executable, __file__, "--fire", ",".join(urls), "--schedule", str(plan)],
         capture_output=True,
         text=True,
         check=True,
@@ -327,12 +343,12 @@ def fire_apart(url: str, schedule: list[Send], work: Path) -> Fired:
     )
 
 
-def fire_main(url: str, plan: Path) -> None:
+def fire_main(urls: str, plan: Path) -> None:
     """The sender process: the schedule from `plan`, the outcome as JSON on stdout."""
     schedule = [
         Send(at, body.encode(), w, e, d) for at, body, w, e, d in json.loads(plan.read_text())
     ]
-    result = fire(url, schedule)
+    result = fire(urls.split(","), schedule)
     json.dump(
         {
             "latencies": result.latencies,
@@ -345,14 +361,16 @@ def fire_main(url: str, plan: Path) -> None:
     )
 
 
-def fire(url: str, schedule: list[Send], senders: int = 64) -> Fired:
+def fire(urls: list[str], schedule: list[Send], senders: int = 64) -> Fired:
+    """Send `schedule` on time, the n-th delivery to ``urls[n % len(urls)]`` (round-robin,
+    as a load balancer would: a retry may reach another replica than its original)."""
     result = Fired()
     lock = threading.Lock()
     limits = httpx.Limits(max_connections=senders, max_keepalive_connections=senders)
     with httpx.Client(timeout=30, limits=limits) as client:
         start = time.perf_counter() + 0.2
 
-        def send(item: Send) -> None:
+        def send(n: int, item: Send) -> None:
             delay = start + item.at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -364,7 +382,7 @@ def fire(url: str, schedule: list[Send], senders: int = 64) -> Fired:
             }
             began = time.perf_counter()
             try:
-                response = client.post(url, content=item.body, headers=headers)
+                response = client.post(urls[n % len(urls)], content=item.body, headers=headers)
             except httpx.HTTPError:
                 with lock:
                     result.errors += 1
@@ -379,7 +397,7 @@ def fire(url: str, schedule: list[Send], senders: int = 64) -> Fired:
                         result.answers[str(response.json().get("status"))] += 1
 
         with ThreadPoolExecutor(max_workers=senders) as pool:
-            list(pool.map(send, schedule))
+            list(pool.map(send, range(len(schedule)), schedule))
     return result
 
 
@@ -453,12 +471,142 @@ def roots_per_incident(slack: FakeSlack, services: int) -> Counter[str]:
     return found
 
 
+# --- setups and the bot's database ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str  # as `--setups` spells it
+    replicas: int  # 0: one bot on a SQLite file; N: N replicas on PostgreSQL
+
+    @property
+    def postgres(self) -> bool:
+        return self.replicas > 0
+
+    @property
+    def label(self) -> str:
+        if not self.postgres:
+            return "1 bot, SQLite"
+        return f"{self.replicas} replica{'s' if self.replicas > 1 else ''}, PostgreSQL"
+
+    @property
+    def bot_label(self) -> str:
+        """The bot's row in a run's report (the SQLite bot's as it always was)."""
+        return "runbook-bot" if not self.postgres else f"runbook-bot {self.name}"
+
+
+def parse_setups(text: str) -> list[Setup]:
+    setups = []
+    for name in text.split(","):
+        replicas = re.fullmatch(r"pg([1-9][0-9]*)", name.strip())
+        if name.strip() == "sqlite":
+            setups.append(Setup("sqlite", 0))
+        elif replicas:
+            setups.append(Setup(name.strip(), int(replicas.group(1))))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown setup {name!r}: use sqlite or pgN (N replicas on PostgreSQL), "
+                "comma-separated, e.g. sqlite,pg1,pg2"
+            )
+    if len({s.name for s in setups}) != len(setups):
+        raise argparse.ArgumentTypeError(f"a setup named twice in {text!r}")
+    return setups
+
+
+QUEUED = "SELECT count(*) FROM inbox WHERE source = 'pagerduty' AND status = 'queued'"
+
+
+class BotDatabase:
+    """The bot's database read from outside, as an operator would: a SQLite file (with
+    its intake log beside it) or the PostgreSQL database its replicas share (no intake
+    log there: each replica records straight into the inbox)."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self.postgres = is_postgres(location)
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        if not self.postgres:
+            return query(Path(self.location), sql)
+        import psycopg
+
+        with psycopg.connect(self.location, autocommit=True, connect_timeout=10) as conn:
+            return list(conn.execute(sql).fetchall())
+
+    def count(self, sql: str) -> int:
+        return int(self.query(sql)[0][0])
+
+    def in_intake_log(self) -> int:
+        return 0 if self.postgres else not_moved(Path(self.location))
+
+    def deliveries_queued(self) -> int:
+        """Deliveries acknowledged and not applied yet."""
+        return self.in_intake_log() + self.count(QUEUED)
+
+    def outstanding(self) -> int:
+        """Work not done yet (see `Bot.outstanding`): the outbox included."""
+        return self.in_intake_log() + self.count(OUTSTANDING)
+
+    def applied_events(self) -> set[str]:
+        event_id = (
+            "payload::json ->> 'event_id'"
+            if self.postgres
+            else "json_extract(payload, '$.event_id')"
+        )
+        rows = self.query(
+            f"SELECT {event_id} FROM inbox "
+            "WHERE source = 'pagerduty' AND status IN ('done', 'ignored')"
+        )
+        return {str(row[0]) for row in rows}
+
+    def incidents(self) -> int:
+        return self.count("SELECT count(*) FROM incidents")
+
+
+def fresh_database(server: str) -> str:
+    """A new empty database on the PostgreSQL server of `server` (a URL); its URL."""
+    import psycopg
+
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlsplit(server)._replace(path=f"/{name}").geturl()
+
+
+def drop_database(server: str, url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{urlsplit(url).path.lstrip("/")}" WITH (FORCE)')
+
+
+LEVELS = ("WARNING", "ERROR", "CRITICAL")
+
+
+def log_findings(logs: list[Path]) -> Counter[str]:
+    """Warnings, errors and tracebacks in the bot's logs, by kind: level, logger and
+    message with its numbers and ids blurred (``r1: 12 items`` and ``r0: 7 items`` are one
+    kind), prefixed with the log's name when there are several."""
+    found: Counter[str] = Counter()
+    for log in logs:
+        prefix = f"{log.stem}: " if len(logs) > 1 else ""
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+            parts = line.split(" ", 3)
+            if len(parts) == 4 and parts[2] in LEVELS:
+                kind = re.sub(r"[0-9a-f]{8,}|[0-9]+(\.[0-9]+)?", "#", parts[3])[:160]
+                found[f"{prefix}{parts[2]} {kind}"] += 1
+            elif line.startswith("Traceback"):
+                found[f"{prefix}Traceback"] += 1
+    return found
+
+
 # --- one run -------------------------------------------------------------------------------
 
 
 @dataclass
 class Run:
-    minimal: Fired
+    setup: Setup
+    minimal: Fired  # the run's reference, shared by its setups
     bot: Fired
     lost: int
     applied: int
@@ -469,13 +617,49 @@ class Run:
     rates: list[Rate]
     retry_waits: list[float]
     served_429: int
+    findings: Counter[str]  # warnings and errors in the logs, by kind
 
     @property
     def p99_ratio(self) -> float:
         return percentile(self.bot.latencies, 0.99) / percentile(self.minimal.latencies, 0.99)
 
 
-def run_once(args: argparse.Namespace, schedule: list[Send], drain: bool) -> Run:
+def base_environment() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLACK_", "PAGERDUTY_", "RUNBOOK_"))
+    }
+
+
+def measure_minimal(schedule: list[Send]) -> Fired:
+    """The reference: verify and answer, nothing else."""
+    with tempfile.TemporaryDirectory(prefix="bench-storm-") as tmp:
+        work = Path(tmp)
+        port = free_port()
+        with process(
+            [sys.executable, __file__, "--minimal-server", str(port)],
+            base_environment(),
+            f"http://127.0.0.1:{port}/",
+            work / "minimal.log",
+        ):
+            return fire_apart([f"http://127.0.0.1:{port}/pagerduty/webhook"], schedule, work)
+
+
+def wait_for_replicas(db: BotDatabase, count: int, timeout: float = 30.0) -> None:
+    """Until every replica has a heartbeat, and each has beaten once since: then each
+    knows the others, and the storm meets the fleet's shares, not a replica alone."""
+    deadline = time.monotonic() + timeout
+    while db.count("SELECT count(*) FROM replicas") < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{count} replicas did not all beat within {timeout:.0f} s")
+        time.sleep(0.1)
+    time.sleep(1.5 * BEAT_SECONDS)
+
+
+def run_setup(
+    args: argparse.Namespace, setup: Setup, schedule: list[Send], minimal: Fired, drain: bool
+) -> Run:
     incidents = {json.loads(s.body)["event"]["data"]["id"] for s in schedule}
     with (
         tempfile.TemporaryDirectory(prefix="bench-storm-") as tmp,
@@ -487,35 +671,17 @@ def run_once(args: argparse.Namespace, schedule: list[Send], drain: bool) -> Run
         for name in sorted(incidents):
             pd.add_incident(name)
             pd.add_alerts(name, [make_alert(f"A{name}", name, details={"namespace": "shop"})])
-        base_env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("SLACK_", "PAGERDUTY_", "RUNBOOK_"))
-        }
-
-        # 1. the reference: verify and answer, nothing else
-        port = free_port()
-        with process(
-            [sys.executable, __file__, "--minimal-server", str(port)],
-            base_env,
-            f"http://127.0.0.1:{port}/",
-            work / "minimal.log",
-        ):
-            minimal = fire_apart(f"http://127.0.0.1:{port}/pagerduty/webhook", schedule, work)
-
-        # 2. the bot
-        port = free_port()
-        db = work / "bot.db"
+        location = fresh_database(args.postgres) if setup.postgres else str(work / "bot.db")
+        db = BotDatabase(location)
         env = {
-            **base_env,
+            **base_environment(),
             "RUNBOOK_CATALOG": str(work / "catalog"),
-            "RUNBOOK_DB": str(db),
+            "RUNBOOK_DB": location,
             "RUNBOOK_ENV": "staging",
             "RUNBOOK_WORKERS": str(args.workers),
-            "RUNBOOK_INTAKE_PROCESS": str(args.intake_process),
+            "RUNBOOK_INTAKE_PROCESS": str(args.intake_process),  # ignored on PostgreSQL
             "RUNBOOK_LOG_LEVEL": "WARNING",
             "HOST": "127.0.0.1",
-            "PORT": str(port),
             "SLACK_BOT_TOKEN": "xoxb-bench",
             "SLACK_SIGNING_SECRET": "bench-signing-secret",
             "SLACK_API_URL": slack.api_url,
@@ -525,33 +691,52 @@ def run_once(args: argparse.Namespace, schedule: list[Send], drain: bool) -> Run
             "PAGERDUTY_API_URL": pd.url,
             "SSL_CERT_FILE": str(pd.ca_file),
         }
+        if setup.postgres:
+            env["RUNBOOK_STATE_DIR"] = str(work / "state")  # a directory per replica in it
+        names = [f"r{n}" for n in range(setup.replicas)] if setup.postgres else ["bot"]
+        logs = [work / f"{name}.log" for name in names]
         outbox_drained: float | None = None
-        with process([runbook_bot()], env, f"http://127.0.0.1:{port}/healthz", work / "bot.log"):
-            started = time.monotonic()
-            bot = fire_apart(f"http://127.0.0.1:{port}/pagerduty/webhook", schedule, work)
-            deadline = started + args.drain_timeout
-            queued = "SELECT count(*) FROM inbox WHERE source = 'pagerduty' AND status = 'queued'"
-            while (not_moved(db) or query(db, queued)[0][0]) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            inbox_drained = time.monotonic() - started
-            if drain:
-                while outstanding_in(db) and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                outbox_drained = time.monotonic() - started
-            applied = {
-                str(row[0])
-                for row in query(
-                    db,
-                    "SELECT json_extract(payload, '$.event_id') FROM inbox "
-                    "WHERE source = 'pagerduty' AND status IN ('done', 'ignored')",
-                )
-            }
-            opened = int(query(db, "SELECT count(*) FROM incidents")[0][0])
-            roots = roots_per_incident(slack, args.services)
-        if (work / "bot.log").stat().st_size:
-            tail = (work / "bot.log").read_text(errors="replace").splitlines()[-5:]
-            print("  bot log (last lines):", *tail, sep="\n    ")
+        try:
+            with contextlib.ExitStack() as bots:
+                urls = []
+                for name, log in zip(names, logs, strict=True):
+                    port = free_port()
+                    replica = {"PORT": str(port)}
+                    if setup.postgres:
+                        replica["RUNBOOK_REPLICA_ID"] = name
+                    bots.enter_context(
+                        process(
+                            [runbook_bot()],
+                            {**env, **replica},
+                            f"http://127.0.0.1:{port}/healthz",
+                            log,
+                        )
+                    )
+                    urls.append(f"http://127.0.0.1:{port}/pagerduty/webhook")
+                if setup.postgres:
+                    wait_for_replicas(db, setup.replicas)
+                started = time.monotonic()
+                bot = fire_apart(urls, schedule, work)
+                deadline = started + args.drain_timeout
+                while db.deliveries_queued() and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                inbox_drained = time.monotonic() - started
+                if drain:
+                    while db.outstanding() and time.monotonic() < deadline:
+                        time.sleep(0.5)
+                    outbox_drained = time.monotonic() - started
+                applied = db.applied_events()
+                opened = db.incidents()
+                roots = roots_per_incident(slack, args.services)
+        finally:
+            if setup.postgres:
+                drop_database(args.postgres, location)
+        for log in logs:
+            if log.stat().st_size:
+                tail = log.read_text(errors="replace").splitlines()[-5:]
+                print(f"  {log.stem} log (last lines):", *tail, sep="\n    ")
         return Run(
+            setup=setup,
             minimal=minimal,
             bot=bot,
             lost=len(bot.acked_events - applied),
@@ -563,6 +748,7 @@ def run_once(args: argparse.Namespace, schedule: list[Send], drain: bool) -> Run
             rates=slack_rates(slack),
             retry_waits=list(slack.retry_waits),
             served_429=slack.served,
+            findings=log_findings(logs),
         )
 
 
@@ -574,11 +760,13 @@ def ms(seconds: float) -> str:
 
 
 def percentile(values: list[float], q: float) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
     return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
 
 
 def latency_row(name: str, result: Fired) -> str:
-    lat = result.latencies
+    lat = result.latencies or [float("nan")]
     over = sum(1 for v in lat if v > ACK_LIMIT)
     return (
         f"    {name:<16} p50 {ms(statistics.median(lat)):>9}   p99 {ms(percentile(lat, 0.99)):>9}"
@@ -587,10 +775,12 @@ def latency_row(name: str, result: Fired) -> str:
     )
 
 
-def report_run(n: int, run: Run, schedule: list[Send]) -> None:
-    print(f"\nrun {n}:")
-    print(latency_row("minimal handler", run.minimal))
-    print(latency_row("runbook-bot", run.bot))
+def report_run(run: Run, schedule: list[Send], *, named: bool) -> None:
+    """One setup's lines of a run, printed as soon as it was measured (a long series
+    shows its numbers as it goes)."""
+    if named:
+        print(f"  {run.setup.label}:")
+    print(latency_row(run.setup.bot_label, run.bot), flush=True)
     print(f"    ratio bot/minimal p99: {run.p99_ratio:.2f}x")
     duplicates = sum(s.duplicate for s in schedule)
     print(
@@ -601,6 +791,11 @@ def report_run(n: int, run: Run, schedule: list[Send]) -> None:
     print(f"    threads per incident {{roots: incidents}}: {dict(sorted(run.threads.items()))}")
     drained = f"{run.outbox_drained:.1f} s" if run.outbox_drained is not None else "not waited for"
     print(f"    drained: inbox {run.inbox_drained:.1f} s, outbox (Slack, PagerDuty) {drained}")
+    if run.findings:
+        print(f"    log: {sum(run.findings.values())} warnings/errors, by kind:")
+        for kind, count in run.findings.most_common(8):
+            print(f"      {count:>5}  {kind}")
+    sys.stdout.flush()
 
 
 def report_rates(run: Run) -> None:
@@ -652,6 +847,20 @@ def main() -> None:
         help="runs that wait until everything is delivered to Slack (paced: minutes)",
     )
     parser.add_argument("--drain-timeout", type=float, default=3600.0)
+    parser.add_argument(
+        "--setups",
+        type=parse_setups,
+        default=[Setup("sqlite", 0)],
+        metavar="sqlite,pg1,pg2",
+        help="what to measure in every run, in turn: sqlite (one bot on a SQLite file) "
+        "and pgN (N replicas sharing one PostgreSQL database); default sqlite",
+    )
+    parser.add_argument(
+        "--postgres",
+        metavar="local|URL",
+        help="the PostgreSQL server of the pgN setups (a fresh database per setup run): a "
+        "URL, or local for a throwaway one (tests/postgres.py)",
+    )
     parser.add_argument("--minimal-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--fire", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--schedule", type=Path, help=argparse.SUPPRESS)
@@ -663,24 +872,70 @@ def main() -> None:
         fire_main(args.fire, args.schedule)
         return
 
+    # SIGTERM as Ctrl-C: the bots, the stand-ins and a local PostgreSQL are stopped on the
+    # way out rather than left running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    cluster = None
+    if any(setup.postgres for setup in args.setups):
+        if not args.postgres:
+            parser.error("--setups with pgN: --postgres local or --postgres URL")
+        if args.postgres == "local":
+            from postgres import Cluster, binaries
+
+            bindir = binaries()
+            if bindir is None:
+                parser.error("--postgres local: PostgreSQL is not installed")
+            cluster = Cluster(bindir)
+            cluster.start()
+            args.postgres = cluster.url()
+    try:
+        ok = storm(args)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    sys.exit(0 if ok else 1)
+
+
+def storm(args: argparse.Namespace) -> bool:
+    """Every run: the reference, then each setup against it. True when all passed."""
     schedule = storm_schedule(args.deliveries, args.seconds, args.duplicates, args.services)
     incidents = {json.loads(s.body)["event"]["data"]["id"] for s in schedule}
+    setups: list[Setup] = args.setups
     print(
         f"storm: {len(schedule)} deliveries in {args.seconds:.0f} s, "
         f"{sum(s.duplicate for s in schedule)} duplicates, {len(incidents)} incidents, "
         f"{args.services} services; Slack 429 on every {args.rate_limit_every}th post; "
         f"{args.runs} runs"
+        + (f"; setups {', '.join(s.name for s in setups)}" if len(setups) > 1 else "")
+        + (f"; PostgreSQL {display(args.postgres)}" if args.postgres else "")
     )
-    runs: list[Run] = []
+    by_setup: dict[Setup, list[Run]] = {setup: [] for setup in setups}
     for n in range(1, args.runs + 1):
         drain = args.drain == "all" or (args.drain == "last" and n == args.runs)
-        runs.append(run_once(args, schedule, drain))
-        report_run(n, runs[-1], schedule)
+        minimal = measure_minimal(schedule)
+        print(f"\nrun {n}:")
+        print(latency_row("minimal handler", minimal), flush=True)
+        for setup in setups:
+            run = run_setup(args, setup, schedule, minimal, drain)
+            by_setup[setup].append(run)
+            report_run(run, schedule, named=len(setups) > 1)
 
+    ok = True
+    for setup, runs in by_setup.items():
+        ok = report_setup(setup, runs, named=len(setups) > 1) and ok
+    report_summary(by_setup)
+    print("\nOK" if ok else "\nFAILED: see above")
+    return ok
+
+
+def report_setup(setup: Setup, runs: list[Run], *, named: bool) -> bool:
+    """The setup's lines over its runs (for the SQLite bot alone, as they always were);
+    True when it passed."""
     ratios = [r.p99_ratio for r in runs]
     drained = [r for r in runs if r.outbox_drained is not None]
     print(
-        f"\nack p99 bot/minimal over {len(runs)} runs: median {statistics.median(ratios):.2f}x, "
+        ("\n" + setup.label + ": " if named else "\n")
+        + f"ack p99 bot/minimal over {len(runs)} runs: median {statistics.median(ratios):.2f}x, "
         f"range {min(ratios):.2f}x to {max(ratios):.2f}x (aim: <= 2x); "
         f"over {ACK_LIMIT:.0f} s: {sum(1 for r in runs for v in r.bot.latencies if v > ACK_LIMIT)}"
     )
@@ -690,7 +945,7 @@ def main() -> None:
     rates_ok = all(
         r.limit_60s is None or r.max_60s <= r.limit_60s for run in drained for r in run.rates
     )
-    ok = (
+    return (
         all(r.lost == 0 and not r.bot.errors for r in runs)
         and all(set(r.threads) == {1} for r in drained)
         and all(max(r.threads) <= 1 for r in runs)
@@ -698,8 +953,72 @@ def main() -> None:
         and statistics.median(ratios) <= 2.0
         and rates_ok
     )
-    print("\nOK" if ok else "\nFAILED: see above")
-    sys.exit(0 if ok else 1)
+
+
+def spread(values: list[float], fmt: str = "{:.1f}", unit: str = "") -> str:
+    """Median (min-max) of `values`, or the one value."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0]) + unit
+    low, mid, high = (fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+    return f"{mid}{unit} ({low}-{high})"
+
+
+SUMMARY_COLUMNS = (  # (title, width): each column right-aligned, two spaces apart
+    ("ack p50", 20),
+    ("ack p99", 22),
+    ("ack max", 22),
+    ("p99/ref", 22),
+    (">5 s", 5),
+    ("lost", 5),
+    ("roots/incident", 14),
+    ("inbox drain", 20),
+    ("outbox drain", 20),
+    ("log warn/err", 12),
+)
+
+
+def summary_row(label: str, cells: list[str]) -> str:
+    padded = [f"{c:>{w}}" for c, (_, w) in zip(cells, SUMMARY_COLUMNS, strict=False)]
+    return f"  {label:<24}" + "".join("  " + c for c in padded)
+
+
+def report_summary(by_setup: dict[Setup, list[Run]]) -> None:
+    """One row per setup (and the reference's): medians over the runs, (min-max) range;
+    roots per incident: the counts seen (1 alone once the outbox drained)."""
+    print(
+        "\nsummary, median over the runs (min-max); ack times in ms, drains in s after the "
+        "first delivery:"
+    )
+    print(summary_row("setup", [title for title, _ in SUMMARY_COLUMNS]))
+    first = next(iter(by_setup.values()))
+    rows: list[tuple[str, list[Fired], list[Run]]] = [
+        ("minimal reference", [r.minimal for r in first], [])
+    ]
+    rows += [(setup.label, [r.bot for r in runs], runs) for setup, runs in by_setup.items()]
+    for label, fired, runs in rows:
+        answered = [f.latencies for f in fired if f.latencies]
+        cells = [
+            spread([statistics.median(lat) * 1e3 for lat in answered]),
+            spread([percentile(lat, 0.99) * 1e3 for lat in answered]),
+            spread([max(lat) * 1e3 for lat in answered]),
+        ]
+        over = str(sum(1 for lat in answered for v in lat if v > ACK_LIMIT))
+        if not runs:
+            print(summary_row(label, [*cells, "1x", over]))
+            continue
+        outbox = [r.outbox_drained for r in runs if r.outbox_drained is not None]
+        cells += [
+            spread([r.p99_ratio for r in runs], "{:.2f}", "x"),
+            over,
+            str(sum(r.lost for r in runs)),
+            ",".join(str(k) for k in sorted({k for r in runs for k in r.threads})),
+            spread([r.inbox_drained for r in runs]),
+            spread(outbox),
+            str(sum(sum(r.findings.values()) for r in runs)),
+        ]
+        print(summary_row(label, cells))
 
 
 if __name__ == "__main__":
