@@ -118,9 +118,10 @@ class RunnerHub:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def open(self) -> None:
-        # Runners kept working while the bot was down: they get a full lease to report.
-        self.store.runner_jobs_renew_leases(self.clock() + self.lease)
+    def open(self, renew: bool = True) -> None:
+        # Runners kept working while no bot served them: they get a full lease to report.
+        if renew:
+            self.store.runner_jobs_renew_leases(self.clock() + self.lease)
         self._thread = threading.Thread(target=self._watch, name="runner-hub", daemon=True)
         self._thread.start()
 

@@ -41,10 +41,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from bot import metrics
 from bot.errors import ConfigError
 from bot.store import Beat, Store
+from bot.store.backend import unreachable
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +102,16 @@ class Replicas:
         self._sure_until: dict[str, float] = {}  # lease -> (clock) until when it is ours
         self._alive: tuple[str, ...] = (replica,)
         self._seen = float("-inf")  # (clock) the last heartbeat that reached the database
+        self._conn: Any = None  # the heartbeat's own connection (PostgreSQL)
 
     def join(self) -> None:
-        """The first heartbeat. Raises `ConfigError` when another live process on another
-        host serves as this replica (two processes must not share a name)."""
-        beat = self._beat()
+        """The first heartbeat. Another process seen lately under this name may be this
+        replica's previous life, killed a moment ago: its row is waited for until it
+        counts as dead; one still beating after that raises `ConfigError` (two processes
+        must not serve as one replica)."""
+        deadline = self.clock() + self.dead_after + self.beat_seconds
+        while (beat := self._beat()).refused and self.clock() < deadline:
+            time.sleep(self.beat_seconds / 4)
         if beat.refused:
             raise ConfigError(f"RUNBOOK_REPLICA_ID: {beat.refused}; give each replica its own name")
 
@@ -129,6 +136,7 @@ class Replicas:
             leases=LEASES,
             ttl=self.lease_seconds,
             dead_after=self.dead_after,
+            conn=self._connection(),
         )
         if beat.refused:
             return beat
@@ -149,6 +157,24 @@ class Replicas:
         for name, held in changes:
             self._changed(name, held, beat.held.get(name))
         return beat
+
+    def _connection(self) -> Any:
+        """The heartbeat's own connection (PostgreSQL), made again after a lost one: the
+        heartbeat never waits behind this process's work on the store."""
+        if not self.store.postgres:
+            return None
+        import psycopg
+
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        try:
+            self._conn = psycopg.connect(self.store.url, autocommit=True, connect_timeout=3)
+        except psycopg.Error as exc:
+            raise unreachable(self.store.url, exc) from None
+        return self._conn
 
     def _forget_lapsed(self, everything: bool = False, given_up: bool = False) -> None:
         now = self.clock()
@@ -188,6 +214,11 @@ class Replicas:
             alive = self._alive
         return bool(alive) and responsible(incident_id, alive) == self.id
 
+    def alone(self) -> bool:
+        """Was this replica the only one alive at its last heartbeat?"""
+        with self._lock:
+            return self._alive == (self.id,)
+
     def dead(self, replica: str) -> bool:
         """Is `replica` known to be dead (this one's own view being fresh)?"""
         with self._lock:
@@ -206,6 +237,9 @@ class Replicas:
             self.store.leave(self.id, self.holder)
         except Exception as exc:
             log.warning("replica %s could not give up its leases: %s", self.id, exc)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class Wakeups:

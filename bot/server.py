@@ -47,7 +47,6 @@ from bot.guardapi import GuardApi
 from bot.hub import MAX_LONG_POLLS, RunnerHub
 from bot.hub import PREFIX as RUNNER_ROUTES
 from bot.inbox import Inbox, database_unusable
-from bot.jobs import RUNNER_PREFIX as LOCAL_PREFIX
 from bot.jobs import JobEnd, Recovery, SupervisedExecutor, end_item
 from bot.messages import environment_warnings
 from bot.outbox import Budgets, OutboxSender, Transport
@@ -136,6 +135,12 @@ class BotApp:
             self.store.owner = replica
             self.replicas = Replicas(self.store, replica, on_lease=self._lease_changed)
             self.replicas.join()
+            # Beating from now on (repair can take a while) until `stop` has finished.
+            self._beating = threading.Event()
+            self._beater = threading.Thread(
+                target=self.replicas.run, args=(self._beating,), name="replica", daemon=True
+            )
+            self._beater.start()
         # The catalog lives in Git: checked every RUNBOOK_CATALOG_REFRESH seconds and on
         # SIGHUP, linted before it is served, never served broken (bot.catalog.source).
         self.source = CatalogSource(
@@ -331,7 +336,9 @@ class BotApp:
         started are started by `start()`, once the bot serves (start order).
         """
         self.executor.open()
-        self.hub.open()
+        # Runners' leases are renewed after a time no bot served them: not when another
+        # replica was serving all along.
+        self.hub.open(renew=self.replicas is None or self.replicas.alone())
         # A step whose end is already in the inbox is settled (its supervisor's files are
         # gone once the end is stored): only the others are looked at.
         left = [
@@ -343,7 +350,14 @@ class BotApp:
             # replicas: another's steps are its own (or, once it died, `take_over_steps`)
             and step.owner in ("", self.store.owner)
         ]
-        found = self.dispatch.recover(left, self.engine.job_for, self._restart)
+        found: list[Recovery] = []
+        if self.replicas is not None:
+            # Claimed before replicas (an upgrade, a `migrate-to`): their supervisors' files
+            # are in no replica's directory, so "never started" cannot be proven: only
+            # their result (put in the inbox) or an interruption ends them.
+            found = [Recovery(s, interrupted=True) for s in left if not s.owner]
+            left = [s for s in left if s.owner]
+        found += self.dispatch.recover(left, self.engine.job_for, self._restart)
         return self._settle(found, "the bot stopped while it ran")
 
     def _settle(self, found: Iterable[Recovery], stopped: str) -> dict[str, int]:
@@ -386,9 +400,6 @@ class BotApp:
         for step in never_started:
             self._restart(step)
         if self.replicas is not None:
-            threading.Thread(
-                target=self.replicas.run, args=(self._stopping,), name="replica", daemon=True
-            ).start()
             wakeups = Wakeups(
                 self.config.db,
                 {"runbook_inbox": self.inbox.wake, "runbook_outbox": self.outbox.wake},
@@ -434,6 +445,8 @@ class BotApp:
         if self._timer is not None:
             self._timer.join(5)  # it may be mid-checkpoint: let it finish before the store closes
         if self.replicas is not None:
+            self._beating.set()
+            self._beater.join(10)
             self.replicas.leave()  # survivors take its share and leases at their next beat
             self._state_lock.close()
         if self.writeback is not None:
@@ -473,53 +486,45 @@ class BotApp:
     def take_over_steps(self) -> dict[str, int]:
         """Steps left running by replicas that died (the timers lease's holder does this).
 
-        Nothing is run again. A local step's supervisor records its result in the inbox
-        itself, even with its replica dead: the step waits for it until its timeout (and
-        `RECORD_GRACE_SECONDS`) has passed, then is interrupted. A Kubernetes Job is
-        looked for in the cluster and watched from here. Pull runners' and bot.guard
-        steps report to any replica (the hub's leases cover a runner that dies).
+        Nothing is started or re-attached here, so nothing can run twice. A local step's
+        supervisor puts its result in the inbox itself, even with its replica dead; a
+        Kubernetes Job ends by its own deadline (the step's timeout); a step queued for a
+        pull runner is the hub's, whichever replica serves the runner (its lease covers
+        a runner that dies). So a step of a dead replica waits for its result until its
+        timeout and `RECORD_GRACE_SECONDS` have passed; then, with none recorded, it is
+        interrupted, shown in the thread and escalated.
         """
         assert self.replicas is not None
-        counts = {"waiting": 0, "interrupted": 0, "adopted": 0}
+        counts = {"waiting": 0, "interrupted": 0}
         for step in self.store.running_steps():
             if (
                 not step.owner
                 or not self.replicas.dead(step.owner)
                 or step.runner == GUARD_RUNNER
-                or step.runner.startswith("runner:")
+                or (step.runner.startswith("runner:") and self.store.runner_job(step.runner))
                 or self.store.has_item(f"step:{step.id}:{step.attempt}:end")
             ):
                 continue
             job = self.engine.job_for(step)
-            if step.runner.startswith(LOCAL_PREFIX) or job is None:
-                timeout = job.spec.timeout if job is not None else 0.0
-                if time.time() < (step.started_at or 0.0) + timeout + RECORD_GRACE_SECONDS:
-                    counts["waiting"] += 1
-                    continue
-                counts["interrupted"] += 1
-                log.warning(
-                    "incident %s step %s: replica %s died while it ran and no result came",
-                    step.incident_id, step.step_id, step.owner,
-                )  # fmt: skip
-                self._job_ended(
-                    JobEnd(
-                        step.id,
-                        step.attempt,
-                        step.incident_id,
-                        job.phase if job is not None else self._phase_of(step),
-                        None,
-                        f"replica {step.owner} stopped while it ran",
-                    )
-                )
+            timeout = job.spec.timeout if job is not None else 0.0
+            if time.time() < (step.started_at or 0.0) + timeout + RECORD_GRACE_SECONDS:
+                counts["waiting"] += 1
                 continue
-            adopted = self.store.adopt_step(step, self.replicas.id)
-            if adopted is not None:
-                counts["adopted"] += 1
-                found = self.dispatch.recover([adopted], self.engine.job_for, self._restart)
-                self._settle(found, f"replica {step.owner} stopped while it ran")
-                never_started, self._never_started = self._never_started, []
-                for waiting in never_started:
-                    self._restart(waiting)
+            counts["interrupted"] += 1
+            log.warning(
+                "incident %s step %s: replica %s died while it ran and no result came",
+                step.incident_id, step.step_id, step.owner,
+            )  # fmt: skip
+            self._job_ended(
+                JobEnd(
+                    step.id,
+                    step.attempt,
+                    step.incident_id,
+                    job.phase if job is not None else self._phase_of(step),
+                    None,
+                    f"replica {step.owner} stopped while it ran",
+                )
+            )
         return counts
 
     def _phase_of(self, step: StepRun) -> str:

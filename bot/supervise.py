@@ -21,9 +21,10 @@ Each supervisor:
      and masked, ``expect`` evaluated, exactly as in the bot;
   4. writes ``TOKEN.result`` (atomically: a temporary file renamed), sends the result as
      a JSON line to a bot that is still listening;
-  5. with replicas on PostgreSQL, also puts the result in the shared inbox itself (under
-     the key of the bot's own report: one counts), so a result outlives a replica that
-     never comes back; then exits.
+  5. with replicas on PostgreSQL, waits for the bot to say it stored the result; without
+     that word (the bot died, or took over 30 s) it puts the result in the shared inbox
+     itself, under the key of the bot's own report (one counts), so a result outlives a
+     replica that never comes back; then exits.
 
 A bot restarted after a crash reads the files: a result is used as if nothing happened;
 ``started`` without a result (this process was killed too) is an interruption; neither
@@ -101,7 +102,8 @@ def _supervise(state_dir: Path, address: str, token: str) -> int:
         bot = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         bot.connect(socket_address(address))
         bot.sendall(f"ready {token}\n".encode())
-        line = bot.makefile("rb").readline()
+        reader = bot.makefile("rb")
+        line = reader.readline()
     except OSError:
         return 0  # the bot is gone before it needed us
     if not line.strip():
@@ -113,13 +115,18 @@ def _supervise(state_dir: Path, address: str, token: str) -> int:
     )
     outcome = _run(job)
     _write(state_dir / f"{token}.result", outcome)
+    stored = False
     with contextlib.suppress(OSError):  # the bot is gone: it reads the file later
         bot.sendall((json.dumps(outcome) + "\n").encode())
-    if job.get("record"):
+        if job.get("record"):
+            bot.settimeout(RECORD_ACK_SECONDS)
+            stored = reader.readline().strip() == b"stored"
+    if job.get("record") and not stored:
         _record(job["record"], outcome)
     return 0
 
 
+RECORD_ACK_SECONDS = 30.0  # how long the bot may take to say it stored the result
 RECORD_TRIES = 8
 
 
@@ -146,12 +153,14 @@ def _record(record: dict[str, Any], outcome: dict[str, Any]) -> None:
         f"VALUES ({', '.join('%s' for _ in columns)}) ON CONFLICT DO NOTHING"
     )
     for attempt in range(RECORD_TRIES):
+        if attempt:
+            time.sleep(min(30.0, 2.0**attempt))
         try:
             with psycopg.connect(record["db"], autocommit=True, connect_timeout=5) as conn:
                 conn.execute(sql, [values[c] for c in columns])
             return
         except psycopg.Error:
-            time.sleep(min(30.0, 2.0**attempt))
+            continue
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:

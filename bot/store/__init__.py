@@ -1557,21 +1557,26 @@ class Store:
         leases: Iterable[str],
         ttl: float,
         dead_after: float,
+        conn: Any = None,
     ) -> Beat:
         """One heartbeat of `holder`, the process serving as `replica`, in one transaction:
         its row in ``replicas``, each of `leases` renewed or taken when free or lapsed
         (for `ttl` seconds), and who is alive (seen within `dead_after` seconds).
 
         Times are the database's (PostgreSQL: the server's clock, which every replica
-        shares). A replica's row held by another process, seen lately from another host,
-        is not taken (`Beat.refused`): two processes must not serve as one replica.
+        shares). A replica's row held by another process seen lately is not taken
+        (`Beat.refused`): two processes must not serve as one replica.
+
+        `conn`: a psycopg connection of the caller's own (PostgreSQL), so that a heartbeat
+        never waits behind this process's other work on the store.
         """
-        with self._beat_transaction() as conn:
+        with self._beat_transaction(conn) as conn:
             at = self._database_now(conn)
+            lock = " FOR UPDATE" if self._pool is not None else ""
             row = conn.execute(
-                "SELECT holder, host, seen_at FROM replicas WHERE id = ?", (replica,)
+                f"SELECT holder, host, seen_at FROM replicas WHERE id = ?{lock}", (replica,)
             ).fetchone()
-            if row is not None and row[0] != holder and row[1] != host and row[2] > at - dead_after:
+            if row is not None and row[0] != holder and row[2] > at - dead_after:
                 return Beat(at, refused=f"{replica} is served by a process on {row[1]}")
             conn.execute(
                 "INSERT INTO replicas (id, holder, host, pid, started_at, seen_at) "
@@ -1595,17 +1600,20 @@ class Store:
             return Beat(at, held=held, alive=tuple(alive))
 
     @contextmanager
-    def _beat_transaction(self) -> Iterator[Any]:
-        """A heartbeat's transaction: PostgreSQL, in the store's fast lane and without the
-        write lock (its statements are atomic on their own), so that a busy replica's
-        heartbeat never waits behind the engine's transactions and its leases lapse only
-        when it is really gone."""
+    def _beat_transaction(self, raw: Any = None) -> Iterator[Any]:
+        """A heartbeat's transaction. PostgreSQL: without the write lock (its statements
+        are atomic on their own), on the caller's connection when it has one, so that a
+        busy replica's heartbeat never waits behind the engine's transactions and its
+        leases lapse only when it is really gone."""
         if self._pool is None:
             with self._transaction() as conn:
                 yield conn
-            return
-        with self._session(urgent=True) as conn, conn.raw.transaction():
-            yield conn
+        elif raw is not None:
+            with raw.transaction():
+                yield PgConnection(raw)
+        else:
+            with self._session(urgent=True) as conn, conn.raw.transaction():
+                yield conn
 
     @staticmethod
     def _lease(conn: Any, name: str, holder: str, at: float, ttl: float) -> int | None:
@@ -1633,19 +1641,6 @@ class Store:
     def leases(self) -> list[dict[str, Any]]:
         """Every lease: name, holder, expires_at (database time), fence."""
         return self.query("SELECT * FROM leases ORDER BY name")
-
-    def adopt_step(self, step: StepRun, owner: str) -> StepRun | None:
-        """A running step of a replica that died becomes `owner`'s to watch (None: it moved
-        on, or another survivor adopted it first)."""
-        with self._transaction() as conn:
-            row = _one(
-                conn.execute(
-                    "UPDATE step_runs SET owner = ? WHERE id = ? AND status = 'running' "
-                    "AND coalesce(owner, '') = ? RETURNING *",
-                    (owner, step.id, step.owner),
-                )
-            )
-        return StepRun.from_row(row) if row else None
 
     def _database_now(self, conn: Any) -> float:
         if self._pool is None:
