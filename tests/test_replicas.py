@@ -338,3 +338,17 @@ def test_a_replica_cut_off_from_the_database_stops_and_comes_back_by_itself(
         a.stop()
         b.stop()
         proxy.close()
+
+
+def test_a_replica_finds_its_incidents_behind_a_backlog_of_others(store: Store) -> None:
+    """Heads of incidents another replica is slow to apply do not hide this one's."""
+    for n in range(40):
+        store.inbox_put(
+            source="pagerduty", key=f"k{n}", incident_id=f"OTHER{n}", kind="incident.triggered",
+            payload={},
+        )  # fmt: skip
+    store.inbox_put(
+        source="pagerduty", key="mine", incident_id="MINE", kind="incident.triggered", payload={}
+    )
+    ready = store.inbox_ready(1, accept=lambda incident: incident == "MINE")
+    assert [item.incident_id for item in ready] == ["MINE"]

@@ -1488,18 +1488,25 @@ class Store:
         """The oldest queued item of each incident, oldest first (skipping `exclude`, and
         incidents `accept` declines: another replica's)."""
         skip = set(exclude)
-        # With `accept`, about one incident in as many replicas as there are is taken.
-        wanted = (limit + len(skip)) * (1 if accept is None else 8)
-        rows = self.query(
-            "SELECT * FROM inbox WHERE id IN (SELECT min(id) FROM inbox "
-            "WHERE status = 'queued' GROUP BY incident_id) ORDER BY id LIMIT ?",
-            (wanted,),
-        )
-        return [
-            InboxItem.from_row(r)
-            for r in rows
-            if r["incident_id"] not in skip and (accept is None or accept(r["incident_id"]))
-        ][:limit]
+        # With `accept`, about one incident in as many replicas as there are is taken: the
+        # heads are read a page at a time until enough are accepted or none is left.
+        page = (limit + len(skip)) * (1 if accept is None else 8)
+        found: list[InboxItem] = []
+        after = 0
+        while True:
+            rows = self.query(
+                "SELECT * FROM inbox WHERE id IN (SELECT min(id) FROM inbox "
+                "WHERE status = 'queued' GROUP BY incident_id) AND id > ? ORDER BY id LIMIT ?",
+                (after, page),
+            )
+            found += [
+                InboxItem.from_row(r)
+                for r in rows
+                if r["incident_id"] not in skip and (accept is None or accept(r["incident_id"]))
+            ]
+            if len(found) >= limit or len(rows) < page or accept is None:
+                return found[:limit]
+            after = int(rows[-1]["id"])
 
     def inbox_next(self, incident_id: str) -> InboxItem | None:
         row = self.query_one(
