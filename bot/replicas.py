@@ -103,6 +103,7 @@ class Replicas:
         self._alive: tuple[str, ...] = (replica,)
         self._seen = float("-inf")  # (clock) the last heartbeat that reached the database
         self._conn: Any = None  # the heartbeat's own connection (PostgreSQL)
+        self.refused = ""  # why the last heartbeat was refused (another process, same name)
 
     def join(self) -> None:
         """The first heartbeat. Another process seen lately under this name may be this
@@ -123,6 +124,7 @@ class Replicas:
             log.warning("replica %s: heartbeat failed: %s", self.id, exc)
             self._forget_lapsed()
             return
+        self.refused = beat.refused
         if beat.refused:
             log.error("replica %s: %s; this process stops sharing work", self.id, beat.refused)
             self._forget_lapsed(everything=True)

@@ -612,6 +612,8 @@ class BotApp:
         """Why the bot is not ready, or "" (the database probe runs at most once a second)."""
         if self._stopping.is_set():
             return "stopping"
+        if self.replicas is not None and self.replicas.refused:
+            return f"not serving as a replica: {self.replicas.refused}"
         with self._ready_lock:
             checked, reason = self._ready
             if time.monotonic() - checked < READY_PROBE_SECONDS and checked:

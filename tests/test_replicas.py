@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from fakes import FakeSlack
 from fault_harness import free_port
@@ -352,3 +353,29 @@ def test_a_replica_finds_its_incidents_behind_a_backlog_of_others(store: Store) 
     )
     ready = store.inbox_ready(1, accept=lambda incident: incident == "MINE")
     assert [item.incident_id for item in ready] == ["MINE"]
+
+
+def test_a_replica_whose_name_another_process_took_says_it_is_not_ready(
+    tmp_path: Path, slack: FakeSlack, pg_url: str
+) -> None:
+    write_catalog(tmp_path)
+    bot = Bot(tmp_path, slack, db=pg_url, replica_id="b", state_dir=str(tmp_path / "state"))
+    replicas = bot.app.replicas
+    assert replicas is not None
+    try:
+        assert bot.http.get("/readyz").status_code == 200
+        with psycopg.connect(pg_url, autocommit=True) as conn:  # another process, beating
+            conn.execute(
+                "UPDATE replicas SET holder = 'b#other', host = 'elsewhere', "
+                "seen_at = EXTRACT(EPOCH FROM clock_timestamp()) + 3600 WHERE id = 'b'"
+            )
+        wait_for(lambda: bot.http.get("/readyz").status_code == 503, what="not ready")
+        reason = bot.http.get("/readyz").json()["reason"]
+        assert reason == "not serving as a replica: b is served by a process on elsewhere"
+        assert not replicas.holds("outbox") and not replicas.mine("P1")
+        with psycopg.connect(pg_url, autocommit=True) as conn:  # it stopped
+            conn.execute("UPDATE replicas SET seen_at = 0 WHERE id = 'b'")
+        wait_for(lambda: bot.http.get("/readyz").status_code == 200, what="ready again")
+        wait_for(lambda: replicas.holds("outbox"), what="the leases back")
+    finally:
+        bot.stop()
