@@ -383,13 +383,11 @@ def main() -> None:
     cluster = None
     if args.postgres == "local":
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from postgres import Cluster, binaries
+        from postgres import started_cluster
 
-        bindir = binaries()
-        if bindir is None:
+        cluster = started_cluster()
+        if cluster is None:
             parser.error("--postgres local: PostgreSQL is not installed")
-        cluster = Cluster(bindir)
-        cluster.start()
         args.postgres = cluster.url()
     try:
         bench(args)

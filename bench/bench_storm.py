@@ -77,6 +77,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import httpx  # noqa: E402
+from bench_engine import fresh_postgres_database  # noqa: E402
 from fakes import FakePagerDuty, FakeSlack, make_alert  # noqa: E402
 from fakes.base import Reply, Request  # noqa: E402
 from pagerduty_harness import (  # noqa: E402
@@ -563,16 +564,6 @@ class BotDatabase:
         return self.count("SELECT count(*) FROM incidents")
 
 
-def fresh_database(server: str) -> str:
-    """A new empty database on the PostgreSQL server of `server` (a URL); its URL."""
-    import psycopg
-
-    name = f"bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return urlsplit(server)._replace(path=f"/{name}").geturl()
-
-
 def drop_database(server: str, url: str) -> None:
     import psycopg
 
@@ -671,7 +662,9 @@ def run_setup(
         for name in sorted(incidents):
             pd.add_incident(name)
             pd.add_alerts(name, [make_alert(f"A{name}", name, details={"namespace": "shop"})])
-        location = fresh_database(args.postgres) if setup.postgres else str(work / "bot.db")
+        location = (
+            fresh_postgres_database(args.postgres) if setup.postgres else str(work / "bot.db")
+        )
         db = BotDatabase(location)
         env = {
             **base_environment(),
@@ -880,13 +873,11 @@ def main() -> None:
         if not args.postgres:
             parser.error("--setups with pgN: --postgres local or --postgres URL")
         if args.postgres == "local":
-            from postgres import Cluster, binaries
+            from postgres import started_cluster
 
-            bindir = binaries()
-            if bindir is None:
+            cluster = started_cluster()
+            if cluster is None:
                 parser.error("--postgres local: PostgreSQL is not installed")
-            cluster = Cluster(bindir)
-            cluster.start()
             args.postgres = cluster.url()
     try:
         ok = storm(args)

@@ -119,3 +119,14 @@ class Cluster:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+
+def started_cluster() -> Cluster | None:
+    """A throwaway server, started (benchmarks' `--postgres local`); None when
+    PostgreSQL is not installed. Its owner calls `stop()`."""
+    bindir = binaries()
+    if bindir is None:
+        return None
+    cluster = Cluster(bindir)
+    cluster.start()
+    return cluster
