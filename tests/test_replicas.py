@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -28,7 +27,7 @@ from slack_harness import APPROVER, Bot, process_env, wait_for, write_catalog
 from test_server import PD_SECRET, deliver, triggered
 
 from bot.config import Secret
-from bot.replicas import responsible
+from bot.replicas import Replicas, responsible
 from bot.states import InboxStatus
 from bot.store import AlreadyApplied, StepRun, Store
 
@@ -82,9 +81,7 @@ def test_a_lease_has_one_holder_until_it_lapses_or_is_given_up(pg_url: str) -> N
         # b dies without a word: its leases lapse (a short lease here), then a takes them
         assert _beat(b, "b", "b#1", ttl=0.2).held == {"outbox": 2, "timers": 2}
         assert _beat(a, "a", "a#2").held == {}
-        deadline = time.monotonic() + 10
-        while not (held := _beat(a, "a", "a#2").held) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        held = wait_for(lambda: _beat(a, "a", "a#2").held, what="a to take the leases")
         assert held == {"outbox": 3, "timers": 3}
     finally:
         a.close()
@@ -153,23 +150,28 @@ def _its_incident(replica: str, replicas: tuple[str, ...], prefix: str) -> str:
     )
 
 
+def _replica(root: Path, slack: FakeSlack, url: str, name: str) -> tuple[Bot, Replicas]:
+    """Replica `name` in this process (its parts within reach) on the database `url`."""
+    bot = Bot(
+        root,
+        slack,
+        db=url,
+        replica_id=name,
+        state_dir=str(root / "state"),
+        pagerduty_webhook_secret=Secret(PD_SECRET),
+    )
+    assert bot.app.replicas is not None
+    return bot, bot.app.replicas
+
+
 class _Pair:
     """Replica b in this process (its parts within reach), replica a a real `runbook-bot`
     process that the test kills; one PostgreSQL database, one Slack stand-in."""
 
     def __init__(self, root: Path, slack: FakeSlack, url: str) -> None:
         self.root = root
-        self.b = Bot(
-            root,
-            slack,
-            db=url,
-            replica_id="b",
-            state_dir=str(root / "state"),
-            pagerduty_webhook_secret=Secret(PD_SECRET),
-        )
+        self.b, replicas = _replica(root, slack, url, "b")
         # b came first: it holds the leases; a only takes its share of incidents
-        replicas = self.b.app.replicas
-        assert replicas is not None
         wait_for(lambda: replicas.holds("outbox"), what="b to hold the outbox lease")
         # a real process, its output in a file: its step supervisors, which outlive it,
         # keep what it had as stderr
@@ -284,27 +286,9 @@ def test_a_replica_cut_off_from_the_database_stops_and_comes_back_by_itself(
     write_catalog(tmp_path)
     port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
     proxy = TcpProxy("127.0.0.1", port)
-    a = Bot(
-        tmp_path,
-        slack,
-        db=proxy.url(pg_url),
-        replica_id="a",
-        state_dir=str(tmp_path / "state"),
-        pagerduty_webhook_secret=Secret(PD_SECRET),
-    )
-    a_replicas = a.app.replicas
-    assert a_replicas is not None
+    a, a_replicas = _replica(tmp_path, slack, proxy.url(pg_url), "a")
     wait_for(lambda: a_replicas.holds("outbox") and a_replicas.holds("timers"))
-    b = Bot(
-        tmp_path,
-        slack,
-        db=pg_url,
-        replica_id="b",
-        state_dir=str(tmp_path / "state"),
-        pagerduty_webhook_secret=Secret(PD_SECRET),
-    )
-    b_replicas = b.app.replicas
-    assert b_replicas is not None
+    b, b_replicas = _replica(tmp_path, slack, pg_url, "b")
     try:
         first = _its_incident("a", ("a", "b"), "PCUT")
         wait_for(lambda: not b_replicas.mine(first), what="b to count a among the living")
@@ -359,9 +343,7 @@ def test_a_replica_whose_name_another_process_took_says_it_is_not_ready(
     tmp_path: Path, slack: FakeSlack, pg_url: str
 ) -> None:
     write_catalog(tmp_path)
-    bot = Bot(tmp_path, slack, db=pg_url, replica_id="b", state_dir=str(tmp_path / "state"))
-    replicas = bot.app.replicas
-    assert replicas is not None
+    bot, replicas = _replica(tmp_path, slack, pg_url, "b")
     try:
         assert bot.http.get("/readyz").status_code == 200
         with psycopg.connect(pg_url, autocommit=True) as conn:  # another process, beating
