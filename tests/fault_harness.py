@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from fakes import FakePagerDuty, FakeSlack
@@ -192,6 +192,9 @@ class Counts:
     notes_lost: int = 0
     notes_duplicated: int = 0
     interrupted: int = 0  # steps honestly reported as interrupted (must stay 0 here)
+    steps_run: int = 0  # commands started
+    deliveries_acked: int = 0
+    approvals_acked: int = 0
     unfinished: list[str] = field(default_factory=list)
 
     def add(self, other: Counts) -> None:
@@ -207,6 +210,9 @@ class Counts:
             "notes_lost",
             "notes_duplicated",
             "interrupted",
+            "steps_run",
+            "deliveries_acked",
+            "approvals_acked",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.moments.update(other.moments)
@@ -238,11 +244,17 @@ class Counts:
         )
 
 
-class World:
-    def __init__(self, root: Path, incidents: int, rng: random.Random) -> None:
+C = TypeVar("C", bound=Counts)
+
+
+class Workload:
+    """The workload and its stand-ins, for bots a subclass runs: PagerDuty's deliveries
+    and a responder's ✅ go to `target()`, and `verify` counts what broke."""
+
+    def __init__(self, root: Path, incidents: int, rng: random.Random, prefix: str) -> None:
         self.root = root
         self.rng = rng
-        self.ids = [f"F{uuid.uuid4().hex[:6].upper()}{n}" for n in range(incidents)]
+        self.ids = [f"{prefix}{uuid.uuid4().hex[:6].upper()}{n}" for n in range(incidents)]
         self.marks = root / "marks.txt"
         self.catalog = root / "catalog"
         write_catalog(self.catalog, self.marks, self.ids)
@@ -250,12 +262,6 @@ class World:
         self.pd = FakePagerDuty(latency=0.02)  # HTTPS, as the client requires
         for incident_id in self.ids:
             self.pd.add_incident(incident_id)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.db = root / "bot.db"
-        self.log = root / "bot.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_start = 0
         self.acked: set[str] = set()
         self.approved: set[str] = set()
         self.stop = threading.Event()
@@ -263,9 +269,16 @@ class World:
         self.webhooks_in_flight = 0
         self._posting = threading.Lock()
 
-    # --- the bot process -------------------------------------------------------------------
+    def target(self) -> str:
+        """The base URL the next request goes to."""
+        raise NotImplementedError
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read the bots' database (SQL with ``?`` placeholders)."""
+        raise NotImplementedError
 
     def env(self) -> dict[str, str]:
+        """A bot's environment, but for its database and port."""
         keep = {
             k: v
             for k, v in os.environ.items()
@@ -274,13 +287,11 @@ class World:
         return {
             **keep,
             "RUNBOOK_CATALOG": str(self.catalog),
-            "RUNBOOK_DB": str(self.db),
             "RUNBOOK_ENV": "staging",
             "RUNBOOK_WORKERS": "4",
             "RUNBOOK_LOG_LEVEL": "WARNING",
             "RUNBOOK_SLACK_PACING": "off",
             "HOST": "127.0.0.1",
-            "PORT": str(self.port),
             "SLACK_BOT_TOKEN": TOKEN,
             "SLACK_SIGNING_SECRET": SIGNING_SECRET,
             "SLACK_API_URL": self.slack.api_url,
@@ -290,6 +301,163 @@ class World:
             "PAGERDUTY_API_URL": self.pd.url,
             "SSL_CERT_FILE": str(self.pd.ca_file),
         }
+
+    def close(self) -> None:
+        self.stop.set()
+        self.http.close()
+        self.slack.stop()
+        self.pd.stop()
+        # commands are supervised in their own sessions: none may outlive the workload
+        for line in self.marks.read_text().splitlines() if self.marks.exists() else []:
+            with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+                os.killpg(int(line.split()[2]), signal.SIGKILL)
+
+    # --- PagerDuty and Slack, retrying as they do ------------------------------------------
+
+    def deliver_all(self, every: float = 0.4) -> None:
+        """Each incident's trigger in its own thread, one `every` seconds."""
+        threads = [
+            threading.Thread(target=self.deliver, args=(n, every * n), daemon=True)
+            for n in range(len(self.ids))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def deliver(self, n: int, after: float) -> None:
+        if self.stop.wait(after):
+            return
+        incident_id = self.ids[n]
+        body = v3_trigger(incident_id, f"svc{n}", f"EV-{incident_id}")
+        signature = hmac.new(PD_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        headers = {
+            "Content-Type": "application/json",
+            "X-PagerDuty-Signature": f"v1={signature}",
+            "X-Webhook-Id": f"WH-{incident_id}",
+        }
+        while not self.stop.is_set():
+            with self._posting:
+                self.webhooks_in_flight += 1
+            try:
+                answer = self.http.post(
+                    self.target() + "/pagerduty/webhook", content=body, headers=headers
+                )
+                if answer.status_code == 202:
+                    self.acked.add(incident_id)
+                    return
+            except httpx.TransportError:
+                pass
+            finally:
+                with self._posting:
+                    self.webhooks_in_flight -= 1
+            time.sleep(0.02)
+
+    def approve_all(self) -> None:
+        while not self.stop.is_set() and len(self.approved) < len(self.ids):
+            for n, incident_id in enumerate(self.ids):
+                if incident_id in self.approved:
+                    continue
+                message = self.guard_message(n)
+                if message is None:
+                    continue
+                event = reaction_event(APPROVER, channel_of(n), message["ts"], f"Ev-{incident_id}")
+                body = json.dumps(event)
+                ts = str(int(time.time()))
+                headers = {
+                    "Content-Type": "application/json",
+                    "X-Slack-Request-Timestamp": ts,
+                    "X-Slack-Signature": str(
+                        SignatureVerifier(SIGNING_SECRET).generate_signature(
+                            timestamp=ts, body=body
+                        )
+                    ),
+                }
+                try:
+                    if (
+                        self.http.post(
+                            self.target() + "/slack/events", content=body, headers=headers
+                        ).status_code
+                        == 200
+                    ):
+                        self.approved.add(incident_id)
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.02)
+
+    def guard_message(self, n: int) -> dict[str, Any] | None:
+        for message in self.slack.messages(channel_of(n)):
+            if "Step 2/3: guard" in str(message.get("text", "")):
+                return message
+        return None
+
+    # --- reading the outcome -----------------------------------------------------------------
+
+    def finished(self) -> bool:
+        done = self.query("SELECT count(*) FROM runs WHERE phase = 'main' AND status = 'completed'")
+        pending = self.query("SELECT count(*) FROM outbox WHERE status = 'pending'")
+        return bool(done and done[0][0] == len(self.ids) and pending and pending[0][0] == 0)
+
+    def verify(self, counts: C) -> C:
+        """`counts` with what broke (and what was done) filled in."""
+        marks = self.marks.read_text().splitlines() if self.marks.exists() else []
+        starts = Counter(line.split()[1] for line in marks if line.startswith("start"))
+        ends = Counter(line.split()[1] for line in marks if line.startswith("end"))
+        counts.steps_run = sum(starts.values())
+        counts.steps_run_twice = sum(c - 1 for c in starts.values() if c > 1)
+        counts.deliveries_acked = len(self.acked)
+        counts.approvals_acked = len(self.approved)
+        statuses = {
+            f"{incident}:{step}": status
+            for incident, step, status in self.query(
+                "SELECT incident_id, step_id, status FROM step_runs"
+            )
+        }
+        counts.interrupted = sum(1 for s in statuses.values() if s == "interrupted")
+        counts.results_lost = sum(1 for label in ends if statuses.get(label) != "success")
+        for n, incident_id in enumerate(self.ids):
+            runs = self.query(
+                "SELECT status FROM runs WHERE incident_id = ? AND phase = 'main'", (incident_id,)
+            )
+            if incident_id in self.acked and not runs:
+                counts.deliveries_lost += 1
+            if not runs or runs[0][0] != "completed":
+                counts.unfinished.append(f"{incident_id}: {runs[0][0] if runs else 'no run'}")
+            if incident_id in self.approved and starts[f"{incident_id}:guard"] == 0:
+                counts.approvals_lost += 1
+            messages = self.slack.messages(channel_of(n))
+            roots = [m for m in messages if m.get("thread_ts") in (None, m["ts"])]
+            counts.duplicate_roots += max(0, len(roots) - 1)
+            posted = Counter(
+                (m.get("metadata") or {}).get("event_payload", {}).get("outbox_id")
+                for m in messages
+            )
+            counts.steps_posted_twice += sum(c - 1 for key, c in posted.items() if key and c > 1)
+            notes = [
+                x for x in self.pd.notes(incident_id) if "runbook-bot: runbook" in x["content"]
+            ]
+            counts.notes_lost += 1 if not notes else 0
+            counts.notes_duplicated += max(0, len(notes) - 1)
+        return counts
+
+
+class World(Workload):
+    """One bot process on one SQLite file, killed and started again."""
+
+    def __init__(self, root: Path, incidents: int, rng: random.Random) -> None:
+        super().__init__(root, incidents, rng, "F")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = root / "bot.db"
+        self.log = root / "bot.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+
+    def target(self) -> str:
+        return self.url
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "RUNBOOK_DB": str(self.db), "PORT": str(self.port)}
 
     def start(self) -> None:
         exe = shutil.which("runbook-bot", path=os.path.dirname(sys.executable)) or "runbook-bot"
@@ -337,94 +505,7 @@ class World:
     def close(self) -> None:
         self.stop.set()
         self.terminate()
-        self.http.close()
-        self.slack.stop()
-        self.pd.stop()
-        # commands are supervised in their own sessions: none may outlive the world
-        for line in self.marks.read_text().splitlines() if self.marks.exists() else []:
-            with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
-                os.killpg(int(line.split()[2]), signal.SIGKILL)
-
-    # --- PagerDuty and Slack, retrying as they do ------------------------------------------
-
-    def deliver_all(self) -> None:
-        """Each incident's trigger in its own thread, spread over the first seconds."""
-        threads = [
-            threading.Thread(target=self.deliver, args=(n, 0.4 * n), daemon=True)
-            for n in range(len(self.ids))
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-    def deliver(self, n: int, after: float) -> None:
-        if self.stop.wait(after):
-            return
-        incident_id = self.ids[n]
-        body = v3_trigger(incident_id, f"svc{n}", f"EV-{incident_id}")
-        signature = hmac.new(PD_SECRET.encode(), body, hashlib.sha256).hexdigest()
-        headers = {
-            "Content-Type": "application/json",
-            "X-PagerDuty-Signature": f"v1={signature}",
-            "X-Webhook-Id": f"WH-{incident_id}",
-        }
-        while not self.stop.is_set():
-            with self._posting:
-                self.webhooks_in_flight += 1
-            try:
-                answer = self.http.post(
-                    self.url + "/pagerduty/webhook", content=body, headers=headers
-                )
-                if answer.status_code == 202:
-                    self.acked.add(incident_id)
-                    return
-            except httpx.TransportError:
-                pass
-            finally:
-                with self._posting:
-                    self.webhooks_in_flight -= 1
-            time.sleep(0.02)
-
-    def approve_all(self) -> None:
-        while not self.stop.is_set() and len(self.approved) < len(self.ids):
-            for n, incident_id in enumerate(self.ids):
-                if incident_id in self.approved:
-                    continue
-                message = self.guard_message(n)
-                if message is None:
-                    continue
-                event = reaction_event(APPROVER, channel_of(n), message["ts"], f"Ev-{incident_id}")
-                body = json.dumps(event)
-                ts = str(int(time.time()))
-                headers = {
-                    "Content-Type": "application/json",
-                    "X-Slack-Request-Timestamp": ts,
-                    "X-Slack-Signature": str(
-                        SignatureVerifier(SIGNING_SECRET).generate_signature(
-                            timestamp=ts, body=body
-                        )
-                    ),
-                }
-                try:
-                    if (
-                        self.http.post(
-                            self.url + "/slack/events", content=body, headers=headers
-                        ).status_code
-                        == 200
-                    ):
-                        self.approved.add(incident_id)
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.02)
-
-    def guard_message(self, n: int) -> dict[str, Any] | None:
-        for message in self.slack.messages(channel_of(n)):
-            if "Step 2/3: guard" in str(message.get("text", "")):
-                return message
-        return None
-
-    # --- reading the outcome -----------------------------------------------------------------
+        super().close()
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         if not self.db.exists():
@@ -436,11 +517,6 @@ class World:
                 return conn.execute(sql, params).fetchall()
             except sqlite3.OperationalError:
                 return []
-
-    def finished(self) -> bool:
-        done = self.query("SELECT count(*) FROM runs WHERE phase = 'main' AND status = 'completed'")
-        pending = self.query("SELECT count(*) FROM outbox WHERE status = 'pending'")
-        return bool(done and done[0][0] == len(self.ids) and pending and pending[0][0] == 0)
 
     def moment(self) -> str:
         """Where the workload was when the kill landed (roughly; several can hold)."""
@@ -456,45 +532,6 @@ class World:
         if any(f"{i}:guard" not in started for i in self.approved):
             return "between approval and start"
         return "between steps"
-
-    def verify(self) -> Counts:
-        counts = Counts(worlds=1)
-        marks = self.marks.read_text().splitlines() if self.marks.exists() else []
-        starts = Counter(line.split()[1] for line in marks if line.startswith("start"))
-        ends = Counter(line.split()[1] for line in marks if line.startswith("end"))
-        counts.steps_run_twice = sum(c - 1 for c in starts.values() if c > 1)
-        statuses = {
-            f"{incident}:{step}": status
-            for incident, step, status in self.query(
-                "SELECT incident_id, step_id, status FROM step_runs"
-            )
-        }
-        counts.interrupted = sum(1 for s in statuses.values() if s == "interrupted")
-        counts.results_lost = sum(1 for label in ends if statuses.get(label) != "success")
-        for n, incident_id in enumerate(self.ids):
-            runs = self.query(
-                "SELECT status FROM runs WHERE incident_id = ? AND phase = 'main'", (incident_id,)
-            )
-            if incident_id in self.acked and not runs:
-                counts.deliveries_lost += 1
-            if not runs or runs[0][0] != "completed":
-                counts.unfinished.append(f"{incident_id}: {runs[0][0] if runs else 'no run'}")
-            if incident_id in self.approved and starts[f"{incident_id}:guard"] == 0:
-                counts.approvals_lost += 1
-            messages = self.slack.messages(channel_of(n))
-            roots = [m for m in messages if m.get("thread_ts") in (None, m["ts"])]
-            counts.duplicate_roots += max(0, len(roots) - 1)
-            posted = Counter(
-                (m.get("metadata") or {}).get("event_payload", {}).get("outbox_id")
-                for m in messages
-            )
-            counts.steps_posted_twice += sum(c - 1 for key, c in posted.items() if key and c > 1)
-            notes = [
-                x for x in self.pd.notes(incident_id) if "runbook-bot: runbook" in x["content"]
-            ]
-            counts.notes_lost += 1 if not notes else 0
-            counts.notes_duplicated += max(0, len(notes) - 1)
-        return counts
 
 
 def reaction_event(user: str, channel: str, ts: str, event_id: str) -> dict[str, Any]:
@@ -553,7 +590,7 @@ def run_world(
         for driver in drivers:
             driver.join(10)
         world.terminate()
-        result = world.verify()
+        result = world.verify(Counts(worlds=1))
         result.kills, result.moments = counts.kills, counts.moments
         if result.broken and world.log.exists():
             tail = world.log.read_text(errors="replace").splitlines()[-15:]

@@ -25,9 +25,6 @@ timers), the time until another process held it (`takeovers`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
-import json
 import os
 import random
 import shutil
@@ -36,63 +33,24 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
-from fakes import FakePagerDuty
-from fault_harness import (
-    APPROVER,
-    PD_SECRET,
-    SIGNING_SECRET,
-    TOKEN,
-    CountingSlack,
-    channel_of,
-    free_port,
-    reaction_event,
-    v3_trigger,
-    write_catalog,
-)
-from slack_sdk.signature import SignatureVerifier
+from fault_harness import Counts, Workload, free_port
+
+from bot.store.backend import translate
 
 
 @dataclass
-class ChaosCounts:
+class ChaosCounts(Counts):
+    """`fault_harness.Counts`, with the fleet and the lease takeovers measured."""
+
     replicas: int = 0
     incidents: int = 0
-    kills: int = 0
-    steps_run: int = 0
-    steps_run_twice: int = 0
-    deliveries_acked: int = 0
-    deliveries_lost: int = 0
-    approvals_acked: int = 0
-    approvals_lost: int = 0
-    duplicate_roots: int = 0
-    steps_posted_twice: int = 0
-    results_lost: int = 0
-    notes_lost: int = 0
-    notes_duplicated: int = 0
-    interrupted: int = 0
     takeovers: list[float] = field(default_factory=list)
-    unfinished: list[str] = field(default_factory=list)
-
-    @property
-    def broken(self) -> int:
-        return (
-            self.steps_run_twice
-            + self.deliveries_lost
-            + self.approvals_lost
-            + self.duplicate_roots
-            + self.steps_posted_twice
-            + self.results_lost
-            + self.notes_lost
-            + self.notes_duplicated
-            + len(self.unfinished)
-        )
 
     def summary(self) -> str:
         takeovers = sorted(self.takeovers)
@@ -152,52 +110,32 @@ class Replica:
                 self.proc.wait(10)
 
 
-class Fleet:
+class Fleet(Workload):
+    """Replicas on one PostgreSQL database; requests go to a random one."""
+
     def __init__(self, root: Path, db: str, *, replicas: int, incidents: int, seed: int) -> None:
-        self.root = root
+        super().__init__(root, incidents, random.Random(seed), "C")
         self.db = db
-        self.rng = random.Random(seed)
-        self.ids = [f"C{uuid.uuid4().hex[:6].upper()}{n}" for n in range(incidents)]
-        self.marks = root / "marks.txt"
-        self.catalog = root / "catalog"
-        write_catalog(self.catalog, self.marks, self.ids)
-        self.slack = CountingSlack(latency=0.02)
-        self.pd = FakePagerDuty(latency=0.02)
-        for incident_id in self.ids:
-            self.pd.add_incident(incident_id)
         self.replicas = [Replica(self, n) for n in range(replicas)]
-        self.acked: set[str] = set()
-        self.approved: set[str] = set()
-        self.stop = threading.Event()
-        self.http = httpx.Client(timeout=2.0)
         self.takeovers: list[float] = []
         self._watchers: list[threading.Thread] = []
 
     def env(self) -> dict[str, str]:
-        keep = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("SLACK_", "PAGERDUTY_", "RUNBOOK_"))
-        }
         return {
-            **keep,
-            "RUNBOOK_CATALOG": str(self.catalog),
+            **super().env(),
             "RUNBOOK_DB": self.db,
             "RUNBOOK_STATE_DIR": str(self.root / "state"),
-            "RUNBOOK_ENV": "staging",
-            "RUNBOOK_WORKERS": "4",
-            "RUNBOOK_LOG_LEVEL": "WARNING",
-            "RUNBOOK_SLACK_PACING": "off",
-            "HOST": "127.0.0.1",
-            "SLACK_BOT_TOKEN": TOKEN,
-            "SLACK_SIGNING_SECRET": SIGNING_SECRET,
-            "SLACK_API_URL": self.slack.api_url,
-            "PAGERDUTY_WEBHOOK_SECRET": PD_SECRET,
-            "PAGERDUTY_API_TOKEN": "chaos-pd-token",
-            "PAGERDUTY_FROM": "bot@example.com",
-            "PAGERDUTY_API_URL": self.pd.url,
-            "SSL_CERT_FILE": str(self.pd.ca_file),
         }
+
+    def target(self) -> str:
+        return self.rng.choice(self.replicas).url
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            with psycopg.connect(self.db, autocommit=True, connect_timeout=5) as conn:
+                return conn.execute(translate(sql), params).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
 
     # --- the replicas ----------------------------------------------------------------------
 
@@ -246,7 +184,7 @@ class Fleet:
         deadline = since + 60.0
         while time.monotonic() < deadline:
             rows = self.query(
-                "SELECT holder FROM leases WHERE name = %s AND "
+                "SELECT holder FROM leases WHERE name = ? AND "
                 "expires_at > EXTRACT(EPOCH FROM clock_timestamp())",
                 (lease,),
             )
@@ -260,138 +198,7 @@ class Fleet:
         self.stop.set()
         for replica in self.replicas:
             replica.terminate()
-        self.http.close()
-        self.slack.stop()
-        self.pd.stop()
-        for line in self.marks.read_text().splitlines() if self.marks.exists() else []:
-            with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
-                os.killpg(int(line.split()[2]), signal.SIGKILL)
-
-    # --- PagerDuty and Slack, at random replicas -----------------------------------------
-
-    def _random_url(self) -> str:
-        return self.rng.choice(self.replicas).url
-
-    def deliver_all(self, spread: float) -> None:
-        step = spread / max(1, len(self.ids))
-        threads = [
-            threading.Thread(target=self.deliver, args=(n, step * n), daemon=True)
-            for n in range(len(self.ids))
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-    def deliver(self, n: int, after: float) -> None:
-        if self.stop.wait(after):
-            return
-        incident_id = self.ids[n]
-        body = v3_trigger(incident_id, f"svc{n}", f"EV-{incident_id}")
-        signature = hmac.new(PD_SECRET.encode(), body, hashlib.sha256).hexdigest()
-        headers = {
-            "Content-Type": "application/json",
-            "X-PagerDuty-Signature": f"v1={signature}",
-            "X-Webhook-Id": f"WH-{incident_id}",
-        }
-        while not self.stop.is_set():
-            with contextlib.suppress(httpx.TransportError):
-                answer = self.http.post(
-                    self._random_url() + "/pagerduty/webhook", content=body, headers=headers
-                )
-                if answer.status_code == 202:
-                    self.acked.add(incident_id)
-                    return
-            time.sleep(0.02)
-
-    def approve_all(self) -> None:
-        verifier = SignatureVerifier(SIGNING_SECRET)
-        while not self.stop.is_set() and len(self.approved) < len(self.ids):
-            for n, incident_id in enumerate(self.ids):
-                if incident_id in self.approved:
-                    continue
-                message = next(
-                    (
-                        m
-                        for m in self.slack.messages(channel_of(n))
-                        if "Step 2/3: guard" in str(m.get("text", ""))
-                    ),
-                    None,
-                )
-                if message is None:
-                    continue
-                body = json.dumps(
-                    reaction_event(APPROVER, channel_of(n), message["ts"], f"Ev-{incident_id}")
-                )
-                ts = str(int(time.time()))
-                headers = {
-                    "Content-Type": "application/json",
-                    "X-Slack-Request-Timestamp": ts,
-                    "X-Slack-Signature": verifier.generate_signature(timestamp=ts, body=body),
-                }
-                with contextlib.suppress(httpx.TransportError):
-                    url = self._random_url() + "/slack/events"
-                    if self.http.post(url, content=body, headers=headers).status_code == 200:
-                        self.approved.add(incident_id)
-            time.sleep(0.05)
-
-    # --- the outcome -----------------------------------------------------------------------
-
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        try:
-            with psycopg.connect(self.db, autocommit=True, connect_timeout=5) as conn:
-                return conn.execute(sql, params).fetchall()
-        except psycopg.errors.UndefinedTable:
-            return []
-
-    def finished(self) -> bool:
-        done = self.query("SELECT count(*) FROM runs WHERE phase = 'main' AND status = 'completed'")
-        pending = self.query("SELECT count(*) FROM outbox WHERE status = 'pending'")
-        return bool(done and done[0][0] == len(self.ids) and pending and pending[0][0] == 0)
-
-    def verify(self) -> ChaosCounts:
-        counts = ChaosCounts(replicas=len(self.replicas), incidents=len(self.ids))
-        marks = self.marks.read_text().splitlines() if self.marks.exists() else []
-        starts = Counter(line.split()[1] for line in marks if line.startswith("start"))
-        ends = Counter(line.split()[1] for line in marks if line.startswith("end"))
-        counts.steps_run = sum(starts.values())
-        counts.steps_run_twice = sum(c - 1 for c in starts.values() if c > 1)
-        statuses = {
-            f"{incident}:{step}": status
-            for incident, step, status in self.query(
-                "SELECT incident_id, step_id, status FROM step_runs"
-            )
-        }
-        counts.interrupted = sum(1 for s in statuses.values() if s == "interrupted")
-        counts.results_lost = sum(1 for label in ends if statuses.get(label) != "success")
-        counts.deliveries_acked = len(self.acked)
-        counts.approvals_acked = len(self.approved)
-        for n, incident_id in enumerate(self.ids):
-            runs = self.query(
-                "SELECT status FROM runs WHERE incident_id = %s AND phase = 'main'",
-                (incident_id,),
-            )
-            if incident_id in self.acked and not runs:
-                counts.deliveries_lost += 1
-            if not runs or runs[0][0] != "completed":
-                counts.unfinished.append(f"{incident_id}: {runs[0][0] if runs else 'no run'}")
-            if incident_id in self.approved and starts[f"{incident_id}:guard"] == 0:
-                counts.approvals_lost += 1
-            messages = self.slack.messages(channel_of(n))
-            roots = [m for m in messages if m.get("thread_ts") in (None, m["ts"])]
-            counts.duplicate_roots += max(0, len(roots) - 1)
-            posted = Counter(
-                (m.get("metadata") or {}).get("event_payload", {}).get("outbox_id")
-                for m in messages
-            )
-            counts.steps_posted_twice += sum(c - 1 for key, c in posted.items() if key and c > 1)
-            notes = [
-                x for x in self.pd.notes(incident_id) if "runbook-bot: runbook" in x["content"]
-            ]
-            counts.notes_lost += 1 if not notes else 0
-            counts.notes_duplicated += max(0, len(notes) - 1)
-        counts.takeovers = list(self.takeovers)
-        return counts
+        super().close()
 
 
 def run_chaos(
@@ -414,7 +221,9 @@ def run_chaos(
     try:
         fleet.start()
         drivers = [
-            threading.Thread(target=fleet.deliver_all, args=(0.8 * kills * interval,), daemon=True),
+            threading.Thread(
+                target=fleet.deliver_all, args=(0.8 * kills * interval / incidents,), daemon=True
+            ),
             threading.Thread(target=fleet.approve_all, daemon=True),
         ]
         for driver in drivers:
@@ -436,8 +245,9 @@ def run_chaos(
             driver.join(10)
         for watcher in fleet._watchers:
             watcher.join(60)
-        counts = fleet.verify()
+        counts = fleet.verify(ChaosCounts(replicas=replicas, incidents=incidents))
         counts.kills = kills_done
+        counts.takeovers = list(fleet.takeovers)
         if counts.broken:
             for replica in fleet.replicas:
                 tail = replica.log.read_text(errors="replace").splitlines()[-10:]
